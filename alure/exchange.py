@@ -1,0 +1,69 @@
+"""The seam between the workload and whoever runs it across processes.
+
+The workload never imports MPI or Horovod: a launcher hands it an object with this shape. `LocalExchange` is the
+single-process one, so the whole pipeline runs as one plain process with no MPI at all.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+class Exchange(Protocol):
+    """What the workload needs from a multi-process runtime."""
+
+    rank: int
+    """This process's index, 0 .. size-1."""
+    size: int
+    """How many processes take part."""
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """Return an optimizer whose gradients are exchanged across ranks (averaged) before they are applied."""
+
+    def broadcast_model(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Make every rank start from rank 0's parameters and optimizer state."""
+
+    def synchronize(self, optimizer: torch.optim.Optimizer) -> None:
+        """Wait until this step's gradient exchange has finished; afterwards `.grad` holds the averaged gradient."""
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Apply the update after `synchronize`, without exchanging again."""
+
+    def allgather_array(self, array: np.ndarray) -> np.ndarray:
+        """Concatenate every rank's array along axis 0, in rank order (shapes may differ in axis 0 only)."""
+
+    def allreduce_sum(self, array: np.ndarray) -> np.ndarray:
+        """Elementwise sum of every rank's array of the same shape."""
+
+    def barrier(self) -> None:
+        """Block until every rank has arrived."""
+
+
+class LocalExchange:
+    """One process, nothing to exchange: the identity for every collective."""
+
+    rank = 0
+    size = 1
+
+    def wrap_optimizer(self, optimizer, model):
+        return optimizer
+
+    def broadcast_model(self, model, optimizer):
+        pass
+
+    def synchronize(self, optimizer):
+        pass
+
+    def step(self, optimizer):
+        optimizer.step()
+
+    def allgather_array(self, array):
+        return np.asarray(array)
+
+    def allreduce_sum(self, array):
+        return np.asarray(array)
+
+    def barrier(self):
+        pass

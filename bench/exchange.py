@@ -1,0 +1,128 @@
+"""Gradient exchange over Horovod, in the two modes the suite compares, with byte counters read off the tensors.
+
+- sparse-gather: sparse embedding gradients are allgathered as (indices, values); Horovod does not coalesce them,
+  so what each rank holds afterwards grows as P x nnz x (4d + 8) (horovod issue #3328).
+- dense-reduce: `sparse_as_dense=True`: each sparse gradient is densified and allreduced, 4 x V x d bytes, flat in P.
+Dense parameters are allreduced in both modes.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+MODES = ("sparse-gather", "dense-reduce")
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds; for a sparse COO tensor its indices plus its values."""
+    if t.is_sparse:
+        return tensor_bytes(t._indices()) + tensor_bytes(t._values())
+    return t.numel() * t.element_size()
+
+
+@dataclass(slots=True)
+class ExchangeCounters:
+    """What one rank's gradient exchanges moved since the last reset (normally: one training step)."""
+
+    allgather_calls: int = 0
+    """Allgather collectives started (two per sparse table in sparse-gather: indices and values)."""
+    allreduce_calls: int = 0
+    """Allreduce collectives started (one per dense parameter, and per table in dense-reduce)."""
+    allgather_bytes_sent: int = 0
+    """Bytes of this rank's tensors handed to allgather."""
+    allgather_bytes_held: int = 0
+    """Bytes of the gathered tensors this rank holds after the exchange (P x what each rank sent)."""
+    allreduce_bytes_sent: int = 0
+    """Bytes of this rank's tensors handed to allreduce."""
+    allreduce_bytes_held: int = 0
+    """Bytes of the reduced tensors this rank holds after the exchange (the same size as sent)."""
+
+    def reset(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.allgather_bytes_sent + self.allreduce_bytes_sent
+
+    @property
+    def bytes_held(self) -> int:
+        return self.allgather_bytes_held + self.allreduce_bytes_held
+
+    def bytes_received(self, size: int) -> int:
+        """Bytes of the results that came from other ranks: the peers' part of a gather, all of a reduction."""
+        if size == 1:
+            return 0
+        return (self.allgather_bytes_held - self.allgather_bytes_sent) + self.allreduce_bytes_held
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class HorovodExchange:
+    """The `alure.exchange.Exchange` seam over Horovod, in one of `MODES`."""
+
+    def __init__(self, mode: str):
+        if mode not in MODES:
+            raise ValueError(f"unknown exchange mode {mode!r}: use one of {', '.join(MODES)}")
+        import horovod.torch as hvd
+        hvd.init()
+        self._hvd = hvd
+        self.mode = mode
+        self.rank = hvd.rank()
+        self.size = hvd.size()
+        self.counters = ExchangeCounters()
+
+    def wrap_optimizer(self, optimizer, model):
+        hvd = self._hvd
+        opt = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
+                                       sparse_as_dense=self.mode == "dense-reduce")
+        # Horovod's hooks call `self._allreduce_grad_async(p)`; an instance attribute shadows the class method,
+        # so every collective Horovod starts for a gradient passes through `counted` first.
+        start_collective = opt._allreduce_grad_async
+        counters = self.counters
+
+        def counted(p):
+            grad = p.grad
+            handle, ctx = start_collective(p)
+            if grad is not None and grad.is_sparse and not opt.sparse_as_dense:
+                counters.allgather_calls += 2
+                counters.allgather_bytes_sent += tensor_bytes(grad)
+                gather = handle
+
+                def gathered():
+                    out = gather()
+                    counters.allgather_bytes_held += tensor_bytes(out)
+                    return out
+                return gathered, ctx
+            dense_bytes = (grad.numel() * grad.element_size()) if grad is not None else \
+                p.numel() * p.element_size()
+            counters.allreduce_calls += 1
+            counters.allreduce_bytes_sent += dense_bytes
+            counters.allreduce_bytes_held += dense_bytes  # reduced in place: the result is the same buffer size
+            return handle, ctx
+
+        opt._allreduce_grad_async = counted
+        return opt
+
+    def broadcast_model(self, model, optimizer):
+        self._hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        self._hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+
+    def synchronize(self, optimizer):
+        optimizer.synchronize()
+
+    def step(self, optimizer):
+        with optimizer.skip_synchronize():
+            optimizer.step()
+
+    def allgather_array(self, array):
+        return self._hvd.allgather(torch.from_numpy(np.ascontiguousarray(array))).numpy()
+
+    def allreduce_sum(self, array):
+        return self._hvd.allreduce(torch.from_numpy(np.ascontiguousarray(array)), op=self._hvd.Sum).numpy()
+
+    def barrier(self):
+        self._hvd.barrier()

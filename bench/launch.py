@@ -1,0 +1,134 @@
+"""The one place that knows how local MPI ranks are started on this kind of machine.
+
+Everything that launches ranks (sweeps, the pipeline, comm benchmarks, tests) goes through `mpirun_command` and
+`mpi_environment`, so nobody sets Open MPI's flags by hand.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import psutil
+
+
+def physical_cores() -> int:
+    """Cores a rank can run on without sharing (hyperthreads count as the OS shows them)."""
+    return len(os.sched_getaffinity(0))
+
+
+def is_oversubscribed(np: int, cores: int | None = None) -> bool:
+    """More ranks than cores: still runnable, but flagged in every table and plot."""
+    return np > (cores or physical_cores())
+
+
+def threads_per_rank(np: int, cores: int | None = None) -> int:
+    """Torch intra-op threads per rank: the cores shared out, at least one."""
+    return max(1, (cores or physical_cores()) // np)
+
+
+def mpi_environment(np: int, base: dict[str, str] | None = None, *, single_host: bool = True) -> dict[str, str]:
+    """The environment mpirun needs here, on top of `base` (default: this process's).
+
+    `single_host` keeps every socket on the loopback interface: ranks on one host need no other network, and
+    nothing of a benchmark should leave the machine. Multi-node launches (inside an allocation) pass False.
+    """
+    env = dict(os.environ if base is None else base)
+    # Containers and CI run as root; Open MPI refuses that unless told twice.
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    # Ranks that spin while waiting steal the core a busy rank needs; oversubscribed runs doubled their step
+    # times without this (notes/install.md).
+    env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+    # Cross-memory attach needs ptrace, which some sandboxes block; copy-in/copy-out always works.
+    env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+    if single_host:
+        env.setdefault("OMPI_MCA_btl_tcp_if_include", "lo")
+        env.setdefault("OMPI_MCA_oob_tcp_if_include", "lo")
+        env.setdefault("HOROVOD_GLOO_IFACE", "lo")
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if is_oversubscribed(np):
+        env["OMPI_MCA_rmaps_base_oversubscribe"] = "1"
+    return env
+
+
+def mpirun_command(np: int, argv: list[str], *, env_to_forward: tuple[str, ...] = ()) -> list[str]:
+    """`mpirun -np N ... argv`, for ranks on this host (inside an allocation mpirun reads the host list itself)."""
+    if np < 1:
+        raise ValueError(f"np must be at least 1 (got {np})")
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        raise FileNotFoundError("mpirun not found: run `make setup` (or `module load` an MPI) first")
+    cmd = [mpirun, "-np", str(np), "--bind-to", "none"]
+    if is_oversubscribed(np):
+        cmd.append("--oversubscribe")
+    for name in env_to_forward:
+        cmd += ["-x", name]
+    return cmd + list(argv)
+
+
+def python_module_argv(module: str, *args: str) -> list[str]:
+    """The argv that runs `python -m module args` with this interpreter (the venv's)."""
+    return [sys.executable, "-m", module, *args]
+
+
+@dataclass(slots=True)
+class RankRun:
+    """What came of one launch of ranks."""
+
+    returncode: int | None
+    """mpirun's exit code; None when it was killed for running past its timeout."""
+    timed_out: bool
+    """True when the launch ran past its timeout and was killed."""
+    seconds: float
+    """Wall time of the launch."""
+    stdout: str
+    """Everything the ranks printed to standard output."""
+    stderr: str
+    """Everything the ranks printed to standard error."""
+
+
+def run_ranks(np: int, argv: list[str], *, timeout_s: float | None = None, env: dict[str, str] | None = None,
+              cwd: str | None = None) -> RankRun:
+    """Run `argv` on `np` local ranks; on timeout kill every process of the launch, ranks included."""
+    cmd = mpirun_command(np, argv)
+    start = time.perf_counter()
+    # A session of its own, so a timeout can take down mpirun and every rank it spawned in one go.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=mpi_environment(np, env), cwd=cwd, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+        return RankRun(proc.returncode, False, time.perf_counter() - start, out, err)
+    except subprocess.TimeoutExpired:
+        kill_process_tree(proc.pid)
+        out, err = proc.communicate()
+        return RankRun(None, True, time.perf_counter() - start, out, err)
+    except BaseException:
+        # Ctrl-C or SIGTERM of the sweep: leave no orphan ranks behind.
+        kill_process_tree(proc.pid)
+        proc.communicate()
+        raise
+
+
+def kill_process_tree(pid: int, grace_s: float = 3.0) -> None:
+    """SIGTERM a process and its descendants, then SIGKILL what is left after `grace_s`."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass

@@ -1,0 +1,27 @@
+"""Shared test helpers: launching real MPI ranks through the project's own launcher."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.launch import python_module_argv, run_ranks
+
+RANK_SCRIPTS = Path(__file__).parent / "ranks"
+
+
+def launch(np: int, script: str, *args: str, timeout_s: float = 120) -> list[dict]:
+    """Run tests/ranks/<script>.py on `np` ranks; return the JSON line each rank printed, in rank order."""
+    import sys
+    run = run_ranks(np, [sys.executable, str(RANK_SCRIPTS / f"{script}.py"), *args], timeout_s=timeout_s)
+    assert not run.timed_out, f"{script} on {np} ranks ran past {timeout_s} s\n{run.stderr[-3000:]}"
+    assert run.returncode == 0, f"{script} on {np} ranks exited {run.returncode}\n{run.stderr[-3000:]}"
+    records = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(records) == np, f"expected one record per rank, got {len(records)}\n{run.stdout[-2000:]}"
+    return sorted(records, key=lambda r: r["rank"])
+
+
+@pytest.fixture
+def mpi_launch():
+    return launch

@@ -1,0 +1,37 @@
+import pytest
+
+from bench.launch import is_oversubscribed, mpi_environment, mpirun_command, threads_per_rank
+
+
+def test_oversubscription_is_flagged_beyond_the_cores():
+    assert not is_oversubscribed(2, cores=2)
+    assert is_oversubscribed(3, cores=2)
+
+
+def test_threads_share_out_the_cores():
+    assert threads_per_rank(1, cores=2) == 2
+    assert threads_per_rank(2, cores=2) == 1
+    assert threads_per_rank(4, cores=2) == 1
+
+
+def test_mpirun_gets_the_flags_this_machine_needs():
+    env = mpi_environment(64, base={})
+    assert env["OMPI_ALLOW_RUN_AS_ROOT"] == "1" and env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] == "1"
+    assert env["OMPI_MCA_mpi_yield_when_idle"] == "1"
+    assert env["OMPI_MCA_rmaps_base_oversubscribe"] == "1"
+    assert "--oversubscribe" in mpirun_command(64, ["true"])
+
+
+def test_an_impossible_rank_count_is_refused():
+    with pytest.raises(ValueError, match="at least 1"):
+        mpirun_command(0, ["true"])
+
+
+@pytest.mark.mpi
+def test_horovod_collectives_on_two_real_ranks(mpi_launch):
+    records = mpi_launch(2, "collectives")
+    assert [r["rank"] for r in records] == [0, 1]
+    for r in records:
+        assert r["size"] == 2
+        assert r["allreduce"] == [3.0] * 4
+        assert r["allgather_rows"] == 3
