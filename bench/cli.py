@@ -1,17 +1,17 @@
-"""`alure-bench`: the command line. Each command lives in its own module; this file only parses and dispatches."""
+"""`alure-bench`: the command line. Each command lives in its own module with a `register(subparsers)` function
+that adds its parser and sets `func`; this file only collects them, dispatches and turns bad input into one line."""
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
 
 from bench.errors import UsageError
 
-
-def cmd_env(args: argparse.Namespace) -> int:
-    from bench.environment import capture_environment
-    print(json.dumps(capture_environment(), indent=2))
-    return 0
+# One module per command (or group of commands), registered in this order in --help.
+COMMAND_MODULES = (
+    "bench.environment",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,8 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Scaling benchmarks for an ALURE recommendation workload on MPI: weak and strong scaling, "
                     "sparse-gather (allgather) vs dense-reduce (allreduce) embedding-gradient exchange.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    env = sub.add_parser("env", help="print the environment record (versions, Horovod build, MPI, CPU, git) as JSON")
-    env.set_defaults(func=cmd_env)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 
@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
-    except (UsageError, ValueError) as err:
+        return args.func(args) or 0
+    except (UsageError, ValueError, FileNotFoundError, PermissionError) as err:
         # Bad input is the user's to mend: one line, no traceback.
         print(f"alure-bench {args.command}: error: {err}", file=sys.stderr)
         return 2

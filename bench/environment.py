@@ -1,6 +1,7 @@
 """What a result was measured on: software versions, Horovod's build, the MPI library, the machine, the commit."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
@@ -86,3 +87,12 @@ def capture_environment() -> dict:
         "git": git_state(),
         "variables": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
     }
+
+
+def register(sub) -> None:
+    """`alure-bench env`."""
+    def run(args):
+        print(json.dumps(capture_environment(), indent=2))
+    parser = sub.add_parser("env", help="print the environment record (versions, Horovod build, MPI library, CPU, "
+                                        "git state, HOROVOD_/OMPI_/SLURM_ variables) as JSON")
+    parser.set_defaults(func=run)
