@@ -126,3 +126,10 @@ class HorovodExchange:
 
     def barrier(self):
         self._hvd.barrier()
+
+    def allgather_object(self, obj):
+        """Every rank's picklable object, in rank order (for per-rank results, not for the hot loop)."""
+        return self._hvd.allgather_object(obj)
+
+    def shutdown(self):
+        self._hvd.shutdown()

@@ -1,0 +1,171 @@
+"""What a valid measurement is: one point, and a sweep of points. The CLI, a TOML sweep file and a Slurm array
+task all build these same dataclasses, so validation lives here and nowhere else."""
+from __future__ import annotations
+
+import itertools
+import tomllib
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+from bench.errors import UsageError
+from bench.exchange import MODES
+
+SCALINGS = ("weak", "strong")
+
+
+@dataclass(kw_only=True, slots=True)
+class PointConfig:
+    """One measured point: a scaling kind, an exchange mode and a process count."""
+
+    preset: str = "default"
+    """Workload preset (alure.config): tiny, default or large."""
+    scaling: str = "weak"
+    """weak keeps the per-rank batch fixed; strong keeps the global batch fixed (per-rank = global / np)."""
+    mode: str = "sparse-gather"
+    """Embedding-gradient exchange: sparse-gather (allgather) or dense-reduce (allreduce)."""
+    np: int = 1
+    """MPI process count."""
+    repeat: int = 0
+    """Index of this repetition of the same point (repeats give the noise band)."""
+    batch_per_rank: int = 0
+    """Per-rank batch for weak scaling; 0 takes the preset's batch size."""
+    global_batch: int = 0
+    """Global batch for strong scaling, divided evenly over the ranks; 0 takes the preset's batch size."""
+    steps: int = 20
+    """Timed training steps."""
+    warmup_steps: int = 3
+    """Steps run before timing starts (allocator, Horovod negotiation, caches); not counted."""
+    threads_per_rank: int = 0
+    """Torch intra-op threads per rank; 0 shares the cores out (cores // np, at least 1)."""
+    timeout_s: float = 300.0
+    """Wall time after which the point is killed and recorded as timeout."""
+    mem_limit_mib: int = 0
+    """Per-rank cap on the data address space (RLIMIT_DATA, enforced by the kernel); 0 for none."""
+    seed: int = 0
+    """Seed of the synthetic data and the initial weights."""
+    workload: dict = field(default_factory=dict)
+    """Overrides of alure.config.WorkloadConfig fields (e.g. sampled_negatives, zipf_exponent)."""
+
+    def __post_init__(self):
+        if self.scaling not in SCALINGS:
+            raise UsageError(f"unknown scaling {self.scaling!r}: use weak or strong")
+        if self.mode not in MODES:
+            raise UsageError(f"unknown mode {self.mode!r}: use {' or '.join(MODES)}")
+        for name in ("np", "steps"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        for name in ("repeat", "warmup_steps", "batch_per_rank", "global_batch", "threads_per_rank",
+                     "mem_limit_mib"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} must not be negative (got {getattr(self, name)})")
+        if self.timeout_s <= 0:
+            raise UsageError(f"timeout_s must be positive (got {self.timeout_s})")
+        if self.scaling == "strong" and self.global_batch and self.global_batch % self.np:
+            raise UsageError(f"strong scaling splits the global batch {self.global_batch} over {self.np} ranks "
+                             f"unevenly: choose a global batch divisible by every np")
+
+    @property
+    def point_id(self) -> str:
+        """Stable file name of the point's record."""
+        return f"{self.scaling}-{self.mode}-np{self.np}-r{self.repeat}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PointConfig":
+        return cls(**_known_fields(cls, data, "point"))
+
+
+@dataclass(kw_only=True, slots=True)
+class SweepConfig:
+    """A plan of points: every scaling kind x mode x np x repeat, with the settings they share."""
+
+    name: str = "sweep"
+    """Results folder name under the output root."""
+    preset: str = "default"
+    """Workload preset for every point."""
+    scalings: list[str] = field(default_factory=lambda: list(SCALINGS))
+    """Scaling kinds to measure."""
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    """Exchange modes to measure."""
+    nps: list[int] = field(default_factory=lambda: [1, 2])
+    """Process counts; efficiency is relative to np=1, so without 1 among them it is left blank."""
+    repeats: int = 1
+    """Repetitions of every point."""
+    batch_per_rank: int = 0
+    """Per-rank batch of weak points; 0 takes the preset's."""
+    global_batch: int = 0
+    """Global batch of strong points; 0 takes the preset's."""
+    steps: int = 20
+    """Timed steps per point."""
+    warmup_steps: int = 3
+    """Untimed steps per point."""
+    threads_per_rank: int = 0
+    """Torch threads per rank; 0 shares the cores out."""
+    timeout_s: float = 300.0
+    """Per-point timeout."""
+    mem_limit_mib: int = 0
+    """Per-rank memory cap (RLIMIT_DATA); 0 for none."""
+    seed: int = 0
+    """Seed for every point."""
+    workload: dict = field(default_factory=dict)
+    """Overrides of workload config fields for every point."""
+
+    def __post_init__(self):
+        for name, allowed in (("scalings", SCALINGS), ("modes", MODES)):
+            values = getattr(self, name)
+            bad = [v for v in values if v not in allowed]
+            if bad or not values:
+                raise UsageError(f"{name} must be a non-empty list from {', '.join(allowed)} (got {values})")
+        if not self.nps or any(not isinstance(n, int) or n < 1 for n in self.nps):
+            raise UsageError(f"nps must be positive whole numbers (got {self.nps})")
+        if self.repeats < 1:
+            raise UsageError(f"repeats must be at least 1 (got {self.repeats})")
+        self.nps = sorted(set(self.nps))
+        self.plan()  # every point must be valid before anything runs
+
+    def plan(self) -> list[PointConfig]:
+        """The points in run order: cheap np first, so a partial sweep still has its baselines."""
+        shared = dict(preset=self.preset, batch_per_rank=self.batch_per_rank, global_batch=self.global_batch,
+                      steps=self.steps, warmup_steps=self.warmup_steps, threads_per_rank=self.threads_per_rank,
+                      timeout_s=self.timeout_s, mem_limit_mib=self.mem_limit_mib, seed=self.seed,
+                      workload=dict(self.workload))
+        return [PointConfig(scaling=s, mode=m, np=n, repeat=r, **shared)
+                for n, s, m, r in itertools.product(self.nps, self.scalings, self.modes, range(self.repeats))]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SweepConfig":
+        return cls(**_known_fields(cls, data, "sweep"))
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "SweepConfig":
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise UsageError(f"sweep file {path} not found: give the path of a TOML sweep file") from None
+        except tomllib.TOMLDecodeError as err:
+            raise UsageError(f"sweep file {path} is not valid TOML ({err}): fix it and rerun") from None
+        return cls.from_dict(data.get("sweep", data))
+
+
+def _known_fields(cls, data: dict, what: str) -> dict:
+    """`data` checked against the fields of `cls`: an unknown key or a value of the wrong type is an error that
+    names the valid keys or the expected type (a config file must never end in a traceback)."""
+    defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(cls)}
+    unknown = sorted(set(data) - set(defaults))
+    if unknown:
+        raise UsageError(f"unknown {what} setting(s) {', '.join(unknown)}: valid ones are "
+                         f"{', '.join(sorted(defaults))}")
+    for key, value in data.items():
+        expected = type(defaults[key])
+        ok = isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise UsageError(f"{what} setting {key} = {value!r} should be a {expected.__name__}")
+    return dict(data)

@@ -1,0 +1,96 @@
+"""The sweep's PNG plots. Oversubscribed points are drawn hollow and named in the legend, never hidden."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on cluster nodes or CI
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from bench.scaling import PHASES  # noqa: E402
+
+MODE_COLORS = {"sparse-gather": "tab:red", "dense-reduce": "tab:blue", "auto": "tab:green"}
+OVERSUBSCRIBED_NOTE = "hollow = oversubscribed (np > cores)"
+
+
+def _per_np(df: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Median over repeats of `column` per np, with the oversubscribed flag."""
+    return df.groupby("np").agg(value=(column, "median"), oversubscribed=("oversubscribed", "max")).reset_index()
+
+
+def _line(ax, df: pd.DataFrame, column: str, mode: str) -> None:
+    points = _per_np(df, column)
+    color = MODE_COLORS.get(mode, "black")
+    ax.plot(points["np"], points["value"], "-", color=color, label=mode)
+    for over, marker_face in ((False, color), (True, "none")):
+        sel = points[points["oversubscribed"] == over]
+        ax.plot(sel["np"], sel["value"], "o", color=color, markerfacecolor=marker_face, markersize=7)
+
+
+def efficiency_plot(df: pd.DataFrame, path: Path) -> None:
+    ok = df[df["status"] == "ok"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, scaling in zip(axes, ("weak", "strong")):
+        part = ok[ok["scaling"] == scaling]
+        for mode, rows in part.groupby("mode"):
+            _line(ax, rows, "efficiency", mode)
+        if not part.empty:
+            nps = sorted(part["np"].unique())
+            ax.plot(nps, [1.0] * len(nps), "k--", linewidth=1, label="ideal")
+        ax.set_title(f"{scaling} scaling efficiency")
+        ax.set_xlabel("MPI processes (np)")
+        ax.grid(alpha=0.3)
+        _legend(ax, title=OVERSUBSCRIBED_NOTE, title_fontsize=7, fontsize=8)
+    axes[0].set_ylabel("efficiency (1 = ideal)")
+    _save(fig, path)
+
+
+def breakdown_plot(df: pd.DataFrame, path: Path) -> None:
+    ok = df[df["status"] == "ok"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, scaling in zip(axes, ("weak", "strong")):
+        part = ok[ok["scaling"] == scaling].groupby(["mode", "np", "oversubscribed"])[
+            [f"{p}_ms" for p in PHASES]].median().reset_index()
+        labels = [f"{m}\nnp={n}{'*' if o else ''}" for m, n, o in zip(part["mode"], part["np"],
+                                                                      part["oversubscribed"])]
+        bottom = pd.Series(0.0, index=part.index)
+        for phase in PHASES:
+            ax.bar(labels, part[f"{phase}_ms"], bottom=bottom, label=phase)
+            bottom += part[f"{phase}_ms"]
+        ax.set_title(f"{scaling}: step-time breakdown (slowest rank, median)")
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("ms per step")
+    _legend(axes[1], fontsize=8, title="* = oversubscribed", title_fontsize=7)
+    _save(fig, path)
+
+
+def memory_plot(df: pd.DataFrame, path: Path) -> None:
+    ok = df[df["status"] == "ok"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, column, label in ((axes[0], "peak_rss_mib", "peak RSS, largest rank (MiB)"),
+                              (axes[1], "exchange_bytes_held", "exchange bytes held per rank per step")):
+        for (mode, scaling), rows in ok.groupby(["mode", "scaling"]):
+            if scaling == "weak":  # weak keeps the per-rank work fixed: growth with P is the exchange's
+                _line(ax, rows, column, mode)
+        ax.set_xlabel("MPI processes (np)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label.split(',')[0].split(' per')[0]} vs P (weak)")
+        ax.grid(alpha=0.3)
+        _legend(ax, title=OVERSUBSCRIBED_NOTE, title_fontsize=7, fontsize=8)
+    _save(fig, path)
+
+
+def _legend(ax, **kwargs) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

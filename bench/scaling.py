@@ -1,0 +1,46 @@
+"""The figures of DESIGN.md "Measurement rules", as plain functions over numbers (unit-tested by hand)."""
+from __future__ import annotations
+
+import numpy as np
+
+PHASES = ("data", "forward", "backward", "exchange_wait", "optimizer")
+"""The phases of one training step, in order; their times add up to the step time."""
+
+
+def slowest_rank_per_step(step_ms: np.ndarray) -> np.ndarray:
+    """[ranks, steps] step times -> per step the slowest rank's time: the slowest rank sets the pace."""
+    return np.asarray(step_ms, dtype=float).max(axis=0)
+
+
+def spread(values) -> dict[str, float]:
+    """Median with the p10/p90 noise band."""
+    v = np.asarray(values, dtype=float)
+    return {"median": float(np.median(v)), "p10": float(np.percentile(v, 10)), "p90": float(np.percentile(v, 90))}
+
+
+def rank_skew(step_ms: np.ndarray) -> float:
+    """Median over steps of (slowest - fastest) / slowest rank: how much the ranks wait for each other."""
+    t = np.asarray(step_ms, dtype=float)
+    return float(np.median((t.max(axis=0) - t.min(axis=0)) / t.max(axis=0)))
+
+
+def efficiency(scaling: str, t1_ms: float, tp_ms: float, np_: int) -> float:
+    """Weak: E(P) = T(1)/T(P). Strong: E(P) = T(1)/(P x T(P)). T is the median step time."""
+    if scaling == "weak":
+        return t1_ms / tp_ms
+    if scaling == "strong":
+        return t1_ms / (np_ * tp_ms)
+    raise ValueError(f"unknown scaling {scaling!r}: use weak or strong")
+
+
+def throughput_samples_per_s(global_batch: int, step_ms: float) -> float:
+    return global_batch / (step_ms / 1000.0)
+
+
+def busbw_factor(op: str, np_: int) -> float:
+    """nccl-tests: busbw = algbw x factor, the bandwidth a ring's busiest link sees."""
+    if op == "allreduce":
+        return 2.0 * (np_ - 1) / np_
+    if op in ("allgather", "sparse-pair"):
+        return (np_ - 1) / np_
+    raise ValueError(f"no bus-bandwidth factor for op {op!r}")

@@ -1,0 +1,159 @@
+"""`alure-bench sweep | run | report`: flags and TOML files into a SweepConfig, then bench.sweep and bench.report."""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+from bench.config import SweepConfig
+from bench.errors import UsageError
+from bench.report import efficiency_table, write_report
+from bench.sweep import SweepInterrupted, load_sweep_config, run_sweep, start_sweep
+
+DEFAULT_ROOT = Path("results/local")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers, e.g. 1,2,4")
+
+
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE, e.g. sampled_negatives=4096")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+# flag -> SweepConfig field; one table so `sweep` and `run` accept the same words.
+SHARED_FLAGS = {"preset": "preset", "steps": "steps", "warmup": "warmup_steps", "timeout": "timeout_s",
+                "mem_limit": "mem_limit_mib", "threads": "threads_per_rank", "seed": "seed",
+                "batch_per_rank": "batch_per_rank", "global_batch": "global_batch"}
+
+
+def add_shared_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="workload preset: tiny, default or large")
+    p.add_argument("--steps", type=int, help="timed steps per point (default 20)")
+    p.add_argument("--warmup", type=int, help="untimed warm-up steps per point (default 3)")
+    p.add_argument("--timeout", type=float, help="seconds before a point is killed and recorded as timeout")
+    p.add_argument("--mem-limit", type=int, metavar="MIB",
+                   help="per-rank memory cap in MiB, enforced by the kernel (RLIMIT_DATA); past it: status oom")
+    p.add_argument("--threads", type=int, help="torch threads per rank (default: cores // np)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-per-rank", type=int, help="per-rank batch of weak points (default: the preset's)")
+    p.add_argument("--global-batch", type=int, help="global batch of strong points (default: the preset's)")
+    p.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
+                   help="override a workload config field, e.g. --set sampled_negatives=4096 (repeatable)")
+
+
+def sweep_config_from_args(args: argparse.Namespace, **fixed) -> SweepConfig:
+    config = SweepConfig.from_toml(args.config) if getattr(args, "config", None) else SweepConfig()
+    changes = {field: getattr(args, flag) for flag, field in SHARED_FLAGS.items() if getattr(args, flag) is not None}
+    for flag in ("nps", "modes", "scalings", "repeats", "name"):
+        if getattr(args, flag, None) is not None:
+            changes[flag] = getattr(args, flag)
+    if args.overrides:
+        changes["workload"] = {**config.workload, **dict(args.overrides)}
+    config = replace(config, **changes, **fixed)
+    _check_workload(config)
+    return config
+
+
+def _check_workload(config: SweepConfig) -> None:
+    """Build the workload config once here, so a bad preset or override fails before anything launches."""
+    from alure.config import preset
+    try:
+        replace(preset(config.preset), **config.workload)
+    except TypeError as err:
+        raise UsageError(f"unknown workload setting in --set/workload ({err}): see alure/config.py for the "
+                         f"fields") from None
+
+
+def default_out(name: str) -> Path:
+    return DEFAULT_ROOT / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    if args.resume:
+        sweep_dir = Path(args.resume)
+        config = load_sweep_config(sweep_dir)
+    else:
+        config = sweep_config_from_args(args)
+        sweep_dir = Path(args.out) if args.out else default_out(config.name)
+        start_sweep(config, sweep_dir)
+    print(f"sweep {sweep_dir}: {len(config.plan())} points, preset {config.preset}, np {config.nps}, "
+          f"modes {', '.join(config.modes)}, {', '.join(config.scalings)} scaling")
+    try:
+        run_sweep(config, sweep_dir, resume=bool(args.resume))
+    except (KeyboardInterrupt, SweepInterrupted):
+        write_report(sweep_dir)
+        print(f"interrupted: finished points are kept in {sweep_dir}; continue with "
+              f"`alure-bench sweep --resume {sweep_dir}`")
+        return 130
+    df = write_report(sweep_dir)
+    print(efficiency_table(df))
+    print(f"results: {sweep_dir} (summary.csv, report.md, efficiency.png, breakdown.png, memory.png)")
+    return 0 if (df["status"] == "ok").all() else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """One point: a one-point sweep, so its record and report are those of any sweep."""
+    config = sweep_config_from_args(args, nps=sorted({1, args.np}) if args.with_baseline else [args.np],
+                                    modes=[args.mode], scalings=[args.scaling], name="run")
+    sweep_dir = Path(args.out) if args.out else default_out("run")
+    start_sweep(config, sweep_dir)
+    run_sweep(config, sweep_dir)
+    df = write_report(sweep_dir)
+    print(efficiency_table(df))
+    print(f"record: {sweep_dir}/points/")
+    return 0 if (df["status"] == "ok").all() else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    sweep_dir = Path(args.dir)
+    if not sweep_dir.is_dir():
+        raise UsageError(f"{sweep_dir} is not a folder: give a sweep's results folder")
+    df = write_report(sweep_dir)
+    print(efficiency_table(df))
+    print(f"rebuilt {sweep_dir}/summary.csv, report.md and plots")
+    return 0
+
+
+def register(sub) -> None:
+    sweep = sub.add_parser("sweep", help="run a plan of points (scaling x mode x np x repeats) locally; write the "
+                                         "results folder and print the efficiency table")
+    sweep.add_argument("--config", metavar="FILE", help="TOML sweep file (a [sweep] table of SweepConfig fields)")
+    sweep.add_argument("--nps", type=_int_list, help="process counts, e.g. 1,2,4 (default 1,2)")
+    sweep.add_argument("--modes", type=_str_list, help="sparse-gather,dense-reduce (default both)")
+    sweep.add_argument("--scalings", type=_str_list, help="weak,strong (default both)")
+    sweep.add_argument("--repeats", type=int, help="repetitions of every point (default 1)")
+    sweep.add_argument("--name", help="sweep name, the results folder's prefix")
+    sweep.add_argument("--out", metavar="DIR", help="results folder (default results/local/<name>-<time>)")
+    sweep.add_argument("--resume", metavar="DIR", help="continue the sweep in DIR: rerun only points without an "
+                                                       "ok record")
+    add_shared_flags(sweep)
+    sweep.set_defaults(func=cmd_sweep)
+
+    run = sub.add_parser("run", help="measure one point (np, mode, scaling) and print its figures")
+    run.add_argument("--np", type=int, default=1)
+    run.add_argument("--mode", default="sparse-gather", help="sparse-gather or dense-reduce")
+    run.add_argument("--scaling", default="weak", help="weak or strong")
+    run.add_argument("--with-baseline", action="store_true", help="also measure np=1, for the efficiency")
+    run.add_argument("--out", metavar="DIR", help="results folder (default results/local/run-<time>)")
+    add_shared_flags(run)
+    run.set_defaults(func=cmd_run, config=None)
+
+    report = sub.add_parser("report", help="rebuild summary.csv, report.md and plots from a results folder")
+    report.add_argument("dir", help="the sweep's results folder")
+    report.set_defaults(func=cmd_report)
