@@ -12,6 +12,7 @@ from bench.errors import UsageError
 COMMAND_MODULES = (
     "bench.sweep_cli",
     "bench.environment",
+    "bench.comm",
 )
 
 

@@ -8,9 +8,10 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from bench.errors import UsageError
-from bench.exchange import MODES
 
 SCALINGS = ("weak", "strong")
+MODES = ("sparse-gather", "dense-reduce")
+"""Embedding-gradient exchange modes (bench.exchange implements them)."""
 
 
 @dataclass(kw_only=True, slots=True)

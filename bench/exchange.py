@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-MODES = ("sparse-gather", "dense-reduce")
+from bench.config import MODES
 
 
 def tensor_bytes(t: torch.Tensor) -> int:

@@ -16,6 +16,10 @@ from dataclasses import dataclass
 import psutil
 
 
+HOROVOD_SETTINGS: dict[str, str] = {}
+"""Horovod's knobs for every launch (applied with setdefault, so a variable already set wins)."""
+
+
 def physical_cores() -> int:
     """Cores a rank can run on without sharing (hyperthreads count as the OS shows them)."""
     return len(os.sched_getaffinity(0))
@@ -46,6 +50,8 @@ def mpi_environment(np: int, base: dict[str, str] | None = None, *, single_host:
     env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     # Cross-memory attach needs ptrace, which some sandboxes block; copy-in/copy-out always works.
     env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+    for name, value in HOROVOD_SETTINGS.items():
+        env.setdefault(name, value)
     if single_host:
         env.setdefault("OMPI_MCA_btl_tcp_if_include", "lo")
         env.setdefault("OMPI_MCA_oob_tcp_if_include", "lo")

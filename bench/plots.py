@@ -12,6 +12,7 @@ import pandas as pd  # noqa: E402
 from bench.scaling import PHASES  # noqa: E402
 
 MODE_COLORS = {"sparse-gather": "tab:red", "dense-reduce": "tab:blue", "auto": "tab:green"}
+PHASE_COLORS = dict(zip(PHASES, ("tab:gray", "tab:blue", "tab:orange", "tab:red", "tab:green")))
 OVERSUBSCRIBED_NOTE = "hollow = oversubscribed (np > cores)"
 
 
@@ -29,10 +30,17 @@ def _line(ax, df: pd.DataFrame, column: str, mode: str) -> None:
         ax.plot(sel["np"], sel["value"], "o", color=color, markerfacecolor=marker_face, markersize=7)
 
 
+def _scaling_axes(ok: pd.DataFrame, width: float):
+    """One panel per scaling kind that has ok points (at least one panel, so an all-failed sweep still plots)."""
+    scalings = [s for s in ("weak", "strong") if (ok["scaling"] == s).any()] or ["weak"]
+    fig, axes = plt.subplots(1, len(scalings), figsize=(width * len(scalings), 4), sharey=True, squeeze=False)
+    return fig, list(zip(axes[0], scalings))
+
+
 def efficiency_plot(df: pd.DataFrame, path: Path) -> None:
     ok = df[df["status"] == "ok"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, scaling in zip(axes, ("weak", "strong")):
+    fig, panels = _scaling_axes(ok, 5)
+    for ax, scaling in panels:
         part = ok[ok["scaling"] == scaling]
         for mode, rows in part.groupby("mode"):
             _line(ax, rows, "efficiency", mode)
@@ -40,41 +48,44 @@ def efficiency_plot(df: pd.DataFrame, path: Path) -> None:
             nps = sorted(part["np"].unique())
             ax.plot(nps, [1.0] * len(nps), "k--", linewidth=1, label="ideal")
         ax.set_title(f"{scaling} scaling efficiency")
+        ax.set_xticks(sorted(ok["np"].unique()))
         ax.set_xlabel("MPI processes (np)")
         ax.grid(alpha=0.3)
         _legend(ax, title=OVERSUBSCRIBED_NOTE, title_fontsize=7, fontsize=8)
-    axes[0].set_ylabel("efficiency (1 = ideal)")
+    panels[0][0].set_ylabel("efficiency (1 = ideal)")
     _save(fig, path)
 
 
 def breakdown_plot(df: pd.DataFrame, path: Path) -> None:
     ok = df[df["status"] == "ok"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, scaling in zip(axes, ("weak", "strong")):
+    fig, panels = _scaling_axes(ok, 5.5)
+    for ax, scaling in panels:
         part = ok[ok["scaling"] == scaling].groupby(["mode", "np", "oversubscribed"])[
             [f"{p}_ms" for p in PHASES]].median().reset_index()
         labels = [f"{m}\nnp={n}{'*' if o else ''}" for m, n, o in zip(part["mode"], part["np"],
                                                                       part["oversubscribed"])]
         bottom = pd.Series(0.0, index=part.index)
         for phase in PHASES:
-            ax.bar(labels, part[f"{phase}_ms"], bottom=bottom, label=phase)
+            ax.bar(labels, part[f"{phase}_ms"], bottom=bottom, label=phase, color=PHASE_COLORS[phase])
             bottom += part[f"{phase}_ms"]
         ax.set_title(f"{scaling}: step-time breakdown (slowest rank, median)")
         ax.tick_params(axis="x", labelsize=7)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("ms per step")
-    _legend(axes[1], fontsize=8, title="* = oversubscribed", title_fontsize=7)
+    panels[0][0].set_ylabel("ms per step")
+    _legend(panels[-1][0], fontsize=8, title="* = oversubscribed", title_fontsize=7)
     _save(fig, path)
 
 
 def memory_plot(df: pd.DataFrame, path: Path) -> None:
     ok = df[df["status"] == "ok"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    ok = ok.assign(exchange_mib_held=ok["exchange_bytes_held"] / 2**20)
     for ax, column, label in ((axes[0], "peak_rss_mib", "peak RSS, largest rank (MiB)"),
-                              (axes[1], "exchange_bytes_held", "exchange bytes held per rank per step")):
+                              (axes[1], "exchange_mib_held", "exchange MiB held per rank per step")):
         for (mode, scaling), rows in ok.groupby(["mode", "scaling"]):
             if scaling == "weak":  # weak keeps the per-rank work fixed: growth with P is the exchange's
                 _line(ax, rows, column, mode)
+        ax.set_xticks(sorted(ok["np"].unique()))
         ax.set_xlabel("MPI processes (np)")
         ax.set_ylabel(label)
         ax.set_title(f"{label.split(',')[0].split(' per')[0]} vs P (weak)")

@@ -12,7 +12,8 @@ SUMMARY_COLUMNS = ["scaling", "mode", "np", "repeat", "status", "step_time_ms", 
 """The names DESIGN.md "Results" promises; other parts (notebook, Slurm collect, cost model) rely on them."""
 EXTRA_COLUMNS = ["preset", "reason", "rss_growth_mib", "exchange_bytes_sent", "exchange_bytes_received",
                  "rank_skew", "gradient_density", "batch_per_rank", "global_batch", "threads_per_rank",
-                 "allgather_calls", "allreduce_calls", "hosts", "wall_seconds",
+                 "allgather_calls", "allreduce_calls", "allgather_bytes_held", "allreduce_bytes_held", "hosts",
+                 "wall_seconds",
                  *[f"{p}_ms" for p in PHASES]]
 
 
@@ -27,7 +28,8 @@ def record_row(record: dict) -> dict:
            "wall_seconds": record.get("wall_seconds")}
     for key in ("step_time_ms", "step_time_ms_p10", "step_time_ms_p90", "throughput_samples_per_s",
                 "peak_rss_mib", "rss_growth_mib", "exchange_bytes_held", "exchange_bytes_sent",
-                "exchange_bytes_received", "rank_skew", "gradient_density", "allgather_calls", "allreduce_calls"):
+                "exchange_bytes_received", "rank_skew", "gradient_density", "allgather_calls", "allreduce_calls",
+                "allgather_bytes_held", "allreduce_bytes_held"):
         row[key] = metrics.get(key, np.nan)
     for phase in PHASES:
         row[f"{phase}_ms"] = (metrics.get("phase_ms") or {}).get(phase, np.nan)

@@ -113,6 +113,7 @@ def start_sweep(config: SweepConfig, sweep_dir: Path) -> None:
     ensure_writable(sweep_dir)
     if (sweep_dir / "points").is_dir() and any((sweep_dir / "points").glob("*.json")):
         raise UsageError(f"{sweep_dir} already holds a sweep: add --resume to continue it, or choose a new --out")
+    (sweep_dir / "points").mkdir(exist_ok=True)
     atomic_write_json(sweep_dir / SWEEP_FILE, config.as_dict())
     atomic_write_json(sweep_dir / "environment.json", capture_environment())
 

@@ -97,7 +97,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     try:
         run_sweep(config, sweep_dir, resume=bool(args.resume))
     except (KeyboardInterrupt, SweepInterrupted):
-        write_report(sweep_dir)
+        if any((sweep_dir / "points").glob("*.json")):
+            write_report(sweep_dir)
         print(f"interrupted: finished points are kept in {sweep_dir}; continue with "
               f"`alure-bench sweep --resume {sweep_dir}`")
         return 130

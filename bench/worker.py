@@ -44,6 +44,33 @@ def workload_config(point: PointConfig):
     return replace(base, **{**point.workload, "seed": point.seed, "batch_size": per_rank})
 
 
+def instrumented_step(trainer, exchange, measure_density: bool = False) -> tuple[dict, dict, dict | None]:
+    """One training step, phase by phase as `Trainer.train_step` runs it, with a clock between the phases.
+    Returns (milliseconds per phase, what the exchange moved, the gradient density if asked for)."""
+    exchange.counters.reset()
+    density = None
+    t0 = time.perf_counter()
+    batch = trainer.next_batch()
+    t1 = time.perf_counter()
+    loss = trainer.forward(batch)
+    t2 = time.perf_counter()
+    trainer.backward(loss)
+    t3 = time.perf_counter()
+    if measure_density:
+        # Counting touched rows costs a coalesce: keep it out of every phase (the exchange runs on meanwhile, so
+        # callers ask for it on a warm-up step only).
+        density = trainer.gradient_density()
+        t3 = time.perf_counter()
+    trainer.synchronize()
+    t4 = time.perf_counter()
+    trainer.step()
+    t5 = time.perf_counter()
+    ms = {p: (b - a) * 1000 for p, (a, b) in zip(PHASES, ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5)))}
+    moved = exchange.counters.as_dict()
+    moved["bytes_received"] = exchange.counters.bytes_received(exchange.size)
+    return ms, moved, density
+
+
 def measure(point: PointConfig, exchange) -> dict:
     """Run the point on this rank; return this rank's raw measurements."""
     import torch
@@ -52,45 +79,25 @@ def measure(point: PointConfig, exchange) -> dict:
     torch.set_num_threads(point.threads_per_rank or threads_per_rank(point.np))
     trainer = Trainer(workload_config(point), exchange)
     baseline_rss = rss_mib()  # after the model is built: growth beyond it is the training's own
-    n = point.warmup_steps + point.steps
-    phase_ms = {p: np.zeros(n) for p in PHASES}
-    held, sent, received, gathers, reduces = (np.zeros(n) for _ in range(5))
-    counters = exchange.counters
     density = None
-    for i in range(n):
-        counters.reset()
-        t0 = time.perf_counter()
-        batch = trainer.next_batch()
-        t1 = time.perf_counter()
-        loss = trainer.forward(batch)
-        t2 = time.perf_counter()
-        trainer.backward(loss)
-        t3 = time.perf_counter()
-        if i == point.warmup_steps - 1 or (point.warmup_steps == 0 and i == 0):
-            # Counting touched rows costs a coalesce: do it on one step, outside what is timed as the exchange.
-            density = trainer.gradient_density()
-            t3 = time.perf_counter()
-        trainer.synchronize()
-        t4 = time.perf_counter()
-        trainer.step()
-        t5 = time.perf_counter()
-        for phase, (a, b) in zip(PHASES, ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5))):
-            phase_ms[phase][i] = (b - a) * 1000
-        held[i], sent[i] = counters.bytes_held, counters.bytes_sent
-        received[i] = counters.bytes_received(exchange.size)
-        gathers[i], reduces[i] = counters.allgather_calls, counters.allreduce_calls
-    timed = slice(point.warmup_steps, n)
+    for i in range(point.warmup_steps):
+        _, _, measured = instrumented_step(trainer, exchange, measure_density=i == point.warmup_steps - 1)
+        density = measured or density
+    steps = [instrumented_step(trainer, exchange, measure_density=density is None and i == 0)
+             for i in range(point.steps)]
+    density = density or steps[0][2]
+    phase_ms = {p: [ms[p] for ms, _, _ in steps] for p in PHASES}
+    moved = {k: float(np.median([m[k] for _, m, _ in steps])) for k in steps[0][1]}
     return {
         "rank": exchange.rank, "host": socket.gethostname(), "pid": os.getpid(),
-        "step_time_ms": sum(phase_ms[p][timed] for p in PHASES).tolist(),
-        "phase_ms": {p: phase_ms[p][timed].tolist() for p in PHASES},
+        "step_time_ms": [sum(ms.values()) for ms, _, _ in steps], "phase_ms": phase_ms,
         "baseline_rss_mib": baseline_rss, "peak_rss_mib": peak_rss_mib(),
         "rss_growth_mib": peak_rss_mib() - baseline_rss,
-        "exchange_bytes_held": float(np.median(held[timed])), "exchange_bytes_sent": float(np.median(sent[timed])),
-        "exchange_bytes_received": float(np.median(received[timed])),
-        "allgather_calls": int(np.median(gathers[timed])), "allreduce_calls": int(np.median(reduces[timed])),
+        "exchange": moved,  # medians over timed steps of bench.exchange.ExchangeCounters, per rank per step
+        "exchange_bytes_held": moved["allgather_bytes_held"] + moved["allreduce_bytes_held"],
+        "exchange_bytes_sent": moved["allgather_bytes_sent"] + moved["allreduce_bytes_sent"],
+        "exchange_bytes_received": moved["bytes_received"],
         "gradient_density": density["items"], "gradient_density_tables": density,
-        "loss_last": float(loss.detach()),
     }
 
 
@@ -112,8 +119,9 @@ def build_record(point: PointConfig, ranks: list[dict], wall_seconds: float, sta
         "peak_rss_mib": max(r["peak_rss_mib"] for r in ranks),
         "rss_growth_mib": max(r["rss_growth_mib"] for r in ranks),
         **{k: max(r[k] for r in ranks) for k in ("exchange_bytes_held", "exchange_bytes_sent",
-                                                 "exchange_bytes_received", "allgather_calls", "allreduce_calls",
-                                                 "gradient_density")},
+                                                 "exchange_bytes_received", "gradient_density")},
+        **{k: max(r["exchange"][k] for r in ranks) for k in ("allgather_calls", "allreduce_calls",
+                                                            "allgather_bytes_held", "allreduce_bytes_held")},
     }
     return {
         "schema_version": SCHEMA_VERSION, "point_id": point.point_id, "point": point.as_dict(), "status": "ok",

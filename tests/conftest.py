@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,10 +13,10 @@ from bench.launch import python_module_argv, run_ranks
 RANK_SCRIPTS = Path(__file__).parent / "ranks"
 
 
-def launch(np: int, script: str, *args: str, timeout_s: float = 120) -> list[dict]:
+def launch(np: int, script: str, *args: str, timeout_s: float = 120, env: dict | None = None) -> list[dict]:
     """Run tests/ranks/<script>.py on `np` ranks; return the JSON line each rank printed, in rank order."""
-    import sys
-    run = run_ranks(np, [sys.executable, str(RANK_SCRIPTS / f"{script}.py"), *args], timeout_s=timeout_s)
+    run = run_ranks(np, [sys.executable, str(RANK_SCRIPTS / f"{script}.py"), *args], timeout_s=timeout_s,
+                    env={**os.environ, **(env or {})})
     assert not run.timed_out, f"{script} on {np} ranks ran past {timeout_s} s\n{run.stderr[-3000:]}"
     assert run.returncode == 0, f"{script} on {np} ranks exited {run.returncode}\n{run.stderr[-3000:]}"
     records = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]

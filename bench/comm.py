@@ -1,0 +1,603 @@
+"""`alure-bench comm` and `alure-bench crossover`: what the collectives cost here, and where sparse stops paying.
+
+comm: latency and bandwidth of allreduce, allgather and sparse-pair (the two allgathers of sparse-gather) over
+Horovod (as the harness configures it), raw MPI (mpi4py) and torch.distributed/gloo, sizes doubling from --min-bytes
+to --max-bytes, each backend in a launch of its own; plus this machine's memcpy bandwidth as the ceiling. Latency
+of an iteration is the slowest rank's (a barrier starts each iteration); figures follow nccl-tests (DESIGN.md):
+algbw = S/t, busbw = algbw x `busbw_factor`, GB/s = 1e9 bytes/s.
+
+crossover: with Horovod, time and bytes of sparse-gather (allgather of the uncoalesced gradient's indices and
+values, horovod's sparse_allreduce_async) against dense-reduce (to_dense + allreduce) of a V x d embedding gradient,
+over density (rows touched per rank / V) and process count; the crossover density per P is where the two times meet.
+
+The rank side lives in bench/comm_rank.py; this module plans, launches, aggregates, prints and writes.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import re
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from bench.comm_rank import BACKENDS, OPS, SPARSE_DIM, geometry, memcpy_call, timed
+from bench.errors import UsageError
+from bench.results import atomic_write_json, atomic_write_text, ensure_writable
+from bench.launch import (HOROVOD_SETTINGS, is_oversubscribed, mpi_environment, physical_cores,
+                          python_module_argv, run_ranks)
+
+ROW_FIELDS = ("backend", "op", "np", "size_bytes", "latency_us_median", "latency_us_min", "latency_us_max",
+              "algbw_gbps", "busbw_gbps")
+"""The comm row names of DESIGN.md "Results": other parts rely on them."""
+EXTRA_FIELDS = ("bytes_moved", "tensors", "warmup", "iters", "oversubscribed")
+"""Extra columns: bytes_moved is the S of algbw (differs from size_bytes only for sparse-pair and sizes P does not
+divide); tensors is how many tensors an allreduce was split into (1 unless --tensors)."""
+CROSSOVER_FIELDS = ("np", "density", "rows_touched_per_rank", "mode", "time_ms_median", "time_ms_p10",
+                    "time_ms_p90", "bytes_sent_per_rank", "bytes_held_per_rank", "oversubscribed")
+RATIO_TARGET = 0.9
+"""Horovod allreduce should reach this fraction of raw MPI's busbw from RATIO_FROM_BYTES up (GitHub issue 5)."""
+RATIO_FROM_BYTES = 4 << 20
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+# --- pure pieces ------------------------------------------------------------------------------------------------
+
+def parse_size(text: str, what: str = "size") -> int:
+    """'64M', '1K', '4096', '1.5MiB' -> bytes (binary units: K = 1024)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise UsageError(f"{what} {text!r} is not a size: write a number with an optional K, M or G (e.g. 64M)")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n < 4:
+        raise UsageError(f"{what} {text!r} is below 4 bytes (one float32): use at least 4")
+    return n
+
+
+def format_size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} B"
+
+
+def doubling_sizes(lo: int, hi: int) -> list[int]:
+    """lo, 2 lo, 4 lo, ... up to hi."""
+    sizes = []
+    while lo <= hi:
+        sizes.append(lo)
+        lo *= 2
+    return sizes
+
+
+def parse_choices(text: str, valid: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """'a,b' -> ('a', 'b'), each checked against `valid`."""
+    items = tuple(s.strip() for s in str(text).split(",") if s.strip())
+    bad = [s for s in items if s not in valid]
+    if bad or not items:
+        raise UsageError(f"unknown {what} {','.join(bad) or repr(text)}: choose from {','.join(valid)}")
+    return items
+
+
+def parse_numbers(text: str, kind, what: str) -> tuple:
+    try:
+        values = tuple(kind(s) for s in str(text).split(",") if s.strip())
+    except ValueError:
+        raise UsageError(f"{what} {text!r} is not a comma-separated list of numbers (e.g. 2,4)") from None
+    if not values:
+        raise UsageError(f"{what} is empty: give at least one number")
+    return values
+
+
+def busbw_factor(op: str, np: int) -> float:
+    """nccl-tests' bus-bandwidth factor: 2(P-1)/P for allreduce, (P-1)/P for allgather (and sparse-pair, which is
+    two allgathers), 1 for memcpy (one copy, no peers)."""
+    if op == "allreduce":
+        return 2 * (np - 1) / np
+    if op in ("allgather", "sparse-pair"):
+        return (np - 1) / np
+    if op == "memcpy":
+        return 1.0
+    raise ValueError(f"no bus-bandwidth factor for op {op!r}")
+
+
+def rank_max(per_rank_times: list[list[float]]) -> list[float]:
+    """Per iteration, the slowest rank's time: the slowest rank sets the pace."""
+    if len({len(t) for t in per_rank_times}) != 1:
+        raise ValueError("ranks timed different numbers of iterations")
+    return [max(ts) for ts in zip(*per_rank_times)]
+
+
+def comm_row(backend: str, op: str, np: int, size_bytes: int, bytes_moved: int, times_s: list[float], *,
+             tensors: int, warmup: int, oversubscribed: bool) -> dict:
+    """One DESIGN comm row from the per-iteration times (already the rank maximum)."""
+    median = statistics.median(times_s)
+    algbw = bytes_moved / median / 1e9
+    return {"backend": backend, "op": op, "np": np, "size_bytes": size_bytes,
+            "latency_us_median": round(median * 1e6, 3), "latency_us_min": round(min(times_s) * 1e6, 3),
+            "latency_us_max": round(max(times_s) * 1e6, 3), "algbw_gbps": round(algbw, 6),
+            "busbw_gbps": round(algbw * busbw_factor(op, np), 6), "bytes_moved": bytes_moved, "tensors": tensors,
+            "warmup": warmup, "iters": len(times_s), "oversubscribed": oversubscribed}
+
+
+def busbw_ratios(rows: list[dict], num: str = "horovod", den: str = "mpi4py", op: str = "allreduce") -> list[dict]:
+    """busbw of `num` over `den` per size, for the sizes both have (same run, same np)."""
+    by = {(r["backend"], r["size_bytes"]): r for r in rows if r["op"] == op}
+    out = []
+    for (backend, size), r in sorted(by.items(), key=lambda kv: kv[0][1]):
+        other = by.get((den, size))
+        if backend == num and other and other["busbw_gbps"] > 0:
+            out.append({"op": op, "size_bytes": size, "numerator": num, "denominator": den,
+                        "busbw_ratio": round(r["busbw_gbps"] / other["busbw_gbps"], 4)})
+    return out
+
+
+def crossover_density(densities, sparse_s, dense_s) -> float | None:
+    """The density where sparse-gather's time meets dense-reduce's, by linear interpolation between the two measured
+    densities around the first point (from low density up) where sparse stops being faster; None when it never
+    does in range (sparse faster throughout) or is never faster (dense faster throughout)."""
+    points = sorted(zip(densities, sparse_s, dense_s))
+    diffs = [(d, s - t) for d, s, t in points]
+    if diffs and diffs[0][1] >= 0:
+        return diffs[0][0] if diffs[0][1] == 0 else None
+    for (d0, g0), (d1, g1) in zip(diffs, diffs[1:]):
+        if g0 < 0 <= g1:
+            return d0 + (0 - g0) * (d1 - d0) / (g1 - g0)
+    return None
+
+
+def describe_crossover(densities, sparse_s, dense_s, rows: int) -> str:
+    x = crossover_density(densities, sparse_s, dense_s)
+    if x is not None:
+        return f"density {x:.4g} ({x * rows:.0f} rows per rank)"
+    faster = "sparse-gather" if all(s < t for s, t in zip(sparse_s, dense_s)) else "dense-reduce"
+    return f"none in range ({faster} faster at every density from {min(densities):g} to {max(densities):g})"
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 100]."""
+    v = sorted(values)
+    pos = (len(v) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+# --- configs ----------------------------------------------------------------------------------------------------
+
+def _check_counts(warmup: int, iters: int) -> None:
+    if warmup < 0:
+        raise UsageError(f"--warmup {warmup} is negative: use 0 or more")
+    if iters < 1:
+        raise UsageError(f"--iters {iters} is below 1: use at least 1")
+
+
+def _check_np(np: int) -> None:
+    if np < 1:
+        raise UsageError(f"--np {np} is below 1: launch at least one rank")
+
+
+@dataclass(kw_only=True, slots=True)
+class CommConfig:
+    """What one `alure-bench comm` run measures."""
+
+    np: int = 2
+    """Ranks per launch (more than the cores is allowed and flagged as oversubscribed)."""
+    backends: tuple[str, ...] = BACKENDS
+    """Communication backends, each run in a launch of its own; memcpy (the ceiling) is always measured."""
+    ops: tuple[str, ...] = OPS
+    """Collectives: allreduce (float32 sum), allgather (size = total gathered), sparse-pair."""
+    min_bytes: int = 1 << 10
+    """Smallest size; sizes double from here."""
+    max_bytes: int = 64 << 20
+    """Largest size."""
+    warmup: int = 5
+    """Untimed iterations per (op, size)."""
+    iters: int = 30
+    """Timed iterations per (op, size)."""
+    tensors: int = 1
+    """Split each allreduce into this many tensors started together (what Horovod's tensor fusion acts on)."""
+    dim: int = SPARSE_DIM
+    """Columns of the table whose gradient sparse-pair stands for."""
+
+    def __post_init__(self):
+        _check_np(self.np)
+        _check_counts(self.warmup, self.iters)
+        for b in self.backends:
+            if b not in BACKENDS:
+                raise UsageError(f"unknown backend {b}: choose from {','.join(BACKENDS)}")
+        for o in self.ops:
+            if o not in OPS:
+                raise UsageError(f"unknown op {o}: choose from {','.join(OPS)}")
+        if self.min_bytes > self.max_bytes:
+            raise UsageError(f"--min-bytes {format_size(self.min_bytes)} is above --max-bytes "
+                             f"{format_size(self.max_bytes)}: swap them")
+        if self.tensors < 1:
+            raise UsageError(f"--tensors {self.tensors} is below 1: use at least 1")
+        # allgather holds S gathered + S/P sent (Horovod allocates another S per call): about 3 S per rank.
+        need = 3 * self.max_bytes * self.np
+        available = _available_memory()
+        if need > available:
+            raise UsageError(f"--max-bytes {format_size(self.max_bytes)} on {self.np} ranks needs about "
+                             f"{need / 2**30:.1f} GiB but {available / 2**30:.1f} GiB is available: "
+                             f"lower --max-bytes or --np")
+
+    @property
+    def sizes(self) -> list[int]:
+        return doubling_sizes(self.min_bytes, self.max_bytes)
+
+
+@dataclass(kw_only=True, slots=True)
+class CrossoverConfig:
+    """What one `alure-bench crossover` run measures."""
+
+    nps: tuple[int, ...] = (2,)
+    """Process counts, one Horovod launch each."""
+    rows: int = 100_000
+    """V: rows of the embedding table."""
+    dim: int = 64
+    """d: columns of the embedding table."""
+    densities: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+    """Rows touched per rank / V."""
+    warmup: int = 3
+    """Untimed iterations per density (each iteration runs both modes)."""
+    iters: int = 15
+    """Timed iterations per density."""
+
+    def __post_init__(self):
+        for np in self.nps:
+            _check_np(np)
+        _check_counts(self.warmup, self.iters)
+        if self.rows < 1 or self.dim < 1:
+            raise UsageError(f"--rows {self.rows} and --dim {self.dim} must both be at least 1")
+        bad = [d for d in self.densities if not 0 < d <= 1]
+        if bad:
+            raise UsageError(f"density {bad[0]:g} is outside (0, 1]: densities are rows touched per rank / V")
+        # dense-reduce holds the V x d table densified; sparse-gather holds P x the touched rows.
+        need = max(self.nps) * 4 * self.rows * self.dim * (2 + max(self.nps) * max(self.densities))
+        if need > _available_memory():
+            raise UsageError(f"a {self.rows} x {self.dim} table on {max(self.nps)} ranks needs about "
+                             f"{need / 2**30:.1f} GiB: lower --rows, --dim or --np")
+
+
+def _available_memory() -> int:
+    import psutil
+    return psutil.virtual_memory().available
+
+
+# --- results folder ---------------------------------------------------------------------------------------------
+
+def results_dir(out: str | None, prefix: str) -> Path:
+    """The folder to write into (default results/local/<prefix>-<timestamp>/), created and checked writable now,
+    before anything is measured."""
+    if out is None:
+        base = Path("results/local") / f"{prefix}-{datetime.now():%Y%m%d-%H%M%S}"
+        path, n = base, 1
+        while path.exists():
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+    else:
+        path = Path(out)
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"--out {path} is a file: pass a directory")
+    return ensure_writable(path)
+
+
+def write_csv_atomic(path: Path, rows: list[dict], fields: tuple[str, ...]) -> None:
+    """CSV with a header; booleans as true|false (DESIGN.md); written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (str(v).lower() if isinstance(v, bool) else v) for k, v in row.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def environment_record(np: int) -> dict:
+    """environment.json: bench.environment's record plus the variables the ranks were launched with."""
+    from bench.environment import ENV_PREFIXES, capture_environment
+    env = capture_environment()
+    env["launch_variables"] = {k: v for k, v in sorted(mpi_environment(np).items()) if k.startswith(ENV_PREFIXES)}
+    return env
+
+
+# --- launching --------------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(slots=True)
+class LaunchResult:
+    records: list[dict] = field(default_factory=list)
+    """One record per rank, in rank order (empty on failure)."""
+    error: str | None = None
+    """Why the launch failed, in one line; None when it did not."""
+    seconds: float = 0.0
+
+
+def launch_program(spec: dict, np: int, timeout_s: float) -> LaunchResult:
+    """Run bench.comm_rank with `spec` on `np` ranks through bench.launch; collect each rank's record."""
+    env = dict(os.environ)
+    if spec.get("backend") == "gloo":
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    with tempfile.TemporaryDirectory(prefix="alure-comm-") as work:
+        spec = dict(spec, work_dir=work)
+        spec_path = Path(work) / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        run = run_ranks(np, python_module_argv("bench.comm_rank", str(spec_path)), timeout_s=timeout_s, env=env)
+        files = sorted(Path(work).glob("rank*.json"), key=lambda p: int(p.stem[4:]))
+        records = [json.loads(p.read_text()) for p in files]
+    if run.timed_out:
+        return LaunchResult(error=f"timed out after {run.seconds:.0f} s (lower --max-bytes or --iters)",
+                            seconds=run.seconds)
+    if run.returncode != 0 or len(records) != np:
+        last = next((line for line in reversed(run.stderr.strip().splitlines())
+                     if line.strip() and not line.startswith(("---", "  "))), "no output")
+        return LaunchResult(error=f"exited {run.returncode} with {len(records)}/{np} rank records: {last.strip()}",
+                            seconds=run.seconds)
+    return LaunchResult(records=records, seconds=run.seconds)
+
+
+def _timeout_s(total_bytes: int, calls: int) -> float:
+    """A hang guard, not a budget: a minute for start-up plus the calls at a pessimistic 20 MB/s."""
+    return 120 + calls * 0.01 + total_bytes / 20e6
+
+
+# --- comm -------------------------------------------------------------------------------------------------------
+
+def measure_memcpy(cfg: CommConfig) -> list[dict]:
+    rows = []
+    for size in cfg.sizes:
+        call = memcpy_call(size)
+        times = timed(call, lambda: None, cfg.warmup, cfg.iters)
+        rows.append(comm_row("memcpy", "memcpy", 1, size, geometry("memcpy", size, 1).bytes_moved, times,
+                             tensors=1, warmup=cfg.warmup, oversubscribed=False))
+        del call
+    return rows
+
+
+def measure_backend(cfg: CommConfig, backend: str) -> tuple[list[dict], dict, LaunchResult]:
+    """One launch of `backend`; returns its rows, the settings rank 0 saw, and the launch."""
+    spec = {"program": "comm", "backend": backend, "ops": list(cfg.ops), "sizes": cfg.sizes, "dim": cfg.dim,
+            "tensors": cfg.tensors, "warmup": cfg.warmup, "iters": cfg.iters}
+    calls = (cfg.warmup + cfg.iters) * len(cfg.ops) * len(cfg.sizes) * cfg.tensors
+    total = (cfg.warmup + cfg.iters) * len(cfg.ops) * sum(cfg.sizes)
+    launch = launch_program(spec, cfg.np, _timeout_s(total, calls))
+    if launch.error:
+        return [], {}, launch
+    over = is_oversubscribed(cfg.np)
+    rows = []
+    for points in zip(*(r["results"] for r in launch.records)):
+        p = points[0]
+        times = rank_max([q["times_s"] for q in points])
+        rows.append(comm_row(backend, p["op"], cfg.np, p["size_bytes"], p["bytes_moved"], times,
+                             tensors=cfg.tensors if p["op"] == "allreduce" else 1, warmup=cfg.warmup,
+                             oversubscribed=over))
+    return rows, launch.records[0]["settings"], launch
+
+
+def format_comm_table(rows: list[dict], ratios: dict[int, float] | None = None) -> str:
+    """One backend and op: size, latency median/min/max, algbw, busbw (and Horovod/MPI busbw where known)."""
+    r0 = rows[0]
+    flag = f"  [OVERSUBSCRIBED: {r0['np']} ranks on {physical_cores()} cores]" if r0["oversubscribed"] else ""
+    split = f", allreduce split into {r0['tensors']} tensors" if r0["tensors"] > 1 else ""
+    lines = [f"{r0['backend']} {r0['op']}  np={r0['np']}  ({r0['warmup']} warm-up + {r0['iters']} timed iterations"
+             f"{split}){flag}",
+             f"{'size':>9} {'lat med us':>11} {'min us':>10} {'max us':>10} {'algbw GB/s':>11} {'busbw GB/s':>11}"
+             + (f" {'vs mpi4py':>9}" if ratios else "")]
+    for r in rows:
+        line = (f"{format_size(r['size_bytes']):>9} {r['latency_us_median']:11.1f} {r['latency_us_min']:10.1f} "
+                f"{r['latency_us_max']:10.1f} {r['algbw_gbps']:11.3f} {r['busbw_gbps']:11.3f}")
+        if ratios:
+            ratio = ratios.get(r["size_bytes"])
+            line += f" {ratio:9.2f}" if ratio is not None else f" {'-':>9}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def ratio_verdict(ratios: list[dict]) -> str:
+    """The plain sentence about Horovod vs raw MPI allreduce from RATIO_FROM_BYTES up."""
+    big = [r for r in ratios if r["size_bytes"] >= RATIO_FROM_BYTES]
+    if not big:
+        return (f"Horovod/MPI allreduce busbw: no size >= {format_size(RATIO_FROM_BYTES)} with both backends "
+                f"in this run")
+    parts = ", ".join(f"{format_size(r['size_bytes'])} {r['busbw_ratio']:.2f}" for r in big)
+    below = [r for r in big if r["busbw_ratio"] < RATIO_TARGET]
+    verdict = (f"BELOW {RATIO_TARGET} at {', '.join(format_size(r['size_bytes']) for r in below)}" if below
+               else f"at or above {RATIO_TARGET} at every size >= {format_size(RATIO_FROM_BYTES)}")
+    return f"Horovod/MPI (mpi4py) allreduce busbw, same run: {parts}; {verdict}"
+
+
+def run_comm(cfg: CommConfig, out: Path) -> int:
+    started = datetime.now().astimezone()
+    t0 = time.perf_counter()
+    env_record = environment_record(cfg.np)
+    if is_oversubscribed(cfg.np):
+        print(f"note: {cfg.np} ranks on {physical_cores()} cores: oversubscribed, flagged in every row", flush=True)
+    rows = measure_memcpy(cfg)
+    settings, failures, launches = {}, [], {}
+    for backend in cfg.backends:
+        print(f"measuring {backend} on {cfg.np} ranks ...", file=sys.stderr, flush=True)
+        backend_rows, seen, launch = measure_backend(cfg, backend)
+        launches[backend] = round(launch.seconds, 2)
+        if launch.error:
+            failures.append({"backend": backend, "error": launch.error})
+            print(f"alure-bench comm: {backend} failed: {launch.error}", file=sys.stderr)
+            continue
+        rows += backend_rows
+        if backend == "horovod":
+            settings = seen
+    if not settings:  # Horovod not run: what it would have been launched with
+        settings = {k: v for k, v in mpi_environment(cfg.np).items() if k.startswith("HOROVOD_")}
+
+    ratios = busbw_ratios(rows)
+    ratio_by_size = {r["size_bytes"]: r["busbw_ratio"] for r in ratios}
+    for backend in ("memcpy", *cfg.backends):
+        for op in ("memcpy", *cfg.ops):
+            table = [r for r in rows if r["backend"] == backend and r["op"] == op]
+            if table:
+                show = ratio_by_size if (backend, op) == ("horovod", "allreduce") else None
+                print(format_comm_table(table, show) + "\n")
+    print(f"Horovod settings: {', '.join(f'{k}={v}' for k, v in settings.items()) or 'none'}")
+    if "horovod" in cfg.backends and "mpi4py" in cfg.backends and "allreduce" in cfg.ops:
+        print(ratio_verdict(ratios))
+
+    seconds = round(time.perf_counter() - t0, 2)
+    result = {"kind": "comm", "started": started.isoformat(timespec="seconds"), "seconds": seconds,
+              "config": asdict(cfg) | {"sizes": cfg.sizes}, "cores": physical_cores(),
+              "horovod_settings": settings, "harness_horovod_settings": dict(HOROVOD_SETTINGS),
+              "launch_seconds": launches, "horovod_vs_mpi4py": ratios, "failures": failures, "rows": rows}
+    atomic_write_json(out / "environment.json", env_record)
+    atomic_write_json(out / "comm.json", result)
+    write_csv_atomic(out / "comm.csv", rows, ROW_FIELDS + EXTRA_FIELDS)
+    print(f"wrote {out}/comm.json, comm.csv, environment.json ({seconds:.0f} s)")
+    return 1 if failures else 0
+
+
+# --- crossover --------------------------------------------------------------------------------------------------
+
+def crossover_rows(records: list[dict], np: int) -> list[dict]:
+    rows = []
+    for points in zip(*(r["results"] for r in records)):
+        p = points[0]
+        for mode in ("sparse-gather", "dense-reduce"):
+            times = rank_max([q["times_s"][mode] for q in points])
+            rows.append({"np": np, "density": p["density"], "rows_touched_per_rank": p["rows_touched_per_rank"],
+                         "mode": mode, "time_ms_median": round(statistics.median(times) * 1e3, 4),
+                         "time_ms_p10": round(percentile(times, 10) * 1e3, 4),
+                         "time_ms_p90": round(percentile(times, 90) * 1e3, 4),
+                         "bytes_sent_per_rank": max(q["bytes_sent_per_rank"][mode] for q in points),
+                         "bytes_held_per_rank": max(q["bytes_held_per_rank"][mode] for q in points),
+                         "oversubscribed": is_oversubscribed(np)})
+    return rows
+
+
+def format_crossover_table(rows: list[dict]) -> str:
+    np = rows[0]["np"]
+    flag = f"  [OVERSUBSCRIBED: {np} ranks on {physical_cores()} cores]" if rows[0]["oversubscribed"] else ""
+    lines = [f"sparse-gather vs dense-reduce, Horovod, np={np}{flag}",
+             f"{'density':>8} {'rows/rank':>9} {'sparse ms':>10} {'dense ms':>10} {'sparse MiB held':>15} "
+             f"{'dense MiB held':>14} {'faster':>13}"]
+    pairs = {}
+    for r in rows:
+        pairs.setdefault(r["density"], {})[r["mode"]] = r
+    for density, m in sorted(pairs.items()):
+        s, d = m["sparse-gather"], m["dense-reduce"]
+        faster = "sparse-gather" if s["time_ms_median"] < d["time_ms_median"] else "dense-reduce"
+        lines.append(f"{density:8.4g} {s['rows_touched_per_rank']:9d} {s['time_ms_median']:10.2f} "
+                     f"{d['time_ms_median']:10.2f} {s['bytes_held_per_rank'] / 2**20:15.2f} "
+                     f"{d['bytes_held_per_rank'] / 2**20:14.2f} {faster:>13}")
+    return "\n".join(lines)
+
+
+def run_crossover(cfg: CrossoverConfig, out: Path) -> int:
+    started = datetime.now().astimezone()
+    t0 = time.perf_counter()
+    env_record = environment_record(max(cfg.nps))
+    rows, crossovers, failures, settings = [], [], [], {}
+    for np in cfg.nps:
+        print(f"measuring sparse-gather vs dense-reduce on {np} ranks ...", file=sys.stderr, flush=True)
+        spec = {"program": "crossover", "rows": cfg.rows, "dim": cfg.dim, "densities": list(cfg.densities),
+                "warmup": cfg.warmup, "iters": cfg.iters}
+        table_bytes = 4 * cfg.rows * cfg.dim
+        launch = launch_program(spec, np, _timeout_s(2 * table_bytes * np * len(cfg.densities)
+                                                     * (cfg.warmup + cfg.iters), 0))
+        if launch.error:
+            failures.append({"np": np, "error": launch.error})
+            print(f"alure-bench crossover: np={np} failed: {launch.error}", file=sys.stderr)
+            continue
+        settings = launch.records[0]["settings"]
+        these = crossover_rows(launch.records, np)
+        rows += these
+        print(format_crossover_table(these))
+        dens = sorted({r["density"] for r in these})
+        med = {(r["density"], r["mode"]): r["time_ms_median"] for r in these}
+        sparse = [med[(d, "sparse-gather")] for d in dens]
+        dense = [med[(d, "dense-reduce")] for d in dens]
+        x = crossover_density(dens, sparse, dense)
+        text = describe_crossover(dens, sparse, dense, cfg.rows)
+        crossovers.append({"np": np, "crossover_density": None if x is None else round(x, 6),
+                           "crossover_rows_per_rank": None if x is None else round(x * cfg.rows),
+                           "description": text})
+        print(f"crossover at np={np}: {text}\n")
+    seconds = round(time.perf_counter() - t0, 2)
+    result = {"kind": "crossover", "started": started.isoformat(timespec="seconds"), "seconds": seconds,
+              "config": asdict(cfg), "cores": physical_cores(), "horovod_settings": settings,
+              "harness_horovod_settings": dict(HOROVOD_SETTINGS), "crossovers": crossovers, "failures": failures,
+              "rows": rows}
+    atomic_write_json(out / "environment.json", env_record)
+    atomic_write_json(out / "crossover.json", result)
+    write_csv_atomic(out / "crossover.csv", rows, CROSSOVER_FIELDS)
+    print(f"wrote {out}/crossover.json, crossover.csv, environment.json ({seconds:.0f} s)")
+    return 1 if failures else 0
+
+
+# --- command line -----------------------------------------------------------------------------------------------
+
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"{what} {text!r} is not a whole number") from None
+
+
+def comm_main(args: argparse.Namespace) -> int:
+    cfg = CommConfig(np=_int(args.np, "--np"), backends=parse_choices(args.backends, BACKENDS, "backend"),
+                     ops=parse_choices(args.ops, OPS, "op"),
+                     min_bytes=parse_size(args.min_bytes, "--min-bytes"),
+                     max_bytes=parse_size(args.max_bytes, "--max-bytes"),
+                     warmup=_int(args.warmup, "--warmup"), iters=_int(args.iters, "--iters"),
+                     tensors=_int(args.tensors, "--tensors"))
+    return run_comm(cfg, results_dir(args.out, "comm"))
+
+
+def crossover_main(args: argparse.Namespace) -> int:
+    cfg = CrossoverConfig(nps=parse_numbers(args.np, int, "--np"), rows=_int(args.rows, "--rows"),
+                          dim=_int(args.dim, "--dim"), densities=parse_numbers(args.densities, float, "--densities"),
+                          warmup=_int(args.warmup, "--warmup"), iters=_int(args.iters, "--iters"))
+    return run_crossover(cfg, results_dir(args.out, "crossover"))
+
+
+def register(sub) -> None:
+    """`alure-bench comm` and `alure-bench crossover`."""
+    c = CommConfig.__dataclass_fields__
+    p = sub.add_parser("comm", help="latency and bandwidth of allreduce, allgather and sparse-pair over Horovod, "
+                                    "mpi4py and gloo, with memcpy as the ceiling",
+                       description=__doc__.split("\n\n")[1])
+    p.add_argument("--np", default="2", help="ranks per launch (default 2)")
+    p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {','.join(BACKENDS)}")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma list of {','.join(OPS)}")
+    p.add_argument("--min-bytes", default="1K", help="smallest size, e.g. 1K (sizes double up to --max-bytes)")
+    p.add_argument("--max-bytes", default="64M", help="largest size, e.g. 64M")
+    p.add_argument("--warmup", default=str(c["warmup"].default), help="untimed iterations per point")
+    p.add_argument("--iters", default=str(c["iters"].default), help="timed iterations per point")
+    p.add_argument("--tensors", default="1", help="split each allreduce into this many tensors started together "
+                                                  "(to measure Horovod's tensor fusion; default 1)")
+    p.add_argument("--out", default=None, help="results folder (default results/local/comm-<timestamp>/)")
+    p.set_defaults(func=comm_main)
+
+    x = CrossoverConfig.__dataclass_fields__
+    q = sub.add_parser("crossover", help="sparse-gather vs dense-reduce over density and np with Horovod; the "
+                                         "crossover density per np",
+                       description=__doc__.split("\n\n")[2])
+    q.add_argument("--np", default="2", help="comma list of process counts (default 2)")
+    q.add_argument("--rows", default=str(x["rows"].default), help="V, rows of the embedding table")
+    q.add_argument("--dim", default=str(x["dim"].default), help="d, columns of the embedding table")
+    q.add_argument("--densities", default=",".join(f"{d:g}" for d in x["densities"].default),
+                   help="comma list of rows touched per rank / V")
+    q.add_argument("--warmup", default=str(x["warmup"].default), help="untimed iterations per density")
+    q.add_argument("--iters", default=str(x["iters"].default), help="timed iterations per density")
+    q.add_argument("--out", default=None, help="results folder (default results/local/crossover-<timestamp>/)")
+    q.set_defaults(func=crossover_main)

@@ -1,0 +1,50 @@
+"""Every bad sweep setting is refused at construction with a message that says how to mend it."""
+import pytest
+
+from bench.config import PointConfig, SweepConfig
+from bench.errors import UsageError
+
+
+def test_the_default_plan_covers_scaling_mode_and_np():
+    plan = SweepConfig().plan()
+    assert len(plan) == 8
+    assert {(p.scaling, p.mode, p.np) for p in plan} == {
+        (s, m, n) for s in ("weak", "strong") for m in ("sparse-gather", "dense-reduce") for n in (1, 2)}
+    assert [p.np for p in plan] == sorted(p.np for p in plan), "np=1 first: a partial sweep keeps its baselines"
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"nps": [0, 1]}, "positive whole numbers"),
+    ({"modes": ["sparse"]}, "modes must be"),
+    ({"scalings": []}, "scalings must be"),
+    ({"steps": "ten"}, "should be a int"),
+    ({"repeats": 0}, "repeats must be at least 1"),
+    ({"stepz": 3}, "unknown sweep setting"),
+    ({"global_batch": 10, "nps": [1, 3]}, "divisible"),
+])
+def test_bad_sweep_settings_say_what_is_wrong(data, message):
+    with pytest.raises(UsageError, match=message):
+        SweepConfig.from_dict(data)
+
+
+def test_a_malformed_toml_file_is_one_clear_error(tmp_path):
+    bad = tmp_path / "sweep.toml"
+    bad.write_text("[sweep]\nnps = [1, 2\n")
+    with pytest.raises(UsageError, match="not valid TOML"):
+        SweepConfig.from_toml(bad)
+    with pytest.raises(UsageError, match="not found"):
+        SweepConfig.from_toml(tmp_path / "missing.toml")
+
+
+def test_a_toml_sweep_builds_the_same_config(tmp_path):
+    path = tmp_path / "sweep.toml"
+    path.write_text('[sweep]\npreset = "tiny"\nnps = [1, 2, 4]\nmodes = ["dense-reduce"]\nsteps = 5\n'
+                    '[sweep.workload]\nsampled_negatives = 512\n')
+    config = SweepConfig.from_toml(path)
+    assert config == SweepConfig(preset="tiny", nps=[1, 2, 4], modes=["dense-reduce"], steps=5,
+                                 workload={"sampled_negatives": 512})
+
+
+def test_point_ids_are_stable_file_names():
+    assert PointConfig(scaling="strong", mode="dense-reduce", np=4, repeat=2).point_id == \
+        "strong-dense-reduce-np4-r2"

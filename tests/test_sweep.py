@@ -1,0 +1,130 @@
+"""Real sweeps through the CLI on real ranks: the records, the faults, resuming and interrupting."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+from bench.summary import SUMMARY_COLUMNS
+
+pytestmark = pytest.mark.mpi
+CLI = [sys.executable, "-m", "bench.cli"]
+TINY = ["--preset", "tiny", "--warmup", "1"]
+
+
+def sweep(*args, timeout=240) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "sweep", *TINY, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def records(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "points").glob("*.json"))}
+
+
+def workers() -> list[psutil.Process]:
+    """Live rank processes of any sweep."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        # mpirun's own command line names bench.worker too: ranks are the python processes.
+        if "bench.worker" in cmd and Path(cmd[0]).name.startswith("python"):
+            found.append(p)
+    return found
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def test_exchange_bytes_grow_with_p_for_sparse_gather_and_stay_flat_for_dense_reduce(tmp_path):
+    out = tmp_path / "bytes"
+    run = sweep("--nps", "1,2,3", "--scalings", "weak", "--steps", "3", "--out", str(out))
+    assert run.returncode == 0, run.stderr[-2000:]
+    df = pd.read_csv(out / "summary.csv")
+    assert list(df.columns[:len(SUMMARY_COLUMNS)]) == SUMMARY_COLUMNS
+    assert (df["status"] == "ok").all()
+    assert df.loc[df["np"] == 3, "oversubscribed"].all() and not df.loc[df["np"] < 3, "oversubscribed"].any()
+    by = {(r.mode, r.np): r for r in df.itertuples()}
+    # np=1: Horovod exchanges nothing at all, in either mode.
+    assert by[("sparse-gather", 1)].exchange_bytes_held == 0 == by[("dense-reduce", 1)].exchange_bytes_held
+    # sparse-gather holds every rank's (indices, values): P x what one rank sends.
+    g2, g3 = by[("sparse-gather", 2)].allgather_bytes_held, by[("sparse-gather", 3)].allgather_bytes_held
+    assert 1.3 < g3 / g2 < 1.7, (g2, g3)
+    # dense-reduce holds one V x d buffer per table whatever P is, and gathers nothing.
+    assert by[("dense-reduce", 2)].exchange_bytes_held == by[("dense-reduce", 3)].exchange_bytes_held > 0
+    assert by[("dense-reduce", 2)].allgather_calls == 0 == by[("dense-reduce", 3)].allgather_calls
+    for f in ("report.md", "efficiency.png", "breakdown.png", "memory.png", "environment.json", "sweep.json"):
+        assert (out / f).stat().st_size > 0
+    rec = records(out)["weak-sparse-gather-np2-r0"]
+    assert len(rec["ranks"]) == 2 and all(len(r["step_time_ms"]) == 3 for r in rec["ranks"])
+    assert set(rec["metrics"]["phase_ms"]) == {"data", "forward", "backward", "exchange_wait", "optimizer"}
+
+
+def test_a_killed_rank_is_recorded_as_failed_and_the_next_point_runs(tmp_path):
+    out = tmp_path / "kill"
+    proc = subprocess.Popen([*CLI, "sweep", *TINY, "--nps", "2", "--modes", "dense-reduce", "--steps", "150",
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ranks = wait_for(lambda: len(workers()) == 2 and workers(), 60, "two ranks of the first point")
+        time.sleep(3)  # into its training steps
+        victim = next(p for p in ranks if p.environ().get("OMPI_COMM_WORLD_RANK") == "1")
+        victim.send_signal(signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    got = records(out)
+    assert got["weak-dense-reduce-np2-r0"]["status"] == "failed"
+    assert "signal 9" in got["weak-dense-reduce-np2-r0"]["reason"]
+    assert got["strong-dense-reduce-np2-r0"]["status"] == "ok", stdout
+    assert proc.returncode == 1  # a sweep with a failed point says so in its exit code
+
+
+def test_a_hung_point_times_out_and_leaves_no_process_behind(tmp_path):
+    out = tmp_path / "hang"
+    run = sweep("--nps", "1", "--modes", "dense-reduce", "--scalings", "weak", "--steps", "100000",
+                "--timeout", "6", "--out", str(out))
+    assert run.returncode == 1
+    rec = records(out)["weak-dense-reduce-np1-r0"]
+    assert rec["status"] == "timeout" and "6 s" in rec["reason"]
+    assert not workers()
+
+
+def test_sigterm_keeps_finished_points_and_resume_reruns_only_the_rest(tmp_path):
+    out = tmp_path / "resume"
+    proc = subprocess.Popen([*CLI, "sweep", *TINY, "--nps", "1,2", "--modes", "dense-reduce", "--scalings", "weak",
+                             "--steps", "40", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    # The rank spends its first seconds importing torch and Horovod: a signal then lands inside the point.
+    wait_for(lambda: len(workers()) == 1, 60, "the first point's rank")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "--resume" in stdout and "Traceback" not in stderr
+    assert not workers(), "an interrupted sweep must not leave ranks running"
+    assert not records(out), "the interrupted point has no record; nothing half-written"
+
+    first = subprocess.run([*CLI, "sweep", "--resume", str(out)], capture_output=True, text=True, timeout=240)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "0 of 2 points already ok" in first.stdout
+    done = {k: (v["started_at"], (out / "points" / f"{k}.json").stat().st_mtime_ns) for k, v in records(out).items()}
+    assert len(done) == 2
+
+    # Delete one record: resume reruns exactly that point and leaves the other file untouched.
+    (out / "points" / "weak-dense-reduce-np2-r0.json").unlink()
+    again = subprocess.run([*CLI, "sweep", "--resume", str(out)], capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0 and "1 of 2 points already ok" in again.stdout
+    assert (out / "points" / "weak-dense-reduce-np1-r0.json").stat().st_mtime_ns == \
+        done["weak-dense-reduce-np1-r0"][1]
+    assert records(out)["weak-dense-reduce-np2-r0"]["status"] == "ok"
