@@ -62,19 +62,41 @@ def mpi_environment(np: int, base: dict[str, str] | None = None, *, single_host:
     return env
 
 
-def mpirun_command(np: int, argv: list[str], *, env_to_forward: tuple[str, ...] = ()) -> list[str]:
-    """`mpirun -np N ... argv`, for ranks on this host (inside an allocation mpirun reads the host list itself)."""
+def mpirun_command(np: int, argv: list[str], *, single_host: bool = True) -> list[str]:
+    """`mpirun -np N ... argv`. On one host it may oversubscribe the cores; inside an allocation mpirun reads the
+    hosts and slots from the scheduler, and asking for more ranks than slots is an error there, as it should be."""
     if np < 1:
         raise ValueError(f"np must be at least 1 (got {np})")
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         raise FileNotFoundError("mpirun not found: run `make setup` (or `module load` an MPI) first")
     cmd = [mpirun, "-np", str(np), "--bind-to", "none"]
-    if is_oversubscribed(np):
+    if single_host and is_oversubscribed(np):
         cmd.append("--oversubscribe")
-    for name in env_to_forward:
-        cmd += ["-x", name]
     return cmd + list(argv)
+
+
+@dataclass(frozen=True, slots=True)
+class Launcher:
+    """How a point's ranks are started: mpirun on this host (the default), or inside a Slurm allocation."""
+
+    kind: str = "mpirun"
+    """mpirun, or srun (Slurm's launcher; needs an MPI built with PMIx support, as Debian's is)."""
+    single_host: bool = True
+    """All ranks on this host: sockets stay on loopback and oversubscription is allowed (and flagged)."""
+
+    def command(self, np: int, argv: list[str]) -> list[str]:
+        if self.kind == "srun":
+            return ["srun", "--mpi=pmix", f"--ntasks={np}", *argv]
+        if self.kind == "mpirun":
+            return mpirun_command(np, argv, single_host=self.single_host)
+        raise ValueError(f"unknown launcher {self.kind!r}: use mpirun or srun")
+
+    def environment(self, np: int, base: dict[str, str] | None = None) -> dict[str, str]:
+        return mpi_environment(np, base, single_host=self.single_host)
+
+
+LOCAL = Launcher()
 
 
 def python_module_argv(module: str, *args: str) -> list[str]:
@@ -99,13 +121,13 @@ class RankRun:
 
 
 def run_ranks(np: int, argv: list[str], *, timeout_s: float | None = None, env: dict[str, str] | None = None,
-              cwd: str | None = None) -> RankRun:
-    """Run `argv` on `np` local ranks; on timeout kill every process of the launch, ranks included."""
-    cmd = mpirun_command(np, argv)
+              cwd: str | None = None, launcher: Launcher = LOCAL) -> RankRun:
+    """Run `argv` on `np` ranks; on timeout kill every process of the launch, ranks included."""
+    cmd = launcher.command(np, argv)
     start = time.perf_counter()
     # A session of its own, so a timeout can take down mpirun and every rank it spawned in one go.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=mpi_environment(np, env), cwd=cwd, start_new_session=True)
+                            env=launcher.environment(np, env), cwd=cwd, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout_s)
         return RankRun(proc.returncode, False, time.perf_counter() - start, out, err)

@@ -18,7 +18,7 @@ from pathlib import Path
 from bench.config import PointConfig, SweepConfig
 from bench.environment import capture_environment
 from bench.errors import UsageError
-from bench.launch import is_oversubscribed, python_module_argv, run_ranks
+from bench.launch import LOCAL, Launcher, is_oversubscribed, python_module_argv, run_ranks
 from bench.memory import looks_like_oom
 from bench.results import (SCHEMA_VERSION, atomic_write_json, atomic_write_text, ensure_writable, point_path,
                            read_record, write_record)
@@ -72,15 +72,14 @@ def failure_record(point: PointConfig, status: str, reason: str, wall_seconds: f
             "oversubscribed": is_oversubscribed(point.np), "np": point.np, "metrics": None, "ranks": []}
 
 
-def run_point(point: PointConfig, sweep_dir: Path) -> tuple[dict, float]:
+def run_point(point: PointConfig, sweep_dir: Path, launcher: Launcher = LOCAL) -> tuple[dict, float]:
     """Measure one point on local ranks; always returns (and has written) its record, with the launch's wall
     time."""
     path = point_path(sweep_dir, point.point_id)
     path.unlink(missing_ok=True)  # an old record must never pass for this run's
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     argv = python_module_argv("bench.worker", "--point", json.dumps(point.as_dict()), "--out", str(sweep_dir))
-    # The launch gets a little longer than the point: the worker's own start-up is part of the point.
-    run = run_ranks(point.np, argv, timeout_s=point.timeout_s)
+    run = run_ranks(point.np, argv, timeout_s=point.timeout_s, launcher=launcher)
     atomic_write_text(Path(sweep_dir) / "logs" / f"{point.point_id}.log",
                       f"$ {' '.join(argv)}\n--- stdout\n{run.stdout}\n--- stderr\n{run.stderr}")
     if run.returncode == 0 and not run.timed_out and path.exists():

@@ -19,8 +19,14 @@ def launch(np: int, script: str, *args: str, timeout_s: float = 120, env: dict |
                     env={**os.environ, **(env or {})})
     assert not run.timed_out, f"{script} on {np} ranks ran past {timeout_s} s\n{run.stderr[-3000:]}"
     assert run.returncode == 0, f"{script} on {np} ranks exited {run.returncode}\n{run.stderr[-3000:]}"
-    records = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert len(records) == np, f"expected one record per rank, got {len(records)}\n{run.stdout[-2000:]}"
+    records = []
+    for line in run.stdout.splitlines():
+        if line.startswith("{"):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # reported below with the whole output, if a rank's record is missing for it
+    assert len(records) == np, f"expected one record per rank, got {len(records)}\n{run.stdout[-3000:]}"
     return sorted(records, key=lambda r: r["rank"])
 
 
