@@ -22,6 +22,10 @@ class Exchange(Protocol):
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> torch.optim.Optimizer:
         """Return an optimizer whose gradients are exchanged across ranks (averaged) before they are applied."""
 
+    def start_step(self, batch) -> None:
+        """Called in the data phase with this rank's batch, before any gradient exists: the moment a runtime that
+        chooses per step how to exchange gradients can agree on it with the other ranks. Most do nothing."""
+
     def broadcast_model(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Make every rank start from rank 0's parameters and optimizer state."""
 
@@ -49,6 +53,9 @@ class LocalExchange:
 
     def wrap_optimizer(self, optimizer, model):
         return optimizer
+
+    def start_step(self, batch):
+        pass
 
     def broadcast_model(self, model, optimizer):
         pass

@@ -23,7 +23,7 @@ held, calls = [], []
 for _ in range(steps):
     exchange.counters.reset()
     batch = trainer.next_batch()
-    ids = torch.cat([batch.sequences[name].items for name in batch.sequences])
+    ids = torch.cat([batch.sequences[name].items.ids for name in batch.sequences])
     repeated_ids &= ids.unique().numel() < ids.numel()
     loss = trainer.forward(batch)
     trainer.backward(loss)
