@@ -5,6 +5,7 @@ Everything that launches ranks (sweeps, the pipeline, comm benchmarks, tests) go
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -57,7 +58,7 @@ def mpi_environment(np: int, base: dict[str, str] | None = None, *, single_host:
         env.setdefault("OMPI_MCA_oob_tcp_if_include", "lo")
         env.setdefault("HOROVOD_GLOO_IFACE", "lo")
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    if is_oversubscribed(np):
+    if single_host and is_oversubscribed(np):
         env["OMPI_MCA_rmaps_base_oversubscribe"] = "1"
     return env
 
@@ -102,6 +103,20 @@ LOCAL = Launcher()
 def python_module_argv(module: str, *args: str) -> list[str]:
     """The argv that runs `python -m module args` with this interpreter (the venv's)."""
     return [sys.executable, "-m", module, *args]
+
+
+def json_after(text: str, marker: str) -> list:
+    """Every JSON value that follows `marker` in the merged output of ranks. mpirun forwards each rank's output in
+    chunks, so one rank's line can land in the middle of another's: decode values where they start, not lines."""
+    decoder, found, at = json.JSONDecoder(), [], 0
+    while (at := text.find(marker, at)) != -1:
+        at += len(marker)
+        try:
+            value, at = decoder.raw_decode(text, at)
+            found.append(value)
+        except json.JSONDecodeError:
+            pass
+    return found
 
 
 @dataclass(slots=True)

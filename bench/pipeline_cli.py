@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from bench.config import MODES
 from bench.errors import UsageError
-from bench.launch import python_module_argv, run_ranks, threads_per_rank
+from bench.launch import json_after, python_module_argv, run_ranks, threads_per_rank
 
 RESULT_PREFIX = "ALURE_PIPELINE_RESULT "
 
@@ -35,13 +35,13 @@ def run_distributed(np_: int, preset_name: str, seed: int | None, mode: str, tim
     argv = python_module_argv("bench.pipeline_cli", "--rank-entry", "--preset", preset_name, "--mode", mode,
                               *(["--seed", str(seed)] if seed is not None else []))
     run = run_ranks(np_, argv, timeout_s=timeout_s)
-    lines = [line for line in run.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    results = json_after(run.stdout, RESULT_PREFIX)
     if run.timed_out:
         raise UsageError(f"the pipeline on {np_} ranks ran past {timeout_s:g} s: raise --timeout")
-    if run.returncode != 0 or not lines:
+    if run.returncode != 0 or not results:
         last = [line for line in run.stderr.splitlines() if line.strip()][-1:] or ["no error output"]
         raise UsageError(f"the pipeline on {np_} ranks failed (exit {run.returncode}): {last[0]}")
-    return json.loads(lines[0][len(RESULT_PREFIX):])
+    return results[0]
 
 
 def rank_entry(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 from bench.config import PointConfig, SweepConfig
 from bench.environment import capture_environment
 from bench.errors import UsageError
-from bench.launch import LOCAL, Launcher, is_oversubscribed, python_module_argv, run_ranks
+from bench.launch import LOCAL, Launcher, is_oversubscribed, json_after, python_module_argv, run_ranks
 from bench.memory import looks_like_oom
 from bench.results import (SCHEMA_VERSION, atomic_write_json, atomic_write_text, ensure_writable, point_path,
                            read_record, write_record)
@@ -48,8 +48,7 @@ def classify_failure(timed_out: bool, returncode: int | None, stderr: str, timeo
     """(status, reason) of a launch that left no ok record."""
     if timed_out:
         return "timeout", f"ran past its timeout of {timeout_s:g} s and was killed"
-    markers = [json.loads(line.split(" ", 1)[1]) for line in stderr.splitlines()
-               if line.startswith(RANK_ERROR_MARKER + " ")]
+    markers = json_after(stderr, RANK_ERROR_MARKER + " ")
     if markers:
         worst = next((m for m in markers if m["status"] == "oom"), markers[0])
         return worst["status"], worst["reason"]
@@ -66,10 +65,13 @@ def _first_line_matching(text: str, predicate) -> str:
     return next((line.strip() for line in text.splitlines() if predicate(line)), "")[:300]
 
 
-def failure_record(point: PointConfig, status: str, reason: str, wall_seconds: float, started_at: str) -> dict:
+def failure_record(point: PointConfig, status: str, reason: str, wall_seconds: float, started_at: str,
+                   launcher: Launcher = LOCAL) -> dict:
+    # Without the ranks' host list, only a single-host launch can say whether the point was oversubscribed.
     return {"schema_version": SCHEMA_VERSION, "point_id": point.point_id, "point": point.as_dict(),
             "status": status, "reason": reason, "started_at": started_at, "wall_seconds": wall_seconds,
-            "oversubscribed": is_oversubscribed(point.np), "np": point.np, "metrics": None, "ranks": []}
+            "oversubscribed": launcher.single_host and is_oversubscribed(point.np), "np": point.np,
+            "metrics": None, "ranks": []}
 
 
 def run_point(point: PointConfig, sweep_dir: Path, launcher: Launcher = LOCAL) -> tuple[dict, float]:
@@ -85,7 +87,7 @@ def run_point(point: PointConfig, sweep_dir: Path, launcher: Launcher = LOCAL) -
     if run.returncode == 0 and not run.timed_out and path.exists():
         return read_record(path), run.seconds
     status, reason = classify_failure(run.timed_out, run.returncode, run.stderr, point.timeout_s)
-    record = failure_record(point, status, reason, run.seconds, started_at)
+    record = failure_record(point, status, reason, run.seconds, started_at, launcher)
     write_record(sweep_dir, record)
     return record, run.seconds
 

@@ -57,6 +57,18 @@ def add_shared_flags(p: argparse.ArgumentParser) -> None:
                    help="override a workload config field, e.g. --set sampled_negatives=4096 (repeatable)")
 
 
+def add_plan_flags(p: argparse.ArgumentParser, out_help: str) -> None:
+    """The flags that make a plan of points (read by sweep_config_from_args): `sweep` and `slurm` take the same."""
+    p.add_argument("--config", metavar="FILE", help="TOML sweep file (a [sweep] table of SweepConfig fields)")
+    p.add_argument("--nps", type=_int_list, help="process counts, e.g. 1,2,4 (default 1,2)")
+    p.add_argument("--modes", type=_str_list, help="sparse-gather,dense-reduce,auto (default the first two)")
+    p.add_argument("--scalings", type=_str_list, help="weak,strong (default both)")
+    p.add_argument("--repeats", type=int, help="repetitions of every point (default 1)")
+    p.add_argument("--name", help="sweep name, the results folder's prefix")
+    p.add_argument("--out", metavar="DIR", help=out_help)
+    add_shared_flags(p)
+
+
 def sweep_config_from_args(args: argparse.Namespace, **fixed) -> SweepConfig:
     config = SweepConfig.from_toml(args.config) if getattr(args, "config", None) else SweepConfig()
     changes = {field: getattr(args, flag) for flag, field in SHARED_FLAGS.items() if getattr(args, flag) is not None}
@@ -71,13 +83,17 @@ def sweep_config_from_args(args: argparse.Namespace, **fixed) -> SweepConfig:
 
 
 def _check_workload(config: SweepConfig) -> None:
-    """Build the workload config once here, so a bad preset or override fails before anything launches."""
-    from alure.config import preset
-    try:
-        replace(preset(config.preset), **config.workload)
-    except TypeError as err:
-        raise UsageError(f"unknown workload setting in --set/workload ({err}): see alure/config.py for the "
-                         f"fields") from None
+    """Build every point's workload config here, so a bad preset, override or batch split fails before anything
+    launches (not as a failed point minutes into the sweep)."""
+    from bench.worker import workload_config
+    for point in config.plan():
+        try:
+            workload_config(point)
+        except TypeError as err:
+            raise UsageError(f"unknown workload setting in --set/workload ({err}): see alure/config.py for the "
+                             f"fields") from None
+        except ValueError as err:
+            raise UsageError(f"{point.point_id}: {err}") from None
 
 
 def default_out(name: str) -> Path:
@@ -134,16 +150,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     sweep = sub.add_parser("sweep", help="run a plan of points (scaling x mode x np x repeats) locally; write the "
                                          "results folder and print the efficiency table")
-    sweep.add_argument("--config", metavar="FILE", help="TOML sweep file (a [sweep] table of SweepConfig fields)")
-    sweep.add_argument("--nps", type=_int_list, help="process counts, e.g. 1,2,4 (default 1,2)")
-    sweep.add_argument("--modes", type=_str_list, help="sparse-gather,dense-reduce (default both)")
-    sweep.add_argument("--scalings", type=_str_list, help="weak,strong (default both)")
-    sweep.add_argument("--repeats", type=int, help="repetitions of every point (default 1)")
-    sweep.add_argument("--name", help="sweep name, the results folder's prefix")
-    sweep.add_argument("--out", metavar="DIR", help="results folder (default results/local/<name>-<time>)")
+    add_plan_flags(sweep, out_help="results folder (default results/local/<name>-<time>)")
     sweep.add_argument("--resume", metavar="DIR", help="continue the sweep in DIR: rerun only points without an "
                                                        "ok record")
-    add_shared_flags(sweep)
     sweep.set_defaults(func=cmd_sweep)
 
     run = sub.add_parser("run", help="measure one point (np, mode, scaling) and print its figures")

@@ -18,7 +18,7 @@ from bench.config import PointConfig
 from bench.memory import apply_mem_limit, looks_like_oom, peak_rss_mib, rss_mib
 from bench.results import SCHEMA_VERSION, write_record
 from bench.scaling import PHASES, rank_skew, slowest_rank_per_step, spread, throughput_samples_per_s
-from bench.launch import is_oversubscribed, threads_per_rank
+from bench.launch import physical_cores, threads_per_rank
 
 RANK_ERROR_MARKER = "ALURE_BENCH_RANK_ERROR"
 """Prefix of the one stderr line a failing rank leaves for the sweep to classify the failure."""
@@ -89,7 +89,7 @@ def measure(point: PointConfig, exchange) -> dict:
     phase_ms = {p: [ms[p] for ms, _, _ in steps] for p in PHASES}
     moved = {k: float(np.median([m[k] for _, m, _ in steps])) for k in steps[0][1]}
     return {
-        "rank": exchange.rank, "host": socket.gethostname(), "pid": os.getpid(),
+        "rank": exchange.rank, "host": socket.gethostname(), "pid": os.getpid(), "host_cores": physical_cores(),
         "step_time_ms": [sum(ms.values()) for ms, _, _ in steps], "phase_ms": phase_ms,
         "baseline_rss_mib": baseline_rss, "peak_rss_mib": peak_rss_mib(),
         "rss_growth_mib": peak_rss_mib() - baseline_rss,
@@ -126,12 +126,20 @@ def build_record(point: PointConfig, ranks: list[dict], wall_seconds: float, sta
     return {
         "schema_version": SCHEMA_VERSION, "point_id": point.point_id, "point": point.as_dict(), "status": "ok",
         "reason": None, "started_at": started_at, "wall_seconds": wall_seconds,
-        "oversubscribed": is_oversubscribed(point.np), "np": point.np,
+        "oversubscribed": hosts_oversubscribed(ranks), "np": point.np,
         "threads_per_rank": point.threads_per_rank or threads_per_rank(point.np),
         "batch_per_rank": per_rank, "global_batch": global_batch,
         "hosts": sorted({r["host"] for r in ranks}),
         "step_time_ms_slowest_rank": slowest.tolist(), "metrics": metrics, "ranks": ranks,
     }
+
+
+def hosts_oversubscribed(ranks: list[dict]) -> bool:
+    """More ranks on some host than that host has cores (counted per host, so multi-node runs are judged right)."""
+    per_host: dict[str, list[dict]] = {}
+    for r in ranks:
+        per_host.setdefault(r["host"], []).append(r)
+    return any(len(rs) > rs[0]["host_cores"] for rs in per_host.values())
 
 
 def _preset_batch(point: PointConfig) -> int:

@@ -1,16 +1,17 @@
 """Shared test helpers: launching real MPI ranks through the project's own launcher."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
 import pytest
 
-from bench.launch import python_module_argv, run_ranks
+from bench.launch import json_after, run_ranks
 
 RANK_SCRIPTS = Path(__file__).parent / "ranks"
+RECORD_MARKER = "RANK_RECORD "
+"""What a rank script prints before its one JSON record (see tests/ranks/)."""
 
 
 def launch(np: int, script: str, *args: str, timeout_s: float = 120, env: dict | None = None) -> list[dict]:
@@ -19,23 +20,9 @@ def launch(np: int, script: str, *args: str, timeout_s: float = 120, env: dict |
                     env={**os.environ, **(env or {})})
     assert not run.timed_out, f"{script} on {np} ranks ran past {timeout_s} s\n{run.stderr[-3000:]}"
     assert run.returncode == 0, f"{script} on {np} ranks exited {run.returncode}\n{run.stderr[-3000:]}"
-    records = rank_records(run.stdout)
+    records = json_after(run.stdout, RECORD_MARKER)
     assert len(records) == np, f"expected one record per rank, got {len(records)}\n{run.stdout[-3000:]}"
     return sorted(records, key=lambda r: r["rank"])
-
-
-def rank_records(stdout: str) -> list[dict]:
-    """Every `{"rank": ...}` object in the ranks' merged output. mpirun forwards each rank's output in chunks, so
-    one rank's record can end up on the same line as another's: decode objects, not lines."""
-    decoder, records, at = json.JSONDecoder(), [], 0
-    while (at := stdout.find('{"rank"', at)) != -1:
-        try:
-            record, end = decoder.raw_decode(stdout, at)
-            records.append(record)
-            at = end
-        except json.JSONDecodeError:
-            at += 1
-    return records
 
 
 @pytest.fixture

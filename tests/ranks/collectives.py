@@ -16,4 +16,4 @@ gathered = hvd.allgather(torch.full((rank + 1, 2), float(rank)))
 expected = torch.cat([torch.full((r + 1, 2), float(r)) for r in range(size)])
 assert torch.equal(gathered, expected), gathered
 
-print(json.dumps({"rank": rank, "size": size, "allreduce": summed.tolist(), "allgather_rows": gathered.shape[0]}))
+print("RANK_RECORD " + json.dumps({"rank": rank, "size": size, "allreduce": summed.tolist(), "allgather_rows": gathered.shape[0]}))

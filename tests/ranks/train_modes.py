@@ -36,6 +36,6 @@ for _ in range(steps):
                  "allgather_sent": c.allgather_bytes_sent})
     calls.append({"allgather": c.allgather_calls, "allreduce": c.allreduce_calls})
 torch.save(trainer.model.state_dict(), out / f"{mode}-rank{exchange.rank}.pt")
-print(json.dumps({"rank": exchange.rank, "size": exchange.size, "repeated_ids": bool(repeated_ids),
+print("RANK_RECORD " + json.dumps({"rank": exchange.rank, "size": exchange.size, "repeated_ids": bool(repeated_ids),
                   "sparse_grads": bool(sparse_grads), "held": held, "calls": calls}))
 exchange.shutdown()
