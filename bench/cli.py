@@ -11,9 +11,12 @@ from bench.errors import UsageError
 # One module per command (or group of commands), registered in this order in --help.
 COMMAND_MODULES = (
     "bench.sweep_cli",
+    "bench.slurm_cli",
     "bench.pipeline_cli",
     "bench.environment",
     "bench.comm",
+    "bench.predict",
+    "bench.compare",
 )
 
 

@@ -10,8 +10,10 @@ from pathlib import Path
 from bench.errors import UsageError
 
 SCALINGS = ("weak", "strong")
-MODES = ("sparse-gather", "dense-reduce")
-"""Embedding-gradient exchange modes (bench.exchange implements them)."""
+MODES = ("sparse-gather", "dense-reduce", "auto")
+"""Embedding-gradient exchange modes (bench.exchange implements them); auto chooses between the other two each step."""
+FIXED_MODES = MODES[:2]
+"""What a sweep measures unless told otherwise: the two modes the suite compares."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -23,7 +25,7 @@ class PointConfig:
     scaling: str = "weak"
     """weak keeps the per-rank batch fixed; strong keeps the global batch fixed (per-rank = global / np)."""
     mode: str = "sparse-gather"
-    """Embedding-gradient exchange: sparse-gather (allgather) or dense-reduce (allreduce)."""
+    """Embedding-gradient exchange: sparse-gather (allgather), dense-reduce (allreduce) or auto (either, per step)."""
     np: int = 1
     """MPI process count."""
     repeat: int = 0
@@ -88,7 +90,7 @@ class SweepConfig:
     """Workload preset for every point."""
     scalings: list[str] = field(default_factory=lambda: list(SCALINGS))
     """Scaling kinds to measure."""
-    modes: list[str] = field(default_factory=lambda: list(MODES))
+    modes: list[str] = field(default_factory=lambda: list(FIXED_MODES))
     """Exchange modes to measure."""
     nps: list[int] = field(default_factory=lambda: [1, 2])
     """Process counts; efficiency is relative to np=1, so without 1 among them it is left blank."""

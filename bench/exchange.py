@@ -3,7 +3,10 @@
 - sparse-gather: sparse embedding gradients are allgathered as (indices, values); Horovod does not coalesce them,
   so what each rank holds afterwards grows as P x nnz x (4d + 8) (horovod issue #3328).
 - dense-reduce: `sparse_as_dense=True`: each sparse gradient is densified and allreduced, 4 x V x d bytes, flat in P.
-Dense parameters are allreduced in both modes.
+- auto: per step and table, the one of the two the cost model predicts cheaper (bench.costmodel.choose_dense), from
+  the rows this step's batches will touch, summed over ranks by one small allreduce in the data phase, so every rank
+  chooses alike before any gradient's collective starts.
+Dense parameters are allreduced in all modes.
 """
 from __future__ import annotations
 
@@ -74,6 +77,14 @@ class HorovodExchange:
         self.rank = hvd.rank()
         self.size = hvd.size()
         self.counters = ExchangeCounters()
+        self.tables: dict[torch.nn.Parameter, str] = {}
+        """auto: the sparse embedding tables, parameter -> module name."""
+        self.dense: dict[torch.nn.Parameter, bool] = {}
+        """auto: this step's choice per table (True: densify and allreduce)."""
+        self.costs = None
+        if mode == "auto":
+            from bench.costmodel import load_costs
+            self.costs = load_costs()
 
     def wrap_optimizer(self, optimizer, model):
         hvd = self._hvd
@@ -83,8 +94,13 @@ class HorovodExchange:
         # so every collective Horovod starts for a gradient passes through `counted` first.
         start_collective = opt._allreduce_grad_async
         counters = self.counters
+        if self.mode == "auto":
+            self.tables = {m.weight: name for name, m in model.named_modules()
+                           if isinstance(m, torch.nn.Embedding) and m.sparse}
 
         def counted(p):
+            if self.mode == "auto":  # Horovod reads the flag right here, per gradient
+                opt.sparse_as_dense = self.dense.get(p, False)
             grad = p.grad
             handle, ctx = start_collective(p)
             if grad is not None and grad.is_sparse and not opt.sparse_as_dense:
@@ -106,6 +122,20 @@ class HorovodExchange:
 
         opt._allreduce_grad_async = counted
         return opt
+
+    def start_step(self, batch):
+        """auto: count the rows each table's gradient will get from this batch, sum over ranks, choose per table."""
+        if self.mode != "auto" or self.size == 1:
+            return
+        from bench.costmodel import choose_dense, table_lookups
+        from bench.launch import physical_cores
+        counts = table_lookups(batch)
+        names = list(self.tables.values())
+        mine = np.array([counts[name.removeprefix("sources.")] for name in names], dtype=np.float64)
+        total = self.allreduce_sum(mine)  # (rows, distinct rows) per table, summed over ranks
+        cpu = max(1.0, self._hvd.local_size() / physical_cores())  # ranks time-sharing this host's cores
+        self.dense = {param: choose_dense(self.costs, self.size, param.shape[0], param.shape[1], rows, distinct, cpu)
+                      for param, (rows, distinct) in zip(self.tables, total)}
 
     def broadcast_model(self, model, optimizer):
         self._hvd.broadcast_parameters(model.state_dict(), root_rank=0)

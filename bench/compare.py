@@ -1,0 +1,121 @@
+"""`alure-bench compare A B`: two results folders side by side, per point, as a CI gate.
+
+Per (scaling, mode, np): the median step time of each (over repeats), the ratio B/A and its noise band
+[B p10 / A p90, B p90 / A p10]. A point is slower when the ratio exceeds 1 + threshold and even the band's low end is
+above 1 (the difference is not noise); a point ok in A and failed, oom or timed out in B is a regression too. The exit
+code is 1 when any point regressed, 0 otherwise, 2 for bad input.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.errors import UsageError
+
+KEY = ["scaling", "mode", "np"]
+COLUMNS = ["scaling", "mode", "np", "a_ms", "b_ms", "ratio", "band_low", "band_high", "rss_ratio", "verdict"]
+
+
+def _points(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (scaling, mode, np): medians over the ok repeats, the status if none was ok, the oversubscribed flag."""
+    rows = []
+    for key, g in df.groupby(KEY):
+        ok = g[g["status"] == "ok"]
+        rows.append(dict(zip(KEY, key), ok=not ok.empty,
+                         status="ok" if not ok.empty else ",".join(sorted(set(g["status"]))),
+                         ms=ok["step_time_ms"].median(), p10=ok["step_time_ms_p10"].median(),
+                         p90=ok["step_time_ms_p90"].median(), rss=ok["peak_rss_mib"].median(),
+                         oversubscribed=bool(g["oversubscribed"].any())))
+    return pd.DataFrame(rows, columns=[*KEY, "ok", "status", "ms", "p10", "p90", "rss", "oversubscribed"])
+
+
+def compare(a: pd.DataFrame, b: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """The comparison table of two summaries (bench.results.load), one row per point of either."""
+    if threshold < 0:
+        raise UsageError(f"--threshold {threshold} is negative: give the tolerated slow-down, e.g. 0.1 for 10%")
+    merged = _points(a).merge(_points(b), on=KEY, how="outer", suffixes=("_a", "_b"))
+    rows = []
+    for r in merged.itertuples(index=False):
+        row = {"scaling": r.scaling, "mode": r.mode, "np": int(r.np),
+               "oversubscribed": bool(r.oversubscribed_a is True or r.oversubscribed_b is True),
+               "a_ms": r.ms_a, "b_ms": r.ms_b, "ratio": np.nan, "band_low": np.nan, "band_high": np.nan,
+               "rss_ratio": np.nan}
+        if pd.isna(r.ok_a) or pd.isna(r.ok_b):
+            row["verdict"] = "only in A" if pd.isna(r.ok_b) else "only in B"
+        elif r.ok_a and not r.ok_b:
+            row["verdict"] = f"REGRESSED: now {r.status_b}"
+        elif not r.ok_a:
+            row["verdict"] = "fixed" if r.ok_b else f"failed in both ({r.status_b})"
+        else:
+            ratio = r.ms_b / r.ms_a
+            low, high = r.p10_b / r.p90_a, r.p90_b / r.p10_a
+            row.update(ratio=ratio, band_low=low, band_high=high, rss_ratio=r.rss_b / r.rss_a)
+            if ratio > 1 + threshold and low > 1:
+                row["verdict"] = "SLOWER"
+            elif ratio < 1 / (1 + threshold) and high < 1:
+                row["verdict"] = "faster"
+            elif ratio > 1 + threshold or ratio < 1 / (1 + threshold):
+                row["verdict"] = "within noise"
+            else:
+                row["verdict"] = "same"
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(KEY, ignore_index=True)
+
+
+def regressions(table: pd.DataFrame) -> pd.DataFrame:
+    return table[table["verdict"].str.startswith(("SLOWER", "REGRESSED"))]
+
+
+def format_table(table: pd.DataFrame) -> str:
+    t = table.copy()
+    t["np"] = [f"{n}{'*' if o else ''}" for n, o in zip(t["np"], t["oversubscribed"])]
+    t["band"] = [f"[{lo:.2f}, {hi:.2f}]" if not np.isnan(lo) else "-" for lo, hi in zip(t["band_low"], t["band_high"])]
+    cols = ["scaling", "mode", "np", "a_ms", "b_ms", "ratio", "band", "rss_ratio", "verdict"]
+    text = t[cols].to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}")
+    if t["oversubscribed"].any():
+        text += "\n* oversubscribed: more ranks than cores"
+    return text
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from bench.results import load
+    frames = []
+    for flag, folder in (("A", args.a), ("B", args.b)):
+        if not Path(folder).is_dir():
+            raise UsageError(f"{flag} = {folder} is not a folder: give two results folders written by alure-bench "
+                             f"sweep")
+        frames.append(load(folder))
+    a, b = frames
+    presets = {str(p) for p in pd.concat([a["preset"], b["preset"]]).dropna().unique()}
+    if len(presets) > 1:
+        raise UsageError(f"A and B ran different presets ({', '.join(sorted(presets))}): compare sweeps of the same "
+                         f"workload")
+    table = compare(a, b, args.threshold)
+    print(f"A = {args.a}\nB = {args.b}\nratio = B / A of the median step time; band = [B p10 / A p90, B p90 / A p10]; "
+          f"slower = ratio > {1 + args.threshold:.2f} with the whole band above 1\n")
+    print(format_table(table))
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+    bad = regressions(table)
+    both = table["ratio"].notna().sum()
+    if bad.empty:
+        print(f"\nno regression: {both} points in both, none slower beyond {args.threshold:.0%} and its noise band")
+        return 0
+    print(f"\n{len(bad)} regressed point(s): " + "; ".join(f"{r.scaling} {r.mode} np={r.np} {r.verdict}"
+                                                         for r in bad.itertuples()))
+    return 1
+
+
+def register(sub) -> None:
+    p = sub.add_parser("compare", help="two results folders side by side: per-point ratio with its noise band; "
+                                       "exit 1 when a point got slower beyond a threshold (a CI gate)",
+                       description=__doc__.split("\n\n")[1])
+    p.add_argument("a", metavar="A", help="the baseline results folder")
+    p.add_argument("b", metavar="B", help="the results folder to check against it")
+    p.add_argument("--threshold", type=float, default=0.10,
+                   help="tolerated slow-down before a point counts as slower (default 0.10: 10%%)")
+    p.add_argument("--csv", metavar="FILE", help="also write the comparison table as CSV")
+    p.set_defaults(func=cmd_compare)
