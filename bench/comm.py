@@ -4,7 +4,9 @@ comm: latency and bandwidth of allreduce, allgather and sparse-pair (the two all
 Horovod (as the harness configures it), raw MPI (mpi4py) and torch.distributed/gloo, sizes doubling from --min-bytes
 to --max-bytes, each backend in a launch of its own; plus this machine's memcpy bandwidth as the ceiling. Latency
 of an iteration is the slowest rank's (a barrier starts each iteration); figures follow nccl-tests (DESIGN.md):
-algbw = S/t, busbw = algbw x `busbw_factor`, GB/s = 1e9 bytes/s.
+algbw = S/t, busbw = algbw x `busbw_factor`, GB/s = 1e9 bytes/s. Each backend runs in --rounds launches in
+alternating order (A B C C B A), iterations pooled, and Horovod's allreduce busbw is printed as a fraction of raw MPI's
+per size (the target is 0.9 from 4 MiB up; sizes below it are named).
 
 crossover: with Horovod, time and bytes of sparse-gather (allgather of the uncoalesced gradient's indices and
 values, horovod's sparse_allreduce_async) against dense-reduce (to_dense + allreduce) of a V x d embedding gradient,
@@ -38,10 +40,11 @@ from bench.launch import (HOROVOD_SETTINGS, is_oversubscribed, mpi_environment, 
 ROW_FIELDS = ("backend", "op", "np", "size_bytes", "latency_us_median", "latency_us_min", "latency_us_max",
               "algbw_gbps", "busbw_gbps")
 """The comm row names of DESIGN.md "Results": other parts rely on them."""
-EXTRA_FIELDS = ("bytes_moved", "tensors", "warmup", "iters", "oversubscribed")
+EXTRA_FIELDS = ("bytes_moved", "tensors", "warmup", "iters", "rounds", "oversubscribed")
 """Extra columns: bytes_moved is the S of algbw (differs from size_bytes only for sparse-pair and sizes P does not
-divide); tensors is how many tensors an allreduce was split into (1 unless --tensors)."""
-CROSSOVER_FIELDS = ("np", "density", "rows_touched_per_rank", "mode", "time_ms_median", "time_ms_p10",
+divide); tensors is how many tensors an allreduce was split into (1 unless --tensors); iters is the timed iterations
+pooled over `rounds` launches of the backend, each with `warmup` untimed ones first."""
+CROSSOVER_FIELDS = ("np", "density", "rows_touched_per_rank", "nnz_per_rank", "mode", "time_ms_median", "time_ms_p10",
                     "time_ms_p90", "bytes_sent_per_rank", "bytes_held_per_rank", "oversubscribed")
 RATIO_TARGET = 0.9
 """Horovod allreduce should reach this fraction of raw MPI's busbw from RATIO_FROM_BYTES up (GitHub issue 5)."""
@@ -118,26 +121,28 @@ def rank_max(per_rank_times: list[list[float]]) -> list[float]:
 
 
 def comm_row(backend: str, op: str, np: int, size_bytes: int, bytes_moved: int, times_s: list[float], *,
-             tensors: int, warmup: int, oversubscribed: bool) -> dict:
+             tensors: int = 1, warmup: int = 0, rounds: int = 1, oversubscribed: bool = False) -> dict:
     """One DESIGN comm row from the per-iteration times (already the rank maximum)."""
     median = statistics.median(times_s)
     algbw = bytes_moved / median / 1e9
     return {"backend": backend, "op": op, "np": np, "size_bytes": size_bytes,
             "latency_us_median": round(median * 1e6, 3), "latency_us_min": round(min(times_s) * 1e6, 3),
-            "latency_us_max": round(max(times_s) * 1e6, 3), "algbw_gbps": round(algbw, 6),
-            "busbw_gbps": round(algbw * busbw_factor(op, np), 6), "bytes_moved": bytes_moved, "tensors": tensors,
-            "warmup": warmup, "iters": len(times_s), "oversubscribed": oversubscribed}
+            "latency_us_max": round(max(times_s) * 1e6, 3), "algbw_gbps": float(f"{algbw:.6g}"),
+            "busbw_gbps": float(f"{algbw * busbw_factor(op, np):.6g}"), "bytes_moved": bytes_moved, "tensors": tensors,
+            "warmup": warmup, "iters": len(times_s), "rounds": rounds, "oversubscribed": oversubscribed}
 
 
 def busbw_ratios(rows: list[dict], num: str = "horovod", den: str = "mpi4py", op: str = "allreduce") -> list[dict]:
-    """busbw of `num` over `den` per size, for the sizes both have (same run, same np)."""
+    """busbw of `num` over `den` per size, for the sizes both have (same run, same np): from the median latencies
+    (the figure), and from the minimum ones (what each reached at best; on a shared machine, noise only adds)."""
     by = {(r["backend"], r["size_bytes"]): r for r in rows if r["op"] == op}
     out = []
     for (backend, size), r in sorted(by.items(), key=lambda kv: kv[0][1]):
         other = by.get((den, size))
         if backend == num and other and other["busbw_gbps"] > 0:
             out.append({"op": op, "size_bytes": size, "numerator": num, "denominator": den,
-                        "busbw_ratio": round(r["busbw_gbps"] / other["busbw_gbps"], 4)})
+                        "busbw_ratio": round(r["busbw_gbps"] / other["busbw_gbps"], 4),
+                        "busbw_ratio_at_min_latency": round(other["latency_us_min"] / r["latency_us_min"], 4)})
     return out
 
 
@@ -203,7 +208,10 @@ class CommConfig:
     warmup: int = 5
     """Untimed iterations per (op, size)."""
     iters: int = 30
-    """Timed iterations per (op, size)."""
+    """Timed iterations per (op, size), shared out over the rounds."""
+    rounds: int = 2
+    """Launches per backend, in alternating order (A B C C B A): on a noisy machine, the same-run comparison of
+    backends then does not hinge on which one ran during someone else's burst."""
     tensors: int = 1
     """Split each allreduce into this many tensors started together (what Horovod's tensor fusion acts on)."""
     dim: int = SPARSE_DIM
@@ -221,6 +229,8 @@ class CommConfig:
         if self.min_bytes > self.max_bytes:
             raise UsageError(f"--min-bytes {format_size(self.min_bytes)} is above --max-bytes "
                              f"{format_size(self.max_bytes)}: swap them")
+        if not 1 <= self.rounds <= self.iters:
+            raise UsageError(f"--rounds {self.rounds} must be between 1 and --iters ({self.iters})")
         if self.tensors < 1:
             raise UsageError(f"--tensors {self.tensors} is below 1: use at least 1")
         # allgather holds S gathered + S/P sent (Horovod allocates another S per call): about 3 S per rank.
@@ -246,8 +256,11 @@ class CrossoverConfig:
     """V: rows of the embedding table."""
     dim: int = 64
     """d: columns of the embedding table."""
-    densities: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+    densities: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 0.7, 1.0)
     """Rows touched per rank / V."""
+    lookups_per_row: int = 1
+    """Entries per touched row in the uncoalesced gradient (an embedding gradient has one per lookup; Horovod sends
+    them all, uncoalesced): nnz per rank = density x V x lookups_per_row."""
     warmup: int = 3
     """Untimed iterations per density (each iteration runs both modes)."""
     iters: int = 15
@@ -257,13 +270,15 @@ class CrossoverConfig:
         for np in self.nps:
             _check_np(np)
         _check_counts(self.warmup, self.iters)
-        if self.rows < 1 or self.dim < 1:
-            raise UsageError(f"--rows {self.rows} and --dim {self.dim} must both be at least 1")
+        if self.rows < 1 or self.dim < 1 or self.lookups_per_row < 1:
+            raise UsageError(f"--rows {self.rows}, --dim {self.dim} and --lookups-per-row {self.lookups_per_row} "
+                             f"must all be at least 1")
         bad = [d for d in self.densities if not 0 < d <= 1]
         if bad:
             raise UsageError(f"density {bad[0]:g} is outside (0, 1]: densities are rows touched per rank / V")
         # dense-reduce holds the V x d table densified; sparse-gather holds P x the touched rows.
-        need = max(self.nps) * 4 * self.rows * self.dim * (2 + max(self.nps) * max(self.densities))
+        need = max(self.nps) * 4 * self.rows * self.dim * (2 + max(self.nps) * max(self.densities)
+                                                          * self.lookups_per_row)
         if need > _available_memory():
             raise UsageError(f"a {self.rows} x {self.dim} table on {max(self.nps)} ranks needs about "
                              f"{need / 2**30:.1f} GiB: lower --rows, --dim or --np")
@@ -351,7 +366,7 @@ def launch_program(spec: dict, np: int, timeout_s: float) -> LaunchResult:
 
 
 def _timeout_s(total_bytes: int, calls: int) -> float:
-    """A hang guard, not a budget: a minute for start-up plus the calls at a pessimistic 20 MB/s."""
+    """A hang guard, not a budget: two minutes for start-up plus the calls at a pessimistic 20 MB/s."""
     return 120 + calls * 0.01 + total_bytes / 20e6
 
 
@@ -368,24 +383,36 @@ def measure_memcpy(cfg: CommConfig) -> list[dict]:
     return rows
 
 
-def measure_backend(cfg: CommConfig, backend: str) -> tuple[list[dict], dict, LaunchResult]:
-    """One launch of `backend`; returns its rows, the settings rank 0 saw, and the launch."""
+def launch_order(backends: tuple[str, ...], rounds: int) -> list[str]:
+    """Backends in launch order: forward, then backward, and so on (A B C C B A A B C ...), so slow drifts in the
+    machine's load fall on every backend alike and adjacent launches pair up for same-run ratios."""
+    order = []
+    for r in range(rounds):
+        order += list(backends if r % 2 == 0 else reversed(backends))
+    return order
+
+
+def split_iters(iters: int, rounds: int) -> list[int]:
+    """`iters` timed iterations shared out over `rounds` launches (the first ones take the remainder)."""
+    base, extra = divmod(iters, rounds)
+    return [base + (r < extra) for r in range(rounds)]
+
+
+def measure_backend(cfg: CommConfig, backend: str, iters: int) -> tuple[dict, dict, LaunchResult]:
+    """One launch of `backend` with `iters` timed iterations per point; returns {(op, size): (bytes_moved,
+    per-iteration rank-max seconds)}, the settings rank 0 saw, and the launch."""
     spec = {"program": "comm", "backend": backend, "ops": list(cfg.ops), "sizes": cfg.sizes, "dim": cfg.dim,
-            "tensors": cfg.tensors, "warmup": cfg.warmup, "iters": cfg.iters}
-    calls = (cfg.warmup + cfg.iters) * len(cfg.ops) * len(cfg.sizes) * cfg.tensors
-    total = (cfg.warmup + cfg.iters) * len(cfg.ops) * sum(cfg.sizes)
+            "tensors": cfg.tensors, "warmup": cfg.warmup, "iters": iters}
+    calls = (cfg.warmup + iters) * len(cfg.ops) * len(cfg.sizes) * cfg.tensors
+    total = (cfg.warmup + iters) * len(cfg.ops) * sum(cfg.sizes)
     launch = launch_program(spec, cfg.np, _timeout_s(total, calls))
     if launch.error:
-        return [], {}, launch
-    over = is_oversubscribed(cfg.np)
-    rows = []
-    for points in zip(*(r["results"] for r in launch.records)):
-        p = points[0]
-        times = rank_max([q["times_s"] for q in points])
-        rows.append(comm_row(backend, p["op"], cfg.np, p["size_bytes"], p["bytes_moved"], times,
-                             tensors=cfg.tensors if p["op"] == "allreduce" else 1, warmup=cfg.warmup,
-                             oversubscribed=over))
-    return rows, launch.records[0]["settings"], launch
+        return {}, {}, launch
+    points = {}
+    for per_rank in zip(*(r["results"] for r in launch.records)):
+        p = per_rank[0]
+        points[(p["op"], p["size_bytes"])] = (p["bytes_moved"], rank_max([q["times_s"] for q in per_rank]))
+    return points, launch.records[0]["settings"], launch
 
 
 def format_comm_table(rows: list[dict], ratios: dict[int, float] | None = None) -> str:
@@ -393,8 +420,9 @@ def format_comm_table(rows: list[dict], ratios: dict[int, float] | None = None) 
     r0 = rows[0]
     flag = f"  [OVERSUBSCRIBED: {r0['np']} ranks on {physical_cores()} cores]" if r0["oversubscribed"] else ""
     split = f", allreduce split into {r0['tensors']} tensors" if r0["tensors"] > 1 else ""
-    lines = [f"{r0['backend']} {r0['op']}  np={r0['np']}  ({r0['warmup']} warm-up + {r0['iters']} timed iterations"
-             f"{split}){flag}",
+    runs = f" over {r0['rounds']} launches" if r0.get("rounds", 1) > 1 else ""
+    lines = [f"{r0['backend']} {r0['op']}  np={r0['np']}  ({r0['iters']} timed iterations{runs}, "
+             f"{r0['warmup']} warm-up per launch{split}){flag}",
              f"{'size':>9} {'lat med us':>11} {'min us':>10} {'max us':>10} {'algbw GB/s':>11} {'busbw GB/s':>11}"
              + (f" {'vs mpi4py':>9}" if ratios else "")]
     for r in rows:
@@ -408,16 +436,18 @@ def format_comm_table(rows: list[dict], ratios: dict[int, float] | None = None) 
 
 
 def ratio_verdict(ratios: list[dict]) -> str:
-    """The plain sentence about Horovod vs raw MPI allreduce from RATIO_FROM_BYTES up."""
+    """The plain sentence about Horovod vs raw MPI allreduce from RATIO_FROM_BYTES up (judged on the medians)."""
     big = [r for r in ratios if r["size_bytes"] >= RATIO_FROM_BYTES]
     if not big:
         return (f"Horovod/MPI allreduce busbw: no size >= {format_size(RATIO_FROM_BYTES)} with both backends "
                 f"in this run")
-    parts = ", ".join(f"{format_size(r['size_bytes'])} {r['busbw_ratio']:.2f}" for r in big)
+    parts = ", ".join(f"{format_size(r['size_bytes'])} {r['busbw_ratio']:.2f} [{r['busbw_ratio_at_min_latency']:.2f}]"
+                      for r in big)
     below = [r for r in big if r["busbw_ratio"] < RATIO_TARGET]
     verdict = (f"BELOW {RATIO_TARGET} at {', '.join(format_size(r['size_bytes']) for r in below)}" if below
                else f"at or above {RATIO_TARGET} at every size >= {format_size(RATIO_FROM_BYTES)}")
-    return f"Horovod/MPI (mpi4py) allreduce busbw, same run: {parts}; {verdict}"
+    return (f"Horovod/MPI (mpi4py) allreduce busbw, same run, from median latencies [from minimum latencies]: "
+            f"{parts}; {verdict}")
 
 
 def run_comm(cfg: CommConfig, out: Path) -> int:
@@ -427,18 +457,36 @@ def run_comm(cfg: CommConfig, out: Path) -> int:
     if is_oversubscribed(cfg.np):
         print(f"note: {cfg.np} ranks on {physical_cores()} cores: oversubscribed, flagged in every row", flush=True)
     rows = measure_memcpy(cfg)
-    settings, failures, launches = {}, [], {}
-    for backend in cfg.backends:
-        print(f"measuring {backend} on {cfg.np} ranks ...", file=sys.stderr, flush=True)
-        backend_rows, seen, launch = measure_backend(cfg, backend)
-        launches[backend] = round(launch.seconds, 2)
+    settings, failures, launches = {}, [], []
+    pooled: dict[tuple, tuple[int, list[float]]] = {}  # (backend, op, size) -> (bytes_moved, times over rounds)
+    order = launch_order(cfg.backends, cfg.rounds)
+    share = split_iters(cfg.iters, cfg.rounds)
+    for k, backend in enumerate(order):
+        if any(f["backend"] == backend for f in failures):
+            continue
+        round_ = k // len(cfg.backends)
+        print(f"measuring {backend} on {cfg.np} ranks (round {round_ + 1}/{cfg.rounds}) ...", file=sys.stderr,
+              flush=True)
+        points, seen, launch = measure_backend(cfg, backend, share[round_])
+        launches.append({"backend": backend, "round": round_ + 1, "seconds": round(launch.seconds, 2)})
         if launch.error:
-            failures.append({"backend": backend, "error": launch.error})
+            failures.append({"backend": backend, "round": round_ + 1, "error": launch.error})
             print(f"alure-bench comm: {backend} failed: {launch.error}", file=sys.stderr)
             continue
-        rows += backend_rows
+        for (op, size), (moved, times) in points.items():
+            pooled.setdefault((backend, op, size), (moved, []))[1].extend(times)
         if backend == "horovod":
             settings = seen
+    over = is_oversubscribed(cfg.np)
+    for backend in cfg.backends:
+        if any(f["backend"] == backend for f in failures):
+            continue  # a backend with a failed round has no complete rows
+        for op in cfg.ops:
+            for size in cfg.sizes:
+                moved, times = pooled[(backend, op, size)]
+                rows.append(comm_row(backend, op, cfg.np, size, moved, times,
+                                     tensors=cfg.tensors if op == "allreduce" else 1, warmup=cfg.warmup,
+                                     rounds=cfg.rounds, oversubscribed=over))
     if not settings:  # Horovod not run: what it would have been launched with
         settings = {k: v for k, v in mpi_environment(cfg.np).items() if k.startswith("HOROVOD_")}
 
@@ -458,7 +506,7 @@ def run_comm(cfg: CommConfig, out: Path) -> int:
     result = {"kind": "comm", "started": started.isoformat(timespec="seconds"), "seconds": seconds,
               "config": asdict(cfg) | {"sizes": cfg.sizes}, "cores": physical_cores(),
               "horovod_settings": settings, "harness_horovod_settings": dict(HOROVOD_SETTINGS),
-              "launch_seconds": launches, "horovod_vs_mpi4py": ratios, "failures": failures, "rows": rows}
+              "launches": launches, "horovod_vs_mpi4py": ratios, "failures": failures, "rows": rows}
     atomic_write_json(out / "environment.json", env_record)
     atomic_write_json(out / "comm.json", result)
     write_csv_atomic(out / "comm.csv", rows, ROW_FIELDS + EXTRA_FIELDS)
@@ -469,13 +517,16 @@ def run_comm(cfg: CommConfig, out: Path) -> int:
 # --- crossover --------------------------------------------------------------------------------------------------
 
 def crossover_rows(records: list[dict], np: int) -> list[dict]:
+    """Rows per (density, mode) from the ranks' records: times are the slowest rank's per iteration; bytes the
+    largest rank's."""
     rows = []
     for points in zip(*(r["results"] for r in records)):
         p = points[0]
         for mode in ("sparse-gather", "dense-reduce"):
             times = rank_max([q["times_s"][mode] for q in points])
             rows.append({"np": np, "density": p["density"], "rows_touched_per_rank": p["rows_touched_per_rank"],
-                         "mode": mode, "time_ms_median": round(statistics.median(times) * 1e3, 4),
+                         "nnz_per_rank": p["nnz_per_rank"], "mode": mode,
+                         "time_ms_median": round(statistics.median(times) * 1e3, 4),
                          "time_ms_p10": round(percentile(times, 10) * 1e3, 4),
                          "time_ms_p90": round(percentile(times, 90) * 1e3, 4),
                          "bytes_sent_per_rank": max(q["bytes_sent_per_rank"][mode] for q in points),
@@ -510,7 +561,7 @@ def run_crossover(cfg: CrossoverConfig, out: Path) -> int:
     for np in cfg.nps:
         print(f"measuring sparse-gather vs dense-reduce on {np} ranks ...", file=sys.stderr, flush=True)
         spec = {"program": "crossover", "rows": cfg.rows, "dim": cfg.dim, "densities": list(cfg.densities),
-                "warmup": cfg.warmup, "iters": cfg.iters}
+                "lookups_per_row": cfg.lookups_per_row, "warmup": cfg.warmup, "iters": cfg.iters}
         table_bytes = 4 * cfg.rows * cfg.dim
         launch = launch_program(spec, np, _timeout_s(2 * table_bytes * np * len(cfg.densities)
                                                      * (cfg.warmup + cfg.iters), 0))
@@ -559,13 +610,14 @@ def comm_main(args: argparse.Namespace) -> int:
                      min_bytes=parse_size(args.min_bytes, "--min-bytes"),
                      max_bytes=parse_size(args.max_bytes, "--max-bytes"),
                      warmup=_int(args.warmup, "--warmup"), iters=_int(args.iters, "--iters"),
-                     tensors=_int(args.tensors, "--tensors"))
+                     rounds=_int(args.rounds, "--rounds"), tensors=_int(args.tensors, "--tensors"))
     return run_comm(cfg, results_dir(args.out, "comm"))
 
 
 def crossover_main(args: argparse.Namespace) -> int:
     cfg = CrossoverConfig(nps=parse_numbers(args.np, int, "--np"), rows=_int(args.rows, "--rows"),
                           dim=_int(args.dim, "--dim"), densities=parse_numbers(args.densities, float, "--densities"),
+                          lookups_per_row=_int(args.lookups_per_row, "--lookups-per-row"),
                           warmup=_int(args.warmup, "--warmup"), iters=_int(args.iters, "--iters"))
     return run_crossover(cfg, results_dir(args.out, "crossover"))
 
@@ -583,6 +635,8 @@ def register(sub) -> None:
     p.add_argument("--max-bytes", default="64M", help="largest size, e.g. 64M")
     p.add_argument("--warmup", default=str(c["warmup"].default), help="untimed iterations per point")
     p.add_argument("--iters", default=str(c["iters"].default), help="timed iterations per point")
+    p.add_argument("--rounds", default=str(c["rounds"].default),
+                   help="launches per backend in alternating order, iterations pooled (default 2)")
     p.add_argument("--tensors", default="1", help="split each allreduce into this many tensors started together "
                                                   "(to measure Horovod's tensor fusion; default 1)")
     p.add_argument("--out", default=None, help="results folder (default results/local/comm-<timestamp>/)")
@@ -597,6 +651,8 @@ def register(sub) -> None:
     q.add_argument("--dim", default=str(x["dim"].default), help="d, columns of the embedding table")
     q.add_argument("--densities", default=",".join(f"{d:g}" for d in x["densities"].default),
                    help="comma list of rows touched per rank / V")
+    q.add_argument("--lookups-per-row", default="1", help="entries per touched row in the uncoalesced gradient "
+                                                          "(default 1)")
     q.add_argument("--warmup", default=str(x["warmup"].default), help="untimed iterations per density")
     q.add_argument("--iters", default=str(x["iters"].default), help="timed iterations per density")
     q.add_argument("--out", default=None, help="results folder (default results/local/crossover-<timestamp>/)")

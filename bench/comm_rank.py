@@ -92,7 +92,7 @@ class HorovodBackend:
 
         from bench.launch import threads_per_rank
         hvd.init()
-        self.hvd, self.torch, self._sparse = hvd, torch, sparse_allreduce_async
+        self.hvd, self.torch, self.sparse_allreduce_async = hvd, torch, sparse_allreduce_async
         self.rank, self.size = hvd.rank(), hvd.size()
         torch.set_num_threads(threads_per_rank(self.size))
 
@@ -116,7 +116,7 @@ class HorovodBackend:
             return lambda: hvd.allgather(part, name=tag)  # Horovod allocates the gathered tensor on every call
         if op == "sparse-pair":
             grad = sparse_gradient(torch, self.rank, geo.per_rank, geo.per_rank * self.size, dim)
-            return lambda: self._sparse(grad, tag, hvd.Sum)()
+            return lambda: self.sparse_allreduce_async(grad, tag, hvd.Sum)()
         raise ValueError(f"unknown op {op!r}")
 
     def settings(self) -> dict:
@@ -241,13 +241,15 @@ def memcpy_call(size_bytes: int) -> Callable[[], object]:
     return lambda: np.copyto(dst, src)
 
 
-def sparse_gradient(torch, rank: int, rows: int, table_rows: int, dim: int, seed: int = 0):
+def sparse_gradient(torch, rank: int, rows: int, table_rows: int, dim: int, seed: int = 0, lookups_per_row: int = 1):
     """A sparse COO embedding gradient touching `rows` distinct rows of a table_rows x dim table, left uncoalesced
-    as nn.Embedding(sparse=True) leaves it; each rank touches its own random rows."""
+    as nn.Embedding(sparse=True) leaves it: one entry per lookup, each touched row looked up `lookups_per_row`
+    times (in shuffled order); each rank touches its own random rows."""
     gen = torch.Generator().manual_seed(seed * 100003 + rank)
-    idx = torch.randperm(table_rows, generator=gen)[:rows].reshape(1, rows)
-    val = torch.randn(rows, dim, generator=gen)
-    return torch.sparse_coo_tensor(idx, val, (table_rows, dim))
+    touched = torch.randperm(table_rows, generator=gen)[:rows]
+    idx = touched.repeat(lookups_per_row)[torch.randperm(rows * lookups_per_row, generator=gen)]
+    val = torch.randn(len(idx), dim, generator=gen)
+    return torch.sparse_coo_tensor(idx.reshape(1, -1), val, (table_rows, dim), check_invariants=False)
 
 
 # --- the two programs a rank runs ---------------------------------------------------------------------------------
@@ -279,11 +281,12 @@ def run_crossover(spec: dict) -> dict:
     results = []
     for k, density in enumerate(spec["densities"]):
         touched = max(1, round(density * rows_total))
-        grad = sparse_gradient(torch, backend.rank, touched, rows_total, dim, seed=k)
+        grad = sparse_gradient(torch, backend.rank, touched, rows_total, dim, seed=k,
+                               lookups_per_row=spec["lookups_per_row"])
         sent, held = {"sparse-gather": tensor_bytes(grad)}, {}
 
         def sparse_gather():
-            out = backend._sparse(grad, f"sparse.{k}", hvd.Average)()
+            out = backend.sparse_allreduce_async(grad, f"sparse.{k}", hvd.Average)()
             held["sparse-gather"] = tensor_bytes(out)
 
         def dense_reduce():
@@ -299,7 +302,7 @@ def run_crossover(spec: dict) -> dict:
                 call()
                 if i >= spec["warmup"]:
                     times[mode].append(time.perf_counter() - start)
-        results.append({"density": density, "rows_touched_per_rank": touched,
+        results.append({"density": density, "rows_touched_per_rank": touched, "nnz_per_rank": grad._nnz(),
                         "bytes_sent_per_rank": sent, "bytes_held_per_rank": held, "times_s": times})
     record = {"rank": backend.rank, "size": backend.size, "backend": "horovod", "settings": backend.settings(),
               "results": results}

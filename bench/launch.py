@@ -17,8 +17,17 @@ from dataclasses import dataclass
 import psutil
 
 
-HOROVOD_SETTINGS: dict[str, str] = {}
-"""Horovod's knobs for every launch (applied with setdefault, so a variable already set wins)."""
+HOROVOD_SETTINGS: dict[str, str] = {
+    # ms. Horovod's 1 ms default put ~1.1 ms on every small op and held 4/8 MiB allreduces to 0.47/0.72 of raw MPI
+    # (np=2); 0.02 ms: ~0.16 ms and 0.98/0.99. 0 was no better from 4 MiB up and spins a core per rank when idle.
+    "HOROVOD_CYCLE_TIME": "0.02",
+    # bytes. The 128 MiB default fuses a large gradient with small ones: two extra copies and one huge message;
+    # 4 MiB keeps small tensors fused and sends large ones as they are (16 tensors: same up to 8 MiB, 1.2-3.2x
+    # faster from 16 to 64 MiB).
+    "HOROVOD_FUSION_THRESHOLD": str(4 << 20),
+}
+"""Horovod's knobs for every launch (setdefault: a variable already set wins, which is how to A/B them). Chosen from
+interleaved `alure-bench comm` runs on the 2-core reference machine; every comm result records what was used."""
 
 
 def physical_cores() -> int:

@@ -1,0 +1,194 @@
+"""`alure-bench comm` and `crossover`: the figures on hand-computed values, a real 2-rank run end to end, and bad
+input refused in one line."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench import cli
+from bench.comm import (ROW_FIELDS, busbw_factor, busbw_ratios, comm_row, crossover_density, describe_crossover,
+                        launch_order, parse_size, rank_max, ratio_verdict, split_iters)
+from bench.comm_rank import geometry, split_sizes
+from bench.errors import UsageError
+from bench.launch import HOROVOD_SETTINGS, mpi_environment
+
+
+# --- figures ------------------------------------------------------------------------------------------------------
+
+def test_busbw_factors_follow_nccl_tests():
+    assert busbw_factor("allreduce", 2) == 1.0          # 2(P-1)/P
+    assert busbw_factor("allreduce", 4) == 1.5
+    assert busbw_factor("allreduce", 1) == 0.0          # nobody to talk to
+    assert busbw_factor("allgather", 2) == 0.5          # (P-1)/P
+    assert busbw_factor("allgather", 4) == 0.75
+    assert busbw_factor("sparse-pair", 8) == 0.875      # two allgathers
+    assert busbw_factor("memcpy", 1) == 1.0
+    with pytest.raises(ValueError):
+        busbw_factor("broadcast", 2)
+
+
+def test_a_row_from_hand_computed_times():
+    # 1 MB in a median of 2 ms: algbw 0.5 GB/s; allreduce at P=4 carries 1.5 x that over the bus.
+    row = comm_row("mpi4py", "allreduce", 4, 1 << 20, 1_000_000, [0.003, 0.001, 0.002])
+    assert row["latency_us_median"] == 2000.0
+    assert row["latency_us_min"] == 1000.0 and row["latency_us_max"] == 3000.0
+    assert row["algbw_gbps"] == pytest.approx(0.5)
+    assert row["busbw_gbps"] == pytest.approx(0.75)
+    assert set(ROW_FIELDS) <= set(row)
+
+
+def test_the_slowest_rank_sets_each_iteration():
+    assert rank_max([[1.0, 5.0, 2.0], [3.0, 1.0, 2.5]]) == [3.0, 5.0, 2.5]
+    with pytest.raises(ValueError):
+        rank_max([[1.0], [1.0, 2.0]])
+
+
+def test_geometry_of_each_op():
+    assert geometry("allreduce", 4096, 2).bytes_moved == 4096
+    ag = geometry("allgather", 4096, 2)
+    assert (ag.per_rank, ag.bytes_moved) == (512, 4096)          # each rank sends half, S is what is gathered
+    assert geometry("allgather", 4096, 3).bytes_moved == 4092    # 341 floats each: P does not divide S
+    sp = geometry("sparse-pair", 64 << 10, 2, dim=64)
+    assert sp.per_rank == 128                                    # 65536 / (4 x 64 x 2)
+    assert sp.bytes_moved == 128 * 2 * (8 + 4 * 64)              # values plus the int64 indices
+    assert split_sizes(10, 3) == [4, 3, 3] and split_sizes(2, 5) == [1, 1]
+
+
+def test_crossover_on_hand_computed_values():
+    # sparse - dense: -4, -1, +5 -> meets between 0.1 and 0.2 at 0.1 + 0.1 x 1/6
+    assert crossover_density([0.01, 0.1, 0.2], [1, 4, 10], [5, 5, 5]) == pytest.approx(0.1 + 0.1 / 6)
+    # order of the points does not matter
+    assert crossover_density([0.2, 0.01, 0.1], [10, 1, 4], [5, 5, 5]) == pytest.approx(0.1 + 0.1 / 6)
+    # equal exactly at a measured density
+    assert crossover_density([0.1, 0.3, 0.5], [1.0, 3.0, 7.0], [3.0, 3.0, 3.0]) == pytest.approx(0.3)
+    # never crosses: sparse cheaper everywhere, or dense cheaper everywhere
+    assert crossover_density([0.1, 0.5], [1, 2], [3, 3]) is None
+    assert crossover_density([0.1, 0.5], [4, 9], [3, 3]) is None
+    assert "none in range" in describe_crossover([0.1, 0.5], [1, 2], [3, 3], rows=1000)
+    assert "sparse-gather faster" in describe_crossover([0.1, 0.5], [1, 2], [3, 3], rows=1000)
+    assert "dense-reduce faster" in describe_crossover([0.1, 0.5], [4, 9], [3, 3], rows=1000)
+    assert "(200 rows per rank)" in describe_crossover([0.1, 0.3], [1, 5], [3, 3], rows=1000)
+
+
+def test_sizes_and_schedules():
+    assert parse_size("1K") == 1024 and parse_size("64M") == 64 << 20 and parse_size("1.5MiB") == 3 << 19
+    assert parse_size("4096") == 4096 and parse_size("2g") == 2 << 30
+    for bad in ("1Q", "", "-1K", "2"):
+        with pytest.raises(UsageError):
+            parse_size(bad)
+    assert launch_order(("a", "b", "c"), 3) == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    assert split_iters(31, 2) == [16, 15]
+
+
+def test_horovod_over_mpi_ratio_per_size():
+    rows = [comm_row("horovod", "allreduce", 2, 4 << 20, 4 << 20, [0.002, 0.004, 0.001]),
+            comm_row("mpi4py", "allreduce", 2, 4 << 20, 4 << 20, [0.001, 0.001, 0.0009]),
+            comm_row("mpi4py", "allreduce", 2, 8 << 20, 8 << 20, [0.002])]
+    ratios = busbw_ratios(rows)
+    assert ratios == [{"op": "allreduce", "size_bytes": 4 << 20, "numerator": "horovod", "denominator": "mpi4py",
+                       "busbw_ratio": 0.5, "busbw_ratio_at_min_latency": 0.9}]
+    assert ratio_verdict(ratios).endswith("4 MiB 0.50 [0.90]; BELOW 0.9 at 4 MiB")
+
+
+def test_horovod_settings_reach_every_launch_unless_already_set():
+    env = mpi_environment(2, base={})
+    assert all(env[k] == v for k, v in HOROVOD_SETTINGS.items()) and "HOROVOD_CYCLE_TIME" in HOROVOD_SETTINGS
+    assert mpi_environment(2, base={"HOROVOD_CYCLE_TIME": "1"})["HOROVOD_CYCLE_TIME"] == "1"  # how to A/B them
+
+
+# --- a real run ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.mpi
+def test_comm_on_two_ranks_end_to_end(tmp_path):
+    out = tmp_path / "comm"
+    run = subprocess.run([sys.executable, "-m", "bench.cli", "comm", "--np", "2", "--min-bytes", "1K",
+                          "--max-bytes", "4K", "--warmup", "1", "--iters", "3", "--rounds", "1", "--out", str(out)],
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((out / "comm.json").read_text())
+    rows = result["rows"]
+    expected = {("memcpy", "memcpy", s) for s in (1024, 2048, 4096)} | {
+        (b, op, s) for b in ("horovod", "mpi4py", "gloo") for op in ("allreduce", "allgather", "sparse-pair")
+        for s in (1024, 2048, 4096)}
+    assert {(r["backend"], r["op"], r["size_bytes"]) for r in rows} == expected
+    for r in rows:
+        assert all(r[k] is not None for k in ROW_FIELDS), r
+        assert r["np"] == (1 if r["backend"] == "memcpy" else 2)
+        assert 0 < r["latency_us_min"] <= r["latency_us_median"] <= r["latency_us_max"]
+        assert r["busbw_gbps"] == pytest.approx(r["algbw_gbps"] * busbw_factor(r["op"], r["np"]), rel=1e-4)
+        assert r["algbw_gbps"] == pytest.approx(r["bytes_moved"] / r["latency_us_median"] / 1e3, rel=1e-4)
+        assert r["iters"] == 3 and r["oversubscribed"] is False
+    # The CSV says what the JSON says.
+    with open(out / "comm.csv") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0])[:len(ROW_FIELDS)] == list(ROW_FIELDS)
+    assert len(table) == len(rows)
+    for c, j in zip(table, rows):
+        for k in ROW_FIELDS:
+            assert (c[k] == j[k]) if isinstance(j[k], str) else float(c[k]) == pytest.approx(j[k]), k
+        assert c["oversubscribed"] == "false"
+    # What the ranks ran with is on record.
+    env = json.loads((out / "environment.json").read_text())
+    assert env["torch"] and env["launch_variables"]["OMPI_MCA_mpi_yield_when_idle"] == "1"
+    for name, value in HOROVOD_SETTINGS.items():
+        assert result["horovod_settings"][name] == value
+    assert "Horovod settings:" in run.stdout and "horovod allreduce  np=2" in run.stdout
+
+
+@pytest.mark.mpi
+def test_crossover_on_two_ranks_end_to_end(tmp_path):
+    out = tmp_path / "x"
+    run = subprocess.run([sys.executable, "-m", "bench.cli", "crossover", "--np", "2", "--rows", "2000", "--dim", "8",
+                          "--densities", "0.01,0.5", "--lookups-per-row", "2", "--warmup", "1", "--iters", "2",
+                          "--out", str(out)],
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((out / "crossover.json").read_text())
+    assert [c["np"] for c in result["crossovers"]] == [2] and "crossover at np=2" in run.stdout
+    by = {(r["density"], r["mode"]): r for r in result["rows"]}
+    # Bytes read off the tensors: 20 rows touched, each twice, x (8 + 4 x 8) bytes sent, gathered from both ranks
+    # uncoalesced; dense is V x d floats.
+    assert by[(0.01, "sparse-gather")]["nnz_per_rank"] == 40
+    assert by[(0.01, "sparse-gather")]["bytes_sent_per_rank"] == 40 * 40
+    assert by[(0.01, "sparse-gather")]["bytes_held_per_rank"] == 2 * 40 * 40
+    assert by[(0.5, "dense-reduce")]["bytes_held_per_rank"] == 2000 * 8 * 4
+    header = (out / "crossover.csv").read_text().splitlines()[0]
+    assert header.startswith("np,density,rows_touched_per_rank,nnz_per_rank,mode,time_ms_median")
+
+
+# --- bad input ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--np", "0"], "--np 0 is below 1"),
+    (["--np", "two"], "not a whole number"),
+    (["--backends", "horovod,nccl"], "unknown backend nccl: choose from horovod,mpi4py,gloo"),
+    (["--ops", "allreduce,bcast"], "unknown op bcast"),
+    (["--min-bytes", "1Q"], "not a size"),
+    (["--min-bytes", "2M", "--max-bytes", "1M"], "swap them"),
+    (["--iters", "0"], "at least 1"),
+    (["--max-bytes", "64T"], "not a size"),
+])
+def test_bad_comm_input_is_one_line(args, fragment, capsys):
+    assert cli.main(["comm", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0], err
+
+
+def test_bad_crossover_input_is_one_line(capsys):
+    assert cli.main(["crossover", "--densities", "0.1,2"]) == 2
+    assert "outside (0, 1]" in capsys.readouterr().err
+    assert cli.main(["crossover", "--np", "2,x"]) == 2
+    assert "comma-separated list" in capsys.readouterr().err
+
+
+def test_unwritable_out_exits_2_without_traceback(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    for out in (blocker, blocker / "sub"):
+        run = subprocess.run([sys.executable, "-m", "bench.cli", "comm", "--out", str(out)],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in run.stderr and "--out" in lines[0], run.stderr
