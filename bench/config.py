@@ -17,19 +17,11 @@ FIXED_MODES = MODES[:2]
 
 
 @dataclass(kw_only=True, slots=True)
-class PointConfig:
-    """One measured point: a scaling kind, an exchange mode and a process count."""
+class RunSettings:
+    """What every point of a sweep shares: the workload, how long to measure, and the limits."""
 
     preset: str = "default"
     """Workload preset (alure.config): tiny, default or large."""
-    scaling: str = "weak"
-    """weak keeps the per-rank batch fixed; strong keeps the global batch fixed (per-rank = global / np)."""
-    mode: str = "sparse-gather"
-    """Embedding-gradient exchange: sparse-gather (allgather), dense-reduce (allreduce) or auto (either, per step)."""
-    np: int = 1
-    """MPI process count."""
-    repeat: int = 0
-    """Index of this repetition of the same point (repeats give the noise band)."""
     batch_per_rank: int = 0
     """Per-rank batch for weak scaling; 0 takes the preset's batch size."""
     global_batch: int = 0
@@ -50,19 +42,45 @@ class PointConfig:
     """Overrides of alure.config.WorkloadConfig fields (e.g. sampled_negatives, zipf_exponent)."""
 
     def __post_init__(self):
-        if self.scaling not in SCALINGS:
-            raise UsageError(f"unknown scaling {self.scaling!r}: use weak or strong")
-        if self.mode not in MODES:
-            raise UsageError(f"unknown mode {self.mode!r}: use {' or '.join(MODES)}")
-        for name in ("np", "steps"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be at least 1 (got {getattr(self, name)})")
-        for name in ("repeat", "warmup_steps", "batch_per_rank", "global_batch", "threads_per_rank",
-                     "mem_limit_mib"):
+        if self.steps < 1:
+            raise UsageError(f"steps must be at least 1 (got {self.steps})")
+        for name in ("warmup_steps", "batch_per_rank", "global_batch", "threads_per_rank", "mem_limit_mib"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must not be negative (got {getattr(self, name)})")
         if self.timeout_s <= 0:
             raise UsageError(f"timeout_s must be positive (got {self.timeout_s})")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def shared(self) -> dict:
+        """These settings as keyword arguments (the workload overrides copied, so points do not share one dict)."""
+        return {f.name: getattr(self, f.name) for f in fields(RunSettings)} | {"workload": dict(self.workload)}
+
+
+@dataclass(kw_only=True, slots=True)
+class PointConfig(RunSettings):
+    """One measured point: a scaling kind, an exchange mode and a process count."""
+
+    scaling: str = "weak"
+    """weak keeps the per-rank batch fixed; strong keeps the global batch fixed (per-rank = global / np)."""
+    mode: str = "sparse-gather"
+    """Embedding-gradient exchange: sparse-gather (allgather), dense-reduce (allreduce) or auto (either, per step)."""
+    np: int = 1
+    """MPI process count."""
+    repeat: int = 0
+    """Index of this repetition of the same point (repeats give the noise band)."""
+
+    def __post_init__(self):
+        RunSettings.__post_init__(self)  # zero-argument super() does not work in a slots dataclass
+        if self.scaling not in SCALINGS:
+            raise UsageError(f"unknown scaling {self.scaling!r}: use weak or strong")
+        if self.mode not in MODES:
+            raise UsageError(f"unknown mode {self.mode!r}: use {' or '.join(MODES)}")
+        if self.np < 1:
+            raise UsageError(f"np must be at least 1 (got {self.np})")
+        if self.repeat < 0:
+            raise UsageError(f"repeat must not be negative (got {self.repeat})")
         if self.scaling == "strong" and self.global_batch and self.global_batch % self.np:
             raise UsageError(f"strong scaling splits the global batch {self.global_batch} over {self.np} ranks "
                              f"unevenly: choose a global batch divisible by every np")
@@ -72,22 +90,17 @@ class PointConfig:
         """Stable file name of the point's record."""
         return f"{self.scaling}-{self.mode}-np{self.np}-r{self.repeat}"
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict) -> "PointConfig":
         return cls(**_known_fields(cls, data, "point"))
 
 
 @dataclass(kw_only=True, slots=True)
-class SweepConfig:
+class SweepConfig(RunSettings):
     """A plan of points: every scaling kind x mode x np x repeat, with the settings they share."""
 
     name: str = "sweep"
     """Results folder name under the output root."""
-    preset: str = "default"
-    """Workload preset for every point."""
     scalings: list[str] = field(default_factory=lambda: list(SCALINGS))
     """Scaling kinds to measure."""
     modes: list[str] = field(default_factory=lambda: list(FIXED_MODES))
@@ -96,24 +109,6 @@ class SweepConfig:
     """Process counts; efficiency is relative to np=1, so without 1 among them it is left blank."""
     repeats: int = 1
     """Repetitions of every point."""
-    batch_per_rank: int = 0
-    """Per-rank batch of weak points; 0 takes the preset's."""
-    global_batch: int = 0
-    """Global batch of strong points; 0 takes the preset's."""
-    steps: int = 20
-    """Timed steps per point."""
-    warmup_steps: int = 3
-    """Untimed steps per point."""
-    threads_per_rank: int = 0
-    """Torch threads per rank; 0 shares the cores out."""
-    timeout_s: float = 300.0
-    """Per-point timeout."""
-    mem_limit_mib: int = 0
-    """Per-rank memory cap (RLIMIT_DATA); 0 for none."""
-    seed: int = 0
-    """Seed for every point."""
-    workload: dict = field(default_factory=dict)
-    """Overrides of workload config fields for every point."""
 
     def __post_init__(self):
         for name, allowed in (("scalings", SCALINGS), ("modes", MODES)):
@@ -126,19 +121,12 @@ class SweepConfig:
         if self.repeats < 1:
             raise UsageError(f"repeats must be at least 1 (got {self.repeats})")
         self.nps = sorted(set(self.nps))
-        self.plan()  # every point must be valid before anything runs
+        self.plan()  # every point must be valid before anything runs (RunSettings' checks run there too)
 
     def plan(self) -> list[PointConfig]:
         """The points in run order: cheap np first, so a partial sweep still has its baselines."""
-        shared = dict(preset=self.preset, batch_per_rank=self.batch_per_rank, global_batch=self.global_batch,
-                      steps=self.steps, warmup_steps=self.warmup_steps, threads_per_rank=self.threads_per_rank,
-                      timeout_s=self.timeout_s, mem_limit_mib=self.mem_limit_mib, seed=self.seed,
-                      workload=dict(self.workload))
-        return [PointConfig(scaling=s, mode=m, np=n, repeat=r, **shared)
+        return [PointConfig(scaling=s, mode=m, np=n, repeat=r, **self.shared())
                 for n, s, m, r in itertools.product(self.nps, self.scalings, self.modes, range(self.repeats))]
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "SweepConfig":
