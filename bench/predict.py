@@ -193,6 +193,18 @@ def write_plots(table: pd.DataFrame, crossover: pd.DataFrame, machine: Machine, 
 
     written = []
 
+    def np_axes(ax, title: str, ylabel: str | None = None, ylog: bool = True) -> None:
+        """The look every predicted-against-np panel shares: log2 np, optionally log y, grid and legend."""
+        ax.set_xscale("log", base=2)
+        if ylog:
+            ax.set_yscale("log")
+        ax.set_xlabel("MPI processes (np)")
+        if ylabel:
+            ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+
     def save(fig, name):
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
@@ -204,11 +216,7 @@ def write_plots(table: pd.DataFrame, crossover: pd.DataFrame, machine: Machine, 
         for mode, g in table.groupby("mode"):
             ax.plot(g["np"], g[f"{kind}_efficiency"], "o-", color=MODE_COLORS.get(mode), label=mode, markersize=3)
         ax.axhline(1.0, color="k", ls="--", lw=1, label="ideal")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("MPI processes (np)")
-        ax.set_title(f"predicted {kind} scaling efficiency")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        np_axes(ax, f"predicted {kind} scaling efficiency", ylog=False)
     axes[0].set_ylabel("efficiency")
     save(fig, "predicted-efficiency.png")
 
@@ -217,13 +225,7 @@ def write_plots(table: pd.DataFrame, crossover: pd.DataFrame, machine: Machine, 
         ax.plot(g["np"], g["memory_gib"], "o-", color=MODE_COLORS.get(mode), label=mode, markersize=3)
     if machine.memory_per_rank_bytes:
         ax.axhline(machine.memory_per_rank_bytes / 2**30, color="k", ls=":", label="memory per rank")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("MPI processes (np)")
-    ax.set_ylabel("GiB per rank (weak)")
-    ax.set_title("predicted memory per rank")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    np_axes(ax, "predicted memory per rank", "GiB per rank (weak)")
     save(fig, "predicted-memory.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -232,13 +234,7 @@ def write_plots(table: pd.DataFrame, crossover: pd.DataFrame, machine: Machine, 
         ax.plot(g["np"], g["weak_exchange_ms"] - g["weak_hidden_ms"], "o-", color=MODE_COLORS.get(mode),
                 label=f"{mode} exchange", markersize=3)
     ax.plot([], [], ":", color="gray", label="compute")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("MPI processes (np)")
-    ax.set_ylabel("ms per step (weak)")
-    ax.set_title("predicted breakdown: compute vs exchange")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    np_axes(ax, "predicted breakdown: compute vs exchange", "ms per step (weak)")
     save(fig, "predicted-breakdown.png")
 
     if not crossover.empty:
@@ -247,13 +243,7 @@ def write_plots(table: pd.DataFrame, crossover: pd.DataFrame, machine: Machine, 
         ax.plot(c["np"], c["crossover_density"], "o-", color="black", label="crossover (model)")
         if density:
             ax.axhline(density, color="tab:green", ls="--", label="this workload's density")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("MPI processes (np)")
-        ax.set_ylabel("rows touched per rank / V")
-        ax.set_title("sparse-gather below, dense-reduce above")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        np_axes(ax, "sparse-gather below, dense-reduce above", "rows touched per rank / V")
         save(fig, "predicted-crossover.png")
 
     if check is not None and not check.empty:
