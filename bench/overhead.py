@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     harness, bare = block_means(trainer, exchange, args.blocks, args.steps_per_block)
     if exchange.rank == 0:
         ratios = np.array(harness) / np.array(bare)
-        print(json.dumps({"np": exchange.size, "preset": args.preset, "mode": args.mode,
+        print("OVERHEAD " + json.dumps({"np": exchange.size, "preset": args.preset, "mode": args.mode,
                           "harness_ms": harness, "bare_ms": bare,
                           "overhead_ratio_median": float(np.median(ratios)),
                           "overhead_ratio_p10": float(np.percentile(ratios, 10)),
