@@ -34,6 +34,7 @@ from pathlib import Path
 from bench.comm_rank import BACKENDS, OPS, SPARSE_DIM, geometry, memcpy_call, timed
 from bench.errors import UsageError
 from bench.results import atomic_write_json, atomic_write_text, ensure_writable
+from bench.scaling import busbw_factor
 from bench.launch import (HOROVOD_SETTINGS, is_oversubscribed, mpi_environment, physical_cores,
                           python_module_argv, run_ranks)
 
@@ -99,18 +100,6 @@ def parse_numbers(text: str, kind, what: str) -> tuple:
     if not values:
         raise UsageError(f"{what} is empty: give at least one number")
     return values
-
-
-def busbw_factor(op: str, np: int) -> float:
-    """nccl-tests' bus-bandwidth factor: 2(P-1)/P for allreduce, (P-1)/P for allgather (and sparse-pair, which is
-    two allgathers), 1 for memcpy (one copy, no peers)."""
-    if op == "allreduce":
-        return 2 * (np - 1) / np
-    if op in ("allgather", "sparse-pair"):
-        return (np - 1) / np
-    if op == "memcpy":
-        return 1.0
-    raise ValueError(f"no bus-bandwidth factor for op {op!r}")
 
 
 def rank_max(per_rank_times: list[list[float]]) -> list[float]:

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from bench.costmodel import (MODES, Machine, Model, build_model, cpu_factor, network_link, this_machine)
+from bench.sweep_cli import int_list
 from bench.errors import UsageError
 from bench.results import atomic_write_json, atomic_write_text, ensure_writable
 from bench.scaling import efficiency
@@ -355,13 +356,6 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
-
-
 def register(sub) -> None:
     p = sub.add_parser("predict", help="cost-model predictions for up to thousands of ranks: step time, weak and "
                                        "strong efficiency, memory, out-of-memory rank count, crossover density",
@@ -383,7 +377,7 @@ def register(sub) -> None:
     p.add_argument("--overlap", type=_positive_float, default=0.0,
                    help="share of the backward pass that hides exchange time, 0..1 (default 0: CPU-bound)")
     p.add_argument("--max-np", type=int, default=4096, help="largest rank count (default 4096)")
-    p.add_argument("--nps", type=_int_list, help="extra rank counts, e.g. 400,1200")
+    p.add_argument("--nps", type=int_list, help="extra rank counts, e.g. 400,1200")
     p.add_argument("--batch-per-rank", type=int, help="weak scaling's per-rank batch (default: the sweep's np=1)")
     p.add_argument("--global-batch", type=int, help=f"strong scaling's global batch (default: {STRONG_FACTOR} x the "
                                                     f"per-rank batch)")

@@ -38,9 +38,12 @@ def throughput_samples_per_s(global_batch: int, step_ms: float) -> float:
 
 
 def busbw_factor(op: str, np_: int) -> float:
-    """nccl-tests: busbw = algbw x factor, the bandwidth a ring's busiest link sees."""
+    """nccl-tests: busbw = algbw x factor, the bandwidth a ring's busiest link sees: 2(P-1)/P for allreduce,
+    (P-1)/P for allgather (and sparse-pair, which is two allgathers), 1 for memcpy (one copy, no peers)."""
     if op == "allreduce":
         return 2.0 * (np_ - 1) / np_
     if op in ("allgather", "sparse-pair"):
         return (np_ - 1) / np_
+    if op == "memcpy":
+        return 1.0
     raise ValueError(f"no bus-bandwidth factor for op {op!r}")

@@ -15,14 +15,14 @@ from bench.sweep import SweepInterrupted, load_sweep_config, run_sweep, start_sw
 DEFAULT_ROOT = Path("results/local")
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers, e.g. 1,2,4")
 
 
-def _str_list(text: str) -> list[str]:
+def str_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
@@ -60,9 +60,9 @@ def add_shared_flags(p: argparse.ArgumentParser) -> None:
 def add_plan_flags(p: argparse.ArgumentParser, out_help: str) -> None:
     """The flags that make a plan of points (read by sweep_config_from_args): `sweep` and `slurm` take the same."""
     p.add_argument("--config", metavar="FILE", help="TOML sweep file (a [sweep] table of SweepConfig fields)")
-    p.add_argument("--nps", type=_int_list, help="process counts, e.g. 1,2,4 (default 1,2)")
-    p.add_argument("--modes", type=_str_list, help="sparse-gather,dense-reduce,auto (default the first two)")
-    p.add_argument("--scalings", type=_str_list, help="weak,strong (default both)")
+    p.add_argument("--nps", type=int_list, help="process counts, e.g. 1,2,4 (default 1,2)")
+    p.add_argument("--modes", type=str_list, help="sparse-gather,dense-reduce,auto (default the first two)")
+    p.add_argument("--scalings", type=str_list, help="weak,strong (default both)")
     p.add_argument("--repeats", type=int, help="repetitions of every point (default 1)")
     p.add_argument("--name", help="sweep name, the results folder's prefix")
     p.add_argument("--out", metavar="DIR", help=out_help)
