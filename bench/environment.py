@@ -11,7 +11,8 @@ from pathlib import Path
 
 import psutil
 
-ENV_PREFIXES = ("HOROVOD_", "OMPI_", "SLURM_", "OMP_", "MKL_")
+ENV_PREFIXES = ("HOROVOD_", "OMPI_", "SLURM_", "OMP_", "MKL_", "MALLOC_", "LD_PRELOAD", "GLIBC_TUNABLES",
+                "ALURE_BENCH_ALLOCATOR")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -69,6 +70,46 @@ def git_state(repo: Path = REPO) -> dict:
         return {"commit": None, "dirty": None}
 
 
+ALLOCATOR_VARIABLES = ("LD_PRELOAD", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                       "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX", "GLIBC_TUNABLES")
+"""What decides how the ranks allocate memory (glibc's malloc knobs, or another allocator preloaded)."""
+HOROVOD_KNOBS = {"HOROVOD_CYCLE_TIME": "horovod_cycle_time_ms", "HOROVOD_FUSION_THRESHOLD":
+                 "horovod_fusion_threshold_bytes", "HOROVOD_CACHE_CAPACITY": "horovod_cache_capacity",
+                 "HOROVOD_AUTOTUNE": "horovod_autotune"}
+"""Horovod's performance knobs as launch fields (empty: Horovod's own default)."""
+
+
+def allocator(env: dict[str, str]) -> str:
+    """The allocator setting of a launch environment with the malloc variables it set ('glibc-reuse
+    MALLOC_ARENA_MAX=1 ...'), or 'jemalloc' / 'tcmalloc' where LD_PRELOAD names one."""
+    preload = env.get("LD_PRELOAD", "")
+    for name in ("jemalloc", "tcmalloc"):
+        if name in preload:
+            return name
+    knobs = [f"{k}={env[k]}" for k in ALLOCATOR_VARIABLES[1:] if env.get(k)]
+    return " ".join([env.get("ALURE_BENCH_ALLOCATOR") or "glibc", *knobs])
+
+
+def launch_settings(env: dict[str, str]) -> dict:
+    """What a launch ran with, as flat fields for result rows: the shared-memory mechanism, the allocator and
+    Horovod's knobs, read from the environment the ranks got."""
+    from bench.transport import VARIABLE
+    fields = {"single_copy_mechanism": env.get(VARIABLE, "") or "open-mpi-default", "allocator": allocator(env)}
+    for name, field in HOROVOD_KNOBS.items():
+        fields[field] = env.get(name, "")
+    return fields
+
+
+def shared_memory_record() -> dict:
+    """The shared-memory mechanism launches use here and where it came from (the environment, or the probe of
+    bench.transport with its reason)."""
+    from bench import transport
+    if os.environ.get(transport.VARIABLE):
+        return {"single_copy_mechanism": os.environ[transport.VARIABLE], "source": "environment",
+                "reason": f"{transport.VARIABLE} was set before launch"}
+    return transport.choice()
+
+
 def capture_environment() -> dict:
     """The environment record of DESIGN.md "Results" (environment.json)."""
     import torch
@@ -86,7 +127,15 @@ def capture_environment() -> dict:
         "platform": platform.platform(),
         "git": git_state(),
         "variables": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
+        "shared_memory": shared_memory_record(),
+        "launch_settings": launch_settings(launch_environment()),
     }
+
+
+def launch_environment() -> dict[str, str]:
+    """The environment bench.launch gives local ranks (two of them) from this process's."""
+    from bench.launch import mpi_environment
+    return mpi_environment(2)
 
 
 def register(sub) -> None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from bench import transport
+
 
 HOROVOD_SETTINGS: dict[str, str] = {
     # ms. Horovod's 1 ms default put ~1.1 ms on every small op and held 4/8 MiB allreduces to 0.47/0.72 of raw MPI
@@ -28,6 +30,22 @@ HOROVOD_SETTINGS: dict[str, str] = {
 }
 """Horovod's knobs for every launch (setdefault: a variable already set wins, which is how to A/B them). Chosen from
 interleaved `alure-bench comm` runs on the 2-core reference machine; every comm result records what was used."""
+
+ALLOCATOR_VARIABLE = "ALURE_BENCH_ALLOCATOR"
+"""Names the ranks' allocator setting (one of ALLOCATORS); default DEFAULT_ALLOCATOR."""
+ALLOCATORS: dict[str, dict[str, str]] = {
+    # glibc as it comes: allocations from 32 MiB up (less, until the dynamic threshold has grown) are mmap'ed and
+    # unmapped on free, so a tensor allocated per call (Horovod's allgather output, a sparse gradient) faults in
+    # every page again on every step: 16,384 faults for 64 MiB.
+    "glibc": {},
+    # glibc keeping freed memory for reuse: no mmap, one arena (Horovod allocates outputs on its background
+    # thread, whose arenas cannot hold a chunk above 64 MiB), and up to 256 MiB of free memory kept at the top of
+    # the heap instead of being returned at once. A 64 MiB output per call then costs no fault.
+    "glibc-reuse": {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(256 << 20)},
+}
+DEFAULT_ALLOCATOR = "glibc-reuse"
+"""What launches use unless ALURE_BENCH_ALLOCATOR says otherwise: the mode comparison must not be an allocator
+comparison (docs/collectives.md)."""
 
 
 def physical_cores() -> int:
@@ -58,9 +76,17 @@ def mpi_environment(np: int, base: dict[str, str] | None = None, *, single_host:
     # Ranks that spin while waiting steal the core a busy rank needs; oversubscribed runs doubled their step
     # times without this (notes/install.md).
     env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
-    # Cross-memory attach needs ptrace, which some sandboxes block; copy-in/copy-out always works.
-    env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+    # Shared memory's large-message copy: cross-memory attach (one copy) where this host allows it, else
+    # copy-in/copy-out; probed once per host and cached (bench/transport.py). A value already set wins.
+    env[transport.VARIABLE] = transport.mechanism(env)
     for name, value in HOROVOD_SETTINGS.items():
+        env.setdefault(name, value)
+    allocator = env.setdefault(ALLOCATOR_VARIABLE, DEFAULT_ALLOCATOR)
+    if allocator not in ALLOCATORS:
+        from bench.errors import UsageError
+        raise UsageError(f"{ALLOCATOR_VARIABLE}={allocator} is not an allocator setting: use one of "
+                         f"{', '.join(ALLOCATORS)}")
+    for name, value in ALLOCATORS[allocator].items():
         env.setdefault(name, value)
     if single_host:
         env.setdefault("OMPI_MCA_btl_tcp_if_include", "lo")
