@@ -41,15 +41,20 @@ from bench.launch import (HOROVOD_SETTINGS, is_oversubscribed, mpi_environment, 
 ROW_FIELDS = ("backend", "op", "np", "size_bytes", "latency_us_median", "latency_us_min", "latency_us_max",
               "algbw_gbps", "busbw_gbps")
 """The comm row names of DESIGN.md "Results": other parts rely on them."""
-EXTRA_FIELDS = ("bytes_moved", "tensors", "warmup", "iters", "rounds", "oversubscribed")
+LAUNCH_FIELDS = ("setting", "single_copy_mechanism", "allocator", "horovod_cycle_time_ms",
+                 "horovod_fusion_threshold_bytes", "horovod_cache_capacity", "horovod_autotune")
+"""What a row ran with (bench.environment.launch_settings, read by the ranks from their own environment); `setting`
+is A, or B under --compare-env."""
+EXTRA_FIELDS = ("bytes_moved", "tensors", "warmup", "iters", "rounds", "oversubscribed", *LAUNCH_FIELDS)
 """Extra columns: bytes_moved is the S of algbw (differs from size_bytes only for sparse-pair and sizes P does not
 divide); tensors is how many tensors an allreduce was split into (1 unless --tensors); iters is the timed iterations
-pooled over `rounds` launches of the backend, each with `warmup` untimed ones first."""
+pooled over `rounds` launches of the backend, each with `warmup` untimed ones first; then the launch fields."""
 CROSSOVER_FIELDS = ("np", "density", "rows_touched_per_rank", "nnz_per_rank", "mode", "time_ms_median", "time_ms_p10",
                     "time_ms_p90", "bytes_sent_per_rank", "bytes_held_per_rank", "oversubscribed")
-RATIO_TARGET = 0.9
-"""Horovod allreduce should reach this fraction of raw MPI's busbw from RATIO_FROM_BYTES up (GitHub issue 5)."""
-RATIO_FROM_BYTES = 4 << 20
+RATIO_TARGETS = {"allreduce": 0.8, "allgather": 0.7, "sparse-pair": 0.7}
+"""The fraction of raw MPI's busbw Horovod should reach per op from RATIO_FROM_BYTES up (a benchmark target,
+printed, never asserted)."""
+RATIO_FROM_BYTES = 1 << 20
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
           "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
 
@@ -92,6 +97,27 @@ def parse_choices(text: str, valid: tuple[str, ...], what: str) -> tuple[str, ..
     return items
 
 
+def parse_env_setting(text: str, what: str = "--compare-env") -> dict[str, str]:
+    """'VAR=VALUE VAR2=VALUE2' (spaces or commas between) -> {VAR: VALUE, ...}: variables set on top of the
+    suite's launch environment."""
+    pairs = {}
+    for item in re.split(r"[\s,]+", str(text).strip()):
+        if not item:
+            continue
+        name, eq, value = item.partition("=")
+        if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise UsageError(f"{what} {item!r} is not VAR=VALUE: write e.g. {what} "
+                             f"'OMPI_MCA_btl_vader_single_copy_mechanism=none MALLOC_MMAP_MAX_=65536'")
+        pairs[name] = value
+    if not pairs:
+        raise UsageError(f"{what} is empty: give at least one VAR=VALUE")
+    return pairs
+
+
+def format_env_setting(pairs: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in pairs.items()) or "the suite's launch environment"
+
+
 def parse_numbers(text: str, kind, what: str) -> tuple:
     try:
         values = tuple(kind(s) for s in str(text).split(",") if s.strip())
@@ -110,26 +136,40 @@ def rank_max(per_rank_times: list[list[float]]) -> list[float]:
 
 
 def comm_row(backend: str, op: str, np: int, size_bytes: int, bytes_moved: int, times_s: list[float], *,
-             tensors: int = 1, warmup: int = 0, rounds: int = 1, oversubscribed: bool = False) -> dict:
-    """One DESIGN comm row from the per-iteration times (already the rank maximum)."""
+             tensors: int = 1, warmup: int = 0, rounds: int = 1, oversubscribed: bool = False,
+             launch: dict | None = None, setting: str = "A") -> dict:
+    """One comm row from the per-iteration times (already the rank maximum), with what it ran with."""
     median = statistics.median(times_s)
     algbw = bytes_moved / median / 1e9
     return {"backend": backend, "op": op, "np": np, "size_bytes": size_bytes,
             "latency_us_median": round(median * 1e6, 3), "latency_us_min": round(min(times_s) * 1e6, 3),
             "latency_us_max": round(max(times_s) * 1e6, 3), "algbw_gbps": float(f"{algbw:.6g}"),
             "busbw_gbps": float(f"{algbw * busbw_factor(op, np):.6g}"), "bytes_moved": bytes_moved, "tensors": tensors,
-            "warmup": warmup, "iters": len(times_s), "rounds": rounds, "oversubscribed": oversubscribed}
+            "warmup": warmup, "iters": len(times_s), "rounds": rounds, "oversubscribed": oversubscribed,
+            "setting": setting, **{k: (launch or {}).get(k, "") for k in LAUNCH_FIELDS if k != "setting"}}
 
 
-def busbw_ratios(rows: list[dict], num: str = "horovod", den: str = "mpi4py", op: str = "allreduce") -> list[dict]:
-    """busbw of `num` over `den` per size, for the sizes both have (same run, same np): from the median latencies
-    (the figure), and from the minimum ones (what each reached at best; on a shared machine, noise only adds)."""
-    by = {(r["backend"], r["size_bytes"]): r for r in rows if r["op"] == op}
+def busbw_ratios(rows: list[dict], num: str = "horovod", den: str = "mpi4py", op: str = "allreduce",
+                 setting: str = "A") -> list[dict]:
+    """busbw of `num` over `den` per size, for the sizes both have (same run, same np, same setting): from the
+    median latencies (the figure), and from the minimum ones (what each reached at best; on a shared machine,
+    noise only adds)."""
+    return _ratios(rows, op, (num, setting), (den, setting))
+
+
+def setting_ratios(rows: list[dict], backend: str, op: str) -> list[dict]:
+    """busbw under setting B over setting A for one backend and op, per size (--compare-env)."""
+    return _ratios(rows, op, (backend, "B"), (backend, "A"))
+
+
+def _ratios(rows: list[dict], op: str, num: tuple[str, str], den: tuple[str, str]) -> list[dict]:
+    by = {(r["backend"], r.get("setting", "A"), r["size_bytes"]): r for r in rows if r["op"] == op}
     out = []
-    for (backend, size), r in sorted(by.items(), key=lambda kv: kv[0][1]):
-        other = by.get((den, size))
-        if backend == num and other and other["busbw_gbps"] > 0:
-            out.append({"op": op, "size_bytes": size, "numerator": num, "denominator": den,
+    for (backend, setting, size), r in sorted(by.items(), key=lambda kv: kv[0][2]):
+        other = by.get((*den, size))
+        if (backend, setting) == num and other and other["busbw_gbps"] > 0:
+            out.append({"op": op, "size_bytes": size, "numerator": num[0], "denominator": den[0],
+                        **({"numerator_setting": num[1], "denominator_setting": den[1]} if num[1] != den[1] else {}),
                         "busbw_ratio": round(r["busbw_gbps"] / other["busbw_gbps"], 4),
                         "busbw_ratio_at_min_latency": round(other["latency_us_min"] / r["latency_us_min"], 4)})
     return out
@@ -205,6 +245,11 @@ class CommConfig:
     """Split each allreduce into this many tensors started together (what Horovod's tensor fusion acts on)."""
     dim: int = SPARSE_DIM
     """Columns of the table whose gradient sparse-pair stands for."""
+    baseline_env: dict[str, str] = field(default_factory=dict)
+    """Setting A: variables set on top of the suite's launch environment for every launch (default none)."""
+    compare_env: dict[str, str] | None = None
+    """Setting B: when given, every backend also runs with these variables on top of the suite's launch
+    environment, launches of A and B interleaved, and each size's busbw is printed as B/A."""
 
     def __post_init__(self):
         _check_np(self.np)
@@ -306,11 +351,18 @@ def write_csv_atomic(path: Path, rows: list[dict], fields: tuple[str, ...]) -> N
     atomic_write_text(path, buf.getvalue())
 
 
-def environment_record(np: int) -> dict:
-    """environment.json: bench.environment's record plus the variables the ranks were launched with."""
+def environment_record(np: int, extra: dict[str, str] | None = None, compare: dict[str, str] | None = None) -> dict:
+    """environment.json: bench.environment's record plus the variables the ranks were launched with (and those
+    of setting B under --compare-env)."""
     from bench.environment import ENV_PREFIXES, capture_environment
+
+    def variables(overrides):
+        env = mpi_environment(np, {**os.environ, **(overrides or {})})
+        return {k: v for k, v in sorted(env.items()) if k.startswith(ENV_PREFIXES)}
     env = capture_environment()
-    env["launch_variables"] = {k: v for k, v in sorted(mpi_environment(np).items()) if k.startswith(ENV_PREFIXES)}
+    env["launch_variables"] = variables(extra)
+    if compare is not None:
+        env["compare_launch_variables"] = variables(compare)
     return env
 
 
@@ -331,9 +383,10 @@ class LaunchResult:
     seconds: float = 0.0
 
 
-def launch_program(spec: dict, np: int, timeout_s: float) -> LaunchResult:
-    """Run bench.comm_rank with `spec` on `np` ranks through bench.launch; collect each rank's record."""
-    env = dict(os.environ)
+def launch_program(spec: dict, np: int, timeout_s: float, extra_env: dict[str, str] | None = None) -> LaunchResult:
+    """Run bench.comm_rank with `spec` on `np` ranks through bench.launch, `extra_env` set on top of this
+    process's environment; collect each rank's record."""
+    env = {**os.environ, **(extra_env or {})}
     if spec.get("backend") == "gloo":
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     with tempfile.TemporaryDirectory(prefix="alure-comm-") as work:
@@ -361,13 +414,14 @@ def _timeout_s(total_bytes: int, calls: int) -> float:
 
 # --- comm -------------------------------------------------------------------------------------------------------
 
-def measure_memcpy(cfg: CommConfig) -> list[dict]:
+def measure_memcpy(cfg: CommConfig, launch: dict | None = None) -> list[dict]:
+    """The single-threaded copy ceiling, in this process (`launch`: this process's launch fields)."""
     rows = []
     for size in cfg.sizes:
         call = memcpy_call(size)
         times = timed(call, lambda: None, cfg.warmup, cfg.iters)
         rows.append(comm_row("memcpy", "memcpy", 1, size, geometry("memcpy", size, 1).bytes_moved, times,
-                             tensors=1, warmup=cfg.warmup, oversubscribed=False))
+                             tensors=1, warmup=cfg.warmup, oversubscribed=False, launch=launch))
         del call
     return rows
 
@@ -387,14 +441,15 @@ def split_iters(iters: int, rounds: int) -> list[int]:
     return [base + (r < extra) for r in range(rounds)]
 
 
-def measure_backend(cfg: CommConfig, backend: str, iters: int) -> tuple[dict, dict, LaunchResult]:
+def measure_backend(cfg: CommConfig, backend: str, iters: int,
+                    extra_env: dict[str, str] | None = None) -> tuple[dict, dict, LaunchResult]:
     """One launch of `backend` with `iters` timed iterations per point; returns {(op, size): (bytes_moved,
     per-iteration rank-max seconds)}, the settings rank 0 saw, and the launch."""
     spec = {"program": "comm", "backend": backend, "ops": list(cfg.ops), "sizes": cfg.sizes, "dim": cfg.dim,
             "tensors": cfg.tensors, "warmup": cfg.warmup, "iters": iters}
     calls = (cfg.warmup + iters) * len(cfg.ops) * len(cfg.sizes) * cfg.tensors
     total = (cfg.warmup + iters) * len(cfg.ops) * sum(cfg.sizes)
-    launch = launch_program(spec, cfg.np, _timeout_s(total, calls))
+    launch = launch_program(spec, cfg.np, _timeout_s(total, calls), extra_env)
     if launch.error:
         return {}, {}, launch
     points = {}
@@ -404,16 +459,17 @@ def measure_backend(cfg: CommConfig, backend: str, iters: int) -> tuple[dict, di
     return points, launch.records[0]["settings"], launch
 
 
-def format_comm_table(rows: list[dict], ratios: dict[int, float] | None = None) -> str:
-    """One backend and op: size, latency median/min/max, algbw, busbw (and Horovod/MPI busbw where known)."""
+def format_comm_table(rows: list[dict], ratios: dict[int, float] | None = None, vs: str = "mpi4py") -> str:
+    """One backend and op: size, latency median/min/max, algbw, busbw (and a ratio per size where given)."""
     r0 = rows[0]
     flag = f"  [OVERSUBSCRIBED: {r0['np']} ranks on {physical_cores()} cores]" if r0["oversubscribed"] else ""
     split = f", allreduce split into {r0['tensors']} tensors" if r0["tensors"] > 1 else ""
     runs = f" over {r0['rounds']} launches" if r0.get("rounds", 1) > 1 else ""
+    setting = f"  [setting {r0['setting']}]" if r0.get("setting", "A") != "A" else ""
     lines = [f"{r0['backend']} {r0['op']}  np={r0['np']}  ({r0['iters']} timed iterations{runs}, "
-             f"{r0['warmup']} warm-up per launch{split}){flag}",
+             f"{r0['warmup']} warm-up per launch{split}){setting}{flag}",
              f"{'size':>9} {'lat med us':>11} {'min us':>10} {'max us':>10} {'algbw GB/s':>11} {'busbw GB/s':>11}"
-             + (f" {'vs mpi4py':>9}" if ratios else "")]
+             + (f" {'vs ' + vs:>9}" if ratios else "")]
     for r in rows:
         line = (f"{format_size(r['size_bytes']):>9} {r['latency_us_median']:11.1f} {r['latency_us_min']:10.1f} "
                 f"{r['latency_us_max']:10.1f} {r['algbw_gbps']:11.3f} {r['busbw_gbps']:11.3f}")
@@ -425,77 +481,134 @@ def format_comm_table(rows: list[dict], ratios: dict[int, float] | None = None) 
 
 
 def ratio_verdict(ratios: list[dict]) -> str:
-    """The plain sentence about Horovod vs raw MPI allreduce from RATIO_FROM_BYTES up (judged on the medians)."""
+    """The plain sentence about Horovod vs raw MPI for one op from RATIO_FROM_BYTES up (judged on the medians)."""
+    op = ratios[0]["op"] if ratios else "allreduce"
+    target = RATIO_TARGETS[op]
     big = [r for r in ratios if r["size_bytes"] >= RATIO_FROM_BYTES]
     if not big:
-        return (f"Horovod/MPI allreduce busbw: no size >= {format_size(RATIO_FROM_BYTES)} with both backends "
+        return (f"Horovod/MPI {op} busbw: no size >= {format_size(RATIO_FROM_BYTES)} with both backends "
                 f"in this run")
     parts = ", ".join(f"{format_size(r['size_bytes'])} {r['busbw_ratio']:.2f} [{r['busbw_ratio_at_min_latency']:.2f}]"
                       for r in big)
-    below = [r for r in big if r["busbw_ratio"] < RATIO_TARGET]
-    verdict = (f"BELOW {RATIO_TARGET} at {', '.join(format_size(r['size_bytes']) for r in below)}" if below
-               else f"at or above {RATIO_TARGET} at every size >= {format_size(RATIO_FROM_BYTES)}")
-    return (f"Horovod/MPI (mpi4py) allreduce busbw, same run, from median latencies [from minimum latencies]: "
+    below = [r for r in big if r["busbw_ratio"] < target]
+    verdict = (f"BELOW {target} at {', '.join(format_size(r['size_bytes']) for r in below)}" if below
+               else f"at or above {target} at every size >= {format_size(RATIO_FROM_BYTES)}")
+    return (f"Horovod/MPI (mpi4py) {op} busbw, same run, from median latencies [from minimum latencies]: "
             f"{parts}; {verdict}")
+
+
+def format_compare_table(rows: list[dict], backend: str, op: str) -> str:
+    """Setting A against setting B for one backend and op, size by size, with B/A of busbw."""
+    by = {(r["setting"], r["size_bytes"]): r for r in rows if r["backend"] == backend and r["op"] == op}
+    ratios = {r["size_bytes"]: r for r in setting_ratios(rows, backend, op)}
+    lines = [f"{backend} {op}: busbw GB/s under A and B, interleaved launches [B/A from minimum latencies]",
+             f"{'size':>9} {'A':>9} {'B':>9} {'B/A':>6} {'[min]':>7}"]
+    for size in sorted({s for _, s in by}):
+        a, b, q = by.get(("A", size)), by.get(("B", size)), ratios.get(size)
+        if a and b and q:
+            lines.append(f"{format_size(size):>9} {a['busbw_gbps']:9.3f} {b['busbw_gbps']:9.3f} "
+                         f"{q['busbw_ratio']:6.2f} [{q['busbw_ratio_at_min_latency']:5.2f}]")
+    return "\n".join(lines)
+
+
+def comm_variants(cfg: CommConfig) -> list[tuple[str, dict[str, str]]]:
+    """(setting, variables on top of the launch environment): A alone, or A and B under --compare-env."""
+    variants = [("A", dict(cfg.baseline_env))]
+    if cfg.compare_env is not None:
+        variants.append(("B", dict(cfg.compare_env)))
+    return variants
 
 
 def run_comm(cfg: CommConfig, out: Path) -> int:
     started = datetime.now().astimezone()
     t0 = time.perf_counter()
-    env_record = environment_record(cfg.np)
+    variants = dict(comm_variants(cfg))
+    env_record = environment_record(cfg.np, cfg.baseline_env, cfg.compare_env)
     if is_oversubscribed(cfg.np):
         print(f"note: {cfg.np} ranks on {physical_cores()} cores: oversubscribed, flagged in every row", flush=True)
-    rows = measure_memcpy(cfg)
-    settings, failures, launches = {}, [], []
-    pooled: dict[tuple, tuple[int, list[float]]] = {}  # (backend, op, size) -> (bytes_moved, times over rounds)
-    order = launch_order(cfg.backends, cfg.rounds)
+    if cfg.compare_env is not None:
+        print(f"setting A: {format_env_setting(cfg.baseline_env)}\nsetting B: {format_env_setting(cfg.compare_env)}"
+              f"\n(launches of A and B interleaved, each on top of the suite's launch environment)", flush=True)
+    from bench.environment import launch_settings
+    rows = [r | {"setting": ""} for r in measure_memcpy(cfg, launch_settings(dict(os.environ)))]
+    settings, launch_fields, failures, launches = {}, {}, [], []
+    pooled: dict[tuple, tuple[int, list[float]]] = {}  # (setting, backend, op, size) -> (bytes_moved, times)
+    # Same backend under A and B side by side, so a B/A ratio compares launches minutes apart at most.
+    units = [(setting, backend) for backend in cfg.backends for setting in variants]
+    order = launch_order(tuple(units), cfg.rounds)
     share = split_iters(cfg.iters, cfg.rounds)
-    for k, backend in enumerate(order):
-        if any(f["backend"] == backend for f in failures):
+    failed = lambda unit: any((f["setting"], f["backend"]) == unit for f in failures)  # noqa: E731
+    for k, (setting, backend) in enumerate(order):
+        if failed((setting, backend)):
             continue
-        round_ = k // len(cfg.backends)
-        print(f"measuring {backend} on {cfg.np} ranks (round {round_ + 1}/{cfg.rounds}) ...", file=sys.stderr,
-              flush=True)
-        points, seen, launch = measure_backend(cfg, backend, share[round_])
-        launches.append({"backend": backend, "round": round_ + 1, "seconds": round(launch.seconds, 2)})
+        round_ = k // len(units)
+        label = f" under setting {setting}" if len(variants) > 1 else ""
+        print(f"measuring {backend}{label} on {cfg.np} ranks (round {round_ + 1}/{cfg.rounds}) ...",
+              file=sys.stderr, flush=True)
+        points, seen, launch = measure_backend(cfg, backend, share[round_], variants[setting])
+        launches.append({"backend": backend, "setting": setting, "round": round_ + 1,
+                         "seconds": round(launch.seconds, 2)})
         if launch.error:
-            failures.append({"backend": backend, "round": round_ + 1, "error": launch.error})
-            print(f"alure-bench comm: {backend} failed: {launch.error}", file=sys.stderr)
+            failures.append({"backend": backend, "setting": setting, "round": round_ + 1, "error": launch.error})
+            print(f"alure-bench comm: {backend}{label} failed: {launch.error}", file=sys.stderr)
             continue
         for (op, size), (moved, times) in points.items():
-            pooled.setdefault((backend, op, size), (moved, []))[1].extend(times)
+            pooled.setdefault((setting, backend, op, size), (moved, []))[1].extend(times)
+        launch_fields[(setting, backend)] = launch.records[0].get("launch", {})
         if backend == "horovod":
-            settings = seen
+            settings.setdefault(setting, seen)
     over = is_oversubscribed(cfg.np)
-    for backend in cfg.backends:
-        if any(f["backend"] == backend for f in failures):
+    for setting, backend in units:
+        if failed((setting, backend)):
             continue  # a backend with a failed round has no complete rows
         for op in cfg.ops:
             for size in cfg.sizes:
-                moved, times = pooled[(backend, op, size)]
+                moved, times = pooled[(setting, backend, op, size)]
                 rows.append(comm_row(backend, op, cfg.np, size, moved, times,
                                      tensors=cfg.tensors if op == "allreduce" else 1, warmup=cfg.warmup,
-                                     rounds=cfg.rounds, oversubscribed=over))
-    if not settings:  # Horovod not run: what it would have been launched with
-        settings = {k: v for k, v in mpi_environment(cfg.np).items() if k.startswith("HOROVOD_")}
+                                     rounds=cfg.rounds, oversubscribed=over,
+                                     launch=launch_fields[(setting, backend)], setting=setting))
+    for setting, extra in variants.items():
+        if setting not in settings:  # Horovod not run: what it would have been launched with
+            settings[setting] = {k: v for k, v in mpi_environment(cfg.np, {**os.environ, **extra}).items()
+                                 if k.startswith("HOROVOD_")}
 
-    ratios = busbw_ratios(rows)
-    ratio_by_size = {r["size_bytes"]: r["busbw_ratio"] for r in ratios}
-    for backend in ("memcpy", *cfg.backends):
-        for op in ("memcpy", *cfg.ops):
-            table = [r for r in rows if r["backend"] == backend and r["op"] == op]
-            if table:
-                show = ratio_by_size if (backend, op) == ("horovod", "allreduce") else None
-                print(format_comm_table(table, show) + "\n")
-    print(f"Horovod settings: {', '.join(f'{k}={v}' for k, v in settings.items()) or 'none'}")
-    if "horovod" in cfg.backends and "mpi4py" in cfg.backends and "allreduce" in cfg.ops:
-        print(ratio_verdict(ratios))
+    ratios = [q for op in cfg.ops for q in busbw_ratios(rows, op=op)]
+    for setting in variants:
+        for backend in ("memcpy", *cfg.backends):
+            for op in ("memcpy", *cfg.ops):
+                table = [r for r in rows if r["backend"] == backend and r["op"] == op
+                         and r["setting"] in (setting, "")]
+                if table and not (backend == "memcpy" and setting != "A"):
+                    show = ({q["size_bytes"]: q["busbw_ratio"] for q in busbw_ratios(rows, op=op, setting=setting)}
+                            if backend == "horovod" else None)
+                    print(format_comm_table(table, show) + "\n")
+    for setting in variants:
+        prefix = f"Setting {setting}: " if len(variants) > 1 else ""
+        fields = launch_fields.get((setting, cfg.backends[0]), {})
+        print(f"{prefix}shared memory {fields.get('single_copy_mechanism', '?')}, allocator "
+              f"{fields.get('allocator', '?')}; Horovod settings: "
+              f"{', '.join(f'{k}={v}' for k, v in settings[setting].items()) or 'none'}")
+    if "horovod" in cfg.backends and "mpi4py" in cfg.backends:
+        for op in cfg.ops:
+            these = [q for q in ratios if q["op"] == op]
+            if these:
+                print(ratio_verdict(these))
+    compared = []
+    if cfg.compare_env is not None:
+        for backend in cfg.backends:
+            for op in cfg.ops:
+                if not failed(("A", backend)) and not failed(("B", backend)):
+                    compared += setting_ratios(rows, backend, op)
+                    print("\n" + format_compare_table(rows, backend, op))
 
     seconds = round(time.perf_counter() - t0, 2)
     result = {"kind": "comm", "started": started.isoformat(timespec="seconds"), "seconds": seconds,
               "config": asdict(cfg) | {"sizes": cfg.sizes}, "cores": physical_cores(),
-              "horovod_settings": settings, "harness_horovod_settings": dict(HOROVOD_SETTINGS),
+              "horovod_settings": settings["A"], "harness_horovod_settings": dict(HOROVOD_SETTINGS),
               "launches": launches, "horovod_vs_mpi4py": ratios, "failures": failures, "rows": rows}
+    if cfg.compare_env is not None:
+        result |= {"compare_horovod_settings": settings["B"], "b_over_a": compared}
     atomic_write_json(out / "environment.json", env_record)
     atomic_write_json(out / "comm.json", result)
     write_csv_atomic(out / "comm.csv", rows, ROW_FIELDS + EXTRA_FIELDS)
@@ -599,7 +712,9 @@ def comm_main(args: argparse.Namespace) -> int:
                      min_bytes=parse_size(args.min_bytes, "--min-bytes"),
                      max_bytes=parse_size(args.max_bytes, "--max-bytes"),
                      warmup=_int(args.warmup, "--warmup"), iters=_int(args.iters, "--iters"),
-                     rounds=_int(args.rounds, "--rounds"), tensors=_int(args.tensors, "--tensors"))
+                     rounds=_int(args.rounds, "--rounds"), tensors=_int(args.tensors, "--tensors"),
+                     baseline_env=parse_env_setting(args.baseline_env, "--baseline-env") if args.baseline_env else {},
+                     compare_env=parse_env_setting(args.compare_env) if args.compare_env is not None else None)
     return run_comm(cfg, results_dir(args.out, "comm"))
 
 
@@ -628,6 +743,12 @@ def register(sub) -> None:
                    help="launches per backend in alternating order, iterations pooled (default 2)")
     p.add_argument("--tensors", default="1", help="split each allreduce into this many tensors started together "
                                                   "(to measure Horovod's tensor fusion; default 1)")
+    p.add_argument("--compare-env", default=None, metavar="'VAR=VALUE ...'",
+                   help="also run every backend with these variables set on top of the launch environment "
+                        "(setting B), launches interleaved with setting A, and print busbw B/A per size; e.g. "
+                        "'OMPI_MCA_btl_vader_single_copy_mechanism=none' or 'HOROVOD_CYCLE_TIME=1'")
+    p.add_argument("--baseline-env", default=None, metavar="'VAR=VALUE ...'",
+                   help="variables for setting A (default: the suite's launch environment as it is)")
     p.add_argument("--out", default=None, help="results folder (default results/local/comm-<timestamp>/)")
     p.set_defaults(func=comm_main)
 

@@ -265,8 +265,9 @@ def run_comm(spec: dict) -> dict:
             times = timed(call, backend.barrier, spec["warmup"], spec["iters"])
             results.append({"op": op, "size_bytes": size, "bytes_moved": geo.bytes_moved, "times_s": times})
             del call  # free this point's buffers before the next one allocates
+    from bench.environment import launch_settings
     record = {"rank": backend.rank, "size": backend.size, "backend": backend.name, "settings": backend.settings(),
-              "results": results}
+              "launch": launch_settings(dict(os.environ)), "results": results}
     backend.close()
     return record
 

@@ -8,11 +8,13 @@ import sys
 import pytest
 
 from bench import cli
-from bench.comm import (ROW_FIELDS, busbw_factor, busbw_ratios, comm_row, crossover_density, describe_crossover,
-                        launch_order, parse_size, rank_max, ratio_verdict, split_iters)
+from bench.comm import (LAUNCH_FIELDS, ROW_FIELDS, busbw_factor, busbw_ratios, comm_row, crossover_density,
+                        describe_crossover, launch_order, parse_env_setting, parse_size, rank_max, ratio_verdict,
+                        setting_ratios, split_iters)
 from bench.comm_rank import geometry, split_sizes
 from bench.errors import UsageError
-from bench.launch import HOROVOD_SETTINGS, mpi_environment
+from bench.launch import ALLOCATORS, DEFAULT_ALLOCATOR, HOROVOD_SETTINGS, mpi_environment
+from bench.transport import VARIABLE
 
 
 # --- figures ------------------------------------------------------------------------------------------------------
@@ -89,7 +91,43 @@ def test_horovod_over_mpi_ratio_per_size():
     ratios = busbw_ratios(rows)
     assert ratios == [{"op": "allreduce", "size_bytes": 4 << 20, "numerator": "horovod", "denominator": "mpi4py",
                        "busbw_ratio": 0.5, "busbw_ratio_at_min_latency": 0.9}]
-    assert ratio_verdict(ratios).endswith("4 MiB 0.50 [0.90]; BELOW 0.9 at 4 MiB")
+    assert ratio_verdict(ratios).endswith("allreduce busbw, same run, from median latencies [from minimum latencies]: "
+                                          "4 MiB 0.50 [0.90]; BELOW 0.8 at 4 MiB")
+
+
+def test_setting_b_over_a_per_size():
+    a = comm_row("mpi4py", "allgather", 2, 1 << 20, 1 << 20, [0.002, 0.001], setting="A")
+    b = comm_row("mpi4py", "allgather", 2, 1 << 20, 1 << 20, [0.001, 0.0005], setting="B")
+    other = comm_row("horovod", "allgather", 2, 1 << 20, 1 << 20, [0.004], setting="B")
+    [q] = setting_ratios([a, b, other], "mpi4py", "allgather")
+    assert (q["busbw_ratio"], q["busbw_ratio_at_min_latency"]) == (2.0, 2.0)
+    assert (q["numerator_setting"], q["denominator_setting"]) == ("B", "A")
+    assert busbw_ratios([a, b, other], num="horovod", op="allgather", setting="B")[0]["busbw_ratio"] == 0.1875  # 0.75 ms / 4 ms
+
+
+def test_env_settings_parse_or_refuse_in_one_line():
+    assert parse_env_setting("A=1 B=x,C=") == {"A": "1", "B": "x", "C": ""}
+    for bad in ("", "A", "1A=2", "A=1 =2"):
+        with pytest.raises(UsageError):
+            parse_env_setting(bad)
+
+
+def test_rows_carry_what_they_ran_with():
+    launch = {"single_copy_mechanism": "cma", "allocator": "glibc-reuse", "horovod_cycle_time_ms": "0.02"}
+    row = comm_row("horovod", "allreduce", 2, 4, 4, [1e-5], launch=launch, setting="B")
+    assert set(LAUNCH_FIELDS) <= set(row)
+    assert (row["setting"], row["single_copy_mechanism"], row["allocator"]) == ("B", "cma", "glibc-reuse")
+    assert row["horovod_fusion_threshold_bytes"] == ""  # not given: Horovod's own default
+
+
+def test_allocator_setting_reaches_the_ranks_and_a_bad_one_is_refused():
+    env = mpi_environment(2, base={})
+    assert env["ALURE_BENCH_ALLOCATOR"] == DEFAULT_ALLOCATOR
+    assert all(env[k] == v for k, v in ALLOCATORS[DEFAULT_ALLOCATOR].items())
+    plain = mpi_environment(2, base={"ALURE_BENCH_ALLOCATOR": "glibc"})
+    assert not any(k.startswith("MALLOC_") for k in plain)
+    with pytest.raises(UsageError, match="not an allocator setting"):
+        mpi_environment(2, base={"ALURE_BENCH_ALLOCATOR": "hoard"})
 
 
 def test_horovod_settings_reach_every_launch_unless_already_set():
@@ -135,6 +173,35 @@ def test_comm_on_two_ranks_end_to_end(tmp_path):
     for name, value in HOROVOD_SETTINGS.items():
         assert result["horovod_settings"][name] == value
     assert "Horovod settings:" in run.stdout and "horovod allreduce  np=2" in run.stdout
+    # Every row says what it ran with, as the ranks saw it.
+    launched = env["launch_variables"]
+    for r in rows:
+        if r["backend"] != "memcpy":
+            assert r["setting"] == "A" and r["single_copy_mechanism"] == launched[VARIABLE]
+            assert r["allocator"].startswith(launched["ALURE_BENCH_ALLOCATOR"])
+            assert r["horovod_cycle_time_ms"] == HOROVOD_SETTINGS["HOROVOD_CYCLE_TIME"]
+    assert env["shared_memory"]["single_copy_mechanism"] == launched[VARIABLE]
+
+
+@pytest.mark.mpi
+def test_compare_env_runs_both_settings_interleaved(tmp_path):
+    out = tmp_path / "cmp"
+    run = subprocess.run([sys.executable, "-m", "bench.cli", "comm", "--backends", "mpi4py", "--ops", "allgather",
+                          "--min-bytes", "64K", "--max-bytes", "128K", "--warmup", "1", "--iters", "4", "--rounds", "2",
+                          "--compare-env", f"{VARIABLE}=none ALURE_BENCH_ALLOCATOR=glibc", "--out", str(out)],
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((out / "comm.json").read_text())
+    assert [(x["setting"], x["round"]) for x in result["launches"]] == [("A", 1), ("B", 1), ("B", 2), ("A", 2)]
+    rows = {(r["setting"], r["size_bytes"]): r for r in result["rows"] if r["backend"] == "mpi4py"}
+    assert set(rows) == {(s, n) for s in "AB" for n in (64 << 10, 128 << 10)}
+    assert {rows["B", n]["single_copy_mechanism"] for n in (64 << 10, 128 << 10)} == {"none"}
+    assert {rows["B", n]["allocator"] for n in (64 << 10, 128 << 10)} == {"glibc"}
+    assert all(rows["A", n]["allocator"].startswith(DEFAULT_ALLOCATOR) for n in (64 << 10, 128 << 10))
+    assert [q["size_bytes"] for q in result["b_over_a"]] == [64 << 10, 128 << 10]
+    env = json.loads((out / "environment.json").read_text())
+    assert env["compare_launch_variables"][VARIABLE] == "none"
+    assert "mpi4py allgather: busbw GB/s under A and B" in run.stdout
 
 
 @pytest.mark.mpi
@@ -169,6 +236,8 @@ def test_crossover_on_two_ranks_end_to_end(tmp_path):
     (["--min-bytes", "2M", "--max-bytes", "1M"], "swap them"),
     (["--iters", "0"], "at least 1"),
     (["--max-bytes", "64T"], "not a size"),
+    (["--compare-env", "HOROVOD_CYCLE_TIME"], "is not VAR=VALUE"),
+    (["--baseline-env", "=1"], "is not VAR=VALUE"),
 ])
 def test_bad_comm_input_is_one_line(args, fragment, capsys):
     assert cli.main(["comm", *args]) == 2
