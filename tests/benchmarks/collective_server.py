@@ -2,7 +2,8 @@
 
     python collective_server.py HOST PORT BACKEND        (on every rank, launched by bench.launch.run_ranks)
 
-Each rank connects to the pytest process and obeys one JSON line at a time:
+Each rank connects to the pytest process, says hello (its rank, the world size and the launch settings it sees:
+shared-memory mechanism, allocator, Horovod knobs) and obeys one JSON line at a time:
   {"cmd": "prepare", "op": ..., "size": ...}  build that point's buffers (bench.comm_rank, as `alure-bench comm`
                                               does), make `warmup` untimed calls, answer {"bytes_moved": ...}
   {"cmd": "run", "calls": K}                  make K back-to-back calls of the prepared collective, answer {}
@@ -10,10 +11,12 @@ Each rank connects to the pytest process and obeys one JSON line at a time:
   {"cmd": "stop"}                             shut the backend down and exit
 """
 import json
+import os
 import socket
 import sys
 
 from bench.comm_rank import BACKEND_CLASSES, geometry
+from bench.environment import launch_settings
 
 
 def main(host: str, port: int, backend_name: str) -> None:
@@ -26,7 +29,7 @@ def main(host: str, port: int, backend_name: str) -> None:
         stream.write(json.dumps(obj) + "\n")
         stream.flush()
 
-    answer({"rank": backend.rank, "size": backend.size})
+    answer({"rank": backend.rank, "size": backend.size, "launch": launch_settings(dict(os.environ))})
     call = None
     for line in stream:
         msg = json.loads(line)

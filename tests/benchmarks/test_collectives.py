@@ -10,7 +10,8 @@ How it is timed, and why that is honest:
 - The timed round therefore also holds one control round trip (two small TCP messages). It is measured on its
   own as test_control_round_trip, and K is chosen per size so that the collectives dominate the round; divide
   by K (extra_info["calls_per_round"]) for the time of one call. extra_info also carries the per-call latency
-  and busbw derived from the round median, for reading next to `alure-bench comm`.
+  and busbw derived from the round median, for reading next to `alure-bench comm`, and the launch settings the
+  ranks saw (shared-memory mechanism, allocator, Horovod knobs), as comm rows do.
 - K is fixed per size (not calibrated at run time), so saved runs stay comparable with --benchmark-compare.
 
 Quick mode (the normal test run): Horovod and mpi4py, allreduce and allgather, 64 KiB and 4 MiB, 5 rounds.
@@ -71,6 +72,7 @@ class Ranks:
             listener.close()
         hellos = [self._read(s) for s in self.streams]
         assert sorted(h["rank"] for h in hellos) == list(range(NP)), hellos
+        self.launch = hellos[0]["launch"]  # what the ranks ran with, saved beside every figure
 
     def _launch(self, host, port, env, timeout_s):
         self.run = run_ranks(NP, [sys.executable, str(SERVER), host, str(port), self.backend], timeout_s=timeout_s,
@@ -118,7 +120,7 @@ def test_collective(benchmark, ranks, op, size):
     calls = CALLS_PER_ROUND[size]
     moved = ranks.ask(cmd="prepare", op=op, size=size, warmup=2)[0]["bytes_moved"]
     benchmark.extra_info.update(backend=ranks.backend, op=op, np=NP, size_bytes=size, bytes_moved=moved,
-                                calls_per_round=calls)
+                                calls_per_round=calls, **ranks.launch)
     benchmark.pedantic(ranks.ask, kwargs={"cmd": "run", "calls": calls}, rounds=ROUNDS, warmup_rounds=1)
     stats = getattr(benchmark.stats, "stats", None)  # None under --benchmark-disable
     if stats is not None:
