@@ -45,10 +45,13 @@ LAUNCH_FIELDS = ("setting", "single_copy_mechanism", "allocator", "horovod_cycle
                  "horovod_fusion_threshold_bytes", "horovod_cache_capacity", "horovod_autotune")
 """What a row ran with (bench.environment.launch_settings, read by the ranks from their own environment); `setting`
 is A, or B under --compare-env."""
-EXTRA_FIELDS = ("bytes_moved", "tensors", "warmup", "iters", "rounds", "oversubscribed", *LAUNCH_FIELDS)
+EXTRA_FIELDS = ("bytes_moved", "tensors", "warmup", "iters", "rounds", "oversubscribed", "minor_faults_per_call",
+                "caller_busy_fraction", *LAUNCH_FIELDS)
 """Extra columns: bytes_moved is the S of algbw (differs from size_bytes only for sparse-pair and sizes P does not
 divide); tensors is how many tensors an allreduce was split into (1 unless --tensors); iters is the timed iterations
-pooled over `rounds` launches of the backend, each with `warmup` untimed ones first; then the launch fields."""
+pooled over `rounds` launches of the backend, each with `warmup` untimed ones first; minor_faults_per_call is the
+largest rank's page faults per timed call and caller_busy_fraction the largest rank's CPU time of the calling
+thread over the timed wall time (both the mean over launches); then the launch fields."""
 CROSSOVER_FIELDS = ("np", "density", "rows_touched_per_rank", "nnz_per_rank", "mode", "time_ms_median", "time_ms_p10",
                     "time_ms_p90", "bytes_sent_per_rank", "bytes_held_per_rank", "oversubscribed")
 RATIO_TARGETS = {"allreduce": 0.8, "allgather": 0.7, "sparse-pair": 0.7}
@@ -137,7 +140,8 @@ def rank_max(per_rank_times: list[list[float]]) -> list[float]:
 
 def comm_row(backend: str, op: str, np: int, size_bytes: int, bytes_moved: int, times_s: list[float], *,
              tensors: int = 1, warmup: int = 0, rounds: int = 1, oversubscribed: bool = False,
-             launch: dict | None = None, setting: str = "A") -> dict:
+             launch: dict | None = None, setting: str = "A", minor_faults_per_call: float | None = None,
+             caller_busy_fraction: float | None = None) -> dict:
     """One comm row from the per-iteration times (already the rank maximum), with what it ran with."""
     median = statistics.median(times_s)
     algbw = bytes_moved / median / 1e9
@@ -146,6 +150,8 @@ def comm_row(backend: str, op: str, np: int, size_bytes: int, bytes_moved: int, 
             "latency_us_max": round(max(times_s) * 1e6, 3), "algbw_gbps": float(f"{algbw:.6g}"),
             "busbw_gbps": float(f"{algbw * busbw_factor(op, np):.6g}"), "bytes_moved": bytes_moved, "tensors": tensors,
             "warmup": warmup, "iters": len(times_s), "rounds": rounds, "oversubscribed": oversubscribed,
+            "minor_faults_per_call": None if minor_faults_per_call is None else round(minor_faults_per_call, 1),
+            "caller_busy_fraction": None if caller_busy_fraction is None else round(caller_busy_fraction, 3),
             "setting": setting, **{k: (launch or {}).get(k, "") for k in LAUNCH_FIELDS if k != "setting"}}
 
 
@@ -444,7 +450,8 @@ def split_iters(iters: int, rounds: int) -> list[int]:
 def measure_backend(cfg: CommConfig, backend: str, iters: int,
                     extra_env: dict[str, str] | None = None) -> tuple[dict, dict, LaunchResult]:
     """One launch of `backend` with `iters` timed iterations per point; returns {(op, size): (bytes_moved,
-    per-iteration rank-max seconds)}, the settings rank 0 saw, and the launch."""
+    per-iteration rank-max seconds, faults per call, caller busy fraction)}, the settings rank 0 saw, and the
+    launch."""
     spec = {"program": "comm", "backend": backend, "ops": list(cfg.ops), "sizes": cfg.sizes, "dim": cfg.dim,
             "tensors": cfg.tensors, "warmup": cfg.warmup, "iters": iters}
     calls = (cfg.warmup + iters) * len(cfg.ops) * len(cfg.sizes) * cfg.tensors
@@ -455,7 +462,9 @@ def measure_backend(cfg: CommConfig, backend: str, iters: int,
     points = {}
     for per_rank in zip(*(r["results"] for r in launch.records)):
         p = per_rank[0]
-        points[(p["op"], p["size_bytes"])] = (p["bytes_moved"], rank_max([q["times_s"] for q in per_rank]))
+        points[(p["op"], p["size_bytes"])] = (p["bytes_moved"], rank_max([q["times_s"] for q in per_rank]),
+                                               max(q.get("minor_faults_per_call", 0) for q in per_rank),
+                                               max(q.get("caller_busy_fraction", 0) for q in per_rank))
     return points, launch.records[0]["settings"], launch
 
 
@@ -469,10 +478,12 @@ def format_comm_table(rows: list[dict], ratios: dict[int, float] | None = None, 
     lines = [f"{r0['backend']} {r0['op']}  np={r0['np']}  ({r0['iters']} timed iterations{runs}, "
              f"{r0['warmup']} warm-up per launch{split}){setting}{flag}",
              f"{'size':>9} {'lat med us':>11} {'min us':>10} {'max us':>10} {'algbw GB/s':>11} {'busbw GB/s':>11}"
-             + (f" {'vs ' + vs:>9}" if ratios else "")]
+             f" {'faults/call':>11} {'busy':>5}" + (f" {'vs ' + vs:>9}" if ratios else "")]
     for r in rows:
         line = (f"{format_size(r['size_bytes']):>9} {r['latency_us_median']:11.1f} {r['latency_us_min']:10.1f} "
-                f"{r['latency_us_max']:10.1f} {r['algbw_gbps']:11.3f} {r['busbw_gbps']:11.3f}")
+                f"{r['latency_us_max']:10.1f} {r['algbw_gbps']:11.3f} {r['busbw_gbps']:11.3f}"
+                + (f" {r['minor_faults_per_call']:11.1f} {r['caller_busy_fraction']:5.2f}"
+                   if r.get("minor_faults_per_call") is not None else f" {'-':>11} {'-':>5}"))
         if ratios:
             ratio = ratios.get(r["size_bytes"])
             line += f" {ratio:9.2f}" if ratio is not None else f" {'-':>9}"
@@ -502,12 +513,13 @@ def format_compare_table(rows: list[dict], backend: str, op: str) -> str:
     by = {(r["setting"], r["size_bytes"]): r for r in rows if r["backend"] == backend and r["op"] == op}
     ratios = {r["size_bytes"]: r for r in setting_ratios(rows, backend, op)}
     lines = [f"{backend} {op}: busbw GB/s under A and B, interleaved launches [B/A from minimum latencies]",
-             f"{'size':>9} {'A':>9} {'B':>9} {'B/A':>6} {'[min]':>7}"]
+             f"{'size':>9} {'A':>9} {'B':>9} {'B/A':>6} {'[min]':>7} {'A faults/call':>13} {'B faults/call':>13}"]
     for size in sorted({s for _, s in by}):
         a, b, q = by.get(("A", size)), by.get(("B", size)), ratios.get(size)
         if a and b and q:
             lines.append(f"{format_size(size):>9} {a['busbw_gbps']:9.3f} {b['busbw_gbps']:9.3f} "
-                         f"{q['busbw_ratio']:6.2f} [{q['busbw_ratio_at_min_latency']:5.2f}]")
+                         f"{q['busbw_ratio']:6.2f} [{q['busbw_ratio_at_min_latency']:5.2f}] "
+                         f"{a['minor_faults_per_call'] or 0:13.1f} {b['minor_faults_per_call'] or 0:13.1f}")
     return "\n".join(lines)
 
 
@@ -532,7 +544,7 @@ def run_comm(cfg: CommConfig, out: Path) -> int:
     from bench.environment import launch_settings
     rows = [r | {"setting": ""} for r in measure_memcpy(cfg, launch_settings(dict(os.environ)))]
     settings, launch_fields, failures, launches = {}, {}, [], []
-    pooled: dict[tuple, tuple[int, list[float]]] = {}  # (setting, backend, op, size) -> (bytes_moved, times)
+    pooled: dict[tuple, tuple] = {}  # (setting, backend, op, size) -> (bytes_moved, times, faults, busy per launch)
     # Same backend under A and B side by side, so a B/A ratio compares launches minutes apart at most.
     units = [(setting, backend) for backend in cfg.backends for setting in variants]
     order = launch_order(tuple(units), cfg.rounds)
@@ -552,8 +564,11 @@ def run_comm(cfg: CommConfig, out: Path) -> int:
             failures.append({"backend": backend, "setting": setting, "round": round_ + 1, "error": launch.error})
             print(f"alure-bench comm: {backend}{label} failed: {launch.error}", file=sys.stderr)
             continue
-        for (op, size), (moved, times) in points.items():
-            pooled.setdefault((setting, backend, op, size), (moved, []))[1].extend(times)
+        for (op, size), (moved, times, faults, busy) in points.items():
+            entry = pooled.setdefault((setting, backend, op, size), (moved, [], [], []))
+            entry[1].extend(times)
+            entry[2].append(faults)
+            entry[3].append(busy)
         launch_fields[(setting, backend)] = launch.records[0].get("launch", {})
         if backend == "horovod":
             settings.setdefault(setting, seen)
@@ -563,11 +578,13 @@ def run_comm(cfg: CommConfig, out: Path) -> int:
             continue  # a backend with a failed round has no complete rows
         for op in cfg.ops:
             for size in cfg.sizes:
-                moved, times = pooled[(setting, backend, op, size)]
+                moved, times, faults, busy = pooled[(setting, backend, op, size)]
                 rows.append(comm_row(backend, op, cfg.np, size, moved, times,
                                      tensors=cfg.tensors if op == "allreduce" else 1, warmup=cfg.warmup,
                                      rounds=cfg.rounds, oversubscribed=over,
-                                     launch=launch_fields[(setting, backend)], setting=setting))
+                                     launch=launch_fields[(setting, backend)], setting=setting,
+                                     minor_faults_per_call=statistics.fmean(faults),
+                                     caller_busy_fraction=statistics.fmean(busy)))
     for setting, extra in variants.items():
         if setting not in settings:  # Horovod not run: what it would have been launched with
             settings[setting] = {k: v for k, v in mpi_environment(cfg.np, {**os.environ, **extra}).items()

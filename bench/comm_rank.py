@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -126,6 +127,17 @@ class HorovodBackend:
         self.hvd.shutdown()
 
 
+def page_aligned(make, n: int, dtype):
+    """`make(n, dtype)` (np.zeros, np.empty) starting on a page boundary. Where numpy's buffers land depends on
+    the allocator (16-byte aligned in glibc's heap), and a copy between a send and a receive buffer whose addresses
+    differ modulo 64 ran 3-5x slower here (docs/collectives.md): the baseline must not hinge on that."""
+    import numpy as np
+    itemsize = np.dtype(dtype).itemsize
+    raw = make(n + 4096 // itemsize, dtype)
+    skip = (-raw.ctypes.data) % 4096 // itemsize
+    return raw[skip:skip + n]
+
+
 class Mpi4pyBackend:
     """Raw MPI through mpi4py on numpy buffers allocated once: the baseline Horovod is held against."""
 
@@ -143,7 +155,7 @@ class Mpi4pyBackend:
         import numpy as np
         comm, MPI = self.comm, self.MPI
         if op == "allreduce":
-            buf = np.zeros(geo.per_rank, np.float32)
+            buf = page_aligned(np.zeros, geo.per_rank, np.float32)
             bounds = np.cumsum([0, *split_sizes(geo.per_rank, tensors)])
             chunks = [buf[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
@@ -152,15 +164,16 @@ class Mpi4pyBackend:
                     comm.Allreduce(MPI.IN_PLACE, c, op=MPI.SUM)
             return call
         if op == "allgather":
-            part = np.zeros(geo.per_rank, np.float32)
-            out = np.empty(geo.per_rank * self.size, np.float32)
+            part = page_aligned(np.zeros, geo.per_rank, np.float32)
+            out = page_aligned(np.empty, geo.per_rank * self.size, np.float32)
             return lambda: comm.Allgather(part, out)
         if op == "sparse-pair":
             rows = geo.per_rank
-            idx = np.arange(rows, dtype=np.int64).reshape(rows, 1) + self.rank * rows
-            val = np.zeros((rows, dim), np.float32)
-            idx_out = np.empty((rows * self.size, 1), np.int64)
-            val_out = np.empty((rows * self.size, dim), np.float32)
+            idx = page_aligned(np.empty, rows, np.int64).reshape(rows, 1)
+            idx[:, 0] = np.arange(rows) + self.rank * rows
+            val = page_aligned(np.zeros, rows * dim, np.float32).reshape(rows, dim)
+            idx_out = page_aligned(np.empty, rows * self.size, np.int64).reshape(rows * self.size, 1)
+            val_out = page_aligned(np.empty, rows * self.size * dim, np.float32).reshape(rows * self.size, dim)
 
             def call():
                 comm.Allgather(idx, idx_out)
@@ -255,15 +268,23 @@ def sparse_gradient(torch, rank: int, rows: int, table_rows: int, dim: int, seed
 # --- the two programs a rank runs ---------------------------------------------------------------------------------
 
 def run_comm(spec: dict) -> dict:
-    """Every (op, size) of the spec on one backend; returns this rank's per-iteration seconds."""
+    """Every (op, size) of the spec on one backend; returns this rank's per-iteration seconds, the page faults of
+    the process per timed call (an allocation per call that the allocator does not reuse faults every page in
+    again), and the fraction of the timed wall time the calling thread spent on a CPU (a wait that spins shows
+    as a fraction near 1, and on a core shared with the thread doing the copy it slows that thread)."""
     backend = BACKEND_CLASSES[spec["backend"]]()
     results = []
     for op in spec["ops"]:
         for size in spec["sizes"]:
             geo = geometry(op, size, backend.size, spec["dim"])
             call = backend.prepare(op, geo, spec["tensors"] if op == "allreduce" else 1, spec["dim"])
-            times = timed(call, backend.barrier, spec["warmup"], spec["iters"])
-            results.append({"op": op, "size_bytes": size, "bytes_moved": geo.bytes_moved, "times_s": times})
+            timed(call, backend.barrier, spec["warmup"], 0)
+            faults, busy = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.thread_time()
+            times = timed(call, backend.barrier, 0, spec["iters"])
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+            results.append({"op": op, "size_bytes": size, "bytes_moved": geo.bytes_moved, "times_s": times,
+                            "minor_faults_per_call": faults / spec["iters"],
+                            "caller_busy_fraction": (time.thread_time() - busy) / max(sum(times), 1e-9)})
             del call  # free this point's buffers before the next one allocates
     from bench.environment import launch_settings
     record = {"rank": backend.rank, "size": backend.size, "backend": backend.name, "settings": backend.settings(),
