@@ -84,7 +84,7 @@ def choice() -> dict:
     except (OSError, ValueError):
         pass
     record = probe(host, version, denied)
-    if record["cma_works"] is not None:  # a probe that could not run at all is not an answer to keep
+    if record["cma_works"] is not None:  # a probe that could not run is not an answer to keep
         _write_cache(path, record)
     return _say(record | {"source": "probe"})
 
@@ -94,17 +94,11 @@ def probe(host: str, version: str, denied: bool = False, timeout_s: float = 60) 
     with no complaint from Open MPI."""
     from datetime import datetime, timezone
 
-    from bench.launch import python_module_argv, run_ranks
+    from bench.launch import json_after, python_module_argv, run_ranks
     env = dict(os.environ, **{VARIABLE: "cma"})
     argv = python_module_argv("bench.transport", "--rank", *(["--deny-cma"] if denied else []))
     run = run_ranks(2, argv, timeout_s=timeout_s, env=env)
-    records = []
-    for line in run.stdout.splitlines():
-        if _MARKER in line:
-            try:
-                records.append(json.loads(line.split(_MARKER, 1)[1]))
-            except ValueError:
-                pass
+    records = [r for r in json_after(run.stdout, _MARKER) if isinstance(r, dict)]
     complaint = next((line.strip() for line in run.stderr.splitlines()
                       if "errno" in line.lower() or "cross-memory" in line.lower() or "CMA" in line), None)
     refused = next((r["read_error"] for r in records if r.get("read_error")), None)
@@ -112,11 +106,12 @@ def probe(host: str, version: str, denied: bool = False, timeout_s: float = 60) 
         works, reason = None, f"the probe ran past {timeout_s:.0f} s"
     elif refused:
         works, reason = False, f"process_vm_readv refused: {refused}"
-    elif run.returncode != 0 or len(records) != 2:
-        last = next((line for line in reversed(run.stderr.strip().splitlines()) if line.strip()), "no output")
-        works, reason = False, f"the probe exited {run.returncode} with CMA forced: {last.strip()[:200]}"
-    elif complaint or not all(r.get("data_ok") for r in records):
+    elif complaint or (len(records) == 2 and not all(r.get("data_ok") for r in records)):
         works, reason = False, f"Open MPI's CMA copy failed: {complaint or 'gathered data wrong'}"
+    elif run.returncode != 0 or len(records) != 2:
+        # Not an answer about CMA (no slots for two ranks inside an allocation, a broken MPI): not cached.
+        last = next((line for line in reversed(run.stderr.strip().splitlines()) if line.strip()), "no output")
+        works, reason = None, f"the probe could not run two ranks (exit {run.returncode}): {last.strip()[:200]}"
     else:
         works, reason = True, "cross-memory attach works between ranks here"
     return {"single_copy_mechanism": "cma" if works else "none", "cma_works": works, "reason": reason,
