@@ -47,28 +47,45 @@ def wait_for(predicate, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def test_exchange_bytes_grow_with_p_for_sparse_gather_and_stay_flat_for_dense_reduce(tmp_path):
+def test_exchange_bytes_grow_with_p_for_the_gathers_and_stay_flat_for_dense_reduce(tmp_path):
     out = tmp_path / "bytes"
-    run = sweep("--nps", "1,2,3", "--scalings", "weak", "--steps", "3", "--out", str(out))
+    modes = "sparse-gather,coalesced-gather,dense-reduce,sparse-as-dense"
+    run = sweep("--nps", "1,2,3", "--modes", modes, "--scalings", "weak", "--steps", "3", "--out", str(out))
     assert run.returncode == 0, run.stderr[-2000:]
     df = pd.read_csv(out / "summary.csv")
     assert list(df.columns[:len(SUMMARY_COLUMNS)]) == SUMMARY_COLUMNS
     assert (df["status"] == "ok").all()
     assert df.loc[df["np"] == 3, "oversubscribed"].all() and not df.loc[df["np"] < 3, "oversubscribed"].any()
     by = {(r.mode, r.np): r for r in df.itertuples()}
-    # np=1: Horovod exchanges nothing at all, in either mode.
-    assert by[("sparse-gather", 1)].exchange_bytes_held == 0 == by[("dense-reduce", 1)].exchange_bytes_held
-    # sparse-gather holds every rank's (indices, values): P x what one rank sends.
-    g2, g3 = by[("sparse-gather", 2)].allgather_bytes_held, by[("sparse-gather", 3)].allgather_bytes_held
-    assert 1.3 < g3 / g2 < 1.7, (g2, g3)
-    # dense-reduce holds one V x d buffer per table whatever P is, and gathers nothing.
+    # np=1: Horovod exchanges nothing at all, in any mode.
+    assert {by[(m, 1)].exchange_bytes_held for m in modes.split(",")} == {0}
+    # The gathers hold every rank's (indices, values): P x what one rank sends; coalesced-gather fewer rows.
+    for mode in ("sparse-gather", "coalesced-gather"):
+        g2, g3 = by[(mode, 2)].allgather_bytes_held, by[(mode, 3)].allgather_bytes_held
+        assert 1.3 < g3 / g2 < 1.7, (mode, g2, g3)
+    assert by[("coalesced-gather", 2)].allgather_bytes_held < by[("sparse-gather", 2)].allgather_bytes_held
+    # dense-reduce holds one V x d buffer per table whatever P is, and gathers nothing; the control also holds
+    # the re-sparsified union of the rows, which grows with P.
     assert by[("dense-reduce", 2)].exchange_bytes_held == by[("dense-reduce", 3)].exchange_bytes_held > 0
-    assert by[("dense-reduce", 2)].allgather_calls == 0 == by[("dense-reduce", 3)].allgather_calls
+    assert by[("dense-reduce", 2)].exchange_bytes_held < by[("sparse-as-dense", 2)].exchange_bytes_held
+    for mode in ("dense-reduce", "sparse-as-dense"):
+        assert by[(mode, 2)].allgather_calls == 0 == by[(mode, 3)].allgather_calls
     for f in ("report.md", "efficiency.png", "breakdown.png", "memory.png", "environment.json", "sweep.json"):
         assert (out / f).stat().st_size > 0
-    rec = records(out)["weak-sparse-gather-np2-r0"]
+    got = records(out)
+    rec = got["weak-sparse-gather-np2-r0"]
     assert len(rec["ranks"]) == 2 and all(len(r["step_time_ms"]) == 3 for r in rec["ranks"])
     assert set(rec["metrics"]["phase_ms"]) == {"data", "forward", "backward", "exchange_wait", "optimizer"}
+    # the training's own memory, per phase, beside the build's
+    m = rec["metrics"]
+    assert m["memory_probe"] == "vmhwm-reset"
+    assert set(m["phase_peak_rss_mib"]) == set(m["phase_ms"])
+    assert 0 < m["train_peak_rss_mib"] <= m["peak_rss_mib"] and m["build_peak_rss_mib"] > 0
+    # allreduce's ring traffic in its own field: 2(P-1)/P of what is reduced
+    for p in (2, 3):
+        d = got[f"weak-dense-reduce-np{p}-r0"]["metrics"]
+        assert d["allreduce_ring_bytes"] == pytest.approx(2 * (p - 1) / p * d["allreduce_bytes_held"], rel=1e-6)
+        assert d["resparsified_bytes"] == 0 < got[f"weak-sparse-as-dense-np{p}-r0"]["metrics"]["resparsified_bytes"]
 
 
 def test_a_killed_rank_is_recorded_as_failed_and_the_next_point_runs(tmp_path):

@@ -84,7 +84,7 @@ def rank_main(spec: dict) -> None:
         for i in range(spec["warmup"] + spec["steps"]):
             for mode in MODES:  # in turn, step by step: noise falls on every mode alike
                 measure = i == 0 and mode == "sparse-gather"
-                ms, _, measured = instrumented_step(trainers[mode], exchanges[mode], measure_density=measure)
+                ms, _, measured, *_ = instrumented_step(trainers[mode], exchanges[mode], measure_density=measure)
                 density = measured["items"] if measured else density
                 if i >= spec["warmup"]:
                     times[mode].append(sum(ms.values()))
