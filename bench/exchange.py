@@ -135,8 +135,8 @@ class HorovodExchange:
             grad = p.grad
             how = self.table_mode.get(p) if grad is not None and grad.is_sparse else None
             if how == "dense-reduce":
-                p.grad = self._densify(p, grad)  # Horovod then allreduces it as the dense gradient it now is
-            elif how == "coalesced-gather":
+                return self._dense_reduce(opt, p, grad)
+            if how == "coalesced-gather":
                 p.grad = grad.coalesce()  # sums repeated rows: Horovod gathers the distinct ones
                 counters.coalesced_bytes += tensor_bytes(p.grad)
             if how in ("sparse-gather", "coalesced-gather"):
@@ -160,7 +160,7 @@ class HorovodExchange:
                 counters.allreduce_bytes_sent += n
                 counters.allreduce_bytes_held += n
                 counters.allreduce_ring_bytes += ring_allreduce_bytes(n, self.size)
-                if how in ("dense-reduce", "sparse-as-dense"):
+                if how == "sparse-as-dense":  # Horovod's to_dense() copy
                     counters.densify_bytes += n
                 return out
             counters.allreduce_calls += 1
@@ -169,14 +169,31 @@ class HorovodExchange:
         opt._allreduce_grad_async = exchange
         return opt
 
-    def _densify(self, p: torch.nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
-        """dense-reduce: this rank's sparse gradient summed into the table's kept V x d buffer (repeated rows add)."""
+    def _dense_reduce(self, opt, p: torch.nn.Parameter, grad: torch.Tensor):
+        """dense-reduce: this rank's sparse gradient summed into the table's kept V x d buffer (repeated rows add),
+        allreduced (averaged) in place under the parameter's name. The buffer becomes p.grad only when the reduction
+        is collected in `synchronize`, so until then p.grad stays this rank's own gradient, as in the other modes;
+        Horovod's synchronize then finds a dense gradient and keeps it dense."""
+        hvd, counters = self._hvd, self.counters
         buffer = self.buffers.get(p)
         if buffer is None:
             buffer = self.buffers[p] = torch.zeros(p.shape, dtype=p.dtype)
         buffer.zero_()
         buffer.index_add_(0, grad._indices()[0], grad._values())
-        return buffer
+        handle = hvd.allreduce_async_(buffer, name=opt._parameter_names[p], op=hvd.Average,
+                                      process_set=opt.process_set)
+        counters.allreduce_calls += 1
+
+        def reduced():
+            out = hvd.synchronize(handle)
+            n = tensor_bytes(out)
+            counters.allreduce_bytes_sent += n
+            counters.allreduce_bytes_held += n
+            counters.allreduce_ring_bytes += ring_allreduce_bytes(n, self.size)
+            counters.densify_bytes += n
+            p.grad = out
+            return out
+        return reduced, None
 
     def start_step(self, batch):
         """auto: count the rows each table's gradient will get from this batch, gather every rank's counts and memory
