@@ -3,16 +3,23 @@ claims to move."""
 import json
 import re
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
 
-from bench.config import MODES
+from bench.config import FIXED_MODES, MODES
 from tests.conftest import launch
 
 pytestmark = pytest.mark.mpi
 STEPS = 4
 TABLE = "sources.post_views.items.weight"
+
+
+def trained_modes(np: int, modes, out, env=None) -> list[dict]:
+    """tests/ranks/train_modes.py on `np` ranks: each rank's record (per mode), in rank order."""
+    ranks = launch(np, "train_modes", ",".join(modes), str(STEPS), str(out), env=env)
+    return [json.loads(Path(r["path"]).read_text()) for r in ranks]
 
 
 def timeline_ops(path) -> dict[str, set[str]]:
@@ -32,7 +39,7 @@ def trained(tmp_path_factory):
     """Every mode on 2 ranks from the same seed, with Horovod's timeline on."""
     out = tmp_path_factory.mktemp("modes")
     # one launch: the modes in turn, each with a timeline of its own
-    ranks = launch(2, "train_modes", ",".join(MODES), str(STEPS), str(out), env={"HOROVOD_TIMELINE": "DYNAMIC"})
+    ranks = trained_modes(2, MODES, out, env={"HOROVOD_TIMELINE": "DYNAMIC"})
     runs = {mode: {"ranks": [r["modes"][mode] for r in ranks], "timeline": timeline_ops(out / f"{mode}-timeline.json")}
             for mode in MODES}
     return out, runs
@@ -116,3 +123,29 @@ def test_auto_chooses_alike_on_every_rank_among_its_three_modes(trained):
     assert ranks[0]["table_modes"] == ranks[1]["table_modes"]
     chosen = {m for step in ranks[0]["table_modes"] for m in step}
     assert chosen and chosen <= {"sparse-gather", "coalesced-gather", "dense-reduce"}
+
+
+@pytest.fixture(scope="module")
+def held_by_p(trained, tmp_path_factory):
+    """Bytes each fixed mode holds per step at P = 1, 2, 3 (np=2 from `trained`; np=3 is oversubscribed here)."""
+    out = tmp_path_factory.mktemp("held")
+    held = {2: {m: trained[1][m]["ranks"] for m in FIXED_MODES}}
+    for p in (1, 3):
+        ranks = trained_modes(p, FIXED_MODES, out)
+        held[p] = {m: [r["modes"][m] for r in ranks] for m in FIXED_MODES}
+    return {(p, key): {m: max(max(c[key] for c in r["counters"]) for r in ranks) for m, ranks in modes.items()}
+            for p, modes in held.items() for key in ("bytes_held", "allgather_bytes_held")}
+
+
+def test_bytes_held_grow_with_p_for_the_gathers_and_stay_flat_for_dense_reduce(held_by_p):
+    held = {p: held_by_p[(p, "bytes_held")] for p in (1, 2, 3)}
+    gathered = {p: held_by_p[(p, "allgather_bytes_held")] for p in (2, 3)}
+    assert {held[1][m] for m in FIXED_MODES} == {0}  # np=1: Horovod exchanges nothing, in any mode
+    for mode in ("sparse-gather", "coalesced-gather"):  # every rank's rows: P x what one rank sends
+        assert 1.3 < gathered[3][mode] / gathered[2][mode] < 1.7, (mode, gathered)
+        assert held[2][mode] < held[3][mode]
+    for p in (2, 3):  # rows repeat: coalescing holds less
+        assert held[p]["coalesced-gather"] < held[p]["sparse-gather"]
+    assert held[2]["dense-reduce"] == held[3]["dense-reduce"] > 0
+    # the control holds the dense copy and the re-sparsified union of the rows any rank touched, which grows with P
+    assert held[2]["dense-reduce"] < held[2]["sparse-as-dense"] < held[3]["sparse-as-dense"]

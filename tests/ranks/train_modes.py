@@ -1,7 +1,8 @@
 """Rank script: train the tiny workload a few steps in each of the given exchange modes in turn, each from the same
-seed with Horovod's timeline recorded to its own file (needs HOROVOD_TIMELINE=DYNAMIC); save this rank's weights per
+seed (with HOROVOD_TIMELINE=DYNAMIC, Horovod's timeline recorded to a file per mode); save this rank's weights per
 mode and report what each exchange did. Args: MODES (comma-separated) STEPS OUT_DIR [SAMPLED_NEGATIVES]."""
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,9 @@ from bench.exchange import HorovodExchange
 
 def train(mode: str, steps: int, out: Path, config) -> dict:
     exchange = HorovodExchange(mode)
-    hvd.start_timeline(str(out / f"{mode}-timeline.json"))
+    timeline = os.environ.get("HOROVOD_TIMELINE") == "DYNAMIC"
+    if timeline:
+        hvd.start_timeline(str(out / f"{mode}-timeline.json"))
     trainer = Trainer(config, exchange)
     torch.save(trainer.model.state_dict(), out / f"initial-rank{exchange.rank}.pt")
     tables = {name: m.weight for name, m in trainer.model.named_modules()
@@ -42,7 +45,8 @@ def train(mode: str, steps: int, out: Path, config) -> dict:
         trainer.step()
         c = exchange.counters
         counters.append({**c.as_dict(), "bytes_held": c.bytes_held, "bytes_sent": c.bytes_sent})
-    hvd.stop_timeline()
+    if timeline:
+        hvd.stop_timeline()
     torch.save(trainer.model.state_dict(), out / f"{mode}-rank{exchange.rank}.pt")
     return {"rank": exchange.rank, "size": exchange.size, "repeated_ids": bool(repeated_ids),
             "sparse_grads": bool(sparse_grads), "sparse_to_optimizer": sparse_to_optimizer,
@@ -54,5 +58,8 @@ negatives = int(sys.argv[4]) if len(sys.argv) > 4 else None
 torch.set_num_threads(1)
 config = tiny() if negatives is None else replace(tiny(), sampled_negatives=negatives)
 runs = {mode: train(mode, steps, out, config) for mode in modes}
-print("RANK_RECORD " + json.dumps({"rank": hvd.rank(), "modes": runs}))
+# A record this long would interleave with the other ranks' on a shared stdout: it goes to a file of its own.
+path = out / f"record-{hvd.size()}-{hvd.rank()}.json"
+path.write_text(json.dumps({"rank": hvd.rank(), "modes": runs}))
+print("RANK_RECORD " + json.dumps({"rank": hvd.rank(), "path": str(path)}))
 hvd.shutdown()
