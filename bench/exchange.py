@@ -33,9 +33,10 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def ring_allreduce_bytes(n_bytes: int, size: int) -> int:
-    """What each rank sends (and as much receives) when n bytes are allreduced by the ring algorithm: 2(P-1)/P x n."""
-    return round(2 * (size - 1) * n_bytes / size) if size > 1 else 0
+def ring_allreduce_bytes(n_bytes: int, size: int) -> float:
+    """What each rank sends (and as much receives) when n bytes are allreduced by the ring algorithm: 2(P-1)/P x n
+    (not rounded: a sum over many collectives stays exact)."""
+    return 2 * (size - 1) * n_bytes / size if size > 1 else 0.0
 
 
 @dataclass(slots=True)
@@ -58,7 +59,7 @@ class ExchangeCounters:
     """Bytes of this rank's tensors handed to allreduce (read from the tensor the collective returned: in place)."""
     allreduce_bytes_held: int = 0
     """Bytes of the reduced tensors this rank holds after the exchange (the same size as sent)."""
-    allreduce_ring_bytes: int = 0
+    allreduce_ring_bytes: float = 0.0
     """What this rank sends, and as much receives, under the ring algorithm: 2(P-1)/P x the allreduced bytes."""
     densify_bytes: int = 0
     """Dense V x d copies of table gradients (dense-reduce's kept buffer, sparse-as-dense's to_dense). They are the

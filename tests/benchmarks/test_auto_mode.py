@@ -89,7 +89,7 @@ def rank_main(spec: dict) -> None:
                 if i >= spec["warmup"]:
                     times[mode].append(sum(ms.values()))
                     if mode == "auto":
-                        dense_tables.append(sum(auto.dense.values()))
+                        dense_tables.append(sum(m == "dense-reduce" for m in auto.table_mode.values()))
         slowest = {m: np.max(np.array(auto.allgather_object(times[m])), axis=0) for m in MODES}
         ms = {m: float(np.median(v)) for m, v in slowest.items()}
         out.append({"sampled_negatives": negatives, "density": density, "ms": ms,
