@@ -26,7 +26,7 @@ class Trainer:
         torch.manual_seed(config.seed)  # the same initial weights on every rank, even before the broadcast
         self.model = UserEncoder(config)
         # One optimizer over all parameters, so one DistributedOptimizer wraps it; Adagrad takes sparse gradients.
-        optimizer = torch.optim.Adagrad(self.model.parameters(), lr=config.learning_rate)
+        optimizer = torch.optim.Adagrad(parameter_groups(self.model), lr=config.learning_rate)
         # Say it explicitly: the sparse gradients come from torch's own embedding backward and Horovod's gathers,
         # so per-tensor invariant checks would only cost time (and torch warns when the choice is left implicit).
         torch.sparse.check_sparse_tensor_invariants.disable()
@@ -60,6 +60,7 @@ class Trainer:
 
     def step(self) -> None:
         """Phase 'optimizer': apply the averaged gradients."""
+        fuse_dense_tables(self.optimizer)
         self.exchange.step(self.optimizer)
 
     def train_step(self, measure_density: bool = False) -> float:
@@ -90,6 +91,30 @@ class Trainer:
                     touched, rows = touched + hit, rows + weight.shape[0]
         density["items"] = touched / rows
         return density
+
+
+def parameter_groups(model: torch.nn.Module) -> list[dict]:
+    """The optimizer's parameter groups: one per sparse embedding table (marked `sparse_table`), one for the rest.
+    A table alone in its group can take the fused dense update on the steps its gradient arrives dense (an exchange
+    that densifies it), which a group mixing sparse and dense gradients cannot."""
+    tables = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse]
+    rest = [p for p in model.parameters() if all(p is not t for t in tables)]
+    return [{"params": rest}, *({"params": [t], "sparse_table": True} for t in tables)]
+
+
+def fuse_dense_tables(optimizer: torch.optim.Optimizer) -> None:
+    """Each table's group runs Adagrad's fused implementation exactly when the table's gradient is dense this step;
+    a sparse gradient needs torch's sparse path (fused does not take sparse gradients).
+
+    Fused, because a densified table's update is only as cheap as its optimizer: densifying one 200,000 x 64 table
+    (2% of rows touched) into a kept buffer and updating it took ~20 ms per step with `fused=True` at one thread on
+    a 2-core machine, against ~200 ms with the default (for-loop) and `foreach=True` implementations (medians of 10,
+    machine shared). Dense and sparse Adagrad agree on rows with no gradient: a zero gradient adds nothing to the
+    sum and moves nothing (no weight decay), so every exchange mode trains the same model."""
+    for group in optimizer.param_groups:
+        if group.get("sparse_table"):
+            grad = group["params"][0].grad
+            group["fused"] = grad is not None and not grad.is_sparse
 
 
 def rows_touched(grad: torch.Tensor | None) -> int:

@@ -10,10 +10,15 @@ from pathlib import Path
 from bench.errors import UsageError
 
 SCALINGS = ("weak", "strong")
-MODES = ("sparse-gather", "dense-reduce", "auto")
-"""Embedding-gradient exchange modes (bench.exchange implements them); auto chooses between the other two each step."""
-FIXED_MODES = MODES[:2]
-"""What a sweep measures unless told otherwise: the two modes the suite compares."""
+MODES = ("sparse-gather", "coalesced-gather", "dense-reduce", "sparse-as-dense", "auto")
+"""Embedding-gradient exchange modes (bench.exchange implements them): sparse-gather allgathers each rank's rows as
+they are; coalesced-gather sums a rank's duplicate rows first; dense-reduce densifies into a kept buffer, allreduces
+it and updates densely (the paper's path); sparse-as-dense is Horovod-PyTorch's own sparse_as_dense=True (a control);
+auto chooses among the first three per table and step."""
+FIXED_MODES = MODES[:4]
+"""Every mode that exchanges one way only."""
+DEFAULT_SWEEP_MODES = ("sparse-gather", "dense-reduce")
+"""What a sweep measures unless told otherwise: the two modes the suite compares (keeps `make bench` quick)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -65,7 +70,7 @@ class PointConfig(RunSettings):
     scaling: str = "weak"
     """weak keeps the per-rank batch fixed; strong keeps the global batch fixed (per-rank = global / np)."""
     mode: str = "sparse-gather"
-    """Embedding-gradient exchange: sparse-gather (allgather), dense-reduce (allreduce) or auto (either, per step)."""
+    """Embedding-gradient exchange, one of MODES."""
     np: int = 1
     """MPI process count."""
     repeat: int = 0
@@ -103,7 +108,7 @@ class SweepConfig(RunSettings):
     """Results folder name under the output root."""
     scalings: list[str] = field(default_factory=lambda: list(SCALINGS))
     """Scaling kinds to measure."""
-    modes: list[str] = field(default_factory=lambda: list(FIXED_MODES))
+    modes: list[str] = field(default_factory=lambda: list(DEFAULT_SWEEP_MODES))
     """Exchange modes to measure."""
     nps: list[int] = field(default_factory=lambda: [1, 2])
     """Process counts; efficiency is relative to np=1, so without 1 among them it is left blank."""

@@ -14,7 +14,10 @@ One step of the slowest rank (`Model.step`), per mode:
     exchange      network (a, b, g) + the CPU work each mode adds around it:
       sparse-gather   two allgathers (indices, values) of P x nnz rows; Horovod does not coalesce them (horovod issue
                       #3328), so building, adding and optimising the gathered gradient costs P x nnz x (4d + 8) bytes
-      dense-reduce    to_dense, an allreduce of 4 V d bytes and to_sparse (horovod/torch/optimizer.py), whose
+      coalesced-gather  the same of P x distinct rows, after one pass over the rank's own rows to coalesce them
+      dense-reduce    scatter-add into a kept V x d buffer, an allreduce of 4 V d bytes and a dense (fused) update of
+                      the whole table
+      sparse-as-dense to_dense, an allreduce of 4 V d bytes and to_sparse (horovod/torch/optimizer.py), whose
                       element-wise result (16 bytes of index per 4-byte value) the optimizer then walks
     overlap       up to `overlap` x backward of exchange time hides behind the backward pass (0 on a CPU-bound
                   machine: the exchange needs the cores the backward pass is using)
@@ -22,8 +25,10 @@ At np=1 Horovod exchanges nothing: the step is compute plus the optimizer on the
 The per-byte cost of the optimizer comes from the np=1 points; the per-byte cost of each mode's own CPU work around
 its collectives is fitted to the sweep's multi-rank points (`fit_local_work`): comm does not see it.
 
-Memory per rank (`Model.memory_bytes`): the np=1 peak RSS plus EXCHANGE_COPIES x what the exchange holds: sparse-
-gather P x nnz x (4d + 8), growing with P; dense-reduce 4 V d, flat in P.
+Memory per rank (`Model.memory_bytes`): the np=1 peak RSS plus what each table's exchange keeps alive at its peak
+(`table_memory_bytes`): sparse-gather EXCHANGE_COPIES x P x nnz x (4d + 8), growing with P; coalesced-gather the same
+of the distinct rows plus the coalesced copy; dense-reduce the 4 V d buffer, flat in P; sparse-as-dense the dense copy
+plus EXCHANGE_COPIES x the re-sparsified union of rows (20 bytes per element), growing with the rows any rank touched.
 """
 from __future__ import annotations
 
@@ -52,11 +57,20 @@ EXCHANGE_COPIES = 2
 THREAD_EXPONENT = 0.0
 """Speed-up of a rank's compute from its intra-op threads, as threads ** THREAD_EXPONENT. Measured here: the default
 preset's np=1 step with 2 threads was no faster than an np=2 rank's with 1 (small ops, busy cores)."""
-DEFAULT_LOCAL_S_PER_BYTE = {"sparse-gather": 0.6e-9, "dense-reduce": 2.7e-9}
+DEFAULT_LOCAL_S_PER_BYTE = {"sparse-gather": 0.6e-9, "dense-reduce": 0.4e-9, "sparse-as-dense": 2.7e-9}
 """Each mode's CPU work around its collectives, seconds per byte, when a sweep has no multi-rank point to fit it
-from (fitted on a default-preset sweep on this 2-core machine)."""
+from. sparse-gather and sparse-as-dense (then called dense-reduce): fitted on a default-preset sweep on this 2-core
+machine. dense-reduce: a probe of its densify (zero + index_add_ into the kept buffer) and Adagrad(fused=True) update of
+one 200,000 x 64 table at 1 thread, about 20 ms for 51 MB on this machine while shared; Horovod's fusion-buffer copies
+not included. coalesced-gather uses sparse-gather's cost per gathered byte."""
 MODES = ("sparse-gather", "dense-reduce")
-"""The fixed modes the model compares; `auto` picks the cheaper of the two per table and step."""
+"""The fixed modes `alure-bench predict` compares; `auto` picks per table and step among AUTO_CHOICES."""
+AUTO_CHOICES = ("sparse-gather", "coalesced-gather", "dense-reduce")
+"""What `auto` chooses among, per table and step."""
+MODELLED_MODES = ("sparse-gather", "coalesced-gather", "dense-reduce", "sparse-as-dense")
+"""Every fixed mode the model prices (bench.config.FIXED_MODES)."""
+DENSE_MODES = ("dense-reduce", "sparse-as-dense")
+"""Modes that allreduce a table's densified gradient."""
 
 
 # ---- collectives -------------------------------------------------------------------------------------------------
@@ -258,8 +272,10 @@ class ExchangeCosts:
     sparse_s_per_byte: float
     """sparse-gather's CPU work per gathered byte: building and adding the gathered gradient."""
     dense_s_per_byte: float
-    """dense-reduce's CPU work per byte of the dense table: to_dense, fusion copies, to_sparse."""
+    """dense-reduce's CPU work per byte of the dense table: scatter-add into the buffer, fusion copies, dense update."""
     source: str = ""
+    sparse_as_dense_s_per_byte: float = DEFAULT_LOCAL_S_PER_BYTE["sparse-as-dense"]
+    """sparse-as-dense's CPU work per byte of the dense table: to_dense, fusion copies, to_sparse."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -268,7 +284,9 @@ class ExchangeCosts:
     def from_dict(cls, data: dict) -> "ExchangeCosts":
         return cls(link=Link(**data["link"]), optimizer_s_per_byte=data["optimizer_s_per_byte"],
                    sparse_s_per_byte=data["sparse_s_per_byte"], dense_s_per_byte=data["dense_s_per_byte"],
-                   source=data.get("source", ""))
+                   source=data.get("source", ""),
+                   sparse_as_dense_s_per_byte=data.get("sparse_as_dense_s_per_byte",
+                                                       DEFAULT_LOCAL_S_PER_BYTE["sparse-as-dense"]))
 
 
 def sparse_table_s(costs: ExchangeCosts, p: int, dim: int, rows_total: float, cpu: float = 1.0,
@@ -292,20 +310,121 @@ def sparse_network_s(p: int, dim: int, rows_total: float, link: Link) -> float:
 
 def dense_table_s(costs: ExchangeCosts, p: int, rows: int, dim: int, rows_union: float, cpu: float = 1.0,
                   link: Link | None = None) -> float:
-    """dense-reduce of one V x d table: to_dense, allreduce, to_sparse, and the optimizer over the element-wise
-    sparse gradient of the `rows_union` rows some rank touched."""
+    """dense-reduce of one V x d table: scatter-add into the kept buffer, allreduce, and the dense update of all V
+    rows. At p=1 Horovod exchanges nothing: the optimizer walks the `rows_union` rows the rank touched."""
     table = VALUE_BYTES * rows * dim
-    elements = min(rows_union, rows) * dim * ELEMENT_BYTES
     if p <= 1:  # Horovod exchanges nothing at np=1: the mode makes no difference
         return cpu * costs.optimizer_s_per_byte * min(rows_union, rows) * (INDEX_BYTES + VALUE_BYTES * dim)
-    return allreduce_s(table, p, link or costs.link) + cpu * (costs.dense_s_per_byte * table
+    return allreduce_s(table, p, link or costs.link) + cpu * costs.dense_s_per_byte * table
+
+
+def sparse_as_dense_table_s(costs: ExchangeCosts, p: int, rows: int, dim: int, rows_union: float, cpu: float = 1.0,
+                            link: Link | None = None) -> float:
+    """sparse-as-dense of one V x d table: to_dense, allreduce, to_sparse, and the optimizer over the element-wise
+    sparse gradient of the `rows_union` rows some rank touched."""
+    if p <= 1:
+        return dense_table_s(costs, p, rows, dim, rows_union, cpu, link)
+    table = VALUE_BYTES * rows * dim
+    elements = min(rows_union, rows) * dim * ELEMENT_BYTES
+    return allreduce_s(table, p, link or costs.link) + cpu * (costs.sparse_as_dense_s_per_byte * table
                                                                + costs.optimizer_s_per_byte * elements)
+
+
+def coalesced_table_s(costs: ExchangeCosts, p: int, dim: int, rows_total: float, distinct_total: float,
+                      cpu: float = 1.0, link: Link | None = None) -> float:
+    """coalesced-gather of one table: each rank coalesces its own rows (one pass over them), then sparse-gather of
+    the `distinct_total` rows (each rank's distinct rows, summed over ranks)."""
+    if p <= 1:  # no exchange at np=1, so no coalescing either
+        return sparse_table_s(costs, p, dim, rows_total, cpu, link)
+    own = rows_total / p * (INDEX_BYTES + VALUE_BYTES * dim)
+    return sparse_table_s(costs, p, dim, distinct_total, cpu, link) + cpu * costs.sparse_s_per_byte * own
+
+
+def table_exchange_s(mode: str, costs: ExchangeCosts, p: int, rows: int, dim: int, rows_total: float,
+                     distinct_total: float, union: float, cpu: float = 1.0, link: Link | None = None) -> float:
+    """One table's exchange and update in `mode` (one of MODELLED_MODES): `rows_total` rows over all ranks as
+    looked up, `distinct_total` each rank's distinct rows summed over ranks, `union` the rows some rank touched."""
+    if mode == "sparse-gather":
+        return sparse_table_s(costs, p, dim, rows_total, cpu, link)
+    if mode == "coalesced-gather":
+        return coalesced_table_s(costs, p, dim, rows_total, distinct_total, cpu, link)
+    if mode == "dense-reduce":
+        return dense_table_s(costs, p, rows, dim, union, cpu, link)
+    if mode == "sparse-as-dense":
+        return sparse_as_dense_table_s(costs, p, rows, dim, union, cpu, link)
+    raise ValueError(f"no cost model for mode {mode!r}")
+
+
+def table_network_s(mode: str, p: int, rows: int, dim: int, rows_total: float, distinct_total: float,
+                    link: Link) -> float:
+    """The collectives' part of `table_exchange_s`."""
+    if mode in DENSE_MODES:
+        return allreduce_s(VALUE_BYTES * rows * dim, p, link)
+    return sparse_network_s(p, dim, distinct_total if mode == "coalesced-gather" else rows_total, link)
+
+
+def table_held_bytes(mode: str, p: int, rows: int, dim: int, rows_total: float, distinct_total: float,
+                     union: float) -> float:
+    """What one table's exchange holds, as bench.exchange.ExchangeCounters counts it: the collectives' results and
+    the copies the mode makes (coalesced tensor, re-sparsified gradient). Nothing at p=1 (no exchange)."""
+    if p <= 1:
+        return 0.0
+    row = INDEX_BYTES + VALUE_BYTES * dim
+    if mode == "sparse-gather":
+        return rows_total * row
+    if mode == "coalesced-gather":
+        return distinct_total * row + distinct_total / p * row
+    dense = VALUE_BYTES * rows * dim
+    if mode == "dense-reduce":
+        return float(dense)
+    if mode == "sparse-as-dense":
+        return dense + min(union, rows) * dim * ELEMENT_BYTES
+    raise ValueError(f"no memory model for mode {mode!r}")
+
+
+def table_memory_bytes(mode: str, p: int, rows: int, dim: int, rows_total: float, distinct_total: float,
+                       union: float) -> float:
+    """What one table's exchange keeps alive at the rank's memory peak: a gathered or re-sparsified gradient exists
+    twice (the collective's result and the gradient rebuilt from it, `p.grad.zero_().add_()`); dense-reduce's buffer
+    is the gradient itself."""
+    if p <= 1:
+        return 0.0
+    row = INDEX_BYTES + VALUE_BYTES * dim
+    if mode == "sparse-gather":
+        return EXCHANGE_COPIES * rows_total * row
+    if mode == "coalesced-gather":
+        return EXCHANGE_COPIES * distinct_total * row + distinct_total / p * row
+    dense = VALUE_BYTES * rows * dim
+    if mode == "dense-reduce":
+        return float(dense)
+    if mode == "sparse-as-dense":
+        return dense + EXCHANGE_COPIES * min(union, rows) * dim * ELEMENT_BYTES
+    raise ValueError(f"no memory model for mode {mode!r}")
+
+
+def choose_mode(costs: ExchangeCosts, p: int, rows: int, dim: int, rows_total: float, distinct_total: float,
+                cpu: float = 1.0, budget_bytes: float | None = None, link: Link | None = None,
+                paid: Sequence[str] = ()) -> tuple[str, float]:
+    """The `auto` mode's rule for one table and step: the cheapest of AUTO_CHOICES whose predicted memory fits in
+    `budget_bytes` (None: no limit); if none fits, the one that needs least. Modes in `paid` already hold their
+    memory (dense-reduce's buffer, once made) and need none more. Returns (mode, the memory it adds). Every rank calls
+    it with the same sums over ranks and the same budget, so every rank decides alike."""
+    if p <= 1:
+        return "sparse-gather", 0.0
+    union = min(rows, distinct_total)
+    options = []
+    for mode in AUTO_CHOICES:
+        seconds = table_exchange_s(mode, costs, p, rows, dim, rows_total, distinct_total, union, cpu, link)
+        memory = 0.0 if mode in paid else table_memory_bytes(mode, p, rows, dim, rows_total, distinct_total, union)
+        options.append((seconds, memory, mode))
+    fits = [o for o in options if budget_bytes is None or o[1] <= budget_bytes]
+    seconds, memory, mode = min(fits) if fits else min(options, key=lambda o: o[1])
+    return mode, memory
 
 
 def choose_dense(costs: ExchangeCosts, p: int, rows: int, dim: int, rows_total: float, rows_distinct_total: float,
                  cpu: float = 1.0) -> bool:
-    """The `auto` mode's rule for one table and step: densify when dense-reduce is predicted cheaper. Every rank
-    calls it with the same sums over ranks, so every rank decides alike."""
+    """Whether dense-reduce is predicted cheaper than sparse-gather for one table and step (the crossover rule)."""
     if p <= 1:
         return False
     union = min(rows, rows_distinct_total)
@@ -316,6 +435,7 @@ DEFAULT_COSTS = ExchangeCosts(
     link=Link(alpha_s=6.7e-4, beta_s_per_byte=2.3e-9, gamma_s_per_byte=1.5e-9),
     optimizer_s_per_byte=4.2e-9, sparse_s_per_byte=DEFAULT_LOCAL_S_PER_BYTE["sparse-gather"],
     dense_s_per_byte=DEFAULT_LOCAL_S_PER_BYTE["dense-reduce"],
+    sparse_as_dense_s_per_byte=DEFAULT_LOCAL_S_PER_BYTE["sparse-as-dense"],
     source="built-in: Horovod np=2 comm run and a default-preset sweep on the 2-core reference machine")
 """What `auto` decides with when ALURE_BENCH_COSTS names no costs.json (written by `alure-bench predict --out`)."""
 COSTS_ENV = "ALURE_BENCH_COSTS"
@@ -614,14 +734,17 @@ class Model:
                              optimizer_s_per_byte=optimizer,
                              sparse_s_per_byte=self.local.s_per_byte["sparse-gather"],
                              dense_s_per_byte=self.local.s_per_byte["dense-reduce"],
-                             source=f"{self.calibration.source} + sweep {prof.preset}")
+                             source=f"{self.calibration.source} + sweep {prof.preset}",
+                             sparse_as_dense_s_per_byte=self.local.s_per_byte.get(
+                                 "sparse-as-dense", DEFAULT_LOCAL_S_PER_BYTE["sparse-as-dense"]))
 
     def costs_for(self, machine: Machine) -> ExchangeCosts:
         """What `auto` should decide with on `machine`: its link, and CPU work at its speed."""
         c = self.costs(machine)
         return replace(c, optimizer_s_per_byte=c.optimizer_s_per_byte / machine.cpu_speedup,
                        sparse_s_per_byte=c.sparse_s_per_byte / machine.cpu_speedup,
-                       dense_s_per_byte=c.dense_s_per_byte / machine.cpu_speedup)
+                       dense_s_per_byte=c.dense_s_per_byte / machine.cpu_speedup,
+                       sparse_as_dense_s_per_byte=c.sparse_as_dense_s_per_byte / machine.cpu_speedup)
 
     def step(self, machine: Machine, p: int, mode: str, batch_per_rank: float) -> StepPrediction:
         prof = self.profile
@@ -631,24 +754,24 @@ class Model:
         work = prof.lookups(batch_per_rank) / prof.lookups(prof.reference_batch)
         compute = prof.compute_ms * 1e-3 * work * cpu
         exchange = network = 0.0
-        held = 0.0
+        held = table_memory = 0.0
         dense_tables = 0
+        # auto's budget: what the machine gives a rank beyond the np=1 peak and the dense parameters' copies
+        budget = None if machine.memory_per_rank_bytes is None else \
+            machine.memory_per_rank_bytes - prof.base_rss_mib * 2**20 - EXCHANGE_COPIES * prof.dense_param_bytes
         for t in prof.tables:
             rows_total = p * t.lookups(batch_per_rank)
+            distinct_total = p * min(t.lookups(batch_per_rank), t.distinct(batch_per_rank, prof.reference_batch))
             union = t.distinct(p * batch_per_rank, prof.reference_batch)
-            sparse = sparse_table_s(costs, p, t.dim, rows_total, cpu, link)
-            dense = dense_table_s(costs, p, t.rows, t.dim, union, cpu, link)
-            use_dense = p > 1 and (mode == "dense-reduce" or (mode == "auto" and dense < sparse))
-            if use_dense:
-                dense_tables += 1
-                exchange += dense
-                network += allreduce_s(VALUE_BYTES * t.rows * t.dim, p, link)
-                held += VALUE_BYTES * t.rows * t.dim
-            else:
-                exchange += sparse
-                network += sparse_network_s(p, t.dim, rows_total, link)
-                if p > 1:
-                    held += rows_total * (INDEX_BYTES + VALUE_BYTES * t.dim)
+            how = mode if p > 1 else "sparse-gather"  # Horovod exchanges nothing at np=1, whatever the mode
+            if mode == "auto":
+                how, added = choose_mode(costs, p, t.rows, t.dim, rows_total, distinct_total, cpu, budget, link)
+                budget = None if budget is None else budget - added
+            dense_tables += p > 1 and how in DENSE_MODES
+            exchange += table_exchange_s(how, costs, p, t.rows, t.dim, rows_total, distinct_total, union, cpu, link)
+            network += table_network_s(how, p, t.rows, t.dim, rows_total, distinct_total, link) if p > 1 else 0.0
+            held += table_held_bytes(how, p, t.rows, t.dim, rows_total, distinct_total, union)
+            table_memory += table_memory_bytes(how, p, t.rows, t.dim, rows_total, distinct_total, union)
         dense_params = allreduce_s(prof.dense_param_bytes, p, link)
         exchange += dense_params
         network += dense_params
@@ -657,7 +780,7 @@ class Model:
         # optimizer's share of `exchange` cannot, it runs after synchronize.
         hidden = min(machine.overlap * prof.backward_ms * 1e-3 * work * cpu, network) if p > 1 else 0.0
         step = compute + exchange - hidden
-        memory = prof.base_rss_mib * 2**20 + EXCHANGE_COPIES * held
+        memory = prof.base_rss_mib * 2**20 + table_memory + (EXCHANGE_COPIES * prof.dense_param_bytes if p > 1 else 0.0)
         return StepPrediction(p=p, mode=mode, batch_per_rank=batch_per_rank, compute_ms=compute * 1e3,
                               exchange_ms=exchange * 1e3, network_ms=network * 1e3, hidden_ms=hidden * 1e3,
                               step_ms=step * 1e3, memory_bytes=memory, exchange_bytes_held=held,
@@ -717,16 +840,16 @@ def fit_local_work(records: list[dict], profile: Profile, calibration: Calibrati
     sweep's ok multi-rank points of that mode: what the step model leaves unexplained, against the bytes the work
     scales with (gathered bytes; table bytes)."""
     s_per_byte, used, rms = {}, {}, {}
-    zero = LocalFit(s_per_byte={m: 0.0 for m in MODES}, points={}, rms_rel_error={})
+    zero = LocalFit(s_per_byte={m: 0.0 for m in MODELLED_MODES}, points={}, rms_rel_error={})
     model0 = Model(profile, calibration, zero)
-    for mode in MODES:
+    for mode in ("sparse-gather", "dense-reduce", "sparse-as-dense"):  # coalesced-gather uses sparse-gather's
         points = [r for r in records if r["status"] == "ok" and r["np"] > 1 and r["point"]["mode"] == mode]
         xs, ys, ts = [], [], []
         for r in points:
             p, batch = r["np"], r["batch_per_rank"]
             pred = model0.step(machine, p, mode, batch)
             cpu = cpu_factor(p, machine, profile.measured_threads)
-            if mode == "sparse-gather":
+            if mode not in DENSE_MODES:
                 scale = p * profile.gradient_bytes(batch)
             else:
                 scale = profile.table_bytes()

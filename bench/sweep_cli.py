@@ -61,7 +61,8 @@ def add_plan_flags(p: argparse.ArgumentParser, out_help: str) -> None:
     """The flags that make a plan of points (read by sweep_config_from_args): `sweep` and `slurm` take the same."""
     p.add_argument("--config", metavar="FILE", help="TOML sweep file (a [sweep] table of SweepConfig fields)")
     p.add_argument("--nps", type=int_list, help="process counts, e.g. 1,2,4 (default 1,2)")
-    p.add_argument("--modes", type=str_list, help="sparse-gather,dense-reduce,auto (default the first two)")
+    p.add_argument("--modes", type=str_list, help="from sparse-gather,coalesced-gather,dense-reduce,sparse-as-dense,"
+                   "auto (default sparse-gather,dense-reduce)")
     p.add_argument("--scalings", type=str_list, help="weak,strong (default both)")
     p.add_argument("--repeats", type=int, help="repetitions of every point (default 1)")
     p.add_argument("--name", help="sweep name, the results folder's prefix")
@@ -157,7 +158,8 @@ def register(sub) -> None:
 
     run = sub.add_parser("run", help="measure one point (np, mode, scaling) and print its figures")
     run.add_argument("--np", type=int, default=1)
-    run.add_argument("--mode", default="sparse-gather", help="sparse-gather or dense-reduce")
+    run.add_argument("--mode", default="sparse-gather",
+                     help="sparse-gather, coalesced-gather, dense-reduce, sparse-as-dense or auto")
     run.add_argument("--scaling", default="weak", help="weak or strong")
     run.add_argument("--with-baseline", action="store_true", help="also measure np=1, for the efficiency")
     run.add_argument("--out", metavar="DIR", help="results folder (default results/local/run-<time>)")

@@ -11,11 +11,12 @@ import time
 import traceback
 from dataclasses import replace
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 import numpy as np
 
 from bench.config import PointConfig
-from bench.memory import apply_mem_limit, looks_like_oom, peak_rss_mib, rss_mib
+from bench.memory import PeakProbe, apply_mem_limit, looks_like_oom, peak_rss_mib, rss_mib
 from bench.results import SCHEMA_VERSION, write_record
 from bench.scaling import PHASES, rank_skew, slowest_rank_per_step, spread, throughput_samples_per_s
 from bench.launch import physical_cores, threads_per_rank
@@ -44,31 +45,56 @@ def workload_config(point: PointConfig):
     return replace(base, **{**point.workload, "seed": point.seed, "batch_size": per_rank})
 
 
-def instrumented_step(trainer, exchange, measure_density: bool = False) -> tuple[dict, dict, dict | None]:
-    """One training step, phase by phase as `Trainer.train_step` runs it, with a clock between the phases.
-    Returns (milliseconds per phase, what the exchange moved, the gradient density if asked for)."""
+class StepMeasurement(NamedTuple):
+    """One instrumented training step of one rank."""
+
+    ms: dict
+    """Milliseconds per phase."""
+    moved: dict
+    """What the exchange moved and made: bench.exchange.ExchangeCounters, plus bytes_sent/_held/_received."""
+    density: dict | None
+    """The gradient density, if asked for."""
+    peak_mib: dict
+    """Peak resident set during each phase (the kernel's high-water mark, reset as the phase starts); empty
+    without a probe."""
+    probe_ms: float
+    """What the memory probe's resets and reads cost in this step (outside every phase's clock)."""
+
+
+def instrumented_step(trainer, exchange, measure_density: bool = False,
+                      probe: PeakProbe | None = None) -> StepMeasurement:
+    """One training step, phase by phase as `Trainer.train_step` runs it, with a clock around each phase and, with a
+    probe, the memory high-water mark reset before and read after each phase (outside the clocks)."""
     exchange.counters.reset()
-    density = None
-    t0 = time.perf_counter()
-    batch = trainer.next_batch()
-    t1 = time.perf_counter()
-    loss = trainer.forward(batch)
-    t2 = time.perf_counter()
-    trainer.backward(loss)
-    t3 = time.perf_counter()
-    if measure_density:
-        # Counting touched rows costs a coalesce: keep it out of every phase (the exchange runs on meanwhile, so
-        # callers ask for it on a warm-up step only).
-        density = trainer.gradient_density()
-        t3 = time.perf_counter()
-    trainer.synchronize()
-    t4 = time.perf_counter()
-    trainer.step()
-    t5 = time.perf_counter()
-    ms = {p: (b - a) * 1000 for p, (a, b) in zip(PHASES, ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5)))}
-    moved = exchange.counters.as_dict()
-    moved["bytes_received"] = exchange.counters.bytes_received(exchange.size)
-    return ms, moved, density
+    ms, peak, probe_s = {}, {}, 0.0
+
+    def timed(phase, run):
+        nonlocal probe_s
+        if probe is not None:
+            t = time.perf_counter()
+            probe.reset()
+            probe_s += time.perf_counter() - t
+        t = time.perf_counter()
+        out = run()
+        ms[phase] = (time.perf_counter() - t) * 1000
+        if probe is not None:
+            t = time.perf_counter()
+            peak[phase] = probe.peak_mib()
+            probe_s += time.perf_counter() - t
+        return out
+
+    batch = timed("data", trainer.next_batch)
+    loss = timed("forward", lambda: trainer.forward(batch))
+    timed("backward", lambda: trainer.backward(loss))
+    # Counting touched rows costs a coalesce: kept out of every phase (the exchange runs on meanwhile, so callers ask
+    # for it on a warm-up step only).
+    density = trainer.gradient_density() if measure_density else None
+    timed("exchange_wait", trainer.synchronize)
+    timed("optimizer", trainer.step)
+    counters = exchange.counters
+    moved = {**counters.as_dict(), "bytes_sent": counters.bytes_sent, "bytes_held": counters.bytes_held,
+             "bytes_received": counters.bytes_received(exchange.size)}
+    return StepMeasurement({p: ms[p] for p in PHASES}, moved, density, peak, probe_s * 1000)
 
 
 def measure(point: PointConfig, exchange) -> dict:
@@ -79,26 +105,42 @@ def measure(point: PointConfig, exchange) -> dict:
     torch.set_num_threads(point.threads_per_rank or threads_per_rank(point.np))
     trainer = Trainer(workload_config(point), exchange)
     baseline_rss = rss_mib()  # after the model is built: growth beyond it is the training's own
+    build_peak = peak_rss_mib()  # the kernel's mark since the process began: imports, world, model
+    probe = PeakProbe()  # resets the mark: from here on, peaks are the training's own
     density = None
     for i in range(point.warmup_steps):
-        _, _, measured = instrumented_step(trainer, exchange, measure_density=i == point.warmup_steps - 1)
-        density = measured or density
-    steps = [instrumented_step(trainer, exchange, measure_density=density is None and i == 0)
+        density = instrumented_step(trainer, exchange, measure_density=i == point.warmup_steps - 1).density or density
+    warmup_peak = probe.peak_mib()
+    steps = [instrumented_step(trainer, exchange, measure_density=density is None and i == 0, probe=probe)
              for i in range(point.steps)]
-    density = density or steps[0][2]
-    phase_ms = {p: [ms[p] for ms, _, _ in steps] for p in PHASES}
-    moved = {k: float(np.median([m[k] for _, m, _ in steps])) for k in steps[0][1]}
+    probe.close()
+    density = density or steps[0].density
+    phase_ms = {p: [s.ms[p] for s in steps] for p in PHASES}
+    moved = {k: float(np.median([s.moved[k] for s in steps])) for k in steps[0].moved}
+    phase_peak = {p: max(s.peak_mib[p] for s in steps) for p in PHASES}
+    train_peak = max(phase_peak.values())
     return {
         "rank": exchange.rank, "host": socket.gethostname(), "pid": os.getpid(), "host_cores": physical_cores(),
-        "step_time_ms": [sum(ms.values()) for ms, _, _ in steps], "phase_ms": phase_ms,
-        "baseline_rss_mib": baseline_rss, "peak_rss_mib": peak_rss_mib(),
-        "rss_growth_mib": peak_rss_mib() - baseline_rss,
+        "step_time_ms": [sum(s.ms.values()) for s in steps], "phase_ms": phase_ms,
+        "baseline_rss_mib": baseline_rss,
+        # the largest of the windows the probe saw: build, warm-up and every timed phase (the kernel's own lifetime
+        # mark is reset by the probe)
+        "peak_rss_mib": max(build_peak, warmup_peak, train_peak),
+        "build_peak_rss_mib": build_peak, "warmup_peak_rss_mib": warmup_peak,
+        "train_peak_rss_mib": train_peak, "phase_peak_rss_mib": phase_peak,
+        "rss_growth_mib": train_peak - baseline_rss,
+        "memory_probe": probe.method, "memory_probe_ms": [s.probe_ms for s in steps],
         "exchange": moved,  # medians over timed steps of bench.exchange.ExchangeCounters, per rank per step
-        "exchange_bytes_held": moved["allgather_bytes_held"] + moved["allreduce_bytes_held"],
-        "exchange_bytes_sent": moved["allgather_bytes_sent"] + moved["allreduce_bytes_sent"],
+        "exchange_bytes_held": moved["bytes_held"], "exchange_bytes_sent": moved["bytes_sent"],
         "exchange_bytes_received": moved["bytes_received"],
         "gradient_density": density["items"], "gradient_density_tables": density,
     }
+
+
+EXCHANGE_METRICS = ("allgather_calls", "allreduce_calls", "allgather_bytes_held", "allreduce_bytes_held",
+                    "allgather_rows_sent", "allgather_rows_held", "allreduce_ring_bytes", "densify_bytes",
+                    "coalesced_bytes", "resparsified_bytes")
+"""Counters of bench.exchange.ExchangeCounters a record's metrics carry (the largest rank's median per step)."""
 
 
 def build_record(point: PointConfig, ranks: list[dict], wall_seconds: float, started_at: str) -> dict:
@@ -116,12 +158,13 @@ def build_record(point: PointConfig, ranks: list[dict], wall_seconds: float, sta
         "step_time_ms": stats["median"], "step_time_ms_p10": stats["p10"], "step_time_ms_p90": stats["p90"],
         "throughput_samples_per_s": throughput_samples_per_s(global_batch, stats["median"]),
         "rank_skew": rank_skew(step_ms), "phase_ms": phase_ms,
-        "peak_rss_mib": max(r["peak_rss_mib"] for r in ranks),
-        "rss_growth_mib": max(r["rss_growth_mib"] for r in ranks),
-        **{k: max(r[k] for r in ranks) for k in ("exchange_bytes_held", "exchange_bytes_sent",
+        **{k: max(r[k] for r in ranks) for k in ("peak_rss_mib", "rss_growth_mib", "build_peak_rss_mib",
+                                                 "train_peak_rss_mib", "exchange_bytes_held", "exchange_bytes_sent",
                                                  "exchange_bytes_received", "gradient_density")},
-        **{k: max(r["exchange"][k] for r in ranks) for k in ("allgather_calls", "allreduce_calls",
-                                                            "allgather_bytes_held", "allreduce_bytes_held")},
+        "phase_peak_rss_mib": {p: max(r["phase_peak_rss_mib"][p] for r in ranks) for p in PHASES},
+        "memory_probe": "; ".join(sorted({r["memory_probe"] for r in ranks})),
+        "memory_probe_ms": float(np.median([r["memory_probe_ms"] for r in ranks])),
+        **{k: max(r["exchange"][k] for r in ranks) for k in EXCHANGE_METRICS},
     }
     return {
         "schema_version": SCHEMA_VERSION, "point_id": point.point_id, "point": point.as_dict(), "status": "ok",

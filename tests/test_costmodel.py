@@ -9,8 +9,9 @@ import pytest
 from bench.comm import comm_row, write_csv_atomic
 from bench.costmodel import (DEFAULT_COSTS, ELEMENT_BYTES, INDEX_BYTES, VALUE_BYTES, Calibration, ExchangeCosts,
                              FitQuality, Link, LocalFit, Machine, Model, Profile, Table, allgather_s, allreduce_s,
-                             build_model, calibrate, choose_dense, cpu_factor, dense_table_s, fit_link, gathered_bytes,
-                             load_costs, nnls, read_comm_rows, sparse_table_s, tied_embedding_rows)
+                             build_model, calibrate, choose_dense, choose_mode, cpu_factor, dense_table_s, fit_link,
+                             gathered_bytes, load_costs, nnls, read_comm_rows, sparse_table_s, table_memory_bytes,
+                             tied_embedding_rows)
 from bench.errors import UsageError
 from bench.results import atomic_write_json
 
@@ -125,7 +126,8 @@ def tiny_model(link=LINK, optimizer_ms=10.0, rows=100_000, dim=64, lookups=2000.
     quality = FitQuality(rows=0, nps=(), r2=1.0, rms_rel_error=0, max_rel_error=0, median_rel_error=0,
                          holdout_rows=0, holdout_median_rel_error=None)
     cal = Calibration(link=link, copy_s_per_byte=None, backend="horovod", quality=quality, source="test")
-    local = LocalFit(s_per_byte={"sparse-gather": 1e-9, "dense-reduce": 2e-9}, points={}, rms_rel_error={})
+    local = LocalFit(s_per_byte={"sparse-gather": 1e-9, "dense-reduce": 0.5e-9, "sparse-as-dense": 2e-9}, points={},
+                     rms_rel_error={})
     return Model(profile, cal, local)
 
 
@@ -151,12 +153,23 @@ def test_step_parts_by_hand_at_four_ranks():
     assert s.network_ms == pytest.approx(network * 1e3)
     assert s.step_ms == pytest.approx(90 + (network + cpu) * 1e3)
     assert s.exchange_bytes_held == gathered + (1 << 20)
-    d = model.step(machine(), 4, "dense-reduce", 128)
     table = 4 * 100_000 * 64
     union = 100_000 * (1 - (1 - 0.02) ** 4)
-    expected = allreduce_s(table, 4, LINK) + 2e-9 * table + costs.optimizer_s_per_byte * union * 64 * ELEMENT_BYTES
+    # dense-reduce: the allreduce and the dense update of the whole table; nothing element-wise
+    d = model.step(machine(), 4, "dense-reduce", 128)
+    expected = allreduce_s(table, 4, LINK) + 0.5e-9 * table
     assert d.step_ms == pytest.approx(90 + (expected + allreduce_s(1 << 20, 4, LINK)) * 1e3)
     assert d.exchange_bytes_held == table + (1 << 20)
+    # sparse-as-dense: to_dense, allreduce, to_sparse and the optimizer over the element-wise union
+    c = model.step(machine(), 4, "sparse-as-dense", 128)
+    expected = allreduce_s(table, 4, LINK) + 2e-9 * table + costs.optimizer_s_per_byte * union * 64 * ELEMENT_BYTES
+    assert c.step_ms == pytest.approx(90 + (expected + allreduce_s(1 << 20, 4, LINK)) * 1e3)
+    assert c.exchange_bytes_held == pytest.approx(table + union * 64 * ELEMENT_BYTES + (1 << 20))
+    # coalesced-gather: rows are distinct here, so it gathers what sparse-gather does, after one coalescing pass
+    g = model.step(machine(), 4, "coalesced-gather", 128)
+    assert g.network_ms == pytest.approx(s.network_ms)
+    assert g.step_ms == pytest.approx(s.step_ms + 1e-9 * gathered / 4 * 1e3)
+    assert g.exchange_bytes_held == pytest.approx(gathered * 5 / 4 + (1 << 20))  # + this rank's coalesced copy
     # overlap hides network time behind the backward pass, never more than the network time
     o = model.step(machine(overlap=1.0), 4, "sparse-gather", 128)
     assert o.hidden_ms == pytest.approx(min(50.0, s.network_ms))
@@ -170,6 +183,9 @@ def test_memory_grows_p_fold_for_sparse_gather_and_stays_flat_for_dense_reduce()
     assert sparse[1] == pytest.approx(2 * sparse[0]) and sparse[2] == pytest.approx(4 * sparse[0])
     dense = {model.step(m, p, "dense-reduce", 128).memory_bytes for p in (2, 64, 4096)}
     assert len(dense) == 1
+    # sparse-as-dense re-sparsifies the union of the rows any rank touched: it grows with P until the table is full
+    control = [model.step(m, p, "sparse-as-dense", 128).memory_bytes for p in (2, 4, 8)]
+    assert control[0] < control[1] < control[2]
     # The out-of-memory rank count: the first P with 500 MiB + 2 x (P x 2000 x 264 B + 1 MiB) > 2 GiB.
     per_p = 2 * 2000 * 264
     first = math.floor((2 * 2**30 - 500 * 2**20 - 2 * (1 << 20)) / per_p) + 1
@@ -229,3 +245,26 @@ def test_predictions_for_np_1_to_4_are_within_25_percent_of_the_reference():
     assert set(check["np"]) >= {1, 2}, "the reference must hold points at np 1 and 2 at least"
     off = check[(check["ratio"] - 1).abs() > 0.25]
     assert off.empty, "predicted vs measured beyond 25%:\n" + check.to_string(index=False)
+
+
+def test_auto_takes_the_cheapest_mode_that_fits_the_budget():
+    costs = tiny_model(optimizer_ms=0.0).costs(machine())
+    p, rows, dim = 4, 100_000, 64
+    # heavy duplication: coalescing shrinks the gather 8-fold, and then gathering beats the dense table
+    mode, added = choose_mode(costs, p, rows, dim, p * 8000.0, p * 1000.0)
+    assert mode == "coalesced-gather"
+    assert added == table_memory_bytes(mode, p, rows, dim, p * 8000.0, p * 1000.0, p * 1000.0)
+    # no duplicates and nearly the table's size gathered: sparse-gather is quicker than the dense allreduce, but
+    # holds twice the dense buffer
+    rows_total = distinct_total = p * 24_000.0
+    mode, added = choose_mode(costs, p, rows, dim, rows_total, distinct_total)
+    dense = table_memory_bytes("dense-reduce", p, rows, dim, rows_total, distinct_total, distinct_total)
+    assert mode == "sparse-gather" and dense < added
+    # a budget between the two: never the mode that does not fit
+    assert choose_mode(costs, p, rows, dim, rows_total, distinct_total, budget_bytes=(dense + added) / 2) == \
+        ("dense-reduce", dense)
+    # the buffer already made costs nothing more; with nothing fitting, the mode that needs least
+    assert choose_mode(costs, p, rows, dim, rows_total, distinct_total, budget_bytes=0,
+                       paid=("dense-reduce",)) == ("dense-reduce", 0.0)
+    assert choose_mode(costs, p, rows, dim, rows_total, distinct_total, budget_bytes=1)[0] == "dense-reduce"
+    assert choose_mode(costs, 1, rows, dim, rows_total, distinct_total) == ("sparse-gather", 0.0)

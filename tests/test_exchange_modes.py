@@ -1,15 +1,25 @@
-"""Real ranks: sparse-gather and dense-reduce train the same model, with the collectives they claim to use."""
+"""Real ranks: every exchange mode trains the same model, with the collectives it claims to use and the bytes it
+claims to move."""
 import json
 import re
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
 
+from bench.config import FIXED_MODES, MODES
 from tests.conftest import launch
 
 pytestmark = pytest.mark.mpi
 STEPS = 4
+TABLE = "sources.post_views.items.weight"
+
+
+def trained_modes(np: int, modes, out, env=None) -> list[dict]:
+    """tests/ranks/train_modes.py on `np` ranks: each rank's record (per mode), in rank order."""
+    ranks = launch(np, "train_modes", ",".join(modes), str(STEPS), str(out), env=env)
+    return [json.loads(Path(r["path"]).read_text()) for r in ranks]
 
 
 def timeline_ops(path) -> dict[str, set[str]]:
@@ -26,21 +36,19 @@ def timeline_ops(path) -> dict[str, set[str]]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Both modes on 2 ranks from the same seed, with Horovod's timeline on."""
+    """Every mode on 2 ranks from the same seed, with Horovod's timeline on."""
     out = tmp_path_factory.mktemp("modes")
-    runs = {}
-    for mode in ("sparse-gather", "dense-reduce"):
-        timeline = out / f"{mode}-timeline.json"
-        runs[mode] = {"ranks": launch(2, "train_modes", mode, str(STEPS), str(out),
-                                      env={"HOROVOD_TIMELINE": str(timeline)}),
-                      "timeline": timeline_ops(timeline)}
+    # one launch: the modes in turn, each with a timeline of its own
+    ranks = trained_modes(2, MODES, out, env={"HOROVOD_TIMELINE": "DYNAMIC"})
+    runs = {mode: {"ranks": [r["modes"][mode] for r in ranks], "timeline": timeline_ops(out / f"{mode}-timeline.json")}
+            for mode in MODES}
     return out, runs
 
 
 def test_modes_end_with_the_same_weights_on_every_rank(trained):
     out, runs = trained
     reference = torch.load(out / "sparse-gather-rank0.pt")
-    for mode in ("sparse-gather", "dense-reduce"):
+    for mode in MODES:
         for rank in (0, 1):
             state = torch.load(out / f"{mode}-rank{rank}.pt")
             for name, tensor in reference.items():
@@ -61,15 +69,83 @@ def test_batches_repeat_item_ids_and_table_gradients_are_sparse(trained):
 
 def test_sparse_gather_allgathers_the_tables_and_dense_reduce_allreduces_them(trained):
     _, runs = trained
-    gather_ops = runs["sparse-gather"]["timeline"]
-    reduce_ops = runs["dense-reduce"]["timeline"]
-    table = "sources.post_views.items.weight"
-    assert any(table in name and "ALLGATHER" in acts for name, acts in gather_ops.items())
-    assert not any(table in name and "ALLREDUCE" in acts for name, acts in gather_ops.items())
-    assert any(table in name and "ALLREDUCE" in acts for name, acts in reduce_ops.items())
-    assert not any("ALLGATHER" in acts for acts in reduce_ops.values()), "dense-reduce must not allgather at all"
-    # The byte counters say the same, from the tensors.
-    for r in runs["sparse-gather"]["ranks"]:
-        assert all(c["allgather"] > 0 for c in r["calls"])
+    for mode in ("sparse-gather", "coalesced-gather"):
+        ops = runs[mode]["timeline"]
+        assert any(TABLE in name and "ALLGATHER" in acts for name, acts in ops.items()), mode
+        assert not any(TABLE in name and "ALLREDUCE" in acts for name, acts in ops.items()), mode
+        for r in runs[mode]["ranks"]:  # the byte counters say the same, from the tensors
+            assert all(c["allgather_calls"] > 0 and c["allgather_bytes_held"] > 0 for c in r["counters"])
+    for mode in ("dense-reduce", "sparse-as-dense"):
+        ops = runs[mode]["timeline"]
+        assert any(TABLE in name and "ALLREDUCE" in acts for name, acts in ops.items()), mode
+        assert not any("ALLGATHER" in acts for acts in ops.values()), f"{mode} must not allgather at all"
+        for r in runs[mode]["ranks"]:
+            assert all(c["allgather_calls"] == 0 and c["allreduce_calls"] > 0 for c in r["counters"])
+
+
+def test_dense_reduce_hands_the_optimizer_no_sparse_tensor_and_makes_no_sparse_copy(trained):
+    _, runs = trained
     for r in runs["dense-reduce"]["ranks"]:
-        assert all(c["allgather"] == 0 and c["allreduce"] > 0 for c in r["calls"])
+        assert not r["sparse_to_optimizer"]
+        for c in r["counters"]:
+            assert c["resparsified_bytes"] == 0 == c["coalesced_bytes"]
+            assert c["densify_bytes"] > 0 and c["bytes_held"] == c["allreduce_bytes_held"]
+            # the ring moves 2(P-1)/P of what is reduced: at P=2 exactly as much
+            assert c["allreduce_ring_bytes"] == c["allreduce_bytes_sent"]
+    # the control re-sparsifies: sparse gradients reach its optimizer, and it holds the re-sparsified copy
+    for r in runs["sparse-as-dense"]["ranks"]:
+        assert r["sparse_to_optimizer"]
+        assert all(c["resparsified_bytes"] > 0 and c["bytes_held"] > c["allreduce_bytes_held"]
+                   for c in r["counters"])
+
+
+def test_coalesced_gather_gathers_each_ranks_distinct_rows(trained):
+    _, runs = trained
+    ranks = runs["coalesced-gather"]["ranks"]
+    for step in range(STEPS):
+        distinct = [r["distinct_rows"][step] for r in ranks]
+        for r in ranks:
+            c = r["counters"][step]
+            assert c["allgather_rows_sent"] == r["distinct_rows"][step]
+            assert c["allgather_rows_held"] == sum(distinct)
+            assert c["coalesced_bytes"] == c["allgather_bytes_sent"] > 0
+    # sparse-gather sends every lookup, repeats and all: more rows than the distinct ones
+    for r in runs["sparse-gather"]["ranks"]:
+        assert all(c["allgather_rows_sent"] > d for c, d in zip(r["counters"], r["distinct_rows"]))
+        assert all(c["allgather_rows_held"] == sum(o["counters"][i]["allgather_rows_sent"]
+                                                   for o in runs["sparse-gather"]["ranks"])
+                   for i, c in enumerate(r["counters"]))
+
+
+def test_auto_chooses_alike_on_every_rank_among_its_three_modes(trained):
+    _, runs = trained
+    ranks = runs["auto"]["ranks"]
+    assert ranks[0]["table_modes"] == ranks[1]["table_modes"]
+    chosen = {m for step in ranks[0]["table_modes"] for m in step}
+    assert chosen and chosen <= {"sparse-gather", "coalesced-gather", "dense-reduce"}
+
+
+@pytest.fixture(scope="module")
+def held_by_p(trained, tmp_path_factory):
+    """Bytes each fixed mode holds per step at P = 1, 2, 3 (np=2 from `trained`; np=3 is oversubscribed here)."""
+    out = tmp_path_factory.mktemp("held")
+    held = {2: {m: trained[1][m]["ranks"] for m in FIXED_MODES}}
+    for p in (1, 3):
+        ranks = trained_modes(p, FIXED_MODES, out)
+        held[p] = {m: [r["modes"][m] for r in ranks] for m in FIXED_MODES}
+    return {(p, key): {m: max(max(c[key] for c in r["counters"]) for r in ranks) for m, ranks in modes.items()}
+            for p, modes in held.items() for key in ("bytes_held", "allgather_bytes_held")}
+
+
+def test_bytes_held_grow_with_p_for_the_gathers_and_stay_flat_for_dense_reduce(held_by_p):
+    held = {p: held_by_p[(p, "bytes_held")] for p in (1, 2, 3)}
+    gathered = {p: held_by_p[(p, "allgather_bytes_held")] for p in (2, 3)}
+    assert {held[1][m] for m in FIXED_MODES} == {0}  # np=1: Horovod exchanges nothing, in any mode
+    for mode in ("sparse-gather", "coalesced-gather"):  # every rank's rows: P x what one rank sends
+        assert 1.3 < gathered[3][mode] / gathered[2][mode] < 1.7, (mode, gathered)
+        assert held[2][mode] < held[3][mode]
+    for p in (2, 3):  # rows repeat: coalescing holds less
+        assert held[p]["coalesced-gather"] < held[p]["sparse-gather"]
+    assert held[2]["dense-reduce"] == held[3]["dense-reduce"] > 0
+    # the control holds the dense copy and the re-sparsified union of the rows any rank touched, which grows with P
+    assert held[2]["dense-reduce"] < held[2]["sparse-as-dense"] < held[3]["sparse-as-dense"]

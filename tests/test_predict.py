@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from bench.config import PointConfig, SweepConfig
+from bench.exchange import ExchangeCounters
 from bench.results import atomic_write_json, write_record
 from bench.scaling import PHASES
 from tests.test_costmodel import LINK, synthetic_rows
@@ -35,13 +36,13 @@ def point_record(point: PointConfig, step_ms: float, rss_mib: float = 400.0, hel
     for r in range(point.np):
         jitter = [1.0 + 0.05 * ((s + r) % 3 - 1) for s in range(steps)]
         phase_ms = {p: [phases[p] * scale * j for j in jitter] for p in PHASES}
-        exchange = {"allgather_calls": 0, "allreduce_calls": 0, "allgather_bytes_sent": 0,
-                    "allgather_bytes_held": held, "allreduce_bytes_sent": 0, "allreduce_bytes_held": 0,
-                    "bytes_received": 0}
+        exchange = {**ExchangeCounters().as_dict(), "allgather_bytes_held": held, "bytes_received": 0}
         ranks.append({"rank": r, "host": "test", "pid": 1000 + r, "host_cores": 2,
                       "step_time_ms": [sum(phase_ms[p][s] for p in PHASES) for s in range(steps)],
                       "phase_ms": phase_ms, "baseline_rss_mib": rss_mib - 20, "peak_rss_mib": rss_mib,
-                      "rss_growth_mib": 20.0, "exchange": exchange, "exchange_bytes_held": held,
+                      "rss_growth_mib": 20.0, "build_peak_rss_mib": rss_mib - 10, "train_peak_rss_mib": rss_mib,
+                      "phase_peak_rss_mib": dict.fromkeys(PHASES, rss_mib), "memory_probe": "vmhwm-reset",
+                      "memory_probe_ms": [0.1] * steps, "exchange": exchange, "exchange_bytes_held": held,
                       "exchange_bytes_sent": held / max(1, point.np), "exchange_bytes_received": 0.0,
                       "gradient_density": 0.05, "gradient_density_tables": {"items": 0.05}})
     return build_record(point, ranks, 10.0, "2025-01-01T00:00:00+00:00")

@@ -48,7 +48,9 @@ def wait_for(predicate, timeout_s: float, what: str):
 
 
 def test_exchange_bytes_grow_with_p_for_sparse_gather_and_stay_flat_for_dense_reduce(tmp_path):
+    # The sweep's default modes; every mode's bytes against P: tests/test_exchange_modes.py.
     out = tmp_path / "bytes"
+    modes = "sparse-gather,dense-reduce"
     run = sweep("--nps", "1,2,3", "--scalings", "weak", "--steps", "3", "--out", str(out))
     assert run.returncode == 0, run.stderr[-2000:]
     df = pd.read_csv(out / "summary.csv")
@@ -56,8 +58,8 @@ def test_exchange_bytes_grow_with_p_for_sparse_gather_and_stay_flat_for_dense_re
     assert (df["status"] == "ok").all()
     assert df.loc[df["np"] == 3, "oversubscribed"].all() and not df.loc[df["np"] < 3, "oversubscribed"].any()
     by = {(r.mode, r.np): r for r in df.itertuples()}
-    # np=1: Horovod exchanges nothing at all, in either mode.
-    assert by[("sparse-gather", 1)].exchange_bytes_held == 0 == by[("dense-reduce", 1)].exchange_bytes_held
+    # np=1: Horovod exchanges nothing at all, in any mode.
+    assert {by[(m, 1)].exchange_bytes_held for m in modes.split(",")} == {0}
     # sparse-gather holds every rank's (indices, values): P x what one rank sends.
     g2, g3 = by[("sparse-gather", 2)].allgather_bytes_held, by[("sparse-gather", 3)].allgather_bytes_held
     assert 1.3 < g3 / g2 < 1.7, (g2, g3)
@@ -66,9 +68,20 @@ def test_exchange_bytes_grow_with_p_for_sparse_gather_and_stay_flat_for_dense_re
     assert by[("dense-reduce", 2)].allgather_calls == 0 == by[("dense-reduce", 3)].allgather_calls
     for f in ("report.md", "efficiency.png", "breakdown.png", "memory.png", "environment.json", "sweep.json"):
         assert (out / f).stat().st_size > 0
-    rec = records(out)["weak-sparse-gather-np2-r0"]
+    got = records(out)
+    rec = got["weak-sparse-gather-np2-r0"]
     assert len(rec["ranks"]) == 2 and all(len(r["step_time_ms"]) == 3 for r in rec["ranks"])
     assert set(rec["metrics"]["phase_ms"]) == {"data", "forward", "backward", "exchange_wait", "optimizer"}
+    # the training's own memory, per phase, beside the build's
+    m = rec["metrics"]
+    assert m["memory_probe"] == "vmhwm-reset"
+    assert set(m["phase_peak_rss_mib"]) == set(m["phase_ms"])
+    assert 0 < m["train_peak_rss_mib"] <= m["peak_rss_mib"] and m["build_peak_rss_mib"] > 0
+    # allreduce's ring traffic in its own field: 2(P-1)/P of what is reduced
+    for p in (2, 3):
+        d = got[f"weak-dense-reduce-np{p}-r0"]["metrics"]
+        assert d["allreduce_ring_bytes"] == pytest.approx(2 * (p - 1) / p * d["allreduce_bytes_held"], rel=1e-6)
+        assert d["densify_bytes"] > 0 and d["resparsified_bytes"] == 0
 
 
 def test_a_killed_rank_is_recorded_as_failed_and_the_next_point_runs(tmp_path):

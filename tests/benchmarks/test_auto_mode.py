@@ -84,12 +84,12 @@ def rank_main(spec: dict) -> None:
         for i in range(spec["warmup"] + spec["steps"]):
             for mode in MODES:  # in turn, step by step: noise falls on every mode alike
                 measure = i == 0 and mode == "sparse-gather"
-                ms, _, measured = instrumented_step(trainers[mode], exchanges[mode], measure_density=measure)
+                ms, _, measured, *_ = instrumented_step(trainers[mode], exchanges[mode], measure_density=measure)
                 density = measured["items"] if measured else density
                 if i >= spec["warmup"]:
                     times[mode].append(sum(ms.values()))
                     if mode == "auto":
-                        dense_tables.append(sum(auto.dense.values()))
+                        dense_tables.append(sum(m == "dense-reduce" for m in auto.table_mode.values()))
         slowest = {m: np.max(np.array(auto.allgather_object(times[m])), axis=0) for m in MODES}
         ms = {m: float(np.median(v)) for m, v in slowest.items()}
         out.append({"sampled_negatives": negatives, "density": density, "ms": ms,
