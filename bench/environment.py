@@ -89,6 +89,18 @@ def capture_environment() -> dict:
     }
 
 
+LAUNCH_PREFIXES = ("HOROVOD_", "OMPI_", "GLOO_")
+
+
+def launch_environment(nps: list[int], launcher=None) -> dict[str, dict[str, str]]:
+    """Per rank count, the HOROVOD_/OMPI_/GLOO_ variables exactly as the launcher hands them to mpirun (its own
+    settings on top of this process's environment): what the ranks of a point ran with."""
+    from bench.launch import LOCAL
+    launcher = launcher or LOCAL
+    return {str(n): {k: v for k, v in sorted(launcher.environment(n).items()) if k.startswith(LAUNCH_PREFIXES)}
+            for n in nps}
+
+
 def register(sub) -> None:
     """`alure-bench env`."""
     def run(args):
