@@ -200,7 +200,7 @@ def paper() -> WorkloadConfig:
     return WorkloadConfig(
         users=4000, communities=32, topics=64, content_dim=16, rq_codebooks=1, rq_codes=64,
         sources=(SourceConfig(name=AD_SOURCE, items=32_768, mean_length=16, max_length=32),),
-        dim=512, heads=8, layers=1, batch_size=64, group_size=16, sampled_negatives=0, full_softmax=True,
+        dim=512, heads=8, layers=1, batch_size=32, group_size=8, sampled_negatives=0, full_softmax=True,
     )
 
 
