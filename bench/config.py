@@ -38,6 +38,11 @@ class RunSettings:
     """Wall time after which the point is killed and recorded as timeout."""
     mem_limit_mib: int = 0
     """Per-rank cap on the data address space (RLIMIT_DATA, enforced by the kernel); 0 for none."""
+    train_mem_limit_mib: int = 0
+    """Per-rank cap on what training may add to the data segment once the workload is built (RLIMIT_DATA set to the
+    segment's size after the build plus this); 0 for none. Unlike mem_limit_mib it does not depend on how much the
+    world and the libraries take on a machine, so a cap derived from measured training growth (`alure-bench
+    oom-demo`) means the same anywhere."""
     seed: int = 0
     """Seed of the synthetic data and the initial weights."""
     workload: dict = field(default_factory=dict)
@@ -46,9 +51,13 @@ class RunSettings:
     def __post_init__(self):
         if self.steps < 1:
             raise UsageError(f"steps must be at least 1 (got {self.steps})")
-        for name in ("warmup_steps", "batch_per_rank", "global_batch", "mem_limit_mib"):
+        for name in ("warmup_steps", "batch_per_rank", "global_batch", "mem_limit_mib", "train_mem_limit_mib"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must not be negative (got {getattr(self, name)})")
+        if self.mem_limit_mib and self.train_mem_limit_mib:
+            raise UsageError(f"mem_limit_mib ({self.mem_limit_mib}) and train_mem_limit_mib "
+                             f"({self.train_mem_limit_mib}) are both set: cap the whole process or the training, "
+                             f"not both")
         if self.threads_per_rank < 1:
             raise UsageError(f"threads_per_rank must be at least 1 (got {self.threads_per_rank}): every point runs "
                              f"the same threads per rank, so give a number such as 1 (--threads 1)")

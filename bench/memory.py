@@ -33,3 +33,13 @@ def apply_mem_limit(limit_mib: int) -> None:
 def looks_like_oom(text: str) -> bool:
     text = text.lower()
     return any(marker in text for marker in OOM_MARKERS)
+
+
+def apply_training_mem_limit(allowance_mib: int, status: str = "/proc/self/status") -> None:
+    """Cap the data segment (RLIMIT_DATA) at its size now plus `allowance_mib`: called once the workload is built,
+    it limits what training adds, whatever the build took. Linux only (the size comes from VmData)."""
+    if allowance_mib > 0:
+        with open(status) as f:
+            used_kib = next(int(line.split()[1]) for line in f if line.startswith("VmData:"))
+        limit = used_kib * 1024 + int(allowance_mib) * MIB
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))

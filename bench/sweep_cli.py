@@ -38,7 +38,7 @@ def _override(text: str) -> tuple[str, object]:
 
 # flag -> SweepConfig field; one table so `sweep` and `run` accept the same words.
 SHARED_FLAGS = {"preset": "preset", "steps": "steps", "warmup": "warmup_steps", "timeout": "timeout_s",
-                "mem_limit": "mem_limit_mib", "threads": "threads_per_rank", "seed": "seed",
+                "mem_limit": "mem_limit_mib", "train_mem_limit": "train_mem_limit_mib", "threads": "threads_per_rank", "seed": "seed",
                 "batch_per_rank": "batch_per_rank", "global_batch": "global_batch"}
 
 
@@ -49,6 +49,9 @@ def add_shared_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, help="seconds before a point is killed and recorded as timeout")
     p.add_argument("--mem-limit", type=int, metavar="MIB",
                    help="per-rank memory cap in MiB, enforced by the kernel (RLIMIT_DATA); past it: status oom")
+    p.add_argument("--train-mem-limit", type=int, metavar="MIB",
+                   help="per-rank cap in MiB on what training adds once the workload is built (RLIMIT_DATA above "
+                        "the built data segment); past it: status oom")
     p.add_argument("--threads", type=int, help="torch threads per rank, the same at every np (default 1)")
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-per-rank", type=int, help="per-rank batch of weak points (default: the preset's)")

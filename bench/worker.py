@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from bench.config import PointConfig
-from bench.memory import apply_mem_limit, looks_like_oom, peak_rss_mib, rss_mib
+from bench.memory import apply_mem_limit, apply_training_mem_limit, looks_like_oom, peak_rss_mib, rss_mib
 from bench.results import SCHEMA_VERSION, write_record
 from bench.scaling import PHASES, rank_skew, slowest_rank_per_step, spread, throughput_samples_per_s
 from bench.launch import physical_cores
@@ -78,6 +78,7 @@ def measure(point: PointConfig, exchange) -> dict:
 
     torch.set_num_threads(point.threads_per_rank)  # the same at every np: see RunSettings.threads_per_rank
     trainer = Trainer(workload_config(point), exchange)
+    apply_training_mem_limit(point.train_mem_limit_mib)  # from here on, only what training adds is capped
     baseline_rss = rss_mib()  # after the model is built: growth beyond it is the training's own
     density = None
     for i in range(point.warmup_steps):
