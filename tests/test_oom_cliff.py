@@ -48,7 +48,9 @@ def test_the_check_flags_a_point_that_did_not_fall_as_predicted():
 
 @pytest.mark.mpi
 def test_sparse_gather_falls_off_the_derived_cliff_and_dense_reduce_does_not(tmp_path):
-    """The small demonstration, end to end on real ranks: uncapped, derived cap, capped."""
+    """The small demonstration, end to end on real ranks: uncapped, derived cap, capped. 60,000 sampled negatives
+    per source make the exchange weigh (sparse-gather's growth at np=2 about 90 MiB above dense-reduce's, measured
+    on the 2-core machine); np=2 alone keeps it to four launches."""
     config = tmp_path / "oom-small.toml"
     config.write_text(SMALL_DEMO)
     out = tmp_path / "demo"
@@ -57,7 +59,7 @@ def test_sparse_gather_falls_off_the_derived_cliff_and_dense_reduce_does_not(tmp
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     cliff = {(r["mode"], r["np"]): r for r in json.loads((out / "cliff.json").read_text())}
     assert cliff[("sparse-gather", 2)]["capped"] == "oom" and cliff[("sparse-gather", 2)]["predicted"] == "oom"
-    assert all(cliff[("dense-reduce", n)]["capped"] == "ok" for n in (1, 2))
+    assert cliff[("dense-reduce", 2)]["capped"] == "ok" and cliff[("dense-reduce", 2)]["predicted"] == "ok"
     records = [json.loads(p.read_text()) for p in (out / "capped" / "points").glob("*.json")]
     oom = [r for r in records if r["status"] == "oom"]
     assert oom and all("memory" in r["reason"].lower() or "alloc" in r["reason"].lower() for r in oom)
@@ -67,10 +69,10 @@ SMALL_DEMO = """
 [sweep]
 name = "oom-small"
 preset = "tiny"
-nps = [1, 2]
+nps = [2]
 scalings = ["weak"]
 modes = ["sparse-gather", "dense-reduce"]
-steps = 2
+steps = 1
 warmup_steps = 1
 timeout_s = 180.0
 
