@@ -284,12 +284,17 @@ def make_batch(world: World, step: int, rank: int, size: int, batch_size: int) -
     return Batch(users=torch.from_numpy(users), sequences=sequences, targets=targets, negatives=negatives)
 
 
+def negatives_per_step(config: WorkloadConfig, source: SourceConfig) -> int:
+    """Candidate rows each rank scores per step besides its group's targets (the length of `negative_ids`)."""
+    return source.items if config.full_softmax else config.sampled_negatives
+
+
 def negative_ids(config: WorkloadConfig, source: SourceConfig, index: int, step: int, rank: int) -> np.ndarray:
     """The candidate rows every sample of this rank scores besides its group's targets: the whole table under
     full_softmax; otherwise `sampled_negatives` uniform rows, the same on every rank with shared_negatives (the loss
     of a global batch is then split-invariant), else drawn by each rank for itself."""
     if config.full_softmax:
-        return np.arange(source.items, dtype=np.int64)
+        return np.arange(negatives_per_step(config, source), dtype=np.int64)
     key = [config.seed, 3, step, index] if config.shared_negatives else [config.seed, 3, step, index, 1, rank]
     return np.random.default_rng(key).integers(0, source.items, config.sampled_negatives)
 
