@@ -30,8 +30,8 @@ def record_row(record: dict) -> dict:
            "status": record["status"], "oversubscribed": bool(record.get("oversubscribed")),
            "preset": point["preset"], "reason": record.get("reason"),
            "batch_per_rank": record.get("batch_per_rank"), "global_batch": record.get("global_batch"),
-           "threads_per_rank": record.get("threads_per_rank") or point.get("threads_per_rank"), "hosts": ",".join(record.get("hosts") or []),
-           "wall_seconds": record.get("wall_seconds")}
+           "threads_per_rank": record.get("threads_per_rank") or point.get("threads_per_rank"),
+           "hosts": ",".join(record.get("hosts") or []), "wall_seconds": record.get("wall_seconds")}
     for key in ("step_time_ms", "step_time_ms_p10", "step_time_ms_p90", "throughput_samples_per_s",
                 "peak_rss_mib", "rss_growth_mib", "exchange_bytes_held", "exchange_bytes_sent",
                 "exchange_bytes_received", "rank_skew", "gradient_density", "allgather_calls", "allreduce_calls",

@@ -38,8 +38,9 @@ def _override(text: str) -> tuple[str, object]:
 
 # flag -> SweepConfig field; one table so `sweep` and `run` accept the same words.
 SHARED_FLAGS = {"preset": "preset", "steps": "steps", "warmup": "warmup_steps", "timeout": "timeout_s",
-                "mem_limit": "mem_limit_mib", "train_mem_limit": "train_mem_limit_mib", "threads": "threads_per_rank", "seed": "seed",
-                "batch_per_rank": "batch_per_rank", "global_batch": "global_batch"}
+                "mem_limit": "mem_limit_mib", "threads": "threads_per_rank", "seed": "seed",
+                "batch_per_rank": "batch_per_rank", "global_batch": "global_batch",
+                "train_mem_limit": "train_mem_limit_mib"}
 
 
 def add_shared_flags(p: argparse.ArgumentParser) -> None:

@@ -47,7 +47,8 @@ def _record(scaling, mode, np_, step_ms, status="ok"):
     metrics = None if status != "ok" else {"step_time_ms": step_ms, "step_time_ms_p10": step_ms,
                                             "step_time_ms_p90": step_ms, "throughput_samples_per_s": 1.0,
                                             "peak_rss_mib": 1.0, "exchange_bytes_held": 0, "phase_ms": {}}
-    return {"point": {"scaling": scaling, "mode": mode, "np": np_, "repeat": 0, "preset": "tiny", "threads_per_rank": 1},
+    return {"point": {"scaling": scaling, "mode": mode, "np": np_, "repeat": 0, "preset": "tiny",
+                      "threads_per_rank": 1},
             "status": status, "reason": None if status == "ok" else "boom", "oversubscribed": np_ > 2,
             "metrics": metrics}
 
