@@ -78,7 +78,16 @@ class WorkloadConfig:
     """Samples sharing in-batch negatives; a batch is whole groups, so the loss of a global batch is the same
     however many ranks split it."""
     sampled_negatives: int = 1024
-    """Extra negative rows per source per step, uniform over the item table: the main gradient-density knob."""
+    """Extra negative rows per source per rank and step, uniform over the item table: the main gradient-density
+    knob."""
+    shared_negatives: bool = False
+    """True: every rank draws the same sampled negatives in a step (seeded by seed and step alone), so the loss of a
+    global batch is the same however many ranks split it. False (the default): each rank draws its own (seeded by
+    seed, step and rank), as a data-parallel recommender samples; the loss of a global batch is then the mean over
+    ranks of each rank's loss against its own negatives, the same for every exchange mode at a given rank count."""
+    full_softmax: bool = False
+    """Score every row of each item table as a candidate (a tied output projection over the whole vocabulary, as in
+    a language model's softmax): every row gets gradient every step. Needs sampled_negatives = 0."""
     learning_rate: float = 0.03
     """Adagrad learning rate."""
     steps: int = 300
@@ -122,6 +131,8 @@ class WorkloadConfig:
                  f"batch_size must be a positive multiple of group_size (got {self.batch_size} and "
                  f"{self.group_size}); change either so groups never straddle ranks")
         _require(self.sampled_negatives >= 0, f"sampled_negatives must be >= 0 (got {self.sampled_negatives})")
+        _require(not (self.full_softmax and self.sampled_negatives),
+                 f"full_softmax scores every item already: set sampled_negatives = 0 (got {self.sampled_negatives})")
         _require(self.learning_rate > 0, f"learning_rate must be > 0 (got {self.learning_rate})")
         _require(self.steps >= 1, f"steps must be >= 1 (got {self.steps})")
         _require(10 <= self.knn_k < self.users,
@@ -182,7 +193,28 @@ def large() -> WorkloadConfig:
     )
 
 
-PRESETS = {"tiny": tiny, "default": default, "large": large}
+def paper() -> WorkloadConfig:
+    """The regime where Cavdar et al. found densifying wins: one tied 32,768 x 512 item table scored in full every
+    step (like the NMT model's tied embedding and softmax in OpenSeq2Seq PR 249), so every row gets gradient each
+    step; the rest of ALURE shrunk so that a step of one rank stays near a second on one core."""
+    return WorkloadConfig(
+        users=4000, communities=32, topics=64, content_dim=16, rq_codebooks=1, rq_codes=64,
+        sources=(SourceConfig(name=AD_SOURCE, items=32_768, mean_length=16, max_length=32),),
+        dim=512, heads=8, layers=1, batch_size=32, group_size=8, sampled_negatives=0, full_softmax=True,
+    )
+
+
+def paper_small() -> WorkloadConfig:
+    """The paper regime at a size tests can afford: a tied 8,192 x 256 table scored in full every step."""
+    return WorkloadConfig(
+        users=600, communities=6, topics=24, content_dim=8, rq_codebooks=1, rq_codes=16,
+        sources=(SourceConfig(name=AD_SOURCE, items=8192, mean_length=8, max_length=16),),
+        dim=256, heads=4, layers=1, batch_size=16, group_size=8, sampled_negatives=0, full_softmax=True,
+        steps=20, knn_k=10, graph_chunk=256,
+    )
+
+
+PRESETS = {"tiny": tiny, "default": default, "large": large, "paper": paper, "paper-small": paper_small}
 
 
 def preset(name: str) -> WorkloadConfig:

@@ -129,7 +129,7 @@ class Batch:
     targets: dict[str, Items] | None = None
     """Per source (samples,): the item engaged right after the input sequence."""
     negatives: dict[str, Items] | None = None
-    """Per source (sampled_negatives,) uniform items, the same for every sample of the step."""
+    """Per source the candidates every sample of this rank scores besides its group's targets (`negative_ids`)."""
 
 
 def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -280,11 +280,23 @@ def make_batch(world: World, step: int, rank: int, size: int, batch_size: int) -
         cut = start + 1 + (cut_draws[:, i] * (events.lengths()[users] - 1)).astype(np.int64)
         sequences[source.name] = _pack(world, source, users, cut, events.times[cut])
         targets[source.name] = _items(world.sources[source.name], events.items[cut])
-        # The same negatives for every rank and group of the step: the loss of a global batch is split-invariant.
-        negative_rng = np.random.default_rng([config.seed, 3, step, i])
-        negatives[source.name] = _items(world.sources[source.name],
-                                        negative_rng.integers(0, source.items, config.sampled_negatives))
+        negatives[source.name] = _items(world.sources[source.name], negative_ids(config, source, i, step, rank))
     return Batch(users=torch.from_numpy(users), sequences=sequences, targets=targets, negatives=negatives)
+
+
+def negatives_per_step(config: WorkloadConfig, source: SourceConfig) -> int:
+    """Candidate rows each rank scores per step besides its group's targets (the length of `negative_ids`)."""
+    return source.items if config.full_softmax else config.sampled_negatives
+
+
+def negative_ids(config: WorkloadConfig, source: SourceConfig, index: int, step: int, rank: int) -> np.ndarray:
+    """The candidate rows every sample of this rank scores besides its group's targets: the whole table under
+    full_softmax; otherwise `sampled_negatives` uniform rows, the same on every rank with shared_negatives (the loss
+    of a global batch is then split-invariant), else drawn by each rank for itself."""
+    if config.full_softmax:
+        return np.arange(negatives_per_step(config, source), dtype=np.int64)
+    key = [config.seed, 3, step, index] if config.shared_negatives else [config.seed, 3, step, index, 1, rank]
+    return np.random.default_rng(key).integers(0, source.items, config.sampled_negatives)
 
 
 def user_batch(world: World, users: np.ndarray) -> Batch:

@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "bench.comm",
     "bench.predict",
     "bench.compare",
+    "bench.oomcliff",
 )
 
 

@@ -1,9 +1,10 @@
 """`alure-bench compare A B`: two results folders side by side, per point, as a CI gate.
 
 Per (scaling, mode, np): the median step time of each (over repeats), the ratio B/A and its noise band
-[B p10 / A p90, B p90 / A p10]. A point is slower when the ratio exceeds 1 + threshold and even the band's low end is
-above 1 (the difference is not noise); a point ok in A and failed, oom or timed out in B is a regression too. The exit
-code is 1 when any point regressed, 0 otherwise, 2 for bad input.
+[B low / A high, B high / A low] from the 95% confidence intervals of the two medians. A point is slower when the
+ratio exceeds 1 + threshold and even the band's low end is above 1 (the difference is not noise); a point ok in A and
+failed, oom or timed out in B is a regression too. The exit code is 1 when any point regressed, 0 otherwise, 2 for bad
+input.
 """
 from __future__ import annotations
 
@@ -20,16 +21,17 @@ COLUMNS = ["scaling", "mode", "np", "a_ms", "b_ms", "ratio", "band_low", "band_h
 
 
 def _points(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (scaling, mode, np): medians over the ok repeats, the status if none was ok, the oversubscribed flag."""
+    """Per (scaling, mode, np): medians over the ok repeats with the interval of the step time's (bench.summary),
+    the status if none was ok, the oversubscribed flag."""
     rows = []
     for key, g in df.groupby(KEY):
         ok = g[g["status"] == "ok"]
         rows.append(dict(zip(KEY, key), ok=not ok.empty,
                          status="ok" if not ok.empty else ",".join(sorted(set(g["status"]))),
-                         ms=ok["step_time_ms"].median(), p10=ok["step_time_ms_p10"].median(),
-                         p90=ok["step_time_ms_p90"].median(), rss=ok["peak_rss_mib"].median(),
+                         ms=ok["step_time_ms"].median(), low=ok["step_time_ms_ci_low"].median(),
+                         high=ok["step_time_ms_ci_high"].median(), rss=ok["peak_rss_mib"].median(),
                          oversubscribed=bool(g["oversubscribed"].any())))
-    return pd.DataFrame(rows, columns=[*KEY, "ok", "status", "ms", "p10", "p90", "rss", "oversubscribed"])
+    return pd.DataFrame(rows, columns=[*KEY, "ok", "status", "ms", "low", "high", "rss", "oversubscribed"])
 
 
 def compare(a: pd.DataFrame, b: pd.DataFrame, threshold: float) -> pd.DataFrame:
@@ -51,7 +53,7 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, threshold: float) -> pd.DataFrame:
             row["verdict"] = "fixed" if r.ok_b else f"failed in both ({r.status_b})"
         else:
             ratio = r.ms_b / r.ms_a
-            low, high = r.p10_b / r.p90_a, r.p90_b / r.p10_a
+            low, high = r.low_b / r.high_a, r.high_b / r.low_a
             row.update(ratio=ratio, band_low=low, band_high=high, rss_ratio=r.rss_b / r.rss_a)
             if ratio > 1 + threshold and low > 1:
                 row["verdict"] = "SLOWER"
@@ -94,8 +96,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise UsageError(f"A and B ran different presets ({', '.join(sorted(presets))}): compare sweeps of the same "
                          f"workload")
     table = compare(a, b, args.threshold)
-    print(f"A = {args.a}\nB = {args.b}\nratio = B / A of the median step time; band = [B p10 / A p90, B p90 / A p10]; "
-          f"slower = ratio > {1 + args.threshold:.2f} with the whole band above 1\n")
+    print(f"A = {args.a}\nB = {args.b}\nratio = B / A of the median step time; band = [B low / A high, "
+          f"B high / A low] of their 95% intervals; slower = ratio > {1 + args.threshold:.2f} with the whole band "
+          f"above 1\n")
     print(format_table(table))
     if args.csv:
         table.to_csv(args.csv, index=False)

@@ -3,6 +3,7 @@ task all build these same dataclasses, so validation lives here and nowhere else
 from __future__ import annotations
 
 import itertools
+import random
 import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -35,12 +36,18 @@ class RunSettings:
     """Timed training steps."""
     warmup_steps: int = 3
     """Steps run before timing starts (allocator, Horovod negotiation, caches); not counted."""
-    threads_per_rank: int = 0
-    """Torch intra-op threads per rank; 0 shares the cores out (cores // np, at least 1)."""
+    threads_per_rank: int = 1
+    """Torch intra-op threads per rank, the same at every np of a sweep: efficiency divides a point by np=1 run
+    the same way, never by a baseline that had the cores to itself."""
     timeout_s: float = 300.0
     """Wall time after which the point is killed and recorded as timeout."""
     mem_limit_mib: int = 0
     """Per-rank cap on the data address space (RLIMIT_DATA, enforced by the kernel); 0 for none."""
+    train_mem_limit_mib: int = 0
+    """Per-rank cap on what training may add to the data segment once the workload is built (RLIMIT_DATA set to the
+    segment's size after the build plus this); 0 for none. Unlike mem_limit_mib it does not depend on how much the
+    world and the libraries take on a machine, so a cap derived from measured training growth (`alure-bench
+    oom-demo`) means the same anywhere."""
     seed: int = 0
     """Seed of the synthetic data and the initial weights."""
     workload: dict = field(default_factory=dict)
@@ -49,9 +56,16 @@ class RunSettings:
     def __post_init__(self):
         if self.steps < 1:
             raise UsageError(f"steps must be at least 1 (got {self.steps})")
-        for name in ("warmup_steps", "batch_per_rank", "global_batch", "threads_per_rank", "mem_limit_mib"):
+        for name in ("warmup_steps", "batch_per_rank", "global_batch", "mem_limit_mib", "train_mem_limit_mib"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must not be negative (got {getattr(self, name)})")
+        if self.mem_limit_mib and self.train_mem_limit_mib:
+            raise UsageError(f"mem_limit_mib ({self.mem_limit_mib}) and train_mem_limit_mib "
+                             f"({self.train_mem_limit_mib}) are both set: cap the whole process or the training, "
+                             f"not both")
+        if self.threads_per_rank < 1:
+            raise UsageError(f"threads_per_rank must be at least 1 (got {self.threads_per_rank}): every point runs "
+                             f"the same threads per rank, so give a number such as 1 (--threads 1)")
         if self.timeout_s <= 0:
             raise UsageError(f"timeout_s must be positive (got {self.timeout_s})")
 
@@ -114,6 +128,10 @@ class SweepConfig(RunSettings):
     """Process counts; efficiency is relative to np=1, so without 1 among them it is left blank."""
     repeats: int = 1
     """Repetitions of every point."""
+    interleave: bool = True
+    """Run the repeats in rounds: round r measures every point once, in an order shuffled by seed and r, so slow
+    drift of the machine spreads over all points instead of landing on some. False: each point's repeats back to
+    back, np ascending."""
 
     def __post_init__(self):
         for name, allowed in (("scalings", SCALINGS), ("modes", MODES)):
@@ -129,9 +147,20 @@ class SweepConfig(RunSettings):
         self.plan()  # every point must be valid before anything runs (RunSettings' checks run there too)
 
     def plan(self) -> list[PointConfig]:
-        """The points in run order: cheap np first, so a partial sweep still has its baselines."""
-        return [PointConfig(scaling=s, mode=m, np=n, repeat=r, **self.shared())
-                for n, s, m, r in itertools.product(self.nps, self.scalings, self.modes, range(self.repeats))]
+        """The points in run order (see `interleave`). Interleaved, the first round runs its np=1 points first, so
+        a sweep interrupted after them still has a baseline for every later point."""
+        if not self.interleave:
+            return [PointConfig(scaling=s, mode=m, np=n, repeat=r, **self.shared())
+                    for n, s, m, r in itertools.product(self.nps, self.scalings, self.modes, range(self.repeats))]
+        plan = []
+        for r in range(self.repeats):
+            points = [PointConfig(scaling=s, mode=m, np=n, repeat=r, **self.shared())
+                      for n, s, m in itertools.product(self.nps, self.scalings, self.modes)]
+            order = random.Random(f"{self.seed}-{r}").sample(points, len(points))
+            if r == 0:
+                order.sort(key=lambda p: p.np != min(self.nps))  # stable: shuffled within each part
+            plan += order
+        return plan
 
     @classmethod
     def from_dict(cls, data: dict) -> "SweepConfig":

@@ -128,11 +128,23 @@ def capture_environment() -> dict:
         "git": git_state(),
         "variables": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
         "shared_memory": shared_memory_record(),
-        "launch_settings": launch_settings(launch_environment()),
+        "launch_settings": launch_settings(_local_launch()),
     }
 
 
-def launch_environment() -> dict[str, str]:
+LAUNCH_PREFIXES = ("HOROVOD_", "OMPI_", "GLOO_")
+
+
+def launch_environment(nps: list[int], launcher=None) -> dict[str, dict[str, str]]:
+    """Per rank count, the HOROVOD_/OMPI_/GLOO_ variables exactly as the launcher hands them to mpirun (its own
+    settings on top of this process's environment): what the ranks of a point ran with."""
+    from bench.launch import LOCAL
+    launcher = launcher or LOCAL
+    return {str(n): {k: v for k, v in sorted(launcher.environment(n).items()) if k.startswith(LAUNCH_PREFIXES)}
+            for n in nps}
+
+
+def _local_launch() -> dict[str, str]:
     """The environment bench.launch gives local ranks (two of them) from this process's."""
     from bench.launch import mpi_environment
     return mpi_environment(2)

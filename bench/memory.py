@@ -103,3 +103,14 @@ def apply_mem_limit(limit_mib: int) -> None:
 def looks_like_oom(text: str) -> bool:
     text = text.lower()
     return any(marker in text for marker in OOM_MARKERS)
+
+
+def apply_training_mem_limit(allowance_mib: int) -> None:
+    """Cap the data segment (RLIMIT_DATA) at its size now plus `allowance_mib`: called once the workload is built,
+    it limits what training adds, whatever the build took. Linux only (the size comes from VmData)."""
+    if allowance_mib > 0:
+        used = vm_data_bytes()
+        if used is None:
+            raise RuntimeError("the training memory cap needs VmData from /proc/self/status, which this system lacks")
+        limit = used + int(allowance_mib) * MIB
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))

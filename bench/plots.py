@@ -11,20 +11,30 @@ import pandas as pd  # noqa: E402
 
 from bench.scaling import PHASES  # noqa: E402
 
-MODE_COLORS = {"sparse-gather": "tab:red", "dense-reduce": "tab:blue", "auto": "tab:green"}
+MODE_COLORS = {"sparse-gather": "tab:red", "dense-reduce": "tab:blue", "auto": "tab:green",
+               "coalesced-gather": "tab:orange", "sparse-as-dense": "tab:purple"}
 PHASE_COLORS = dict(zip(PHASES, ("tab:gray", "tab:blue", "tab:orange", "tab:red", "tab:green")))
 OVERSUBSCRIBED_NOTE = "hollow = oversubscribed (np > cores)"
 
 
-def _per_np(df: pd.DataFrame, column: str) -> pd.DataFrame:
-    """Median over repeats of `column` per np, with the oversubscribed flag."""
-    return df.groupby("np").agg(value=(column, "median"), oversubscribed=("oversubscribed", "max")).reset_index()
+def _per_np(df: pd.DataFrame, column: str, interval: tuple[str, str] | None = None) -> pd.DataFrame:
+    """Median over repeats of `column` per np, with the oversubscribed flag (and the point's interval, the same on
+    every repeat's row)."""
+    extra = {"low": (interval[0], "first"), "high": (interval[1], "first")} if interval else {}
+    return df.groupby("np").agg(value=(column, "median"), oversubscribed=("oversubscribed", "max"),
+                                **extra).reset_index()
 
 
-def _line(ax, df: pd.DataFrame, column: str, mode: str) -> None:
-    points = _per_np(df, column)
+def _line(ax, df: pd.DataFrame, column: str, mode: str, interval: tuple[str, str] | None = None) -> None:
+    """One mode's line against np; with `interval` (the columns of its low and high ends), error bars."""
+    points = _per_np(df, column, interval)
     color = MODE_COLORS.get(mode, "black")
     ax.plot(points["np"], points["value"], "-", color=color, label=mode)
+    if interval:
+        has = points["low"].notna() & points["high"].notna()
+        ax.errorbar(points["np"][has], points["value"][has], fmt="none", ecolor=color, capsize=3, linewidth=1,
+                    yerr=[(points["value"] - points["low"])[has].clip(lower=0),
+                          (points["high"] - points["value"])[has].clip(lower=0)])
     for over, marker_face in ((False, color), (True, "none")):
         sel = points[points["oversubscribed"] == over]
         ax.plot(sel["np"], sel["value"], "o", color=color, markerfacecolor=marker_face, markersize=7)
@@ -43,11 +53,11 @@ def efficiency_plot(df: pd.DataFrame, path: Path) -> None:
     for ax, scaling in panels:
         part = ok[ok["scaling"] == scaling]
         for mode, rows in part.groupby("mode"):
-            _line(ax, rows, "efficiency", mode)
+            _line(ax, rows, "point_efficiency", mode, ("efficiency_ci_low", "efficiency_ci_high"))
         if not part.empty:
             nps = sorted(part["np"].unique())
             ax.plot(nps, [1.0] * len(nps), "k--", linewidth=1, label="ideal")
-        ax.set_title(f"{scaling} scaling efficiency")
+        ax.set_title(f"{scaling} scaling efficiency (bars: 95% interval)")
         ax.set_xticks(sorted(ok["np"].unique()))
         ax.set_xlabel("MPI processes (np)")
         ax.grid(alpha=0.3)

@@ -9,30 +9,76 @@ import pandas as pd
 from bench.plots import breakdown_plot, efficiency_plot, memory_plot
 from bench.results import atomic_write_text, load
 
-TABLE_COLUMNS = ["scaling", "mode", "np", "repeat", "status", "step_time_ms", "step_time_ms_p10", "step_time_ms_p90",
-                 "efficiency", "throughput_samples_per_s", "peak_rss_mib", "exchange_bytes_held"]
+POINT_KEY = ["scaling", "mode", "np"]
+
+
+def point_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per point (scaling, mode, np; also preset and threads where a folder mixes them): its ok repeats,
+    the median step time over them with its 95% interval, the efficiency of that median with its interval, and the
+    medians of throughput, peak memory and bytes held."""
+    mixed = [c for c in ("preset", "threads_per_rank") if df[c].nunique() > 1]
+    rows = []
+    for key, g in df.groupby(POINT_KEY + mixed, sort=True):
+        ok = g[g["status"] == "ok"]
+        first = ok.iloc[0] if not ok.empty else g.iloc[0]
+        rows.append({**dict(zip(POINT_KEY + mixed, key)), "oversubscribed": bool(g["oversubscribed"].any()),
+                     "ok": f"{len(ok)}/{len(g)}", "step_time_ms": first["point_step_time_ms"],
+                     "step_ci_low": first["step_time_ms_ci_low"], "step_ci_high": first["step_time_ms_ci_high"],
+                     "efficiency": first["point_efficiency"], "eff_ci_low": first["efficiency_ci_low"],
+                     "eff_ci_high": first["efficiency_ci_high"],
+                     "throughput_samples_per_s": ok["throughput_samples_per_s"].median(),
+                     "peak_rss_mib": ok["peak_rss_mib"].median(),
+                     "exchange_held_mib": _mib(ok["exchange_bytes_held"].median())})
+    return pd.DataFrame(rows)
 
 
 def efficiency_table(df: pd.DataFrame) -> str:
-    """The table a person reads at the end of a sweep; oversubscribed np marked *, failures with their reason."""
-    t = df.copy()
+    """The table a person reads at the end of a sweep: one row per point with the 95% intervals of its step time
+    and efficiency; oversubscribed np marked *, failures with their reason."""
+    t = point_table(df)
+    if t.empty:
+        return "no points"
     t["np"] = [f"{n}{'*' if o else ''}" for n, o in zip(t["np"], t["oversubscribed"])]
-    t["exchange_bytes_held"] = t["exchange_bytes_held"].map(_mib)
-    t = t.rename(columns={"exchange_bytes_held": "exchange_held_mib"})
-    cols = [c if c != "exchange_bytes_held" else "exchange_held_mib" for c in TABLE_COLUMNS]
-    text = t[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}",
-                             na_rep="-")
-    notes = []
+    t["step_time_ms"] = [_with_interval(v, lo, hi, "{:.1f}") for v, lo, hi in
+                         zip(t["step_time_ms"], t["step_ci_low"], t["step_ci_high"])]
+    t["efficiency"] = [_with_interval(v, lo, hi, "{:.2f}") for v, lo, hi in
+                       zip(t["efficiency"], t["eff_ci_low"], t["eff_ci_high"])]
+    t = t.drop(columns=["oversubscribed", "step_ci_low", "step_ci_high", "eff_ci_low", "eff_ci_high"])
+    text = t.to_string(index=False, float_format=lambda v: f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}", na_rep="-")
+    notes = ["step_time_ms and efficiency: median over the ok repeats [95% bootstrap interval]"]
+    if (df.loc[df["status"] == "ok", "repeats_ok"] == 1).any():
+        notes.append("a point with one ok repeat has an interval of its steps' noise only, not of the noise "
+                     "between runs: use --repeats 5 for figures to quote")
     if df["oversubscribed"].any():
         notes.append("* oversubscribed: more ranks than cores; timings include time-sharing of cores")
     for _, row in df[df["status"] != "ok"].iterrows():
         notes.append(f"{row['scaling']} {row['mode']} np={row['np']} r{row['repeat']}: {row['status']}: "
                      f"{row['reason']}")
-    return text + ("\n" + "\n".join(notes) if notes else "")
+    return text + "\n" + "\n".join(notes)
+
+
+def _with_interval(value, low, high, fmt: str) -> str:
+    if pd.isna(value):
+        return "-"
+    return fmt.format(value) + (f" [{fmt.format(low)}, {fmt.format(high)}]" if not pd.isna(low) else "")
 
 
 def _mib(v) -> float:
     return v / 2**20
+
+
+def _threads(df: pd.DataFrame) -> str:
+    threads = sorted({int(t) for t in df["threads_per_rank"].dropna()})
+    return "here " + " and ".join(map(str, threads)) + (" thread" if threads == [1] else " threads") + " per rank" \
+        if threads else "none recorded"
+
+
+def _order(sweep_dir: Path) -> str:
+    path = sweep_dir / "sweep.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    if config.get("interleave", False):
+        return "ran interleaved: round r measured every point once, in a seeded shuffled order"
+    return "ran back to back, point by point" if config else "ran in an unrecorded order"
 
 
 def write_report(sweep_dir: str | Path) -> pd.DataFrame:
@@ -51,9 +97,14 @@ def write_report(sweep_dir: str | Path) -> pd.DataFrame:
              f"Horovod {env.get('horovod', {}).get('version', '?')}; "
              f"{env.get('mpi', {}).get('library', '?')}; commit {(env.get('git') or {}).get('commit') or '?'}"
              f"{' (dirty)' if (env.get('git') or {}).get('dirty') else ''}.", "",
-             "Step time: median over timed steps of the slowest rank's step (p10/p90 band); efficiency against "
-             "np=1 of the same mode (weak T1/TP, strong T1/(P TP)); exchange held: bytes of the gradient "
-             "exchange results each rank holds per step.", "",
+             "Step time: per repeat, the median over timed steps of the slowest rank's step; per point, the median "
+             "over its repeats, with a 95% bootstrap confidence interval (repeats resampled, then the steps within "
+             "each, so the interval covers the noise between runs as well as between steps). Efficiency (weak "
+             "T1/TP, strong T1/(P TP)) divides a point only by the np=1 point of the same scaling, mode, preset and "
+             "torch threads per rank "
+             f"({_threads(df)}); its interval comes from the same bootstrap draws of both. Repeats "
+             f"{_order(sweep_dir)}. Exchange held: bytes of the gradient exchange results each rank holds per step. "
+             "Every repeat's figures are in summary.csv.", "",
              "```", efficiency_table(df), "```", "",
              "![efficiency](efficiency.png)", "", "![breakdown](breakdown.png)", "", "![memory](memory.png)", ""]
     atomic_write_text(sweep_dir / "report.md", "\n".join(lines))

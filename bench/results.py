@@ -77,6 +77,10 @@ def read_record(path: Path) -> dict:
         raise UsageError(f"point record {path} has schema version {version}, this alure-bench reads "
                          f"{SCHEMA_VERSION}: rerun that sweep with --resume into a new folder, or use the "
                          f"alure-bench version that wrote it")
+    point = record.get("point") or {}
+    if point.get("threads_per_rank") == 0 and record.get("threads_per_rank"):
+        # Written when 0 meant "cores // np": the point ran with the thread count its record resolved.
+        point["threads_per_rank"] = record["threads_per_rank"]
     return record
 
 

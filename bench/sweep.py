@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.config import PointConfig, SweepConfig
-from bench.environment import capture_environment
+from bench.environment import capture_environment, launch_environment
 from bench.errors import UsageError
 from bench.launch import LOCAL, Launcher, is_oversubscribed, json_after, python_module_argv, run_ranks
 from bench.memory import looks_like_oom
@@ -116,7 +116,8 @@ def start_sweep(config: SweepConfig, sweep_dir: Path) -> None:
         raise UsageError(f"{sweep_dir} already holds a sweep: add --resume to continue it, or choose a new --out")
     (sweep_dir / "points").mkdir(exist_ok=True)
     atomic_write_json(sweep_dir / SWEEP_FILE, config.as_dict())
-    atomic_write_json(sweep_dir / "environment.json", capture_environment())
+    atomic_write_json(sweep_dir / "environment.json",
+                      capture_environment() | {"launch_environment": launch_environment(config.nps)})
 
 
 def load_sweep_config(sweep_dir: Path) -> SweepConfig:

@@ -39,7 +39,8 @@ def _override(text: str) -> tuple[str, object]:
 # flag -> SweepConfig field; one table so `sweep` and `run` accept the same words.
 SHARED_FLAGS = {"preset": "preset", "steps": "steps", "warmup": "warmup_steps", "timeout": "timeout_s",
                 "mem_limit": "mem_limit_mib", "threads": "threads_per_rank", "seed": "seed",
-                "batch_per_rank": "batch_per_rank", "global_batch": "global_batch"}
+                "batch_per_rank": "batch_per_rank", "global_batch": "global_batch",
+                "train_mem_limit": "train_mem_limit_mib"}
 
 
 def add_shared_flags(p: argparse.ArgumentParser) -> None:
@@ -49,7 +50,10 @@ def add_shared_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, help="seconds before a point is killed and recorded as timeout")
     p.add_argument("--mem-limit", type=int, metavar="MIB",
                    help="per-rank memory cap in MiB, enforced by the kernel (RLIMIT_DATA); past it: status oom")
-    p.add_argument("--threads", type=int, help="torch threads per rank (default: cores // np)")
+    p.add_argument("--train-mem-limit", type=int, metavar="MIB",
+                   help="per-rank cap in MiB on what training adds once the workload is built (RLIMIT_DATA above "
+                        "the built data segment); past it: status oom")
+    p.add_argument("--threads", type=int, help="torch threads per rank, the same at every np (default 1)")
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-per-rank", type=int, help="per-rank batch of weak points (default: the preset's)")
     p.add_argument("--global-batch", type=int, help="global batch of strong points (default: the preset's)")
@@ -65,6 +69,9 @@ def add_plan_flags(p: argparse.ArgumentParser, out_help: str) -> None:
                    "auto (default sparse-gather,dense-reduce)")
     p.add_argument("--scalings", type=str_list, help="weak,strong (default both)")
     p.add_argument("--repeats", type=int, help="repetitions of every point (default 1)")
+    p.add_argument("--no-interleave", dest="interleave", action="store_false", default=None,
+                   help="run each point's repeats back to back, np ascending (default: rounds of every point in a "
+                        "seeded shuffled order)")
     p.add_argument("--name", help="sweep name, the results folder's prefix")
     p.add_argument("--out", metavar="DIR", help=out_help)
     add_shared_flags(p)
@@ -73,7 +80,7 @@ def add_plan_flags(p: argparse.ArgumentParser, out_help: str) -> None:
 def sweep_config_from_args(args: argparse.Namespace, **fixed) -> SweepConfig:
     config = SweepConfig.from_toml(args.config) if getattr(args, "config", None) else SweepConfig()
     changes = {field: getattr(args, flag) for flag, field in SHARED_FLAGS.items() if getattr(args, flag) is not None}
-    for flag in ("nps", "modes", "scalings", "repeats", "name"):
+    for flag in ("nps", "modes", "scalings", "repeats", "name", "interleave"):
         if getattr(args, flag, None) is not None:
             changes[flag] = getattr(args, flag)
     if args.overrides:

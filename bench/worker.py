@@ -16,10 +16,11 @@ from typing import NamedTuple
 import numpy as np
 
 from bench.config import PointConfig
-from bench.memory import PeakProbe, apply_mem_limit, looks_like_oom, peak_rss_mib, rss_mib
+from bench.memory import (PeakProbe, apply_mem_limit, apply_training_mem_limit, looks_like_oom, peak_rss_mib,
+                          rss_mib)
 from bench.results import SCHEMA_VERSION, write_record
 from bench.scaling import PHASES, rank_skew, slowest_rank_per_step, spread, throughput_samples_per_s
-from bench.launch import physical_cores, threads_per_rank
+from bench.launch import physical_cores
 
 RANK_ERROR_MARKER = "ALURE_BENCH_RANK_ERROR"
 """Prefix of the one stderr line a failing rank leaves for the sweep to classify the failure."""
@@ -102,8 +103,9 @@ def measure(point: PointConfig, exchange) -> dict:
     import torch
     from alure.train import Trainer
 
-    torch.set_num_threads(point.threads_per_rank or threads_per_rank(point.np))
+    torch.set_num_threads(point.threads_per_rank)  # the same at every np: see RunSettings.threads_per_rank
     trainer = Trainer(workload_config(point), exchange)
+    apply_training_mem_limit(point.train_mem_limit_mib)  # from here on, only what training adds is capped
     baseline_rss = rss_mib()  # after the model is built: growth beyond it is the training's own
     build_peak = peak_rss_mib()  # the kernel's mark since the process began: imports, world, model
     probe = PeakProbe()  # resets the mark: from here on, peaks are the training's own
@@ -170,7 +172,7 @@ def build_record(point: PointConfig, ranks: list[dict], wall_seconds: float, sta
         "schema_version": SCHEMA_VERSION, "point_id": point.point_id, "point": point.as_dict(), "status": "ok",
         "reason": None, "started_at": started_at, "wall_seconds": wall_seconds,
         "oversubscribed": hosts_oversubscribed(ranks), "np": point.np,
-        "threads_per_rank": point.threads_per_rank or threads_per_rank(point.np),
+        "threads_per_rank": point.threads_per_rank,
         "batch_per_rank": per_rank, "global_batch": global_batch,
         "hosts": sorted({r["host"] for r in ranks}),
         "step_time_ms_slowest_rank": slowest.tolist(), "metrics": metrics, "ranks": ranks,

@@ -48,3 +48,43 @@ def test_a_toml_sweep_builds_the_same_config(tmp_path):
 def test_point_ids_are_stable_file_names():
     assert PointConfig(scaling="strong", mode="dense-reduce", np=4, repeat=2).point_id == \
         "strong-dense-reduce-np4-r2"
+
+
+def test_repeats_interleave_in_seeded_rounds_with_the_baselines_first():
+    config = SweepConfig(nps=[1, 2, 3], repeats=3)
+    plan = config.plan()
+    points = {(p.scaling, p.mode, p.np) for p in plan}
+    per_round = len(points)
+    for r in range(3):
+        round_ = plan[r * per_round:(r + 1) * per_round]
+        assert {p.repeat for p in round_} == {r} and {(p.scaling, p.mode, p.np) for p in round_} == points
+    assert [p.np for p in plan[:4]] == [1] * 4, "round 0 measures every np=1 baseline first"
+    orders = [[(p.scaling, p.mode, p.np) for p in plan[r * per_round:(r + 1) * per_round]] for r in range(3)]
+    assert orders[1] != orders[2], "each round has its own shuffled order"
+    assert plan == SweepConfig(nps=[1, 2, 3], repeats=3).plan(), "the order is seeded"
+    assert plan != SweepConfig(nps=[1, 2, 3], repeats=3, seed=1).plan()
+
+
+def test_no_interleave_runs_each_points_repeats_back_to_back():
+    plan = SweepConfig(nps=[1, 2], repeats=2, interleave=False).plan()
+    assert [(p.np, p.repeat) for p in plan[:2]] == [(1, 0), (1, 1)]
+    assert [p.np for p in plan] == sorted(p.np for p in plan)
+
+
+def test_every_point_runs_the_same_threads():
+    assert {p.threads_per_rank for p in SweepConfig(nps=[1, 2, 4]).plan()} == {1}
+    assert {p.threads_per_rank for p in SweepConfig(nps=[1, 2], threads_per_rank=2).plan()} == {2}
+    with pytest.raises(UsageError, match="threads_per_rank must be at least 1"):
+        SweepConfig(threads_per_rank=0)
+
+
+def test_sweep_flags_set_interleave_and_threads():
+    import argparse
+
+    from bench.sweep_cli import add_plan_flags, sweep_config_from_args
+    parser = argparse.ArgumentParser()
+    add_plan_flags(parser, out_help="")
+    default = sweep_config_from_args(parser.parse_args(["--preset", "tiny"]))
+    assert default.interleave and default.threads_per_rank == 1
+    config = sweep_config_from_args(parser.parse_args(["--preset", "tiny", "--no-interleave", "--threads", "2"]))
+    assert not config.interleave and config.threads_per_rank == 2

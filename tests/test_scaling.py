@@ -1,9 +1,9 @@
-"""The figures of DESIGN.md, against values worked out by hand."""
+"""The suite's figures, against values worked out by hand."""
 import numpy as np
 import pytest
 
-from bench.scaling import busbw_factor, efficiency, rank_skew, slowest_rank_per_step, spread, \
-    throughput_samples_per_s
+from bench.scaling import bootstrap_step_time, busbw_factor, efficiency, interval, rank_skew, slowest_rank_per_step, \
+    spread, throughput_samples_per_s
 from bench.summary import SUMMARY_COLUMNS, summarize
 
 
@@ -47,7 +47,8 @@ def _record(scaling, mode, np_, step_ms, status="ok"):
     metrics = None if status != "ok" else {"step_time_ms": step_ms, "step_time_ms_p10": step_ms,
                                             "step_time_ms_p90": step_ms, "throughput_samples_per_s": 1.0,
                                             "peak_rss_mib": 1.0, "exchange_bytes_held": 0, "phase_ms": {}}
-    return {"point": {"scaling": scaling, "mode": mode, "np": np_, "repeat": 0, "preset": "tiny"},
+    return {"point": {"scaling": scaling, "mode": mode, "np": np_, "repeat": 0, "preset": "tiny",
+                      "threads_per_rank": 1},
             "status": status, "reason": None if status == "ok" else "boom", "oversubscribed": np_ > 2,
             "metrics": metrics}
 
@@ -63,3 +64,55 @@ def test_summary_has_the_design_columns_and_efficiency_per_mode_and_scaling():
     assert eff[("weak", "sparse-gather", 1)] == pytest.approx(1.0)
     assert np.isnan(eff[("weak", "sparse-gather", 2)])
     assert df.loc[df["np"] == 4, "oversubscribed"].item()
+
+
+def _stepped(scaling, mode, np_, steps, repeat=0, threads=1):
+    """An ok record with its per-step (slowest rank) times, as the worker writes it."""
+    record = _record(scaling, mode, np_, float(np.median(steps)))
+    record["point"]["repeat"] = repeat
+    record["threads_per_rank"] = threads
+    record["step_time_ms_slowest_rank"] = list(steps)
+    return record
+
+
+def test_bootstrap_interval_holds_the_median_and_widens_with_noise():
+    rng = np.random.default_rng(1)
+    quiet = [100 + rng.normal(0, 1, 20) for _ in range(5)]
+    noisy = [100 + rng.normal(0, 10, 20) for _ in range(5)]
+    q_low, q_high = interval(bootstrap_step_time(quiet, np.random.default_rng(0)))
+    n_low, n_high = interval(bootstrap_step_time(noisy, np.random.default_rng(0)))
+    assert q_low < np.median([np.median(r) for r in quiet]) < q_high
+    assert n_high - n_low > 3 * (q_high - q_low)
+
+
+def test_bootstrap_counts_the_noise_between_repeats():
+    # Every repeat is steady within itself, but the repeats disagree: the interval must span them.
+    repeats = [np.full(20, t) + np.arange(20) * 1e-3 for t in (90.0, 100.0, 110.0)]
+    low, high = interval(bootstrap_step_time(repeats, np.random.default_rng(0)))
+    assert low <= 91 and high >= 109
+
+
+def test_summary_gives_each_point_its_interval_and_efficiency_its_interval():
+    rng = np.random.default_rng(2)
+    records = [_stepped("weak", "dense-reduce", n, base * (1 + rng.normal(0, 0.05, 20)), r)
+               for n, base in ((1, 100.0), (2, 125.0)) for r in range(3)]
+    df = summarize(records)
+    two = df[df["np"] == 2].iloc[0]
+    assert two["repeats_ok"] == 3
+    assert two["step_time_ms_ci_low"] < two["point_step_time_ms"] < two["step_time_ms_ci_high"]
+    assert two["efficiency_ci_low"] < two["point_efficiency"] < two["efficiency_ci_high"]
+    assert two["efficiency_ci_low"] < 0.8 < two["efficiency_ci_high"]
+    one = df[df["np"] == 1].iloc[0]
+    assert one["efficiency_ci_low"] == one["efficiency_ci_high"] == 1, "the baseline is 1 by definition"
+    again = summarize(records)
+    assert again["efficiency_ci_low"].equals(df["efficiency_ci_low"]), "the report is reproducible"
+
+
+def test_efficiency_divides_only_by_the_baseline_of_the_same_threads():
+    df = summarize([_stepped("weak", "sparse-gather", 1, [100.0] * 5, threads=2),
+                    _stepped("weak", "sparse-gather", 2, [100.0] * 5, threads=1)])
+    two = df[df["np"] == 2].iloc[0]
+    assert np.isnan(two["efficiency"]) and np.isnan(two["efficiency_ci_low"]), "no baseline ran with 1 thread"
+    df = summarize([_stepped("weak", "sparse-gather", 1, [100.0] * 5, threads=1),
+                    _stepped("weak", "sparse-gather", 2, [100.0] * 5, threads=1)])
+    assert df.loc[df["np"] == 2, "efficiency"].item() == pytest.approx(1.0)

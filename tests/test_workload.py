@@ -72,15 +72,22 @@ def test_same_seed_gives_same_batches_and_losses(world):
     assert all(torch.equal(p, q) for p, q in zip(first.model.parameters(), second.model.parameters()))
 
 
-def test_ranks_split_the_same_global_batch_whatever_their_number(world):
+@pytest.fixture(scope="module")
+def shared_world():
+    """Negatives shared by the ranks, so a global batch is the same however many ranks split it."""
+    return build_world(dataclasses.replace(tiny(), shared_negatives=True))
+
+
+def test_ranks_split_the_same_global_batch_whatever_their_number(shared_world):
+    world = shared_world
     whole = make_batch(world, 5, 0, 1, 32)
     halves = concat_batches(make_batch(world, 5, 0, 2, 16), make_batch(world, 5, 1, 2, 16))
     for a, b in zip(batch_tensors(whole), batch_tensors(halves)):
         assert torch.equal(a, b)
 
 
-def test_loss_and_gradient_of_a_global_batch_do_not_depend_on_the_split(world):
-    config = tiny()
+def test_loss_and_gradient_of_a_global_batch_do_not_depend_on_the_split(shared_world):
+    world, config = shared_world, shared_world.config
     torch.manual_seed(0)
     model = UserEncoder(config)
 
@@ -95,6 +102,29 @@ def test_loss_and_gradient_of_a_global_batch_do_not_depend_on_the_split(world):
     assert loss == pytest.approx(np.mean([p[0] for p in parts]), rel=1e-5)
     for i, grad in enumerate(whole):  # what averaging over 2 ranks gives
         assert torch.allclose(grad, (parts[0][1][i] + parts[1][1][i]) / 2, atol=1e-6)
+
+
+def test_each_rank_draws_its_own_negatives_unless_they_are_shared(world, shared_world):
+    def negatives(w, rank):
+        return make_batch(w, 4, rank, 2, 16).negatives[w.config.sources[0].name].ids
+    assert not torch.equal(negatives(world, 0), negatives(world, 1))
+    assert torch.equal(negatives(world, 1), negatives(build_world(tiny()), 1)), "seeded by seed, step and rank"
+    assert torch.equal(negatives(shared_world, 0), negatives(shared_world, 1))
+
+
+def test_full_softmax_scores_every_row_of_the_tied_table():
+    config = preset("paper-small")
+    world = build_world(config)
+    batch = make_batch(world, 0, 1, 2, config.batch_size)
+    source = config.sources[0]
+    assert torch.equal(batch.negatives[source.name].ids, torch.arange(source.items))
+    torch.manual_seed(0)
+    model = UserEncoder(config)
+    next_engagement_loss(model, model(batch), batch, config.group_size).backward()
+    grad = model.sources[source.name].items.weight.grad.coalesce()
+    assert grad.indices().shape[1] == source.items, "every row of the table gets gradient in every step"
+    with pytest.raises(ValueError, match="sampled_negatives = 0"):
+        dataclasses.replace(config, sampled_negatives=8)
 
 
 def test_packed_batch_has_no_padding_and_holds_each_users_latest_events(world):
