@@ -2,7 +2,8 @@
 
 For each rank count (powers of two up to --max-np) and each mode (sparse-gather, dense-reduce, auto): the step time
 and its parts, weak and strong efficiency, memory per rank and whether it fits; the rank count at which sparse-gather
-runs out of memory; the crossover density; and how the model reproduces the sweep's own points. The links come from
+runs out of memory; the crossover density; how the model reproduces the sweep's own points (in sample) and, with
+--validate, how it predicts points it was not fitted to (bench.validation). The links come from
 the comm calibration, or from --latency-us/--bandwidth-gbps (a cluster's data sheet: its network then stands for
 every link of the ring, a node's shared memory being no slower).
 """
@@ -179,7 +180,8 @@ def summary_lines(model: Model, machine: Machine, table: pd.DataFrame, crossover
         lines.append("crossover density (dense-reduce cheaper above it, largest table): " + ", ".join(parts))
     if check is not None and not check.empty:
         worst = check.loc[(check["ratio"] - 1).abs().idxmax()]
-        lines.append(f"the sweep's own {len(check)} points: predicted / measured median {check['ratio'].median():.2f}, "
+        lines.append(f"the sweep's own {len(check)} points (in sample: the model was fitted to them): predicted / "
+                     f"measured median {check['ratio'].median():.2f}, "
                      f"worst {worst['ratio']:.2f} ({worst['scaling']} {worst['mode']} np={worst['np']})")
     return lines
 
