@@ -76,12 +76,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                          f"`alure-bench comm --np 2 --backends {args.backend}` shows the same failure alone")
     fits = fit_links_by_transport(read_comm_rows(comm_root), args.backend, source=str(comm_root))
     arguments = {k: v for k, v in vars(args).items() if k != "func"}
+    cpu = cpu_costs(results, comm_root, args.backend)
     print()
     for transport, cal in fits.items():
         identity = this_host(transport)
-        costs = cpu_costs(results, comm_root, args.backend)
-        costs = replace(costs, link=cal.link, source=f"link fitted by `alure-bench calibrate` on "
-                                                       f"{identity.describe()} from {comm_root}; {costs.source}")
+        costs = replace(cpu, link=cal.link, source=f"link fitted by `alure-bench calibrate` on "
+                                                     f"{identity.describe()} from {comm_root}; {cpu.source}")
         path = save_calibration(folder, identity, cal, costs, comm_root, arguments)
         print(f"calibration {format_calibration(cal)}")
         print(f"wrote {path}: `auto` on this host over {transport} decides with it")

@@ -81,7 +81,7 @@ def test_bad_calibration_files_are_one_line_errors(folder):
 def test_calibrate_measures_this_host_and_auto_finds_it(tmp_path, monkeypatch):
     # Real ranks, tiny sizes: comm at np 2 and 3 (3 is oversubscribed on 2 cores, and flagged), fitted and filed.
     out = tmp_path / "cal"
-    run = subprocess.run([*CLI, "calibrate", "--nps", "2,3", "--max-bytes", "256K", "--iters", "4", "--warmup", "1",
+    run = subprocess.run([*CLI, "calibrate", "--nps", "2,3", "--max-bytes", "32K", "--iters", "3", "--warmup", "1",
                           "--rounds", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "calibration shared-memory: a = " in run.stdout and "np 2,3: R^2" in run.stdout, run.stdout
