@@ -33,6 +33,18 @@ def format_calibration(cal) -> str:
             f"{q.max_rel_error:.0%}{held}")
 
 
+def link_check(cal, rows: list[dict]) -> str | None:
+    """The fitted bandwidth beside the link's rate as configured (tc, recorded by comm across shaped hosts): at P = 2
+    a ring moves its bytes over that one link, so 1/b should land near it. None without a configured rate."""
+    rates = sorted({r["link_rate_gbps"] for r in rows if r.get("link_rate_gbps") and r.get("transport") == cal.transport})
+    if not rates or cal.link.beta_s_per_byte <= 0:
+        return None
+    fitted = 8 / cal.link.beta_s_per_byte / 1e9
+    return (f"{cal.transport}: fitted bandwidth {fitted:.3g} Gb/s against the link's {', '.join(f'{r:g}' for r in rates)}"
+            f" Gb/s as configured (tc): {fitted / rates[0]:.2f} of it" + ("" if len(rates) == 1 else
+                                                                         " (rows of several rates fitted together)"))
+
+
 def comm_configs(args: argparse.Namespace) -> list:
     """One CommConfig per rank count, all checked before anything is measured."""
     from bench.comm import CommConfig, parse_numbers, parse_size
@@ -74,7 +86,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if len(failed) == len(configs):
         raise UsageError(f"comm failed at every rank count ({', '.join(map(str, failed))}): see its messages above; "
                          f"`alure-bench comm --np 2 --backends {args.backend}` shows the same failure alone")
-    fits = fit_links_by_transport(read_comm_rows(comm_root), args.backend, source=str(comm_root))
+    rows = read_comm_rows(comm_root)
+    fits = fit_links_by_transport(rows, args.backend, source=str(comm_root))
     arguments = {k: v for k, v in vars(args).items() if k != "func"}
     cpu = cpu_costs(results, comm_root, args.backend)
     print()
@@ -84,6 +97,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                                      f"{identity.describe()} from {comm_root}; {cpu.source}")
         path = save_calibration(folder, identity, cal, costs, comm_root, arguments)
         print(f"calibration {format_calibration(cal)}")
+        check = link_check(cal, rows)
+        if check:
+            print(check)
         print(f"wrote {path}: `auto` on this host over {transport} decides with it")
     if any(c.np > _cores() for c in configs):
         print(f"note: rank counts above this host's {_cores()} cores time-share them (oversubscribed, flagged in "

@@ -179,9 +179,11 @@ def read_comm_rows(folder: str | Path) -> list[dict]:
                 raise UsageError(f"{place / 'comm.json'} is not valid JSON ({err.msg}): rerun alure-bench comm") \
                     from None
             found = data.get("rows", []) if isinstance(data, dict) else data
-            # A run's transport (bench.comm's network record) stands for its rows that do not carry their own.
-            transport = ((data.get("network") or {}) if isinstance(data, dict) else {}).get("transport")
-            rows += [{"transport": transport, **r} if transport and not r.get("transport") else r for r in found]
+            # A run's network (bench.comm's record: transport, the link as tc configured it) stands for its rows.
+            network = (data.get("network") or {}) if isinstance(data, dict) else {}
+            told = {"transport": network.get("transport"),
+                    "link_rate_gbps": (network.get("link") or {}).get("rate_gbps")}
+            rows += [{k: v for k, v in told.items() if v} | r for r in found]
         else:
             with open(place / "comm.csv", newline="") as f:
                 rows += list(csv.DictReader(f))

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.calibrate_cli import format_calibration
+from bench.calibrate_cli import format_calibration, link_check
 from bench.costmodel import (MODES, Machine, Model, build_model, cpu_factor, fit_links_by_transport, network_link,
                              read_comm_rows, this_machine)
 from bench.sweep_cli import int_list
@@ -330,7 +330,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     per_transport = fit_links_by_transport(comm_rows, args.backend, source=str(calibration))
     text = "\n".join([format_table(table), "",
                       *summary_lines(model, machine, table, crossover, batch, global_batch, check),
-                      *(f"calibration per transport, {format_calibration(c)}" for c in per_transport.values()), "",
+                      *(f"calibration per transport, {format_calibration(c)}" for c in per_transport.values()),
+                      *filter(None, (link_check(c, comm_rows) for c in per_transport.values())), "",
                       "the sweep's own points on the machine that measured them (in sample):", format_check(check)])
     validation = None
     if args.validate:

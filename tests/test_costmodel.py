@@ -113,6 +113,20 @@ def test_transport_of_a_comm_run_reaches_its_rows(tmp_path):
     assert calibrate(tmp_path / "cluster").transport == "tcp"
 
 
+def test_fitted_bandwidth_is_set_beside_the_link_rate_tc_configured(tmp_path):
+    from bench.calibrate_cli import link_check
+    one_gbit = Link(alpha_s=80e-6, beta_s_per_byte=8e-9, gamma_s_per_byte=0.3e-9)  # 1 Gbit/s: 8 ns per byte
+    network = {"transport": "tcp", "link": {"interface": "veth0", "qdisc": "tbf", "rate_gbps": 1.0}}
+    atomic_write_json(tmp_path / "comm.json", {"kind": "comm", "network": network,
+                                               "rows": synthetic_rows(one_gbit, nps=(2,), noise=0.01)})
+    rows = read_comm_rows(tmp_path)
+    cal = fit_links_by_transport(rows)["tcp"]
+    line = link_check(cal, rows)
+    assert line.startswith("tcp: fitted bandwidth") and "against the link's 1 Gb/s as configured (tc)" in line
+    assert float(line.split(": ")[-1].split()[0]) == pytest.approx(1.0, abs=0.05)
+    assert link_check(fit_links_by_transport(synthetic_rows(SHM))["shared-memory"], rows) is None
+
+
 def test_calibration_reads_what_alure_bench_comm_writes(tmp_path):
     from bench.comm import EXTRA_FIELDS, ROW_FIELDS
     rows = synthetic_rows(LINK, nps=(2,))
