@@ -36,13 +36,14 @@ def format_calibration(cal) -> str:
 def link_check(cal, rows: list[dict]) -> str | None:
     """The fitted bandwidth beside the link's rate as configured (tc, recorded by comm across shaped hosts): at P = 2
     a ring moves its bytes over that one link, so 1/b should land near it. None without a configured rate."""
-    rates = sorted({r["link_rate_gbps"] for r in rows if r.get("link_rate_gbps") and r.get("transport") == cal.transport})
+    rates = sorted({r["link_rate_gbps"] for r in rows
+                    if r.get("link_rate_gbps") and r.get("transport") == cal.transport})
     if not rates or cal.link.beta_s_per_byte <= 0:
         return None
     fitted = 8 / cal.link.beta_s_per_byte / 1e9
-    return (f"{cal.transport}: fitted bandwidth {fitted:.3g} Gb/s against the link's {', '.join(f'{r:g}' for r in rates)}"
-            f" Gb/s as configured (tc): {fitted / rates[0]:.2f} of it" + ("" if len(rates) == 1 else
-                                                                         " (rows of several rates fitted together)"))
+    several = "" if len(rates) == 1 else " (rows of several rates fitted together)"
+    return (f"{cal.transport}: fitted bandwidth {fitted:.3g} Gb/s against the link's "
+            f"{', '.join(f'{r:g}' for r in rates)} Gb/s as configured (tc): {fitted / rates[0]:.2f} of it{several}")
 
 
 def comm_configs(args: argparse.Namespace) -> list:

@@ -258,9 +258,10 @@ def fit_link(rows: Sequence[dict], backend: str = "horovod", source: str = "",
 def calibrate(folder: str | Path, backend: str = "horovod") -> Calibration:
     """The calibration of the comm results under `folder`: of their shared-memory rows where there are any (the
     link within a host), else of the one transport they ran over."""
-    by_transport = fit_links_by_transport(read_comm_rows(folder), backend, source=str(folder))
+    rows = read_comm_rows(folder)
+    by_transport = fit_links_by_transport(rows, backend, source=str(folder))
     if not by_transport:
-        return fit_link(read_comm_rows(folder), backend, source=str(folder))  # says what is missing
+        return fit_link(rows, backend, source=str(folder))  # says what is missing
     return by_transport.get("shared-memory") or next(iter(by_transport.values()))
 
 

@@ -143,9 +143,9 @@ def test_out_of_sample_runs_on_the_committed_reference():
     assert (np_split["nps"] == "3,4").all() and np_split["median_abs_rel_error"].notna().all()
 
 
-@pytest.mark.xfail(strict=False, reason="the committed reference predates its re-recording under issues 13 and 16 (np=1 "
-                                        "ran 2 threads per rank, np >= 2 one): on it dense-reduce's np 3-4 miss by a "
-                                        "median of 27%; drop this mark when results/reference is re-recorded")
+@pytest.mark.xfail(strict=False, reason="the committed reference predates its re-recording (np=1 ran 2 threads per "
+                                        "rank, np >= 2 one; np 3-4 oversubscribed): on it dense-reduce's np 3-4 miss "
+                                        "by a median of 27%; drop this mark when results/reference is re-recorded")
 def test_out_of_sample_median_error_within_25_percent_on_the_reference():
     v = reference_validation()
     assert (v.summary["median_abs_rel_error"] <= 0.25).all(), format_validation(v)
