@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "bench.pipeline_cli",
     "bench.environment",
     "bench.comm",
+    "bench.calibrate_cli",
     "bench.predict",
     "bench.compare",
     "bench.oomcliff",

@@ -167,6 +167,8 @@ class Calibration:
     backend: str
     quality: FitQuality
     source: str
+    transport: str = "any"
+    """What the fitted rows ran over: 'shared-memory', 'tcp', or 'any' (not told apart)."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -190,7 +192,12 @@ def read_comm_rows(folder: str | Path) -> list[dict]:
             except json.JSONDecodeError as err:
                 raise UsageError(f"{place / 'comm.json'} is not valid JSON ({err.msg}): rerun alure-bench comm") \
                     from None
-            rows += data.get("rows", data if isinstance(data, list) else [])
+            found = data.get("rows", []) if isinstance(data, dict) else data
+            # A run's network (bench.comm's record: transport, the link as tc configured it) stands for its rows.
+            network = (data.get("network") or {}) if isinstance(data, dict) else {}
+            told = {"transport": network.get("transport"),
+                    "link_rate_gbps": (network.get("link") or {}).get("rate_gbps")}
+            rows += [{k: v for k, v in told.items() if v} | r for r in found]
         else:
             with open(place / "comm.csv", newline="") as f:
                 rows += list(csv.DictReader(f))
@@ -215,9 +222,25 @@ def _row_bytes(row: dict) -> float:
     return float(row.get("bytes_moved") or row["size_bytes"])
 
 
-def fit_link(rows: Sequence[dict], backend: str = "horovod", source: str = "") -> Calibration:
+def row_transport(row: dict) -> str:
+    """What a comm row's ranks exchanged through: 'tcp' between hosts, else 'shared-memory' (rows that do not say
+    ran on one host)."""
+    return "tcp" if row.get("transport") == "tcp" else "shared-memory"
+
+
+def fit_links_by_transport(rows: Sequence[dict], backend: str = "horovod", source: str = "") -> dict:
+    """One Calibration per transport the rows ran over (shared memory, TCP), each with its own fit quality."""
+    transports = sorted({row_transport(r) for r in rows if r["backend"] == backend and r["np"] >= 2})
+    return {t: fit_link(rows, backend, source, transport=t) for t in transports}
+
+
+def fit_link(rows: Sequence[dict], backend: str = "horovod", source: str = "",
+             transport: str | None = None) -> Calibration:
     """a, b, g by non-negative least squares in relative error, from `backend`'s allreduce and allgather rows at
-    np >= 2; sparse-pair rows are held out and predicted, memcpy rows give the copy cost."""
+    np >= 2 (over `transport` only, when given); sparse-pair rows are held out and predicted, memcpy rows give the
+    copy cost."""
+    if transport is not None:
+        rows = [r for r in rows if r["op"] == "memcpy" or row_transport(r) == transport]
     fit_rows = [r for r in rows if r["backend"] == backend and r["op"] in ("allreduce", "allgather")
                 and r["np"] >= 2 and r["latency_us_median"] > 0]
     if len(fit_rows) < 3:
@@ -243,12 +266,17 @@ def fit_link(rows: Sequence[dict], backend: str = "horovod", source: str = "") -
     copies = [r["latency_us_median"] * 1e-6 / _row_bytes(r) for r in rows
               if r["op"] == "memcpy" and _row_bytes(r) >= 1 << 20]
     return Calibration(link=link, copy_s_per_byte=float(np.median(copies)) if copies else None, backend=backend,
-                       quality=quality, source=source)
+                       quality=quality, source=source, transport=transport or "any")
 
 
 def calibrate(folder: str | Path, backend: str = "horovod") -> Calibration:
-    """The calibration of the comm results under `folder`."""
-    return fit_link(read_comm_rows(folder), backend, source=str(folder))
+    """The calibration of the comm results under `folder`: of their shared-memory rows where there are any (the
+    link within a host), else of the one transport they ran over."""
+    rows = read_comm_rows(folder)
+    by_transport = fit_links_by_transport(rows, backend, source=str(folder))
+    if not by_transport:
+        return fit_link(rows, backend, source=str(folder))  # says what is missing
+    return by_transport.get("shared-memory") or next(iter(by_transport.values()))
 
 
 def network_link(latency_us: float, bandwidth_gbps: float, gamma_s_per_byte: float) -> Link:
@@ -441,12 +469,14 @@ DEFAULT_COSTS = ExchangeCosts(
 COSTS_ENV = "ALURE_BENCH_COSTS"
 
 
-def load_costs(path: str | Path | None = None) -> ExchangeCosts:
-    """The costs `auto` decides with: `path`, else the file named by ALURE_BENCH_COSTS, else DEFAULT_COSTS."""
+def load_costs(path: str | Path | None = None, transport: str = "shared-memory", warn: bool = False) -> ExchangeCosts:
+    """The costs `auto` decides with: `path`, else the file named by ALURE_BENCH_COSTS, else the calibration of
+    this host and `transport` (bench.calibration_store; DEFAULT_COSTS, with a one-line warning if `warn`, without)."""
     import os
     path = path or os.environ.get(COSTS_ENV)
     if not path:
-        return DEFAULT_COSTS
+        from bench.calibration_store import costs_for_this_host
+        return costs_for_this_host(transport, warn)
     try:
         return ExchangeCosts.from_dict(json.loads(Path(path).read_text()))
     except FileNotFoundError:

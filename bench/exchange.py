@@ -117,7 +117,8 @@ class HorovodExchange:
         self.costs = None
         if mode == "auto":
             from bench.costmodel import load_costs
-            self.costs = load_costs()
+            transport = "shared-memory" if hvd.local_size() == self.size else "tcp"  # this host's calibration of it
+            self.costs = load_costs(transport=transport, warn=self.rank == 0 and self.size > 1)
 
     def wrap_optimizer(self, optimizer, model):
         hvd = self._hvd

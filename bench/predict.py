@@ -2,7 +2,8 @@
 
 For each rank count (powers of two up to --max-np) and each mode (sparse-gather, dense-reduce, auto): the step time
 and its parts, weak and strong efficiency, memory per rank and whether it fits; the rank count at which sparse-gather
-runs out of memory; the crossover density; and how the model reproduces the sweep's own points. The links come from
+runs out of memory; the crossover density; how the model reproduces the sweep's own points (in sample) and, with
+--validate, how it predicts points it was not fitted to (bench.validation). The links come from
 the comm calibration, or from --latency-us/--bandwidth-gbps (a cluster's data sheet: its network then stands for
 every link of the ring, a node's shared memory being no slower).
 """
@@ -18,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.costmodel import (MODES, Machine, Model, build_model, cpu_factor, network_link, this_machine)
+from bench.calibrate_cli import format_calibration, link_check
+from bench.costmodel import (MODES, Machine, Model, build_model, cpu_factor, fit_links_by_transport, network_link,
+                             read_comm_rows, this_machine)
 from bench.sweep_cli import int_list
 from bench.errors import UsageError
 from bench.results import atomic_write_json, atomic_write_text, ensure_writable
@@ -177,7 +180,8 @@ def summary_lines(model: Model, machine: Machine, table: pd.DataFrame, crossover
         lines.append("crossover density (dense-reduce cheaper above it, largest table): " + ", ".join(parts))
     if check is not None and not check.empty:
         worst = check.loc[(check["ratio"] - 1).abs().idxmax()]
-        lines.append(f"the sweep's own {len(check)} points: predicted / measured median {check['ratio'].median():.2f}, "
+        lines.append(f"the sweep's own {len(check)} points (in sample: the model was fitted to them): predicted / "
+                     f"measured median {check['ratio'].median():.2f}, "
                      f"worst {worst['ratio']:.2f} ({worst['scaling']} {worst['mode']} np={worst['np']})")
     return lines
 
@@ -322,9 +326,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     crossover = crossover_table(model, machine, nps)
     check = measured_vs_predicted(model, results)
     out = ensure_writable(Path(args.out) if args.out else default_out())
+    comm_rows = read_comm_rows(calibration)
+    per_transport = fit_links_by_transport(comm_rows, args.backend, source=str(calibration))
     text = "\n".join([format_table(table), "",
-                      *summary_lines(model, machine, table, crossover, batch, global_batch, check), "",
-                      "the sweep's own points on the machine that measured them:", format_check(check)])
+                      *summary_lines(model, machine, table, crossover, batch, global_batch, check),
+                      *(f"calibration per transport, {format_calibration(c)}" for c in per_transport.values()),
+                      *filter(None, (link_check(c, comm_rows) for c in per_transport.values())), "",
+                      "the sweep's own points on the machine that measured them (in sample):", format_check(check)])
+    validation = None
+    if args.validate:
+        from bench.results import read_records
+        from bench.validation import format_validation, validate
+        validation = validate(read_records(results), comm_rows, backend=args.backend, environment=environment)
+        text += "\n\n" + format_validation(validation)
+        validation.points.to_csv(out / "validation.csv", index=False)
+        validation.summary.to_csv(out / "validation-summary.csv", index=False)
     print(text)
     table.to_csv(out / "prediction.csv", index=False)
     check.to_csv(out / "measured-vs-predicted.csv", index=False)
@@ -338,11 +354,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
         "oom_rank_count_sparse_gather": model.oom_rank_count(machine, "sparse-gather", batch),
         "cpu_factor": {p: cpu_factor(p, machine, model.profile.measured_threads) for p in nps},
         "table": table.to_dict(orient="records"), "crossover": crossover.to_dict(orient="records"),
-        "measured_vs_predicted": check.to_dict(orient="records")})
+        "measured_vs_predicted": check.to_dict(orient="records"),
+        "calibration_per_transport": {t: c.as_dict() for t, c in per_transport.items()},
+        "validation": None if validation is None else {
+            "summary": validation.summary.to_dict(orient="records"), "fits": validation.fits,
+            "not_run": validation.not_run, "points": validation.points.to_dict(orient="records")}})
     atomic_write_text(out / "prediction.txt", text + "\n")
     plots = write_plots(table, crossover, machine, out, check, workload_density(model))
     print(f"wrote {out}/: prediction.csv, prediction.json, prediction.txt, costs.json, crossover.csv, "
-          f"measured-vs-predicted.csv, {', '.join(plots)}")
+          f"measured-vs-predicted.csv, {'validation.csv, validation-summary.csv, ' if validation else ''}"
+          f"{', '.join(plots)}")
     return 0
 
 
@@ -381,5 +402,8 @@ def register(sub) -> None:
     p.add_argument("--batch-per-rank", type=int, help="weak scaling's per-rank batch (default: the sweep's np=1)")
     p.add_argument("--global-batch", type=int, help=f"strong scaling's global batch (default: {STRONG_FACTOR} x the "
                                                     f"per-rank batch)")
+    p.add_argument("--validate", action="store_true",
+                   help="also fit on part of the points and predict the rest (np<=2 -> np>=3, weak -> strong, one "
+                        "host -> several hosts): median and maximum error per mode (bench.validation)")
     p.add_argument("--out", metavar="DIR", help="output folder (default results/local/predict-<time>)")
     p.set_defaults(func=cmd_predict)

@@ -1,7 +1,6 @@
-"""The cost model: its formulas by hand, its least-squares calibration, the #554 arithmetic, memory and crossover;
-and its predictions against the committed reference results."""
+"""The cost model: its formulas by hand, its least-squares calibration per transport, the #554 arithmetic, memory and
+crossover. Its predictions against measured points, out of sample, are in tests/test_validation.py."""
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,28 +8,27 @@ import pytest
 from bench.comm import comm_row, write_csv_atomic
 from bench.costmodel import (DEFAULT_COSTS, ELEMENT_BYTES, INDEX_BYTES, VALUE_BYTES, Calibration, ExchangeCosts,
                              FitQuality, Link, LocalFit, Machine, Model, Profile, Table, allgather_s, allreduce_s,
-                             build_model, calibrate, choose_dense, choose_mode, cpu_factor, dense_table_s, fit_link,
-                             gathered_bytes, load_costs, nnls, read_comm_rows, sparse_table_s, table_memory_bytes,
-                             tied_embedding_rows)
+                             calibrate, choose_dense, choose_mode, cpu_factor, dense_table_s, fit_link,
+                             fit_links_by_transport, gathered_bytes, load_costs, nnls, read_comm_rows, sparse_table_s,
+                             table_memory_bytes, tied_embedding_rows)
 from bench.errors import UsageError
 from bench.results import atomic_write_json
 
-ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT / "results" / "reference"
-REFERENCE_COMM = ROOT / "results" / "reference-comm"
 LINK = Link(alpha_s=20e-6, beta_s_per_byte=1e-9, gamma_s_per_byte=0.25e-9)
 
 
-def synthetic_rows(link: Link, nps=(2, 4), noise=0.0, seed=0) -> list[dict]:
-    """comm rows (bench.comm's own row builder) whose latencies follow the model exactly, or with noise."""
+def synthetic_rows(link: Link, nps=(2, 4), noise=0.0, seed=0, sizes=range(10, 27, 2), transport=None) -> list[dict]:
+    """comm rows (bench.comm's own row builder) whose latencies follow the model exactly, or with multiplicative
+    noise; sizes are powers of two; `transport` is written into every row when given."""
     rng = np.random.default_rng(seed)
     rows = []
     for p in nps:
-        for size in (1 << k for k in range(10, 27, 2)):
+        for size in (1 << k for k in sizes):
             for op, seconds in (("allreduce", allreduce_s(size, p, link)), ("allgather", allgather_s(size, p, link)),
                                 ("sparse-pair", allgather_s(size, p, link) + (p - 1) * link.alpha_s)):
                 t = seconds * (1 + noise * rng.standard_normal())
-                rows.append(comm_row("horovod", op, p, size, size, [t] * 3, tensors=1, warmup=1, oversubscribed=False))
+                rows.append(comm_row("horovod", op, p, size, size, [t] * 3, tensors=1, warmup=1, oversubscribed=False)
+                            | ({"transport": transport} if transport else {}))
     for size in (1 << 20, 1 << 24):
         rows.append(comm_row("memcpy", "memcpy", 1, size, size, [size * 1e-10] * 3, tensors=1, warmup=1,
                              oversubscribed=False))
@@ -74,6 +72,60 @@ def test_least_squares_with_noise_and_a_single_process_count():
     assert cal.link.beta_s_per_byte == pytest.approx(LINK.beta_s_per_byte, rel=0.15)
     assert cal.link.gamma_s_per_byte == pytest.approx(LINK.gamma_s_per_byte, rel=0.5)
     assert 0.01 < cal.quality.rms_rel_error < 0.1
+
+
+SHM = Link(alpha_s=20e-6, beta_s_per_byte=1e-9, gamma_s_per_byte=0.5e-9)
+TCP = Link(alpha_s=60e-6, beta_s_per_byte=0.8e-9, gamma_s_per_byte=0.35e-9)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_fit_per_transport_recovers_known_alpha_beta_gamma_within_5_percent(seed):
+    # comm rows at np 2, 3 and 4, every size comm measures by default (1 KiB .. 64 MiB), 1% multiplicative noise, two
+    # transports mixed in one set of rows: each transport's a, b, g come back within 5%. (g is told apart from b only
+    # by allreduce against allgather: with 2% noise a seed in twenty misses 5% on g.)
+    rows = (synthetic_rows(SHM, nps=(2, 3, 4), noise=0.01, seed=seed, sizes=range(10, 27))
+            + synthetic_rows(TCP, nps=(2, 3, 4), noise=0.01, seed=seed + 100, sizes=range(10, 27), transport="tcp"))
+    fits = fit_links_by_transport(rows)
+    assert set(fits) == {"shared-memory", "tcp"}
+    for transport, truth in (("shared-memory", SHM), ("tcp", TCP)):
+        cal = fits[transport]
+        assert cal.transport == transport
+        for got, want in zip((cal.link.alpha_s, cal.link.beta_s_per_byte, cal.link.gamma_s_per_byte),
+                             (truth.alpha_s, truth.beta_s_per_byte, truth.gamma_s_per_byte)):
+            assert got == pytest.approx(want, rel=0.05), (transport, cal.link, truth)
+        q = cal.quality
+        assert q.rows == 2 * 3 * 17 and q.nps == (2, 3, 4)
+        assert q.r2 > 0.99 and q.median_rel_error < 0.02 and q.max_rel_error < 0.05
+    # One link fitted to both transports' rows cannot fit either: what the per-transport fit is for.
+    mixed = fit_link(rows)
+    assert mixed.transport == "any" and mixed.quality.median_rel_error > 5 * fits["tcp"].quality.median_rel_error
+
+
+def test_transport_of_a_comm_run_reaches_its_rows(tmp_path):
+    # bench.comm writes the run's network (hosts, transport, link) beside its rows; rows without a transport of their
+    # own take the run's, rows without either ran on one host.
+    atomic_write_json(tmp_path / "cluster" / "comm.json",
+                      {"kind": "comm", "network": {"transport": "tcp"}, "rows": synthetic_rows(TCP, nps=(2,))})
+    atomic_write_json(tmp_path / "local" / "comm.json", {"kind": "comm", "rows": synthetic_rows(SHM, nps=(2,))})
+    fits = fit_links_by_transport(read_comm_rows(tmp_path))
+    assert fits["tcp"].link.beta_s_per_byte == pytest.approx(TCP.beta_s_per_byte, rel=1e-6)
+    assert fits["shared-memory"].link.beta_s_per_byte == pytest.approx(SHM.beta_s_per_byte, rel=1e-6)
+    assert calibrate(tmp_path).transport == "shared-memory"  # the link within a host, where there is one
+    assert calibrate(tmp_path / "cluster").transport == "tcp"
+
+
+def test_fitted_bandwidth_is_set_beside_the_link_rate_tc_configured(tmp_path):
+    from bench.calibrate_cli import link_check
+    one_gbit = Link(alpha_s=80e-6, beta_s_per_byte=8e-9, gamma_s_per_byte=0.3e-9)  # 1 Gbit/s: 8 ns per byte
+    network = {"transport": "tcp", "link": {"interface": "veth0", "qdisc": "tbf", "rate_gbps": 1.0}}
+    atomic_write_json(tmp_path / "comm.json", {"kind": "comm", "network": network,
+                                               "rows": synthetic_rows(one_gbit, nps=(2,), noise=0.01)})
+    rows = read_comm_rows(tmp_path)
+    cal = fit_links_by_transport(rows)["tcp"]
+    line = link_check(cal, rows)
+    assert line.startswith("tcp: fitted bandwidth") and "against the link's 1 Gb/s as configured (tc)" in line
+    assert float(line.split(": ")[-1].split()[0]) == pytest.approx(1.0, abs=0.05)
+    assert link_check(fit_links_by_transport(synthetic_rows(SHM))["shared-memory"], rows) is None
 
 
 def test_calibration_reads_what_alure_bench_comm_writes(tmp_path):
@@ -229,22 +281,10 @@ def test_auto_reads_its_costs_from_the_file_predict_writes(tmp_path, monkeypatch
     monkeypatch.setenv("ALURE_BENCH_COSTS", str(path))
     assert load_costs() == ExchangeCosts.from_dict(costs.as_dict())
     monkeypatch.delenv("ALURE_BENCH_COSTS")
-    assert load_costs() is DEFAULT_COSTS
+    monkeypatch.setenv("ALURE_BENCH_CALIBRATIONS", str(tmp_path / "no-calibrations"))
+    assert load_costs() is DEFAULT_COSTS  # no calibration of this host (tests/test_calibration_store.py)
     with pytest.raises(UsageError, match="predict --out"):
         load_costs(tmp_path / "nope.json")
-
-
-@pytest.mark.skipif(not (REFERENCE / "points").is_dir() or not REFERENCE_COMM.is_dir(),
-                    reason="no committed reference results: results/reference/ (a sweep of np 1..4, both modes, weak "
-                           "and strong) and results/reference-comm/ (an alure-bench comm run) are committed separately")
-def test_predictions_for_np_1_to_4_are_within_25_percent_of_the_reference():
-    from bench.predict import measured_vs_predicted
-    model = build_model(REFERENCE, REFERENCE_COMM)
-    check = measured_vs_predicted(model, REFERENCE)
-    check = check[check["np"] <= 4]
-    assert set(check["np"]) >= {1, 2}, "the reference must hold points at np 1 and 2 at least"
-    off = check[(check["ratio"] - 1).abs() > 0.25]
-    assert off.empty, "predicted vs measured beyond 25%:\n" + check.to_string(index=False)
 
 
 def test_auto_takes_the_cheapest_mode_that_fits_the_budget():

@@ -1,0 +1,168 @@
+"""The cost model out of sample: fit it on some of a sweep's points (and comm rows), predict the points it never saw.
+
+A split names what the model is fitted on and what it must predict:
+    np<=2 -> np>=3        sweep points and comm rows at np <= 2 on one host; predicts np >= 3 on one host
+    weak -> strong        the weak points (and every one-host comm row); predicts the strong points
+    one host -> hosts     the one-host points and shared-memory comm rows, with the link fitted to the TCP comm rows;
+                          predicts the points whose ranks ran on several hosts
+Per mode: the median and the largest |predicted / measured - 1| over the held-out points (medians over repeats).
+A split that has nothing to fit on or nothing to predict is reported as not run, saying why.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from bench.costmodel import (Machine, Model, fit_link, fit_local_work, profile_from_records, row_transport,
+                             this_machine)
+from bench.errors import UsageError
+
+
+def record_transport(record: dict) -> str:
+    """What a point's ranks exchanged through: its own `transport` field, else 'tcp' when its ranks ran on several
+    hosts, else 'shared-memory'."""
+    if record.get("transport") == "tcp" or len(set(record.get("hosts") or [])) > 1:
+        return "tcp"
+    return "shared-memory"
+
+
+def _one_host(record: dict) -> bool:
+    return record_transport(record) != "tcp"
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """What the model is fitted on and what it must predict."""
+
+    name: str
+    train: Callable[[dict], bool]
+    """Sweep records the model is fitted on (np=1 compute, CPU work around the collectives)."""
+    comm: Callable[[dict], bool]
+    """comm rows the one-host link (a, b, g) is fitted on."""
+    test: Callable[[dict], bool]
+    """Sweep records it predicts."""
+
+
+SPLITS = (
+    Split("np<=2 -> np>=3", train=lambda r: r["np"] <= 2 and _one_host(r),
+          comm=lambda row: row["np"] <= 2, test=lambda r: r["np"] >= 3 and _one_host(r)),
+    Split("weak -> strong", train=lambda r: r["point"]["scaling"] == "weak" and _one_host(r),
+          comm=lambda row: True, test=lambda r: r["point"]["scaling"] == "strong" and _one_host(r)),
+    Split("one host -> hosts", train=_one_host, comm=lambda row: True, test=lambda r: not _one_host(r)),
+)
+POINT_COLUMNS = ["split", "scaling", "mode", "np", "transport", "batch_per_rank", "oversubscribed", "repeats",
+                 "measured_ms", "predicted_ms", "rel_error"]
+SUMMARY_COLUMNS = ["split", "mode", "points", "nps", "median_abs_rel_error", "max_abs_rel_error"]
+
+
+@dataclass(frozen=True, slots=True)
+class Validation:
+    """The held-out points of every split, their errors per mode, and the splits that could not run."""
+
+    points: pd.DataFrame
+    """POINT_COLUMNS: one row per held-out (split, scaling, mode, np, batch)."""
+    summary: pd.DataFrame
+    """SUMMARY_COLUMNS: per split and mode."""
+    fits: dict
+    """Split -> what the model was fitted on: sweep points, comm rows and their np, the fitted link."""
+    not_run: dict
+    """Split -> why it did not run."""
+
+
+def held_out_points(model: Model, machine: Machine, records: list[dict], split: str) -> list[dict]:
+    """Each held-out (scaling, mode, np, batch) point: the median of its repeats beside the model's step time."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        key = (r["point"]["scaling"], r["point"]["mode"], r["np"], r["batch_per_rank"], record_transport(r))
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for (scaling, mode, p, batch, transport), group in sorted(groups.items()):
+        measured = float(np.median([r["metrics"]["step_time_ms"] for r in group]))
+        try:
+            predicted = model.step(machine, p, mode, batch).step_ms
+        except ValueError:  # a mode the model does not price
+            continue
+        rows.append({"split": split, "scaling": scaling, "mode": mode, "np": p, "transport": transport,
+                     "batch_per_rank": batch, "oversubscribed": any(r.get("oversubscribed") for r in group),
+                     "repeats": len(group), "measured_ms": measured, "predicted_ms": predicted,
+                     "rel_error": predicted / measured - 1})
+    return rows
+
+
+def run_split(split: Split, records: list[dict], comm_rows: list[dict], backend: str = "horovod",
+              environment: dict | None = None) -> tuple[list[dict], dict]:
+    """Fit on the split's training points and comm rows; predict its held-out points. Raises UsageError (saying
+    why) when it cannot run."""
+    ok = [r for r in records if r["status"] == "ok"]
+    train = [r for r in ok if split.train(r)]
+    test = [r for r in ok if split.test(r)]
+    if not test:
+        raise UsageError("no ok point of the sweep is held out by it")
+    local_rows = [row for row in comm_rows if row["op"] == "memcpy"
+                  or (row_transport(row) == "shared-memory" and split.comm(row))]
+    calibration = fit_link(local_rows, backend, source=f"comm rows of {split.name}", transport="shared-memory")
+    profile = profile_from_records(train, environment)
+    machine = this_machine(calibration, profile, max(r["np"] for r in ok))
+    if any(record_transport(r) == "tcp" for r in test):
+        if not any(row_transport(row) == "tcp" and row["backend"] == backend for row in comm_rows):
+            raise UsageError("no TCP comm rows to fit the link between hosts on: add an `alure-bench comm` run across "
+                             "hosts to the calibration folder")
+        # Every emulated host shares this machine's cores (ranks_per_node: all of them); the TCP link between them
+        # is fitted to the TCP comm rows alone.
+        network = fit_link(comm_rows, backend, source="TCP comm rows", transport="tcp")
+        machine = Machine(local=calibration.link, network=network.link, ranks_per_node=machine.ranks_per_node,
+                          cores_per_node=machine.cores_per_node)
+    model = Model(profile, calibration, fit_local_work(train, profile, calibration, machine))
+    fit = {"sweep_points": len(train), "sweep_nps": sorted({r["np"] for r in train}),
+           "comm_rows": calibration.quality.rows, "comm_nps": list(calibration.quality.nps),
+           "link": {"alpha_us": calibration.link.alpha_s * 1e6, "beta_ns_per_byte": calibration.link.beta_s_per_byte
+                    * 1e9, "gamma_ns_per_byte": calibration.link.gamma_s_per_byte * 1e9},
+           "local_s_per_byte": dict(model.local.s_per_byte), "local_points": dict(model.local.points)}
+    return held_out_points(model, machine, test, split.name), fit
+
+
+def validate(records: list[dict], comm_rows: list[dict], splits=SPLITS, backend: str = "horovod",
+             environment: dict | None = None) -> Validation:
+    """Every split that can run on these records and comm rows."""
+    points, fits, not_run = [], {}, {}
+    for split in splits:
+        try:
+            rows, fit = run_split(split, records, comm_rows, backend, environment)
+        except UsageError as err:
+            not_run[split.name] = str(err)
+            continue
+        points += rows
+        fits[split.name] = fit
+    table = pd.DataFrame(points, columns=POINT_COLUMNS)
+    return Validation(points=table, summary=summarize_errors(table), fits=fits, not_run=not_run)
+
+
+def summarize_errors(points: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for (split, mode), g in points.groupby(["split", "mode"], sort=False):
+        err = g["rel_error"].abs()
+        rows.append({"split": split, "mode": mode, "points": len(g), "nps": ",".join(map(str, sorted(set(g["np"])))),
+                     "median_abs_rel_error": float(err.median()), "max_abs_rel_error": float(err.max())})
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def format_validation(v: Validation) -> str:
+    """The per-mode errors of each split, then the held-out points (np* = oversubscribed), then what did not run."""
+    lines = ["out of sample (fitted on some points, predicting the others; |predicted / measured - 1|):"]
+    for split, fit in v.fits.items():
+        lines.append(f"  {split}: fitted on {fit['sweep_points']} sweep points at np "
+                     f"{','.join(map(str, fit['sweep_nps']))} and {fit['comm_rows']} comm rows at np "
+                     f"{','.join(map(str, fit['comm_nps']))}")
+        for r in v.summary[v.summary["split"] == split].itertuples():
+            lines.append(f"    {r.mode:>16}: {r.points} points at np {r.nps}: median {r.median_abs_rel_error:.0%}, "
+                         f"max {r.max_abs_rel_error:.0%}")
+    for split, why in v.not_run.items():
+        lines.append(f"  {split}: not run ({why})")
+    if not v.points.empty:
+        t = v.points.assign(np=[f"{n}{'*' if o else ''}" for n, o in zip(v.points["np"], v.points["oversubscribed"])])
+        lines += ["", t[["split", "scaling", "mode", "np", "transport", "measured_ms", "predicted_ms", "rel_error"]]
+                  .to_string(index=False, float_format=lambda x: f"{x:.3g}")]
+    return "\n".join(lines)

@@ -1,0 +1,151 @@
+"""The cost model out of sample (bench.validation): fitted on some points, it predicts the others.
+
+On a synthetic sweep made from a known model (with noise) the held-out points come back within a few percent, and a
+sweep whose np >= 3 points carry a cost the model lacks is caught. On the committed reference it is run and its
+errors printed; the 25% target is checked there too (marked until the reference is re-recorded).
+"""
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.config import SweepConfig
+from bench.costmodel import (Calibration, FitQuality, LocalFit, Model, profile_from_records, read_comm_rows,
+                             this_machine)
+from bench.results import atomic_write_json, read_records, write_record
+from bench.validation import SPLITS, format_validation, record_transport, validate
+from tests.test_costmodel import LINK, synthetic_rows
+from tests.test_predict import point_record
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "results" / "reference"
+REFERENCE_COMM = ROOT / "results" / "reference-comm"
+ENVIRONMENT = {"cores": 2, "memory_mib": 8192, "cpu_model": "test"}
+TRUE_LOCAL = {"sparse-gather": 1e-9, "dense-reduce": 2e-9}
+
+
+def synthetic_sweep(extra_per_rank: float = 0.0, noise: float = 0.02, seed: int = 0) -> list[dict]:
+    """Records of a tiny-preset sweep (np 1-4, weak and strong, both modes, 2 repeats) whose step times a known Model
+    gives, times (1 + noise x normal); np >= 3 points also take `extra_per_rank` x (np - 2) more: a cost the model
+    does not have."""
+    rng = np.random.default_rng(seed)
+    config = SweepConfig(name="synthetic", preset="tiny", nps=[1, 2, 3, 4], steps=5, global_batch=96, repeats=2)
+    plan = config.plan()
+    base = [point_record(p, 40.0) for p in plan if p.np == 1 and p.scaling == "weak"]
+    profile = profile_from_records(base, ENVIRONMENT)
+    quality = FitQuality(rows=0, nps=(), r2=1.0, rms_rel_error=0, max_rel_error=0, median_rel_error=0,
+                         holdout_rows=0, holdout_median_rel_error=None)
+    truth = Model(profile, Calibration(link=LINK, copy_s_per_byte=None, backend="horovod", quality=quality,
+                                       source="truth"), LocalFit(s_per_byte=TRUE_LOCAL, points={}, rms_rel_error={}))
+    machine = this_machine(truth.calibration, profile, 4)
+    records = list(base)
+    for point in plan:
+        if point.np == 1 and point.scaling == "weak":
+            continue
+        batch = point_record(point, 1.0)["batch_per_rank"]
+        step = truth.step(machine, point.np, point.mode, batch).step_ms
+        step *= (1 + noise * rng.standard_normal()) * (1 + extra_per_rank * max(0, point.np - 2))
+        record = point_record(point, step)
+        # exactly `step`: point_record's per-rank jitter would add a rank skew the truth does not have
+        metrics = record["metrics"]
+        scale = step / metrics["step_time_ms"]
+        for key in ("step_time_ms", "step_time_ms_p10", "step_time_ms_p90"):
+            metrics[key] *= scale
+        records.append(record)
+    return records
+
+
+def comm_rows() -> list[dict]:
+    return synthetic_rows(LINK, nps=(2, 3, 4), noise=0.02, seed=1, sizes=range(10, 27))
+
+
+def test_held_out_points_of_a_known_model_come_back_within_a_few_percent():
+    v = validate(synthetic_sweep(), comm_rows(), environment=ENVIRONMENT)
+    assert set(v.fits) == {"np<=2 -> np>=3", "weak -> strong"}
+    assert "one host -> hosts" in v.not_run  # every synthetic rank ran on one host
+    np_split = v.points[v.points["split"] == "np<=2 -> np>=3"]
+    assert set(np_split["np"]) == {3, 4} and set(np_split["mode"]) == {"sparse-gather", "dense-reduce"}
+    assert v.fits["np<=2 -> np>=3"]["sweep_nps"] == [1, 2] and v.fits["np<=2 -> np>=3"]["comm_nps"] == [2]
+    strong = v.points[v.points["split"] == "weak -> strong"]
+    assert set(strong["scaling"]) == {"strong"} and set(strong["np"]) == {1, 2, 3, 4}
+    for row in v.summary.itertuples():
+        assert row.median_abs_rel_error < 0.05 and row.max_abs_rel_error < 0.10, format_validation(v)
+    # Without noise the fit at np <= 2 finds the truth's CPU work around the collectives (with 2% noise sparse-gather's
+    # is not identifiable on the tiny preset: it is under 1% of a step).
+    exact = validate(synthetic_sweep(noise=0.0), comm_rows(), environment=ENVIRONMENT)
+    for mode, value in TRUE_LOCAL.items():
+        assert exact.fits["np<=2 -> np>=3"]["local_s_per_byte"][mode] == pytest.approx(value, rel=0.01)
+
+
+def test_a_cost_the_model_lacks_shows_in_the_held_out_points():
+    # 40% more per rank beyond 2 at np >= 3: fitted on np <= 2 the model cannot know it; fitted on weak (all np) it
+    # absorbs part of it into the CPU work, so strong still misses.
+    v = validate(synthetic_sweep(extra_per_rank=0.4), comm_rows(), environment=ENVIRONMENT)
+    by = v.summary.set_index(["split", "mode"])
+    for mode in ("sparse-gather", "dense-reduce"):
+        assert by.loc[("np<=2 -> np>=3", mode), "median_abs_rel_error"] > 0.25, format_validation(v)
+
+
+def test_points_on_several_hosts_are_predicted_over_the_tcp_link():
+    # The same sweep with its np >= 2 points on two hosts over a link 4x slower than shared memory: with that link
+    # fitted to TCP comm rows, the one-host fit predicts them; the records say their transport.
+    tcp = replace(LINK, beta_s_per_byte=4 * LINK.beta_s_per_byte, alpha_s=3 * LINK.alpha_s)
+    records = synthetic_sweep(noise=0.0)
+    moved = [dict(r, transport="tcp") for r in records if r["np"] >= 2 and r["point"]["scaling"] == "weak"]
+    rows = comm_rows() + synthetic_rows(tcp, nps=(2, 4), sizes=range(10, 27), transport="tcp")
+    v = validate(records + moved, rows, splits=[s for s in SPLITS if s.name == "one host -> hosts"],
+                 environment=ENVIRONMENT)
+    assert {record_transport(r) for r in moved} == {"tcp"}
+    points = v.points
+    assert len(points) == 6 and set(points["transport"]) == {"tcp"}
+    # generated over the one-host link, predicted over a slower one: every point predicted slower than measured
+    assert (points["rel_error"] > 0).all(), format_validation(v)
+    assert not v.not_run
+
+
+def test_predict_validate_prints_and_writes_the_out_of_sample_errors(tmp_path):
+    sweep = tmp_path / "sweep"
+    config = SweepConfig(name="synthetic", preset="tiny", nps=[1, 2, 3, 4], steps=5, global_batch=96, repeats=2)
+    atomic_write_json(sweep / "sweep.json", config.as_dict())
+    atomic_write_json(sweep / "environment.json", ENVIRONMENT)
+    for r in synthetic_sweep():
+        write_record(sweep, r)
+    atomic_write_json(tmp_path / "comm" / "comm.json", {"kind": "comm", "rows": comm_rows()})
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "bench.cli", "predict", "--results", str(sweep), "--calibration",
+                          str(tmp_path / "comm"), "--validate", "--max-np", "8", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for line in ("calibration per transport, shared-memory: a = ", "out of sample", "np<=2 -> np>=3: fitted on",
+                 "one host -> hosts: not run"):
+        assert line in run.stdout, run.stdout
+    summary = json.loads((out / "prediction.json").read_text())["validation"]["summary"]
+    assert {(s["split"], s["mode"]) for s in summary} >= {("np<=2 -> np>=3", "dense-reduce"),
+                                                           ("weak -> strong", "sparse-gather")}
+    assert (out / "validation.csv").stat().st_size > 0 and (out / "validation-summary.csv").stat().st_size > 0
+
+
+def reference_validation():
+    environment = json.loads((REFERENCE / "environment.json").read_text())
+    v = validate(read_records(REFERENCE), read_comm_rows(REFERENCE_COMM), environment=environment)
+    print(format_validation(v))
+    return v
+
+
+def test_out_of_sample_runs_on_the_committed_reference():
+    v = reference_validation()
+    np_split = v.summary[v.summary["split"] == "np<=2 -> np>=3"]
+    assert set(np_split["mode"]) >= {"sparse-gather", "dense-reduce"}
+    assert (np_split["nps"] == "3,4").all() and np_split["median_abs_rel_error"].notna().all()
+
+
+@pytest.mark.xfail(strict=False, reason="the committed reference predates its re-recording (np=1 ran 2 threads per "
+                                        "rank, np >= 2 one; np 3-4 oversubscribed): on it dense-reduce's np 3-4 miss "
+                                        "by a median of 27%; drop this mark when results/reference is re-recorded")
+def test_out_of_sample_median_error_within_25_percent_on_the_reference():
+    v = reference_validation()
+    assert (v.summary["median_abs_rel_error"] <= 0.25).all(), format_validation(v)
