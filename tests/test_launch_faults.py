@@ -15,7 +15,8 @@ import psutil
 import pytest
 
 from bench import lifetime
-from bench.capacity import DEFAULT_RANKS_PER_CORE, RUNTIME_MIB, Hosts, check_launch, parse_sinfo, rank_floor_mib
+from bench.capacity import (DEFAULT_RANKS_PER_CORE, RUNTIME_MIB, Hosts, check_launch, parse_sinfo, rank_floor_mib,
+                            this_host)
 from bench.errors import UsageError
 from bench.folder_lock import LOCK_FILE, exclusive_writer
 from tests.conftest import SESSION, describe
@@ -217,6 +218,19 @@ def test_sinfo_is_read_for_the_named_or_the_default_partition():
     big = parse_sinfo(text, "big")
     assert (big.nodes, big.cpus_per_node, big.memory_per_node_mib, big.oversubscribe) == (2, 64, 256000, False)
     assert parse_sinfo(text, "nope") is None and parse_sinfo("") is None
+
+
+def test_inside_a_slurm_allocation_the_host_is_what_the_job_was_given(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "1")
+    monkeypatch.setenv("SLURM_MEM_PER_NODE", "1000")
+    host = this_host()
+    assert (host.where, host.cpus_per_node, host.memory_per_node_mib) == ("this node of Slurm job 7", 1, 1000)
+    with pytest.raises(UsageError, match="--np 5 cannot run on this node of Slurm job 7: .*1000 MiB"):
+        check_launch(5, 300, host, flag="--np")
+    monkeypatch.delenv("SLURM_MEM_PER_NODE")
+    monkeypatch.setenv("SLURM_MEM_PER_CPU", "600")
+    assert this_host().memory_per_node_mib == 600
 
 
 def test_the_memory_floor_counts_the_tables_and_respects_a_cap():
