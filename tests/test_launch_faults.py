@@ -338,9 +338,9 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tmp_pa
     first.communicate(timeout=30)
     assert json.loads((out / LOCK_FILE).read_text())["pid"] == first.pid
     # The first sweep recorded no point: a new one may start in its folder, taking the stale lock over.
-    from bench.cli import main
-    assert main(["sweep", *TINY, "--nps", "1", "--modes", "dense-reduce", "--scalings", "weak", "--steps", "2",
-                 "--out", str(out)]) == 0
+    again = cli("sweep", *TINY, "--nps", "1", "--modes", "dense-reduce", "--scalings", "weak", "--steps", "2",
+                "--out", str(out), session=session, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
     assert records(out)["weak-dense-reduce-np1-r0"]["status"] == "ok"
     assert not (out / LOCK_FILE).exists(), "a writer that ends removes its lock"
     assert_nothing_left(session, killed)
