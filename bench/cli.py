@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from bench.errors import UsageError
+from bench.interrupts import INTERRUPTED_EXIT_CODE, signals_interrupt
 
 # One module per command (or group of commands), registered in this order in --help.
 COMMAND_MODULES = (
@@ -37,14 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args) or 0
+        # SIGTERM and SIGHUP unwind like Ctrl-C: launches stop their ranks on the way out, records stay.
+        with signals_interrupt():
+            return args.func(args) or 0
     except (UsageError, ValueError, FileNotFoundError, PermissionError) as err:
         # Bad input is the user's to mend: one line, no traceback.
         print(f"alure-bench {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"alure-bench {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        print(f"alure-bench {args.command}: interrupted{f' ({err})' if str(err) else ''}", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from bench.capacity import add_oversubscribe_flag, check_local_ranks
 from bench.comm_rank import BACKENDS, OPS, SPARSE_DIM, geometry, memcpy_call, timed
 from bench.errors import UsageError
 from bench.results import atomic_write_json, atomic_write_text, ensure_writable
@@ -732,6 +733,7 @@ def comm_main(args: argparse.Namespace) -> int:
                      rounds=_int(args.rounds, "--rounds"), tensors=_int(args.tensors, "--tensors"),
                      baseline_env=parse_env_setting(args.baseline_env, "--baseline-env") if args.baseline_env else {},
                      compare_env=parse_env_setting(args.compare_env) if args.compare_env is not None else None)
+    check_local_ranks(cfg.np, 3 * cfg.max_bytes / 2**20, ranks_per_core=args.oversubscribe_limit)
     return run_comm(cfg, results_dir(args.out, "comm"))
 
 
@@ -740,6 +742,7 @@ def crossover_main(args: argparse.Namespace) -> int:
                           dim=_int(args.dim, "--dim"), densities=parse_numbers(args.densities, float, "--densities"),
                           lookups_per_row=_int(args.lookups_per_row, "--lookups-per-row"),
                           warmup=_int(args.warmup, "--warmup"), iters=_int(args.iters, "--iters"))
+    check_local_ranks(max(cfg.nps), 0, ranks_per_core=args.oversubscribe_limit)
     return run_crossover(cfg, results_dir(args.out, "crossover"))
 
 
@@ -767,6 +770,7 @@ def register(sub) -> None:
     p.add_argument("--baseline-env", default=None, metavar="'VAR=VALUE ...'",
                    help="variables for setting A (default: the suite's launch environment as it is)")
     p.add_argument("--out", default=None, help="results folder (default results/local/comm-<timestamp>/)")
+    add_oversubscribe_flag(p)
     p.set_defaults(func=comm_main)
 
     x = CrossoverConfig.__dataclass_fields__
@@ -783,4 +787,5 @@ def register(sub) -> None:
     q.add_argument("--warmup", default=str(x["warmup"].default), help="untimed iterations per density")
     q.add_argument("--iters", default=str(x["iters"].default), help="timed iterations per density")
     q.add_argument("--out", default=None, help="results folder (default results/local/crossover-<timestamp>/)")
+    add_oversubscribe_flag(q)
     q.set_defaults(func=crossover_main)

@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
-import psutil
+from bench import lifetime
 
 from bench import transport
 
@@ -172,41 +171,29 @@ class RankRun:
 
 def run_ranks(np: int, argv: list[str], *, timeout_s: float | None = None, env: dict[str, str] | None = None,
               cwd: str | None = None, launcher: Launcher = LOCAL) -> RankRun:
-    """Run `argv` on `np` ranks; on timeout kill every process of the launch, ranks included."""
+    """Run `argv` on `np` ranks. However the launch ends (done, timeout, Ctrl-C or SIGTERM here, this process
+    killed, mpirun dying mid-spawn), none of its processes outlives it: see bench.lifetime."""
+    if launcher.kind == "mpirun":
+        argv = lifetime.guarded_argv(argv)  # srun's ranks live under slurmstepd, which ends them with the step
     cmd = launcher.command(np, argv)
+    launch_env, launch_id = lifetime.tag_environment(launcher.environment(np, env))
     start = time.perf_counter()
-    # A session of its own, so a timeout can take down mpirun and every rank it spawned in one go.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=launcher.environment(np, env), cwd=cwd, start_new_session=True)
+    # A session of its own, so the terminal's Ctrl-C reaches only this process, which ends the launch in order;
+    # the parent-death signal takes mpirun down if this process is killed outright.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launch_env,
+                            cwd=cwd, start_new_session=True, preexec_fn=lifetime.die_with_caller())
     try:
-        out, err = proc.communicate(timeout=timeout_s)
-        return RankRun(proc.returncode, False, time.perf_counter() - start, out, err)
-    except subprocess.TimeoutExpired:
-        kill_process_tree(proc.pid)
-        out, err = proc.communicate()
-        return RankRun(None, True, time.perf_counter() - start, out, err)
-    except BaseException:
-        # Ctrl-C or SIGTERM of the sweep: leave no orphan ranks behind.
-        kill_process_tree(proc.pid)
-        proc.communicate()
-        raise
-
-
-def kill_process_tree(pid: int, grace_s: float = 3.0) -> None:
-    """SIGTERM a process and its descendants, then SIGKILL what is left after `grace_s`."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
         try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+            out, err = proc.communicate(timeout=timeout_s)
+            return RankRun(proc.returncode, False, time.perf_counter() - start, out, err)
+        except subprocess.TimeoutExpired:
+            lifetime.end_launch(proc, launch_id)
+            out, err = proc.communicate()
+            return RankRun(None, True, time.perf_counter() - start, out, err)
+        except BaseException:
+            # Ctrl-C or SIGTERM of the command: stop the launch, then let the interrupt go on.
+            lifetime.end_launch(proc, launch_id)
+            proc.communicate()
+            raise
+    finally:
+        lifetime.reap_launch(launch_id)

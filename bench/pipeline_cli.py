@@ -10,6 +10,7 @@ import json
 import sys
 from dataclasses import replace
 
+from bench.capacity import add_oversubscribe_flag, check_launch, rank_floor_mib, this_host
 from bench.config import MODES
 from bench.errors import UsageError
 from bench.launch import json_after, python_module_argv, run_ranks, threads_per_rank
@@ -73,7 +74,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         return rank_entry(args)
     if args.np < 1:
         raise UsageError(f"--np must be at least 1 (got {args.np})")
-    workload(args.preset, args.seed)  # a bad preset fails here, before any rank starts
+    config = workload(args.preset, args.seed)  # a bad preset fails here, before any rank starts
+    check_launch(args.np, rank_floor_mib(config), this_host(), flag="--np", ranks_per_core=args.oversubscribe_limit,
+                 what=f", preset {args.preset}")
     if args.np == 1:
         result = run_local(args.preset, args.seed)
     else:
@@ -90,6 +93,7 @@ def register(sub) -> None:
     p.add_argument("--mode", default="dense-reduce", choices=MODES, help="gradient exchange when np > 1")
     p.add_argument("--seed", type=int, help="seed of the world and the weights (default: the preset's)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds before a multi-rank run is killed")
+    add_oversubscribe_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (DESIGN.md names)")
     p.add_argument("--rank-entry", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_pipeline)

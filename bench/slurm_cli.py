@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench import slurm
+from bench.capacity import check_sweep, slurm_partition
 from bench.errors import UsageError
 from bench.report import efficiency_table, write_report
 from bench.results import point_path, read_record
@@ -43,6 +44,7 @@ def _new_sweep(args: argparse.Namespace):
     valid, so a bad option leaves no half-made sweep behind."""
     config = sweep_config_from_args(args)
     options = options_from_args(args, slurm.SlurmOptions())
+    check_partition(config, options)
     sweep_dir = (Path(args.out) if args.out else default_out(config.name)).resolve()
     submitted = [e["job_id"] for e in slurm.read_jobs(sweep_dir)["arrays"]]
     if submitted:
@@ -52,6 +54,13 @@ def _new_sweep(args: argparse.Namespace):
     start_sweep(config, sweep_dir)
     slurm.write_jobs(sweep_dir, {"options": options.as_dict(), "arrays": []})
     return config, options, sweep_dir, rendered
+
+
+def check_partition(config, options: slurm.SlurmOptions) -> None:
+    """Refuse arrays the partition cannot hold (where sinfo can say), before anything is written or submitted."""
+    hosts = slurm_partition(options.partition)
+    if hosts is not None:
+        check_sweep(config, flag="--nps", hosts=hosts, layout=options.layout)
 
 
 def _print_arrays(scripts, jobs_by_np=None) -> None:
@@ -94,6 +103,7 @@ def _resume(args: argparse.Namespace) -> int:
     jobs = slurm.read_jobs(sweep_dir)
     options = options_from_args(args, slurm.SlurmOptions.from_dict(jobs["options"]))
     _require_sbatch()
+    check_partition(config, options)
     states = slurm.query_states(e["job_id"] for e in jobs["arrays"])
     todo = slurm.outstanding(config, sweep_dir)
     active = slurm.active_points(jobs, states)

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import sys
 import time
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.config import PointConfig, SweepConfig
 from bench.environment import capture_environment, launch_environment
 from bench.errors import UsageError
+from bench.interrupts import Interrupted, signals_interrupt
 from bench.launch import LOCAL, Launcher, is_oversubscribed, json_after, python_module_argv, run_ranks
 from bench.memory import looks_like_oom
 from bench.results import (SCHEMA_VERSION, atomic_write_json, atomic_write_text, ensure_writable, point_path,
@@ -27,21 +26,14 @@ from bench.worker import RANK_ERROR_MARKER
 SWEEP_FILE = "sweep.json"
 
 
-class SweepInterrupted(Exception):
-    """SIGTERM (or Ctrl-C) arrived: stop launching, keep what is recorded."""
+SweepInterrupted = Interrupted
+"""SIGTERM (or Ctrl-C) arrived: stop launching, keep what is recorded (bench.interrupts)."""
 
 
-@contextmanager
 def sigterm_interrupts():
     """Turn SIGTERM into an exception, so a batch scheduler's kill unwinds like Ctrl-C: ranks killed, records
     kept."""
-    def handler(signum, frame):
-        raise SweepInterrupted(f"signal {signum}")
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return signals_interrupt()
 
 
 def classify_failure(timed_out: bool, returncode: int | None, stderr: str, timeout_s: float) -> tuple[str, str]:

@@ -7,10 +7,14 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
+from bench.capacity import add_oversubscribe_flag, check_sweep
 from bench.config import SweepConfig
 from bench.errors import UsageError
+from bench.folder_lock import exclusive_writer
+from bench.interrupts import INTERRUPTED_EXIT_CODE, signals_ignored
 from bench.report import efficiency_table, write_report
-from bench.sweep import SweepInterrupted, load_sweep_config, run_sweep, start_sweep
+from bench.results import ensure_writable
+from bench.sweep import load_sweep_config, run_sweep, start_sweep
 
 DEFAULT_ROOT = Path("results/local")
 
@@ -57,6 +61,7 @@ def add_shared_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-per-rank", type=int, help="per-rank batch of weak points (default: the preset's)")
     p.add_argument("--global-batch", type=int, help="global batch of strong points (default: the preset's)")
+    add_oversubscribe_flag(p)
     p.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
                    help="override a workload config field, e.g. --set sampled_negatives=4096 (repeatable)")
 
@@ -115,18 +120,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     else:
         config = sweep_config_from_args(args)
         sweep_dir = Path(args.out) if args.out else default_out(config.name)
-        start_sweep(config, sweep_dir)
+    check_sweep(config, flag="--nps", ranks_per_core=args.oversubscribe_limit)
     print(f"sweep {sweep_dir}: {len(config.plan())} points, preset {config.preset}, np {config.nps}, "
           f"modes {', '.join(config.modes)}, {', '.join(config.scalings)} scaling")
-    try:
-        run_sweep(config, sweep_dir, resume=bool(args.resume))
-    except (KeyboardInterrupt, SweepInterrupted):
-        if any((sweep_dir / "points").glob("*.json")):
-            write_report(sweep_dir)
-        print(f"interrupted: finished points are kept in {sweep_dir}; continue with "
-              f"`alure-bench sweep --resume {sweep_dir}`")
-        return 130
-    df = write_report(sweep_dir)
+    df = run_locked(config, sweep_dir, resume=bool(args.resume))
+    if df is None:
+        return INTERRUPTED_EXIT_CODE
     print(efficiency_table(df))
     print(f"results: {sweep_dir} (summary.csv, report.md, efficiency.png, breakdown.png, memory.png)")
     return 0 if (df["status"] == "ok").all() else 1
@@ -136,13 +135,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     """One point: a one-point sweep, so its record and report are those of any sweep."""
     config = sweep_config_from_args(args, nps=sorted({1, args.np}) if args.with_baseline else [args.np],
                                     modes=[args.mode], scalings=[args.scaling], name="run")
+    check_sweep(config, flag="--np", ranks_per_core=args.oversubscribe_limit)
     sweep_dir = Path(args.out) if args.out else default_out("run")
-    start_sweep(config, sweep_dir)
-    run_sweep(config, sweep_dir)
-    df = write_report(sweep_dir)
+    df = run_locked(config, sweep_dir, resume=False)
+    if df is None:
+        return INTERRUPTED_EXIT_CODE
     print(efficiency_table(df))
     print(f"record: {sweep_dir}/points/")
     return 0 if (df["status"] == "ok").all() else 1
+
+
+def run_locked(config: SweepConfig, sweep_dir: Path, *, resume: bool):
+    """Run the sweep as the folder's only writer; its summary table, or None if it was interrupted (the finished
+    points kept and reported)."""
+    ensure_writable(sweep_dir)
+    with exclusive_writer(sweep_dir):
+        if not resume:
+            start_sweep(config, sweep_dir)
+        try:
+            run_sweep(config, sweep_dir, resume=resume)
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP (bench.interrupts)
+            with signals_ignored():  # the report of what finished is written whole
+                if any((sweep_dir / "points").glob("*.json")):
+                    write_report(sweep_dir)
+            print(f"interrupted: finished points are kept in {sweep_dir}; continue with "
+                  f"`alure-bench sweep --resume {sweep_dir}`")
+            return None
+        return write_report(sweep_dir)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -1,12 +1,17 @@
-"""Shared test helpers: launching real MPI ranks through the project's own launcher."""
+"""Shared test helpers: launching real MPI ranks through the project's own launcher; and the session's promise that
+nothing it started outlives it."""
 from __future__ import annotations
 
 import os
 import sys
+import time
+import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
+from bench import lifetime
 from bench.launch import json_after, run_ranks
 
 RANK_SCRIPTS = Path(__file__).parent / "ranks"
@@ -28,3 +33,48 @@ def launch(np: int, script: str, *args: str, timeout_s: float = 120, env: dict |
 @pytest.fixture
 def mpi_launch():
     return launch
+
+
+# --- nothing outlives the session --------------------------------------------------------------------------------
+
+SESSION = f"pytest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+"""Every process this session starts inherits it (and every launch passes it on to mpirun and the ranks), so the
+check below sees this session's processes only, not those of other test sessions on the same machine."""
+os.environ[lifetime.SESSION_VAR] = SESSION
+LEFTOVER_GRACE_S = 10.0
+
+
+def session_processes() -> list[psutil.Process]:
+    """Live processes started (directly or not) by this test session."""
+    return lifetime.tagged_processes(lifetime.SESSION_VAR, SESSION)
+
+
+def describe(procs: list[psutil.Process]) -> str:
+    lines = []
+    for p in procs:
+        try:
+            lines.append(f"  pid {p.pid}: {' '.join(p.cmdline())[:200]}")
+        except psutil.Error:
+            lines.append(f"  pid {p.pid}: (gone)")
+    return "\n".join(lines)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session if any process it started is still alive LEFTOVER_GRACE_S after the last test (then kill
+    them, so one failure does not leave the machine loaded)."""
+    deadline = time.monotonic() + LEFTOVER_GRACE_S
+    while (left := session_processes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if not left:
+        return
+    report = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = (f"{len(left)} process(es) started by this test session outlived it by {LEFTOVER_GRACE_S:g} s "
+               f"(now killed):\n{describe(left)}")
+    if report is not None:
+        report.ensure_newline()
+        report.write_sep("=", "leftover processes", red=True)
+        report.write_line(message)
+    else:
+        print(message, file=sys.stderr)
+    lifetime.signal_all(left, 9)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -11,7 +11,9 @@ import pandas as pd
 import psutil
 import pytest
 
+from bench import lifetime
 from bench.summary import SUMMARY_COLUMNS
+from tests.conftest import SESSION
 
 pytestmark = pytest.mark.mpi
 CLI = [sys.executable, "-m", "bench.cli"]
@@ -27,10 +29,13 @@ def records(out: Path) -> dict[str, dict]:
 
 
 def workers() -> list[psutil.Process]:
-    """Live rank processes of any sweep."""
+    """Live rank processes of this test session's sweeps (other sessions on the machine have ranks too)."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = p.info["cmdline"] or []
+    for p in lifetime.tagged_processes(lifetime.SESSION_VAR, SESSION):
+        try:
+            cmd = p.cmdline()
+        except psutil.Error:
+            continue
         # mpirun's own command line names bench.worker too: ranks are the python processes.
         if "bench.worker" in cmd and Path(cmd[0]).name.startswith("python"):
             found.append(p)

@@ -1,0 +1,14 @@
+"""Rank script: the resident memory of a rank before it builds anything (what bench.capacity.RUNTIME_MIB stands for):
+the suite's imports loaded and Horovod initialised."""
+import json
+
+import horovod.torch as hvd
+import mpi4py.MPI  # noqa: F401  (every rank program of the suite loads it, through Horovod or directly)
+import numpy  # noqa: F401
+import torch  # noqa: F401
+
+from bench.memory import rss_mib
+
+hvd.init()
+print("RANK_RECORD " + json.dumps({"rank": hvd.rank(), "rss_mib": rss_mib()}), flush=True)
+hvd.shutdown()
