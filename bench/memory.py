@@ -17,6 +17,18 @@ def rss_mib() -> float:
     return psutil.Process().memory_info().rss / MIB
 
 
+def release_free_heap() -> None:
+    """Hand the heap's free pages back to the kernel (glibc's malloc_trim; nothing elsewhere). The launcher's
+    allocator keeps freed memory for reuse (bench.launch ALLOCATORS), so without this what the build allocated and
+    freed would stay resident and be counted as the training's own."""
+    import ctypes
+    import ctypes.util
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_rss_mib() -> float:
     """The kernel's high-water mark of the resident set (ru_maxrss, KiB on Linux) since the process began."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -35,6 +47,7 @@ class PeakProbe:
         self._clear = self._status = None
         self.method = "vmhwm-reset"
         """How peaks are read: vmhwm-reset, or rss-sampled with the reason the reset was refused."""
+        release_free_heap()  # the window opens on what the process holds, not on what it freed
         try:  # the files stay open: a step reads them ten times
             self._status = os.open(status, os.O_RDONLY)
             self._clear = os.open(clear_refs, os.O_WRONLY)

@@ -106,9 +106,9 @@ def measure(point: PointConfig, exchange) -> dict:
     torch.set_num_threads(point.threads_per_rank)  # the same at every np: see RunSettings.threads_per_rank
     trainer = Trainer(workload_config(point), exchange)
     apply_training_mem_limit(point.train_mem_limit_mib)  # from here on, only what training adds is capped
-    baseline_rss = rss_mib()  # after the model is built: growth beyond it is the training's own
     build_peak = peak_rss_mib()  # the kernel's mark since the process began: imports, world, model
-    probe = PeakProbe()  # resets the mark: from here on, peaks are the training's own
+    probe = PeakProbe()  # returns freed heap and resets the mark: from here on, peaks are the training's own
+    baseline_rss = rss_mib()  # after the model is built: growth beyond it is the training's own
     density = None
     for i in range(point.warmup_steps):
         density = instrumented_step(trainer, exchange, measure_density=i == point.warmup_steps - 1).density or density
