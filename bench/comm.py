@@ -33,9 +33,11 @@ from pathlib import Path
 
 from bench.comm_rank import BACKENDS, OPS, SPARSE_DIM, geometry, memcpy_call, timed
 from bench.errors import UsageError
+from bench.hosts import (add_host_flags, check_fits, hosts_launcher, launcher_from_args, link_fractions,
+                         link_of_host, network_summary)
 from bench.results import atomic_write_json, atomic_write_text, ensure_writable
 from bench.scaling import busbw_factor
-from bench.launch import (HOROVOD_SETTINGS, is_oversubscribed, mpi_environment, physical_cores,
+from bench.launch import (HOROVOD_SETTINGS, LOCAL, Launcher, is_oversubscribed, mpi_environment, physical_cores,
                           python_module_argv, run_ranks)
 
 ROW_FIELDS = ("backend", "op", "np", "size_bytes", "latency_us_median", "latency_us_min", "latency_us_max",
@@ -205,6 +207,10 @@ class CommConfig:
     """Split each allreduce into this many tensors started together (what Horovod's tensor fusion acts on)."""
     dim: int = SPARSE_DIM
     """Columns of the table whose gradient sparse-pair stands for."""
+    hosts: tuple[str, ...] = ()
+    """Hosts to place the ranks on (bench.hosts), ranks_per_host each; empty: this host."""
+    ranks_per_host: int = 1
+    """Ranks on each of `hosts`."""
 
     def __post_init__(self):
         _check_np(self.np)
@@ -306,11 +312,12 @@ def write_csv_atomic(path: Path, rows: list[dict], fields: tuple[str, ...]) -> N
     atomic_write_text(path, buf.getvalue())
 
 
-def environment_record(np: int) -> dict:
+def environment_record(np: int, launcher: Launcher = LOCAL) -> dict:
     """environment.json: bench.environment's record plus the variables the ranks were launched with."""
     from bench.environment import ENV_PREFIXES, capture_environment
     env = capture_environment()
-    env["launch_variables"] = {k: v for k, v in sorted(mpi_environment(np).items()) if k.startswith(ENV_PREFIXES)}
+    env["launch_variables"] = {k: v for k, v in sorted(launcher.environment(np).items())
+                               if k.startswith(ENV_PREFIXES)}
     return env
 
 
@@ -331,16 +338,18 @@ class LaunchResult:
     seconds: float = 0.0
 
 
-def launch_program(spec: dict, np: int, timeout_s: float) -> LaunchResult:
+def launch_program(spec: dict, np: int, timeout_s: float, launcher: Launcher = LOCAL) -> LaunchResult:
     """Run bench.comm_rank with `spec` on `np` ranks through bench.launch; collect each rank's record."""
     env = dict(os.environ)
     if spec.get("backend") == "gloo":
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        # Rank 0 runs on the first host: torch's rendezvous listens there.
+        env.update(MASTER_ADDR=launcher.hosts[0] if launcher.hosts else "127.0.0.1", MASTER_PORT=str(_free_port()))
     with tempfile.TemporaryDirectory(prefix="alure-comm-") as work:
         spec = dict(spec, work_dir=work)
         spec_path = Path(work) / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        run = run_ranks(np, python_module_argv("bench.comm_rank", str(spec_path)), timeout_s=timeout_s, env=env)
+        run = run_ranks(np, python_module_argv("bench.comm_rank", str(spec_path)), timeout_s=timeout_s, env=env,
+                        launcher=launcher)
         files = sorted(Path(work).glob("rank*.json"), key=lambda p: int(p.stem[4:]))
         records = [json.loads(p.read_text()) for p in files]
     if run.timed_out:
@@ -352,6 +361,10 @@ def launch_program(spec: dict, np: int, timeout_s: float) -> LaunchResult:
         return LaunchResult(error=f"exited {run.returncode} with {len(records)}/{np} rank records: {last.strip()}",
                             seconds=run.seconds)
     return LaunchResult(records=records, seconds=run.seconds)
+
+
+def comm_launcher(cfg: CommConfig) -> Launcher:
+    return hosts_launcher(cfg.hosts, cfg.ranks_per_host) if cfg.hosts else LOCAL
 
 
 def _timeout_s(total_bytes: int, calls: int) -> float:
@@ -394,7 +407,7 @@ def measure_backend(cfg: CommConfig, backend: str, iters: int) -> tuple[dict, di
             "tensors": cfg.tensors, "warmup": cfg.warmup, "iters": iters}
     calls = (cfg.warmup + iters) * len(cfg.ops) * len(cfg.sizes) * cfg.tensors
     total = (cfg.warmup + iters) * len(cfg.ops) * sum(cfg.sizes)
-    launch = launch_program(spec, cfg.np, _timeout_s(total, calls))
+    launch = launch_program(spec, cfg.np, _timeout_s(total, calls), comm_launcher(cfg))
     if launch.error:
         return {}, {}, launch
     points = {}
@@ -442,7 +455,7 @@ def ratio_verdict(ratios: list[dict]) -> str:
 def run_comm(cfg: CommConfig, out: Path) -> int:
     started = datetime.now().astimezone()
     t0 = time.perf_counter()
-    env_record = environment_record(cfg.np)
+    env_record = environment_record(cfg.np, comm_launcher(cfg))
     if is_oversubscribed(cfg.np):
         print(f"note: {cfg.np} ranks on {physical_cores()} cores: oversubscribed, flagged in every row", flush=True)
     rows = measure_memcpy(cfg)
@@ -490,12 +503,16 @@ def run_comm(cfg: CommConfig, out: Path) -> int:
     print(f"Horovod settings: {', '.join(f'{k}={v}' for k, v in settings.items()) or 'none'}")
     if "horovod" in cfg.backends and "mpi4py" in cfg.backends and "allreduce" in cfg.ops:
         print(ratio_verdict(ratios))
+    network = network_summary(comm_launcher(cfg), cfg.np, link_of_host(comm_launcher(cfg)))
+    if network["link"]:
+        print(link_fractions(rows, network["link"]))
 
     seconds = round(time.perf_counter() - t0, 2)
     result = {"kind": "comm", "started": started.isoformat(timespec="seconds"), "seconds": seconds,
               "config": asdict(cfg) | {"sizes": cfg.sizes}, "cores": physical_cores(),
               "horovod_settings": settings, "harness_horovod_settings": dict(HOROVOD_SETTINGS),
-              "launches": launches, "horovod_vs_mpi4py": ratios, "failures": failures, "rows": rows}
+              "launches": launches, "horovod_vs_mpi4py": ratios, "failures": failures, "network": network,
+              "rows": rows}
     atomic_write_json(out / "environment.json", env_record)
     atomic_write_json(out / "comm.json", result)
     write_csv_atomic(out / "comm.csv", rows, ROW_FIELDS + EXTRA_FIELDS)
@@ -599,8 +616,16 @@ def comm_main(args: argparse.Namespace) -> int:
                      min_bytes=parse_size(args.min_bytes, "--min-bytes"),
                      max_bytes=parse_size(args.max_bytes, "--max-bytes"),
                      warmup=_int(args.warmup, "--warmup"), iters=_int(args.iters, "--iters"),
-                     rounds=_int(args.rounds, "--rounds"), tensors=_int(args.tensors, "--tensors"))
+                     rounds=_int(args.rounds, "--rounds"), tensors=_int(args.tensors, "--tensors"),
+                     **host_layout(args))
     return run_comm(cfg, results_dir(args.out, "comm"))
+
+
+def host_layout(args: argparse.Namespace) -> dict:
+    """CommConfig's hosts and ranks_per_host from --hosts / --ranks-per-host, checked against --np."""
+    launcher = launcher_from_args(args)
+    check_fits(launcher, [_int(args.np, "--np")])
+    return {"hosts": launcher.hosts, "ranks_per_host": launcher.ranks_per_host} if launcher.hosts else {}
 
 
 def crossover_main(args: argparse.Namespace) -> int:
@@ -629,6 +654,7 @@ def register(sub) -> None:
     p.add_argument("--tensors", default="1", help="split each allreduce into this many tensors started together "
                                                   "(to measure Horovod's tensor fusion; default 1)")
     p.add_argument("--out", default=None, help="results folder (default results/local/comm-<timestamp>/)")
+    add_host_flags(p)
     p.set_defaults(func=comm_main)
 
     x = CrossoverConfig.__dataclass_fields__

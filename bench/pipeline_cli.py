@@ -12,7 +12,8 @@ from dataclasses import replace
 
 from bench.config import MODES
 from bench.errors import UsageError
-from bench.launch import json_after, python_module_argv, run_ranks, threads_per_rank
+from bench.hosts import add_host_flags, check_fits, launcher_from_args
+from bench.launch import LOCAL, Launcher, json_after, python_module_argv, run_ranks, threads_per_rank
 
 RESULT_PREFIX = "ALURE_PIPELINE_RESULT "
 
@@ -31,10 +32,11 @@ def run_local(preset_name: str, seed: int | None) -> dict:
     return run_pipeline(workload(preset_name, seed), LocalExchange())
 
 
-def run_distributed(np_: int, preset_name: str, seed: int | None, mode: str, timeout_s: float) -> dict:
+def run_distributed(np_: int, preset_name: str, seed: int | None, mode: str, timeout_s: float,
+                    launcher: Launcher = LOCAL) -> dict:
     argv = python_module_argv("bench.pipeline_cli", "--rank-entry", "--preset", preset_name, "--mode", mode,
                               *(["--seed", str(seed)] if seed is not None else []))
-    run = run_ranks(np_, argv, timeout_s=timeout_s)
+    run = run_ranks(np_, argv, timeout_s=timeout_s, launcher=launcher)
     results = json_after(run.stdout, RESULT_PREFIX)
     if run.timed_out:
         raise UsageError(f"the pipeline on {np_} ranks ran past {timeout_s:g} s: raise --timeout")
@@ -74,10 +76,12 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     if args.np < 1:
         raise UsageError(f"--np must be at least 1 (got {args.np})")
     workload(args.preset, args.seed)  # a bad preset fails here, before any rank starts
-    if args.np == 1:
+    launcher = launcher_from_args(args)
+    check_fits(launcher, [args.np])
+    if args.np == 1 and not launcher.hosts:
         result = run_local(args.preset, args.seed)
     else:
-        result = run_distributed(args.np, args.preset, args.seed, args.mode, args.timeout)
+        result = run_distributed(args.np, args.preset, args.seed, args.mode, args.timeout, launcher)
     print(json.dumps(result, indent=2) if args.json else format_result(result, args.np, args.mode))
     return 0
 
@@ -91,6 +95,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, help="seed of the world and the weights (default: the preset's)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds before a multi-rank run is killed")
     p.add_argument("--json", action="store_true", help="print one JSON object (DESIGN.md names)")
+    add_host_flags(p)
     p.add_argument("--rank-entry", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_pipeline)
 

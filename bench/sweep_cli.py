@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bench.config import SweepConfig
 from bench.errors import UsageError
+from bench.hosts import add_host_flags, check_fits, launcher_from_args, load_layout, save_layout
 from bench.report import efficiency_table, write_report
 from bench.sweep import SweepInterrupted, load_sweep_config, run_sweep, start_sweep
 
@@ -104,14 +105,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.resume:
         sweep_dir = Path(args.resume)
         config = load_sweep_config(sweep_dir)
+        launcher = load_layout(sweep_dir)
     else:
         config = sweep_config_from_args(args)
+        launcher = launcher_from_args(args)
+        check_fits(launcher, config.nps)
         sweep_dir = Path(args.out) if args.out else default_out(config.name)
         start_sweep(config, sweep_dir)
+        save_layout(sweep_dir, launcher)
     print(f"sweep {sweep_dir}: {len(config.plan())} points, preset {config.preset}, np {config.nps}, "
           f"modes {', '.join(config.modes)}, {', '.join(config.scalings)} scaling")
     try:
-        run_sweep(config, sweep_dir, resume=bool(args.resume))
+        run_sweep(config, sweep_dir, resume=bool(args.resume), launcher=launcher)
     except (KeyboardInterrupt, SweepInterrupted):
         if any((sweep_dir / "points").glob("*.json")):
             write_report(sweep_dir)
@@ -128,9 +133,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     """One point: a one-point sweep, so its record and report are those of any sweep."""
     config = sweep_config_from_args(args, nps=sorted({1, args.np}) if args.with_baseline else [args.np],
                                     modes=[args.mode], scalings=[args.scaling], name="run")
+    launcher = launcher_from_args(args)
+    check_fits(launcher, config.nps)
     sweep_dir = Path(args.out) if args.out else default_out("run")
     start_sweep(config, sweep_dir)
-    run_sweep(config, sweep_dir)
+    save_layout(sweep_dir, launcher)
+    run_sweep(config, sweep_dir, launcher=launcher)
     df = write_report(sweep_dir)
     print(efficiency_table(df))
     print(f"record: {sweep_dir}/points/")
@@ -151,6 +159,7 @@ def register(sub) -> None:
     sweep = sub.add_parser("sweep", help="run a plan of points (scaling x mode x np x repeats) locally; write the "
                                          "results folder and print the efficiency table")
     add_plan_flags(sweep, out_help="results folder (default results/local/<name>-<time>)")
+    add_host_flags(sweep)
     sweep.add_argument("--resume", metavar="DIR", help="continue the sweep in DIR: rerun only points without an "
                                                        "ok record")
     sweep.set_defaults(func=cmd_sweep)
@@ -162,6 +171,7 @@ def register(sub) -> None:
     run.add_argument("--with-baseline", action="store_true", help="also measure np=1, for the efficiency")
     run.add_argument("--out", metavar="DIR", help="results folder (default results/local/run-<time>)")
     add_shared_flags(run)
+    add_host_flags(run)
     run.set_defaults(func=cmd_run, config=None)
 
     report = sub.add_parser("report", help="rebuild summary.csv, report.md and plots from a results folder")

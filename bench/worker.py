@@ -18,7 +18,8 @@ from bench.config import PointConfig
 from bench.memory import apply_mem_limit, looks_like_oom, peak_rss_mib, rss_mib
 from bench.results import SCHEMA_VERSION, write_record
 from bench.scaling import PHASES, rank_skew, slowest_rank_per_step, spread, throughput_samples_per_s
-from bench.launch import physical_cores, threads_per_rank
+from bench.hosts import link_as_configured, network_of_ranks, shares_one_machine
+from bench.launch import is_oversubscribed, physical_cores, threads_per_rank
 
 RANK_ERROR_MARKER = "ALURE_BENCH_RANK_ERROR"
 """Prefix of the one stderr line a failing rank leaves for the sweep to classify the failure."""
@@ -123,13 +124,18 @@ def build_record(point: PointConfig, ranks: list[dict], wall_seconds: float, sta
         **{k: max(r["exchange"][k] for r in ranks) for k in ("allgather_calls", "allreduce_calls",
                                                             "allgather_bytes_held", "allreduce_bytes_held")},
     }
+    network = network_of_ranks(ranks)
+    # Emulated hosts (slurm/cluster.sh) are namespaces of this one machine: their ranks time-share its cores.
+    shared = network["transport"] == "tcp" and shares_one_machine(network["hosts"])
     return {
         "schema_version": SCHEMA_VERSION, "point_id": point.point_id, "point": point.as_dict(), "status": "ok",
         "reason": None, "started_at": started_at, "wall_seconds": wall_seconds,
-        "oversubscribed": hosts_oversubscribed(ranks), "np": point.np,
+        "oversubscribed": hosts_oversubscribed(ranks) or (shared and is_oversubscribed(point.np)), "np": point.np,
         "threads_per_rank": point.threads_per_rank or threads_per_rank(point.np),
         "batch_per_rank": per_rank, "global_batch": global_batch,
-        "hosts": sorted({r["host"] for r in ranks}),
+        **network,  # hosts, ranks_per_host, transport
+        # This host's egress as tc has it (the emulated cluster shapes every host alike); only between hosts.
+        "link": link_as_configured() if network["transport"] == "tcp" else None,
         "step_time_ms_slowest_rank": slowest.tolist(), "metrics": metrics, "ranks": ranks,
     }
 
