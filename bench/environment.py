@@ -86,7 +86,17 @@ def capture_environment() -> dict:
         "platform": platform.platform(),
         "git": git_state(),
         "variables": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
+        "emulated_cluster": emulated_cluster_record(),
     }
+
+
+def emulated_cluster_record() -> dict | None:
+    """The emulated cluster of slurm/cluster.sh running on this machine (hosts, subnet, the shaping it was started
+    with), or None: a result measured across its hosts says so in its environment too."""
+    from bench.hosts import emulated_cluster
+    cluster = emulated_cluster()
+    return None if cluster is None else {"hosts": list(cluster.hosts), "subnet": cluster.subnet,
+                                         "interface": cluster.interface, "link_rate": cluster.link_rate}
 
 
 def register(sub) -> None:
