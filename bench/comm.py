@@ -22,17 +22,17 @@ import io
 import json
 import os
 import re
-import socket
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
 from bench.comm_rank import BACKENDS, OPS, SPARSE_DIM, geometry, memcpy_call, timed
 from bench.errors import UsageError
+from bench.gloo_rendezvous import free_port
 from bench.hosts import (add_host_flags, check_fits, hosts_launcher, launcher_from_args, link_fractions,
                          link_of_host, network_summary)
 from bench.results import atomic_write_json, atomic_write_text, ensure_writable
@@ -211,6 +211,8 @@ class CommConfig:
     """Hosts to place the ranks on (bench.hosts), ranks_per_host each; empty: this host."""
     ranks_per_host: int = 1
     """Ranks on each of `hosts`."""
+    controller: str = "mpi"
+    """Horovod's controller and CPU collectives: mpi or gloo (bench.launch.Launcher.controller)."""
 
     def __post_init__(self):
         _check_np(self.np)
@@ -323,10 +325,6 @@ def environment_record(np: int, launcher: Launcher = LOCAL) -> dict:
 
 # --- launching --------------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(slots=True)
@@ -343,7 +341,7 @@ def launch_program(spec: dict, np: int, timeout_s: float, launcher: Launcher = L
     env = dict(os.environ)
     if spec.get("backend") == "gloo":
         # Rank 0 runs on the first host: torch's rendezvous listens there.
-        env.update(MASTER_ADDR=launcher.hosts[0] if launcher.hosts else "127.0.0.1", MASTER_PORT=str(_free_port()))
+        env.update(MASTER_ADDR=launcher.hosts[0] if launcher.hosts else "127.0.0.1", MASTER_PORT=str(free_port()))
     with tempfile.TemporaryDirectory(prefix="alure-comm-") as work:
         spec = dict(spec, work_dir=work)
         spec_path = Path(work) / "spec.json"
@@ -364,7 +362,9 @@ def launch_program(spec: dict, np: int, timeout_s: float, launcher: Launcher = L
 
 
 def comm_launcher(cfg: CommConfig) -> Launcher:
-    return hosts_launcher(cfg.hosts, cfg.ranks_per_host) if cfg.hosts else LOCAL
+    if cfg.hosts:
+        return replace(hosts_launcher(cfg.hosts, cfg.ranks_per_host), controller=cfg.controller)
+    return Launcher(controller=cfg.controller)
 
 
 def _timeout_s(total_bytes: int, calls: int) -> float:
@@ -625,7 +625,7 @@ def host_layout(args: argparse.Namespace) -> dict:
     """CommConfig's hosts and ranks_per_host from --hosts / --ranks-per-host, checked against --np."""
     launcher = launcher_from_args(args)
     check_fits(launcher, [_int(args.np, "--np")])
-    return {"hosts": launcher.hosts, "ranks_per_host": launcher.ranks_per_host} if launcher.hosts else {}
+    return {"hosts": launcher.hosts, "ranks_per_host": launcher.ranks_per_host, "controller": launcher.controller}
 
 
 def crossover_main(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ import shlex
 import shutil
 import socket
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.errors import UsageError
@@ -26,6 +26,7 @@ CLUSTER_DIR_VARIABLE = "ALURE_CLUSTER_DIR"
 DEFAULT_CLUSTER_DIR = Path("/run/alure-cluster")
 """Where slurm/cluster.sh keeps its state (state.json, the hosts file, Slurm's files); not under /tmp, which every
 emulated Slurm node has a private copy of."""
+CONTROLLERS = ("mpi", "gloo")
 HOSTS_FILE = "hosts.json"
 """The host layout of a sweep, kept in its folder so `--resume` launches alike."""
 _HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]*$")
@@ -118,25 +119,30 @@ def add_host_flags(p: argparse.ArgumentParser) -> None:
                                    "from slurm/cluster.sh, or real hosts reached with ssh); default: this host")
     p.add_argument("--ranks-per-host", type=int, default=None,
                    help="ranks placed on each host, filling the first hosts first (default 1; needs --hosts)")
+    p.add_argument("--horovod-controller", choices=CONTROLLERS, default="mpi",
+                   help="Horovod's controller and CPU collectives: mpi (default), or gloo (Horovod's rendezvous "
+                        "is served by rank 0)")
 
 
 def launcher_from_args(args: argparse.Namespace) -> Launcher:
     """The launcher the --hosts / --ranks-per-host flags ask for (this host alone without them)."""
     hosts = getattr(args, "hosts", None)
     per_host = getattr(args, "ranks_per_host", None)
+    controller = getattr(args, "horovod_controller", None) or "mpi"
     if not hosts:
         if per_host is not None:
             raise UsageError("--ranks-per-host places ranks on the hosts of --hosts: give --hosts too")
-        return LOCAL
-    return hosts_launcher(parse_hosts(hosts), 1 if per_host is None else per_host)
+        return replace(LOCAL, controller=controller)
+    return replace(hosts_launcher(parse_hosts(hosts), 1 if per_host is None else per_host), controller=controller)
 
 
 def save_layout(sweep_dir: Path, launcher: Launcher) -> None:
     """Keep a sweep's host layout in its folder (only for launches over hosts)."""
     from bench.results import atomic_write_json
-    if launcher.hosts:
+    if launcher.hosts or launcher.controller != "mpi":
         atomic_write_json(Path(sweep_dir) / HOSTS_FILE, {"hosts": list(launcher.hosts),
-                                                         "ranks_per_host": launcher.ranks_per_host})
+                                                         "ranks_per_host": launcher.ranks_per_host,
+                                                         "controller": launcher.controller})
 
 
 def load_layout(sweep_dir: Path) -> Launcher:
@@ -146,7 +152,8 @@ def load_layout(sweep_dir: Path) -> Launcher:
         return LOCAL
     try:
         layout = json.loads(path.read_text())
-        return hosts_launcher(tuple(layout["hosts"]), int(layout["ranks_per_host"]))
+        launcher = hosts_launcher(tuple(layout["hosts"]), int(layout["ranks_per_host"])) if layout["hosts"] else LOCAL
+        return replace(launcher, controller=layout.get("controller", "mpi"))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise UsageError(f"{path} is not a host layout (hosts, ranks_per_host): restore it, or delete it to "
                          f"resume on this host alone") from None

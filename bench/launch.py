@@ -10,6 +10,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -107,8 +108,15 @@ class Launcher:
     """Confine Open MPI's TCP traffic (ranks and daemons) to this subnet (CIDR); empty: Open MPI's choice."""
     interface: str = ""
     """The interface Gloo (Horovod's and torch's) uses between hosts; empty: Gloo's choice."""
+    controller: str = "mpi"
+    """Horovod's controller and CPU collectives: mpi, or gloo (rank 0 serves Horovod's rendezvous; mpirun only)."""
 
     def command(self, np: int, argv: list[str]) -> list[str]:
+        if self.controller == "gloo":
+            from bench.gloo_rendezvous import wrap
+            used = self.hosts_for(np)
+            placed = {h: min(self.ranks_per_host, np - i * self.ranks_per_host) for i, h in enumerate(used)}
+            argv = wrap(argv, placed or {socket.gethostname(): np}, used[0] if used else "127.0.0.1")
         if self.kind == "srun":
             return ["srun", "--mpi=pmix", f"--ntasks={np}", *argv]
         if self.kind != "mpirun":

@@ -134,6 +134,7 @@ def build_record(point: PointConfig, ranks: list[dict], wall_seconds: float, sta
         "threads_per_rank": point.threads_per_rank or threads_per_rank(point.np),
         "batch_per_rank": per_rank, "global_batch": global_batch,
         **network,  # hosts, ranks_per_host, transport
+        "horovod_controller": os.environ.get("HOROVOD_CONTROLLER", "mpi"),
         # This host's egress as tc has it (the emulated cluster shapes every host alike); only between hosts.
         "link": link_as_configured() if network["transport"] == "tcp" else None,
         "step_time_ms_slowest_rank": slowest.tolist(), "metrics": metrics, "ranks": ranks,

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -132,6 +133,11 @@ def test_the_launcher_goes_through_the_agent_and_confines_tcp_to_the_subnet():
     env = launcher.environment(3, {"OMPI_MCA_btl_tcp_if_include": "lo"})
     assert env["OMPI_MCA_btl_tcp_if_include"] == env["OMPI_MCA_oob_tcp_if_include"] == "198.18.0.0/24"
     assert env["HOROVOD_GLOO_IFACE"] == env["GLOO_SOCKET_IFNAME"] == "eth0"
+    # Horovod over Gloo: every rank is wrapped, told where mpirun put the ranks and where rank 0 serves the
+    # rendezvous.
+    gloo = shlex.split(replace(launcher, controller="gloo").command(3, ["python", "-m", "bench.worker", "--x"])[2])
+    wrapped = gloo[gloo.index("bench.gloo_rendezvous") + 1:]
+    assert wrapped[:4] == ["--hosts", "node1:2,node2:1", "--addr", "node1"] and wrapped[-2:] == ["bench.worker", "--x"]
 
 
 # --- the cluster itself ---------------------------------------------------------------------------------------
@@ -187,14 +193,18 @@ def test_comm_across_two_hosts_is_bounded_by_the_link(cluster, tmp_path):
 
 
 @pytest.mark.mpi
-def test_horovod_and_torch_gloo_run_across_hosts(cluster, tmp_path):
+def test_horovod_over_gloo_and_torch_gloo_run_across_hosts(cluster, tmp_path):
+    # Horovod over MPI across hosts is what every sweep point below runs.
     run = cli("comm", *HOSTS, "--np", "2", "--backends", "horovod,gloo", "--ops", "allreduce,allgather",
               "--min-bytes", "64K", "--max-bytes", "64K", "--warmup", "1", "--iters", "2", "--rounds", "1",
-              "--out", str(tmp_path))
+              "--horovod-controller", "gloo", "--out", str(tmp_path))
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "comm.json").read_text())
     assert {(r["backend"], r["op"]) for r in result["rows"] if r["np"] == 2} == \
         {(b, o) for b in ("horovod", "gloo") for o in ("allreduce", "allgather")}
+    horovod = result["horovod_settings"]  # as rank 0 saw them
+    assert horovod["HOROVOD_CONTROLLER"] == horovod["HOROVOD_CPU_OPERATIONS"] == "gloo"
+    assert horovod["HOROVOD_SIZE"] == "2" and horovod["HOROVOD_CROSS_SIZE"] == "2"
     launched = json.loads((tmp_path / "environment.json").read_text())["launch_variables"]
     assert launched["OMPI_MCA_btl_tcp_if_include"] == "198.18.0.0/24" and launched["HOROVOD_GLOO_IFACE"] == "eth0"
 
@@ -209,7 +219,8 @@ def test_a_two_host_point_records_its_hosts_transport_and_link(cluster, tmp_path
     assert sorted(r["host"] for r in record["ranks"]) == ["node1", "node2"]
     link = record["link"]
     assert link["interface"] == "eth0" and link["qdisc"] == "tbf" and link["rate_gbps"] == pytest.approx(1.0)
-    assert json.loads((tmp_path / "hosts.json").read_text()) == {"hosts": ["node1", "node2"], "ranks_per_host": 1}
+    assert json.loads((tmp_path / "hosts.json").read_text()) == {"hosts": ["node1", "node2"], "ranks_per_host": 1,
+                                                                 "controller": "mpi"}
 
 
 @pytest.mark.mpi
