@@ -113,6 +113,8 @@ class Launcher:
 
     def command(self, np: int, argv: list[str]) -> list[str]:
         if self.controller == "gloo":
+            if self.kind != "mpirun":
+                raise ValueError("Horovod's Gloo controller is launched with mpirun only (it reads mpirun's ranks)")
             from bench.gloo_rendezvous import wrap
             used = self.hosts_for(np)
             placed = {h: min(self.ranks_per_host, np - i * self.ranks_per_host) for i, h in enumerate(used)}
