@@ -184,12 +184,15 @@ def test_comm_across_two_hosts_is_bounded_by_the_link(cluster, tmp_path):
     assert {(f["op"], f["size_bytes"]) for f in fractions} == {(o, s) for o in ("allreduce", "allgather")
                                                               for s in (8 << 20, 16 << 20)}
     lo, hi = LINK_CHECK_BOUNDS
-    # Nothing beats the link, not even the luckiest iteration (a few % of slack: the token bucket's burst refills
-    # while the ranks reduce and meet at the barrier between iterations) ...
-    assert all(f["fraction_best"] <= hi * 1.05 and f["fraction"] <= hi for f in fractions), (fractions, run.stdout)
-    # ... and the transport can fill it: the fastest iteration, because on a machine shared with other work the
-    # median also measures who else held the CPU (the medians are in the output and the README's table).
-    assert all(f["fraction_best"] >= lo for f in fractions), (fractions, run.stdout)
+    for f in fractions:
+        # Nothing beats the link: at P=2 allreduce moves `size` bytes each way, allgather half of it. The token
+        # bucket may hold up to one burst, refilled while the link idles between iterations, on top of the rate.
+        each_way = f["size_bytes"] if f["op"] == "allreduce" else f["size_bytes"] // 2
+        ceiling = hi * (1 + network["link"]["burst_bytes"] / each_way)
+        assert f["fraction"] <= ceiling and f["fraction_best"] <= ceiling, (f, run.stdout)
+        # ... and the transport can fill it: judged on the fastest iteration, because on a machine shared with
+        # other work the median also measures who else held the CPU (comm prints both).
+        assert f["fraction_best"] >= lo, (f, run.stdout)
 
 
 @pytest.mark.mpi
