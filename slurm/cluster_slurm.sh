@@ -119,10 +119,17 @@ cmd_stop() {
     for f in "$S"/run/slurmd-*.pid; do [[ -e "$f" ]] && stop_daemon "$f" slurmd; done
     stop_daemon "$S/run/slurmctld.pid" slurmctld
     # munged only if `prepare` started it for us and no other Slurm (the single-node cluster) still needs it.
-    if ! pgrep -x slurmctld >/dev/null 2>&1; then
+    if ! other_slurmctld; then
         stop_daemon "$S/local/run/munged.pid" munged
     fi
     return 0
+}
+
+# A live slurmctld that is not ours (ours is stopped by now; a zombie of it does not count).
+other_slurmctld() {
+    local pid
+    for pid in $(pgrep -x slurmctld 2>/dev/null); do running "$pid" && return 0; done
+    return 1
 }
 
 cmd_status() {
