@@ -11,12 +11,14 @@ bench: setup
 	$(VENV)/bin/alure-bench sweep
 
 # The Slurm tests need the local single-node cluster: started here, stopped whatever the tests did. Where it
-# cannot start (not root, no apt), its tests skip and say why.
+# cannot start (not root, no apt), its tests skip and say why. tests/test_cluster.py starts and stops the emulated
+# multi-host cluster itself; the stop here only clears what a killed test run may have left.
 test: setup
 	@if bash slurm/local_cluster.sh start; then req=1; else req=0; \
 	    echo "make test: the local Slurm cluster did not start; the Slurm tests will skip"; fi; \
 	status=0; ALURE_REQUIRE_SLURM=$$req $(PY) -m pytest || status=$$?; \
-	bash slurm/local_cluster.sh stop >/dev/null 2>&1 || true; exit $$status
+	bash slurm/local_cluster.sh stop >/dev/null 2>&1 || true; \
+	bash slurm/cluster.sh stop >/dev/null 2>&1 || true; exit $$status
 
 clean:
 	rm -rf $(VENV) build *.egg-info

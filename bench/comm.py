@@ -22,21 +22,23 @@ import io
 import json
 import os
 import re
-import socket
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
 from bench.capacity import add_oversubscribe_flag, check_local_ranks
 from bench.comm_rank import BACKENDS, OPS, SPARSE_DIM, geometry, memcpy_call, timed
 from bench.errors import UsageError
+from bench.gloo_rendezvous import free_port
+from bench.hosts import (add_host_flags, check_fits, hosts_launcher, launcher_from_args, link_fractions,
+                         link_of_host, network_summary, shares_one_machine)
 from bench.results import atomic_write_json, atomic_write_text, ensure_writable
 from bench.scaling import busbw_factor
-from bench.launch import (HOROVOD_SETTINGS, is_oversubscribed, mpi_environment, physical_cores,
+from bench.launch import (HOROVOD_SETTINGS, LOCAL, Launcher, is_oversubscribed, mpi_environment, physical_cores,
                           python_module_argv, run_ranks)
 
 ROW_FIELDS = ("backend", "op", "np", "size_bytes", "latency_us_median", "latency_us_min", "latency_us_max",
@@ -257,6 +259,12 @@ class CommConfig:
     compare_env: dict[str, str] | None = None
     """Setting B: when given, every backend also runs with these variables on top of the suite's launch
     environment, launches of A and B interleaved, and each size's busbw is printed as B/A."""
+    hosts: tuple[str, ...] = ()
+    """Hosts to place the ranks on (bench.hosts), ranks_per_host each; empty: this host."""
+    ranks_per_host: int = 1
+    """Ranks on each of `hosts`."""
+    controller: str = "mpi"
+    """Horovod's controller and CPU collectives: mpi or gloo (bench.launch.Launcher.controller)."""
 
     def __post_init__(self):
         _check_np(self.np)
@@ -358,13 +366,14 @@ def write_csv_atomic(path: Path, rows: list[dict], fields: tuple[str, ...]) -> N
     atomic_write_text(path, buf.getvalue())
 
 
-def environment_record(np: int, extra: dict[str, str] | None = None, compare: dict[str, str] | None = None) -> dict:
+def environment_record(np: int, extra: dict[str, str] | None = None, compare: dict[str, str] | None = None,
+                       launcher: Launcher = LOCAL) -> dict:
     """environment.json: bench.environment's record plus the variables the ranks were launched with (and those
     of setting B under --compare-env)."""
     from bench.environment import ENV_PREFIXES, capture_environment
 
     def variables(overrides):
-        env = mpi_environment(np, {**os.environ, **(overrides or {})})
+        env = launcher.environment(np, {**os.environ, **(overrides or {})})
         return {k: v for k, v in sorted(env.items()) if k.startswith(ENV_PREFIXES)}
     env = capture_environment()
     env["launch_variables"] = variables(extra)
@@ -375,10 +384,6 @@ def environment_record(np: int, extra: dict[str, str] | None = None, compare: di
 
 # --- launching --------------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(slots=True)
@@ -390,17 +395,20 @@ class LaunchResult:
     seconds: float = 0.0
 
 
-def launch_program(spec: dict, np: int, timeout_s: float, extra_env: dict[str, str] | None = None) -> LaunchResult:
+def launch_program(spec: dict, np: int, timeout_s: float, extra_env: dict[str, str] | None = None,
+                   launcher: Launcher = LOCAL) -> LaunchResult:
     """Run bench.comm_rank with `spec` on `np` ranks through bench.launch, `extra_env` set on top of this
     process's environment; collect each rank's record."""
     env = {**os.environ, **(extra_env or {})}
     if spec.get("backend") == "gloo":
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        # Rank 0 runs on the first host: torch's rendezvous listens there.
+        env.update(MASTER_ADDR=launcher.hosts[0] if launcher.hosts else "127.0.0.1", MASTER_PORT=str(free_port()))
     with tempfile.TemporaryDirectory(prefix="alure-comm-") as work:
         spec = dict(spec, work_dir=work)
         spec_path = Path(work) / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        run = run_ranks(np, python_module_argv("bench.comm_rank", str(spec_path)), timeout_s=timeout_s, env=env)
+        run = run_ranks(np, python_module_argv("bench.comm_rank", str(spec_path)), timeout_s=timeout_s, env=env,
+                        launcher=launcher)
         files = sorted(Path(work).glob("rank*.json"), key=lambda p: int(p.stem[4:]))
         records = [json.loads(p.read_text()) for p in files]
     if run.timed_out:
@@ -412,6 +420,12 @@ def launch_program(spec: dict, np: int, timeout_s: float, extra_env: dict[str, s
         return LaunchResult(error=f"exited {run.returncode} with {len(records)}/{np} rank records: {last.strip()}",
                             seconds=run.seconds)
     return LaunchResult(records=records, seconds=run.seconds)
+
+
+def comm_launcher(cfg: CommConfig) -> Launcher:
+    if cfg.hosts:
+        return replace(hosts_launcher(cfg.hosts, cfg.ranks_per_host), controller=cfg.controller)
+    return Launcher(controller=cfg.controller)
 
 
 def _timeout_s(total_bytes: int, calls: int) -> float:
@@ -457,7 +471,7 @@ def measure_backend(cfg: CommConfig, backend: str, iters: int,
             "tensors": cfg.tensors, "warmup": cfg.warmup, "iters": iters}
     calls = (cfg.warmup + iters) * len(cfg.ops) * len(cfg.sizes) * cfg.tensors
     total = (cfg.warmup + iters) * len(cfg.ops) * sum(cfg.sizes)
-    launch = launch_program(spec, cfg.np, _timeout_s(total, calls), extra_env)
+    launch = launch_program(spec, cfg.np, _timeout_s(total, calls), extra_env, comm_launcher(cfg))
     if launch.error:
         return {}, {}, launch
     points = {}
@@ -536,7 +550,7 @@ def run_comm(cfg: CommConfig, out: Path) -> int:
     started = datetime.now().astimezone()
     t0 = time.perf_counter()
     variants = dict(comm_variants(cfg))
-    env_record = environment_record(cfg.np, cfg.baseline_env, cfg.compare_env)
+    env_record = environment_record(cfg.np, cfg.baseline_env, cfg.compare_env, comm_launcher(cfg))
     if is_oversubscribed(cfg.np):
         print(f"note: {cfg.np} ranks on {physical_cores()} cores: oversubscribed, flagged in every row", flush=True)
     if cfg.compare_env is not None:
@@ -619,12 +633,16 @@ def run_comm(cfg: CommConfig, out: Path) -> int:
                 if not failed(("A", backend)) and not failed(("B", backend)):
                     compared += setting_ratios(rows, backend, op)
                     print("\n" + format_compare_table(rows, backend, op))
+    network = network_summary(comm_launcher(cfg), cfg.np, link_of_host(comm_launcher(cfg)))
+    if network["link"]:
+        print(link_fractions(rows, network["link"]))
 
     seconds = round(time.perf_counter() - t0, 2)
     result = {"kind": "comm", "started": started.isoformat(timespec="seconds"), "seconds": seconds,
               "config": asdict(cfg) | {"sizes": cfg.sizes}, "cores": physical_cores(),
               "horovod_settings": settings["A"], "harness_horovod_settings": dict(HOROVOD_SETTINGS),
-              "launches": launches, "horovod_vs_mpi4py": ratios, "failures": failures, "rows": rows}
+              "launches": launches, "horovod_vs_mpi4py": ratios, "failures": failures, "network": network,
+              "rows": rows}
     if cfg.compare_env is not None:
         result |= {"compare_horovod_settings": settings["B"], "b_over_a": compared}
     atomic_write_json(out / "environment.json", env_record)
@@ -732,9 +750,18 @@ def comm_main(args: argparse.Namespace) -> int:
                      warmup=_int(args.warmup, "--warmup"), iters=_int(args.iters, "--iters"),
                      rounds=_int(args.rounds, "--rounds"), tensors=_int(args.tensors, "--tensors"),
                      baseline_env=parse_env_setting(args.baseline_env, "--baseline-env") if args.baseline_env else {},
-                     compare_env=parse_env_setting(args.compare_env) if args.compare_env is not None else None)
-    check_local_ranks(cfg.np, 3 * cfg.max_bytes / 2**20, ranks_per_core=args.oversubscribe_limit)
+                     compare_env=parse_env_setting(args.compare_env) if args.compare_env is not None else None,
+                     **host_layout(args))
+    if not cfg.hosts or shares_one_machine(list(cfg.hosts)):  # remote hosts' memory is not this machine's
+        check_local_ranks(cfg.np, 3 * cfg.max_bytes / 2**20, ranks_per_core=args.oversubscribe_limit)
     return run_comm(cfg, results_dir(args.out, "comm"))
+
+
+def host_layout(args: argparse.Namespace) -> dict:
+    """CommConfig's hosts and ranks_per_host from --hosts / --ranks-per-host, checked against --np."""
+    launcher = launcher_from_args(args)
+    check_fits(launcher, [_int(args.np, "--np")])
+    return {"hosts": launcher.hosts, "ranks_per_host": launcher.ranks_per_host, "controller": launcher.controller}
 
 
 def crossover_main(args: argparse.Namespace) -> int:
@@ -771,6 +798,7 @@ def register(sub) -> None:
                    help="variables for setting A (default: the suite's launch environment as it is)")
     p.add_argument("--out", default=None, help="results folder (default results/local/comm-<timestamp>/)")
     add_oversubscribe_flag(p)
+    add_host_flags(p)
     p.set_defaults(func=comm_main)
 
     x = CrossoverConfig.__dataclass_fields__

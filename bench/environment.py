@@ -129,6 +129,7 @@ def capture_environment() -> dict:
         "variables": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
         "shared_memory": shared_memory_record(),
         "launch_settings": launch_settings(_local_launch()),
+        "emulated_cluster": emulated_cluster_record(),
     }
 
 
@@ -148,6 +149,15 @@ def _local_launch() -> dict[str, str]:
     """The environment bench.launch gives local ranks (two of them) from this process's."""
     from bench.launch import mpi_environment
     return mpi_environment(2)
+
+
+def emulated_cluster_record() -> dict | None:
+    """The emulated cluster of slurm/cluster.sh running on this machine (hosts, subnet, the shaping it was started
+    with), or None: a result measured across its hosts says so in its environment too."""
+    from bench.hosts import emulated_cluster
+    cluster = emulated_cluster()
+    return None if cluster is None else {"hosts": list(cluster.hosts), "subnet": cluster.subnet,
+                                         "interface": cluster.interface, "link_rate": cluster.link_rate}
 
 
 def register(sub) -> None:

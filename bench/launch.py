@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -119,16 +121,63 @@ class Launcher:
     """mpirun, or srun (Slurm's launcher; needs an MPI built with PMIx support, as Debian's is)."""
     single_host: bool = True
     """All ranks on this host: sockets stay on loopback and oversubscription is allowed (and flagged)."""
+    hosts: tuple[str, ...] = ()
+    """Hosts to place ranks on (mpirun -H), ranks_per_host to each, the first hosts first; empty: this host, or
+    the allocation's hosts inside one (bench.hosts builds launchers over hosts)."""
+    ranks_per_host: int = 1
+    """Ranks on each of `hosts`."""
+    agent: str = ""
+    """Open MPI's remote launch agent (plm_rsh_agent) instead of ssh; mpirun itself then runs on the first host
+    through it, so the daemons it starts can call back (the emulated cluster of slurm/cluster.sh)."""
+    tcp_subnet: str = ""
+    """Confine Open MPI's TCP traffic (ranks and daemons) to this subnet (CIDR); empty: Open MPI's choice."""
+    interface: str = ""
+    """The interface Gloo (Horovod's and torch's) uses between hosts; empty: Gloo's choice."""
+    controller: str = "mpi"
+    """Horovod's controller and CPU collectives: mpi, or gloo (rank 0 serves Horovod's rendezvous; mpirun only)."""
 
     def command(self, np: int, argv: list[str]) -> list[str]:
+        if self.controller == "gloo":
+            if self.kind != "mpirun":
+                raise ValueError("Horovod's Gloo controller is launched with mpirun only (it reads mpirun's ranks)")
+            from bench.gloo_rendezvous import wrap
+            used = self.hosts_for(np)
+            placed = {h: min(self.ranks_per_host, np - i * self.ranks_per_host) for i, h in enumerate(used)}
+            argv = wrap(argv, placed or {socket.gethostname(): np}, used[0] if used else "127.0.0.1")
         if self.kind == "srun":
             return ["srun", "--mpi=pmix", f"--ntasks={np}", *argv]
-        if self.kind == "mpirun":
-            return mpirun_command(np, argv, single_host=self.single_host)
-        raise ValueError(f"unknown launcher {self.kind!r}: use mpirun or srun")
+        if self.kind != "mpirun":
+            raise ValueError(f"unknown launcher {self.kind!r}: use mpirun or srun")
+        cmd = mpirun_command(np, argv, single_host=self.single_host)
+        if not self.hosts:
+            return cmd
+        used = self.hosts_for(np)
+        if np > len(used) * self.ranks_per_host:
+            raise ValueError(f"np={np} does not fit on {len(self.hosts)} host(s) x {self.ranks_per_host} ranks")
+        cmd[1:1] = ["-H", ",".join(f"{h}:{self.ranks_per_host}" for h in used)]
+        if not self.agent:
+            return cmd
+        cmd[1:1] = ["--mca", "plm_rsh_agent", self.agent]
+        # The agent joins its words for a shell, as ssh does: one quoted word keeps the argv intact.
+        return [self.agent, used[0], shlex.join(cmd)]
+
+    def hosts_for(self, np: int) -> tuple[str, ...]:
+        """The hosts a launch of np ranks uses: the first ceil(np / ranks_per_host) of `hosts`."""
+        return self.hosts[:-(-np // self.ranks_per_host)]
 
     def environment(self, np: int, base: dict[str, str] | None = None) -> dict[str, str]:
-        return mpi_environment(np, base, single_host=self.single_host)
+        env = mpi_environment(np, base, single_host=self.single_host)
+        if self.tcp_subnet:
+            # By subnet, not interface name: Open MPI compares names across hosts ("unreachable proc" otherwise).
+            env["OMPI_MCA_btl_tcp_if_include"] = env["OMPI_MCA_oob_tcp_if_include"] = self.tcp_subnet
+        if self.hosts or self.tcp_subnet:
+            # One TCP connection per peer carries both directions: the rendezvous replies of one rank queue behind
+            # its own bulk data, and at P=2 over a 1 Gbit/s link allreduce/allgather reached 0.5-0.65 of the link;
+            # four connections per peer: 0.75-0.95 (interleaved comm runs on a loaded 2-core machine).
+            env.setdefault("OMPI_MCA_btl_tcp_links", "4")
+        if self.interface:
+            env["HOROVOD_GLOO_IFACE"] = env["GLOO_SOCKET_IFNAME"] = self.interface
+        return env
 
 
 LOCAL = Launcher()

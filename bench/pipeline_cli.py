@@ -13,7 +13,8 @@ from dataclasses import replace
 from bench.capacity import add_oversubscribe_flag, check_launch, rank_floor_mib, this_host
 from bench.config import MODES
 from bench.errors import UsageError
-from bench.launch import json_after, python_module_argv, run_ranks, threads_per_rank
+from bench.hosts import add_host_flags, check_fits, launcher_from_args, shares_one_machine
+from bench.launch import LOCAL, Launcher, json_after, python_module_argv, run_ranks, threads_per_rank
 
 RESULT_PREFIX = "ALURE_PIPELINE_RESULT "
 
@@ -32,10 +33,11 @@ def run_local(preset_name: str, seed: int | None) -> dict:
     return run_pipeline(workload(preset_name, seed), LocalExchange())
 
 
-def run_distributed(np_: int, preset_name: str, seed: int | None, mode: str, timeout_s: float) -> dict:
+def run_distributed(np_: int, preset_name: str, seed: int | None, mode: str, timeout_s: float,
+                    launcher: Launcher = LOCAL) -> dict:
     argv = python_module_argv("bench.pipeline_cli", "--rank-entry", "--preset", preset_name, "--mode", mode,
                               *(["--seed", str(seed)] if seed is not None else []))
-    run = run_ranks(np_, argv, timeout_s=timeout_s)
+    run = run_ranks(np_, argv, timeout_s=timeout_s, launcher=launcher)
     results = json_after(run.stdout, RESULT_PREFIX)
     if run.timed_out:
         raise UsageError(f"the pipeline on {np_} ranks ran past {timeout_s:g} s: raise --timeout")
@@ -75,12 +77,15 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     if args.np < 1:
         raise UsageError(f"--np must be at least 1 (got {args.np})")
     config = workload(args.preset, args.seed)  # a bad preset fails here, before any rank starts
-    check_launch(args.np, rank_floor_mib(config), this_host(), flag="--np", ranks_per_core=args.oversubscribe_limit,
-                 what=f", preset {args.preset}")
-    if args.np == 1:
+    launcher = launcher_from_args(args)
+    check_fits(launcher, [args.np])
+    if not launcher.hosts or shares_one_machine(list(launcher.hosts)):  # remote hosts' memory is not ours
+        check_launch(args.np, rank_floor_mib(config), this_host(), flag="--np",
+                     ranks_per_core=args.oversubscribe_limit, what=f", preset {args.preset}")
+    if args.np == 1 and not launcher.hosts:
         result = run_local(args.preset, args.seed)
     else:
-        result = run_distributed(args.np, args.preset, args.seed, args.mode, args.timeout)
+        result = run_distributed(args.np, args.preset, args.seed, args.mode, args.timeout, launcher)
     print(json.dumps(result, indent=2) if args.json else format_result(result, args.np, args.mode))
     return 0
 
@@ -95,6 +100,7 @@ def register(sub) -> None:
     p.add_argument("--timeout", type=float, default=1800, help="seconds before a multi-rank run is killed")
     add_oversubscribe_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (DESIGN.md names)")
+    add_host_flags(p)
     p.add_argument("--rank-entry", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_pipeline)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from bench.config import PointConfig, SweepConfig
 from bench.environment import REPO
 from bench.errors import UsageError
-from bench.launch import Launcher
+from bench.hosts import allocation_launcher
 from bench.results import STATUSES, atomic_write_json, atomic_write_text, point_path, read_record
 from bench.sweep import (SWEEP_FILE, SweepInterrupted, existing_ok, load_sweep_config, progress_line, run_point,
                          sigterm_interrupts)
@@ -470,7 +470,7 @@ def run_task(sweep_dir: Path, np: int, index: int, launcher: str, out=sys.stdout
     write_task_note(sweep_dir, point, index, "running", started_at)
     try:
         with sigterm_interrupts():
-            record, seconds = run_point(point, sweep_dir, Launcher(kind=launcher, single_host=False))
+            record, seconds = run_point(point, sweep_dir, allocation_launcher(launcher))
     except (SweepInterrupted, KeyboardInterrupt) as err:
         write_task_note(sweep_dir, point, index, f"was stopped ({err or 'interrupt'})", started_at)
         print(f"{describe(point)}: stopped ({err or 'interrupt'}); no record written", file=out, flush=True)

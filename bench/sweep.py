@@ -122,7 +122,8 @@ def load_sweep_config(sweep_dir: Path) -> SweepConfig:
         raise UsageError(f"{path} is not valid JSON ({err.msg}): restore it or start a new sweep") from None
 
 
-def run_sweep(config: SweepConfig, sweep_dir: Path, *, resume: bool = False, out=sys.stdout) -> list[dict]:
+def run_sweep(config: SweepConfig, sweep_dir: Path, *, resume: bool = False, out=sys.stdout,
+              launcher: Launcher = LOCAL) -> list[dict]:
     """Run every point of the plan (with `resume`, only those without an ok record); return all records."""
     plan = config.plan()
     todo = [p for p in plan if not (resume and existing_ok(sweep_dir, p))]
@@ -136,7 +137,7 @@ def run_sweep(config: SweepConfig, sweep_dir: Path, *, resume: bool = False, out
     start = time.perf_counter()
     with sigterm_interrupts():
         for i, point in enumerate(todo, 1):
-            record, seconds = run_point(point, sweep_dir)
+            record, seconds = run_point(point, sweep_dir, launcher)
             print(progress_line(i, len(todo), point, record, seconds), file=out, flush=True)
     print(f"{len(todo)} points in {time.perf_counter() - start:.0f} s", file=out)
     return [read_record(point_path(sweep_dir, p.point_id)) for p in plan

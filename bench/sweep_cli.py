@@ -12,6 +12,8 @@ from bench.config import SweepConfig
 from bench.errors import UsageError
 from bench.folder_lock import exclusive_writer
 from bench.interrupts import INTERRUPTED_EXIT_CODE, signals_ignored
+from bench.launch import LOCAL, Launcher
+from bench.hosts import add_host_flags, check_fits, launcher_from_args, load_layout, save_layout, shares_one_machine
 from bench.report import efficiency_table, write_report
 from bench.results import ensure_writable
 from bench.sweep import load_sweep_config, run_sweep, start_sweep
@@ -117,13 +119,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.resume:
         sweep_dir = Path(args.resume)
         config = load_sweep_config(sweep_dir)
+        launcher = load_layout(sweep_dir)
     else:
         config = sweep_config_from_args(args)
+        launcher = launcher_from_args(args)
         sweep_dir = Path(args.out) if args.out else default_out(config.name)
-    check_sweep(config, flag="--nps", ranks_per_core=args.oversubscribe_limit)
+    check_launchable(config, launcher, "--nps", args.oversubscribe_limit)
     print(f"sweep {sweep_dir}: {len(config.plan())} points, preset {config.preset}, np {config.nps}, "
           f"modes {', '.join(config.modes)}, {', '.join(config.scalings)} scaling")
-    df = run_locked(config, sweep_dir, resume=bool(args.resume))
+    df = run_locked(config, sweep_dir, resume=bool(args.resume), launcher=launcher)
     if df is None:
         return INTERRUPTED_EXIT_CODE
     print(efficiency_table(df))
@@ -135,9 +139,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     """One point: a one-point sweep, so its record and report are those of any sweep."""
     config = sweep_config_from_args(args, nps=sorted({1, args.np}) if args.with_baseline else [args.np],
                                     modes=[args.mode], scalings=[args.scaling], name="run")
-    check_sweep(config, flag="--np", ranks_per_core=args.oversubscribe_limit)
+    launcher = launcher_from_args(args)
+    check_launchable(config, launcher, "--np", args.oversubscribe_limit)
     sweep_dir = Path(args.out) if args.out else default_out("run")
-    df = run_locked(config, sweep_dir, resume=False)
+    df = run_locked(config, sweep_dir, resume=False, launcher=launcher)
     if df is None:
         return INTERRUPTED_EXIT_CODE
     print(efficiency_table(df))
@@ -145,15 +150,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if (df["status"] == "ok").all() else 1
 
 
-def run_locked(config: SweepConfig, sweep_dir: Path, *, resume: bool):
+def check_launchable(config: SweepConfig, launcher: Launcher, flag: str, ranks_per_core: int) -> None:
+    """Refuse, in one line and before anything starts, what cannot run: more ranks than the hosts' slots, or (where
+    every rank runs on this machine, emulated hosts included) more than its memory and cores can take. The memory
+    of real remote hosts is not this machine's to judge."""
+    check_fits(launcher, config.nps)
+    if not launcher.hosts or shares_one_machine(list(launcher.hosts)):
+        check_sweep(config, flag=flag, ranks_per_core=ranks_per_core)
+
+
+def run_locked(config: SweepConfig, sweep_dir: Path, *, resume: bool, launcher: Launcher = LOCAL):
     """Run the sweep as the folder's only writer; its summary table, or None if it was interrupted (the finished
     points kept and reported)."""
     ensure_writable(sweep_dir)
     with exclusive_writer(sweep_dir):
         if not resume:
             start_sweep(config, sweep_dir)
+            save_layout(sweep_dir, launcher)
         try:
-            run_sweep(config, sweep_dir, resume=resume)
+            run_sweep(config, sweep_dir, resume=resume, launcher=launcher)
         except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP (bench.interrupts)
             with signals_ignored():  # the report of what finished is written whole
                 if any((sweep_dir / "points").glob("*.json")):
@@ -178,6 +193,7 @@ def register(sub) -> None:
     sweep = sub.add_parser("sweep", help="run a plan of points (scaling x mode x np x repeats) locally; write the "
                                          "results folder and print the efficiency table")
     add_plan_flags(sweep, out_help="results folder (default results/local/<name>-<time>)")
+    add_host_flags(sweep)
     sweep.add_argument("--resume", metavar="DIR", help="continue the sweep in DIR: rerun only points without an "
                                                        "ok record")
     sweep.set_defaults(func=cmd_sweep)
@@ -190,6 +206,7 @@ def register(sub) -> None:
     run.add_argument("--with-baseline", action="store_true", help="also measure np=1, for the efficiency")
     run.add_argument("--out", metavar="DIR", help="results folder (default results/local/run-<time>)")
     add_shared_flags(run)
+    add_host_flags(run)
     run.set_defaults(func=cmd_run, config=None)
 
     report = sub.add_parser("report", help="rebuild summary.csv, report.md and plots from a results folder")

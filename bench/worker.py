@@ -20,7 +20,8 @@ from bench.memory import (PeakProbe, apply_mem_limit, apply_training_mem_limit, 
                           rss_mib)
 from bench.results import SCHEMA_VERSION, write_record
 from bench.scaling import PHASES, rank_skew, slowest_rank_per_step, spread, throughput_samples_per_s
-from bench.launch import physical_cores
+from bench.hosts import link_as_configured, network_of_ranks, shares_one_machine
+from bench.launch import is_oversubscribed, physical_cores
 
 RANK_ERROR_MARKER = "ALURE_BENCH_RANK_ERROR"
 """Prefix of the one stderr line a failing rank leaves for the sweep to classify the failure."""
@@ -168,13 +169,19 @@ def build_record(point: PointConfig, ranks: list[dict], wall_seconds: float, sta
         "memory_probe_ms": float(np.median([r["memory_probe_ms"] for r in ranks])),
         **{k: max(r["exchange"][k] for r in ranks) for k in EXCHANGE_METRICS},
     }
+    network = network_of_ranks(ranks)
+    # Emulated hosts (slurm/cluster.sh) are namespaces of this one machine: their ranks time-share its cores.
+    shared = network["transport"] == "tcp" and shares_one_machine(network["hosts"])
     return {
         "schema_version": SCHEMA_VERSION, "point_id": point.point_id, "point": point.as_dict(), "status": "ok",
         "reason": None, "started_at": started_at, "wall_seconds": wall_seconds,
-        "oversubscribed": hosts_oversubscribed(ranks), "np": point.np,
+        "oversubscribed": hosts_oversubscribed(ranks) or (shared and is_oversubscribed(point.np)), "np": point.np,
         "threads_per_rank": point.threads_per_rank,
         "batch_per_rank": per_rank, "global_batch": global_batch,
-        "hosts": sorted({r["host"] for r in ranks}),
+        **network,  # hosts, ranks_per_host, transport
+        "horovod_controller": os.environ.get("HOROVOD_CONTROLLER", "mpi"),
+        # This host's egress as tc has it (the emulated cluster shapes every host alike); only between hosts.
+        "link": link_as_configured() if network["transport"] == "tcp" else None,
         "step_time_ms_slowest_rank": slowest.tolist(), "metrics": metrics, "ranks": ranks,
     }
 

@@ -4,6 +4,7 @@
 #   bash slurm/local_cluster.sh start    # install (if needed), configure, start, wait until the node is idle
 #   bash slurm/local_cluster.sh stop     # cancel its jobs, stop the daemons this script started (safe when nothing runs)
 #   bash slurm/local_cluster.sh status   # print sinfo; exit 0 only if the node is idle/mixed/allocated
+#   bash slurm/local_cluster.sh prepare  # install the packages and start munged only (for slurm/cluster_slurm.sh)
 #
 # Env: ALURE_SLURM_DIR (default /tmp/alure-slurm) holds all state, spool, log and pid files.
 #      ALURE_SLURM_WAIT (default 30) is how many seconds `start` waits for the node to become idle.
@@ -326,10 +327,19 @@ cmd_status() {
     slurmd_up || die "slurmd on $NODE does not answer (the controller still shows '$state' until SlurmdTimeout); run: bash $0 start"
 }
 
+# Packages and munged only: what slurm/cluster_slurm.sh (Slurm on the emulated cluster) shares with this cluster.
+cmd_prepare() {
+    ((EUID == 0)) || die "must run as root (it installs packages); use: sudo bash $0 prepare"
+    mkdir -p "$LOG_DIR" "$RUN_DIR"
+    install_packages
+    start_munge
+}
+
 CMD="${1:-}"
 case "$CMD" in
     start) cmd_start ;;
+    prepare) cmd_prepare ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
-    *) echo "usage: bash $0 start|stop|status" >&2; exit 2 ;;
+    *) echo "usage: bash $0 start|stop|status|prepare" >&2; exit 2 ;;
 esac

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Record results/reference-cluster/: the suite on the emulated cluster of slurm/cluster.sh, one rank per host, at
+# two link rates. Run from the repository on a quiet machine, as root, after `make setup`:
+#
+#   bash slurm/reference_cluster.sh [OUT]        # OUT defaults to results/reference-cluster
+#
+# For each link rate (1gbit, 10gbit), on 4 emulated hosts:
+#   - a sweep at np 1, 2 and 4 (np 1: node1 alone, the efficiency baseline; np 2: node1-node2; np 4: node1-node4),
+#     weak and strong scaling, every exchange mode the suite has (bench.config.MODES), 3 interleaved repeats;
+#   - comm across 2 hosts (np 2) and across 4 hosts (np 4): mpi4py and Horovod, allreduce, allgather and
+#     sparse-pair, 1 KiB to 16 MiB.
+# Output: OUT/<rate>/sweep/ (summary.csv, report.md, plots, records), OUT/<rate>/comm-np2/ and comm-np4/.
+# 4 hosts time-share this machine's 2 cores: np 4 is oversubscribed and flagged as everywhere else.
+# The cluster is stopped at the end, also when a step fails or the script is interrupted.
+#
+# Estimated run time on the 2-core reference machine: ~95 points per rate at 10-35 s each (a dense-reduce step moves
+# 79 MiB per rank, ~0.7-1 s at 1 Gbit/s) plus ~5 min of comm per rate: about 1.5 hours in all.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(dirname "$HERE")"
+OUT="${1:-$REPO/results/reference-cluster}"
+BENCH="$REPO/.venv/bin/alure-bench"
+RATES=(1gbit 10gbit)
+HOSTS=node1,node2,node3,node4
+
+[[ -x "$BENCH" ]] || { echo "reference_cluster.sh: $BENCH missing: run make setup first" >&2; exit 1; }
+[[ ! -e "$OUT" ]] || { echo "reference_cluster.sh: $OUT exists: move it away or give another folder" >&2; exit 1; }
+trap 'bash "$HERE/cluster.sh" stop >/dev/null 2>&1 || true' EXIT
+MODES=$("$REPO/.venv/bin/python" -c "from bench.config import MODES; print(','.join(MODES))")
+cd "$REPO"
+for rate in "${RATES[@]}"; do
+    bash "$HERE/cluster.sh" start --hosts 4 --link-rate "$rate"
+    mkdir -p "$OUT/$rate"
+    "$BENCH" sweep --name "reference-cluster-$rate" --preset default --hosts "$HOSTS" --ranks-per-host 1 \
+        --nps 1,2,4 --scalings weak,strong --modes "$MODES" --repeats 3 --steps 20 --warmup 3 --threads 1 --global-batch 384 \
+        --out "$OUT/$rate/sweep" || echo "reference_cluster.sh: some sweep points at $rate are not ok (see report.md)"
+    for np in 2 4; do
+        "$BENCH" comm --hosts "$HOSTS" --ranks-per-host 1 --np "$np" --backends mpi4py,horovod \
+            --ops allreduce,allgather,sparse-pair --min-bytes 1K --max-bytes 16M --iters 20 --rounds 2 \
+            --out "$OUT/$rate/comm-np$np"
+    done
+done
+echo "reference_cluster.sh: wrote $OUT"
