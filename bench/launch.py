@@ -144,11 +144,12 @@ class Launcher:
             used = self.hosts_for(np)
             placed = {h: min(self.ranks_per_host, np - i * self.ranks_per_host) for i, h in enumerate(used)}
             argv = wrap(argv, placed or {socket.gethostname(): np}, used[0] if used else "127.0.0.1")
-        if self.kind == "srun":
+        if self.kind == "srun":  # srun's ranks live under slurmstepd, which ends them with the step
             return ["srun", "--mpi=pmix", f"--ntasks={np}", *argv]
         if self.kind != "mpirun":
             raise ValueError(f"unknown launcher {self.kind!r}: use mpirun or srun")
-        cmd = mpirun_command(np, argv, single_host=self.single_host)
+        # Outermost, so that whatever the rank runs (a Gloo wrap included) dies with mpirun: bench.lifetime.
+        cmd = mpirun_command(np, lifetime.guarded_argv(argv), single_host=self.single_host)
         if not self.hosts:
             return cmd
         used = self.hosts_for(np)
@@ -222,8 +223,6 @@ def run_ranks(np: int, argv: list[str], *, timeout_s: float | None = None, env: 
               cwd: str | None = None, launcher: Launcher = LOCAL) -> RankRun:
     """Run `argv` on `np` ranks. However the launch ends (done, timeout, Ctrl-C or SIGTERM here, this process
     killed, mpirun dying mid-spawn), none of its processes outlives it: see bench.lifetime."""
-    if launcher.kind == "mpirun":
-        argv = lifetime.guarded_argv(argv)  # srun's ranks live under slurmstepd, which ends them with the step
     cmd = launcher.command(np, argv)
     launch_env, launch_id = lifetime.tag_environment(launcher.environment(np, env))
     start = time.perf_counter()

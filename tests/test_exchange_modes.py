@@ -48,13 +48,20 @@ def trained(tmp_path_factory):
 def test_modes_end_with_the_same_weights_on_every_rank(trained):
     out, runs = trained
     reference = torch.load(out / "sparse-gather-rank0.pt")
+    initial = torch.load(out / "initial-rank0.pt")
     for mode in MODES:
         for rank in (0, 1):
             state = torch.load(out / f"{mode}-rank{rank}.pt")
             for name, tensor in reference.items():
-                torch.testing.assert_close(state[name], tensor, rtol=0, atol=1e-5, msg=f"{mode} rank {rank} {name}")
+                # Compared on what training changed. Modes sum a row's gradient in other orders (coalesce, scatter-add
+                # then allreduce), and Adagrad divides by the root of the summed squares, so an element whose gradient
+                # nearly cancels carries its round-off into its update: one element of the tiny world's tables moved
+                # 1.2e-5 apart out of a 0.029 move. 1e-5 plus 1e-3 of the move still fails any real difference
+                # (a missing row, a wrong average, a double-counted duplicate move elements by their whole size), per element.
+                moved = tensor - initial[name]
+                off = (state[name] - tensor).abs() - (1e-5 + 1e-3 * moved.abs())
+                assert float(off.max()) <= 0, f"{mode} rank {rank} {name}: {float((state[name] - tensor).abs().max())}"
     # Agreement must not be the trivial kind: training moved the tables away from where they started.
-    initial = torch.load(out / "initial-rank0.pt")
     moved = max((reference[k] - initial[k]).abs().max().item() for k in reference if "items" in k)
     assert moved > 1e-3
 
