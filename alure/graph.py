@@ -25,11 +25,10 @@ import torch
 from alure.data import ranges, shard
 from alure.exchange import Exchange
 from alure.refresh import EmbeddingStore, dequantize
+from alure.stages import GRAPH_STRATEGIES
 
 EDGE_TEMPERATURE = 0.05
 """Softmax temperature of edge weights over cosine similarities: the closest neighbours count most."""
-GRAPH_STRATEGIES = ("replicate", "ring")
-"""How the ranks share the embeddings for the exact k-NN (see the module docstring)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -144,14 +143,17 @@ def ring_neighbors(local: EmbeddingStore, users: int, k: int, chunk: int, exchan
     return LocalGraph(users=mine, neighbors=neighbors, similarity=similarity)
 
 
+def check_strategy(strategy: str) -> None:
+    if strategy not in GRAPH_STRATEGIES:
+        raise ValueError(f"unknown graph strategy {strategy!r}: use one of {', '.join(GRAPH_STRATEGIES)}")
+
+
 def local_graph(local: EmbeddingStore, users: int, k: int, chunk: int, exchange: Exchange,
                 strategy: str) -> LocalGraph:
     """This rank's rows of the exact k-NN graph, by `strategy` (one of GRAPH_STRATEGIES)."""
-    if strategy == "replicate":
-        return replicate_neighbors(local, users, k, chunk, exchange)
-    if strategy == "ring":
-        return ring_neighbors(local, users, k, chunk, exchange)
-    raise ValueError(f"unknown graph strategy {strategy!r}: use one of {', '.join(GRAPH_STRATEGIES)}")
+    check_strategy(strategy)
+    search = replicate_neighbors if strategy == "replicate" else ring_neighbors
+    return search(local, users, k, chunk, exchange)
 
 
 def gather_graph(local: LocalGraph, exchange: Exchange) -> UserGraph:

@@ -14,16 +14,13 @@ import numpy as np
 from alure.config import WorkloadConfig
 from alure.data import World, build_world
 from alure.exchange import Exchange
-from alure.graph import GRAPH_STRATEGIES, LocalGraph, UserGraph, gather_graph, local_graph, same_community
+from alure.graph import LocalGraph, check_strategy, UserGraph, gather_graph, local_graph, same_community
 from alure.model import UserEncoder
 from alure.refresh import EmbeddingStore, refresh_local
 from alure.retrieval import evaluate
+from alure.stages import DEFAULT_GRAPH_STRATEGY
 from alure.train import train
 
-STAGES = ("train", "refresh", "graph", "retrieval")
-"""The pipeline's stages, in order."""
-DEFAULT_GRAPH_STRATEGY = "ring"
-"""ring: memory per rank falls with the ranks; the answer is the same as replicate's."""
 
 
 @contextmanager
@@ -56,12 +53,12 @@ def neighbor_precision_sharded(graph: LocalGraph, community: np.ndarray, exchang
     return float(total[0] / total[1])
 
 
-def run_pipeline(config: WorkloadConfig, exchange: Exchange, graph_strategy: str = DEFAULT_GRAPH_STRATEGY) -> dict:
+def run_pipeline(config: WorkloadConfig, exchange: Exchange,
+                 graph_strategy: str = DEFAULT_GRAPH_STRATEGY) -> dict:
     """Run every stage; keys: loss_start, loss_end, neighbor_precision_at_10, recall_at_<top_k> (per ranking),
     stage_seconds (per stage), gradient_density (rank 0's last step), refresh_bytes (all users, compressed),
     graph_strategy."""
-    if graph_strategy not in GRAPH_STRATEGIES:
-        raise ValueError(f"unknown graph strategy {graph_strategy!r}: use one of {', '.join(GRAPH_STRATEGIES)}")
+    check_strategy(graph_strategy)  # before training, not after it
     seconds: dict[str, float] = {}
     with _timed(seconds, "data"):
         world = build_world(config)

@@ -64,6 +64,12 @@ def add_plan_flags(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--modes", type=str_list, help="sparse-gather,dense-reduce,auto (default the first two)")
     p.add_argument("--scalings", type=str_list, help="weak,strong (default both)")
     p.add_argument("--repeats", type=int, help="repetitions of every point (default 1)")
+    p.add_argument("--stages", type=str_list, help="pipeline stages to measure: train,refresh,graph,retrieval "
+                                                   "(default train; the others scale strongly over the preset's "
+                                                   "users)")
+    p.add_argument("--graph-strategies", type=str_list, help="k-NN strategies of the graph stage: replicate,ring "
+                                                             "(default both)")
+    p.add_argument("--stage-steps", type=int, help="timed repetitions of a stage other than train (default 3)")
     p.add_argument("--name", help="sweep name, the results folder's prefix")
     p.add_argument("--out", metavar="DIR", help=out_help)
     add_shared_flags(p)
@@ -72,7 +78,7 @@ def add_plan_flags(p: argparse.ArgumentParser, out_help: str) -> None:
 def sweep_config_from_args(args: argparse.Namespace, **fixed) -> SweepConfig:
     config = SweepConfig.from_toml(args.config) if getattr(args, "config", None) else SweepConfig()
     changes = {field: getattr(args, flag) for flag, field in SHARED_FLAGS.items() if getattr(args, flag) is not None}
-    for flag in ("nps", "modes", "scalings", "repeats", "name"):
+    for flag in ("nps", "modes", "scalings", "repeats", "name", "stages", "graph_strategies", "stage_steps"):
         if getattr(args, flag, None) is not None:
             changes[flag] = getattr(args, flag)
     if args.overrides:
