@@ -179,8 +179,9 @@ class HorovodExchange:
         following, previous = (self.rank + 1) % self.size, (self.rank - 1) % self.size
         shape, dtype = comm.sendrecv((array.shape, array.dtype.str), dest=following, source=previous)
         incoming = np.empty(shape, dtype=np.dtype(dtype))
-        requests = [comm.Irecv(incoming, source=previous, tag=RING_TAG),
-                    comm.Isend(array, dest=following, tag=RING_TAG)]
+        # As bytes: MPI has no half-precision type, and the receiver knows the dtype already.
+        requests = [comm.Irecv([incoming, MPI.BYTE], source=previous, tag=RING_TAG),
+                    comm.Isend([array, MPI.BYTE], dest=following, tag=RING_TAG)]
         return MpiTransfer(requests, incoming, array)
 
 

@@ -16,7 +16,7 @@ import os
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 import numpy as np
@@ -26,7 +26,7 @@ from bench.launch import physical_cores, threads_per_rank
 from bench.memory import apply_mem_limit, peak_rss_mib
 from bench.results import SCHEMA_VERSION, write_record
 from bench.scaling import rank_skew, slowest_rank_per_step, spread
-from bench.worker import hosts_oversubscribed, report_failure
+from bench.worker import hosts_oversubscribed, report_failure, workload_config
 
 STATUS = "/proc/self/status"
 
@@ -124,13 +124,6 @@ class CountingExchange:
 
 # ---- the stage -----------------------------------------------------------------------------------------------------
 
-def stage_workload(point: PointConfig):
-    """The alure config of a stage point: its preset, overrides and seed (the batch is the preset's: a stage
-    covers every user, however many ranks share them)."""
-    from alure.config import preset
-    return replace(preset(point.preset), **{**point.workload, "seed": point.seed})
-
-
 def prepare_stage(point: PointConfig, exchange):
     """Build the stage's inputs, untimed; return a function that runs the stage once and keeps nothing."""
     import torch
@@ -138,7 +131,7 @@ def prepare_stage(point: PointConfig, exchange):
     from alure.model import UserEncoder
     from alure.pipeline import DEFAULT_GRAPH_STRATEGY, graph_stage, refresh_stage, retrieval_stage
 
-    config = stage_workload(point)
+    config = workload_config(point)
     world = build_world(config)
     torch.manual_seed(config.seed)  # the same initial weights on every rank, as the trainer starts from
     model = UserEncoder(config)
@@ -200,7 +193,7 @@ def build_stage_record(point: PointConfig, ranks: list[dict], wall_seconds: floa
     stage_ms = np.array([r["step_time_ms"] for r in ranks])  # [ranks, repetitions]
     slowest = slowest_rank_per_step(stage_ms)
     stats = spread(slowest)
-    users = stage_workload(point).users
+    users = workload_config(point).users
     exchange = {k: max(r["exchange"][k] for r in ranks) for k in ranks[0]["exchange"]}
     metrics = {
         "step_time_ms": stats["median"], "step_time_ms_p10": stats["p10"], "step_time_ms_p90": stats["p90"],

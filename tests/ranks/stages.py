@@ -25,11 +25,11 @@ world = build_world(config)
 model = UserEncoder(config)
 model.load_state_dict(torch.load(weights))
 record = {"rank": exchange.rank, "size": exchange.size}
+store = refresh_stage(model, world, exchange)
 for strategy in GRAPH_STRATEGIES:
-    store = refresh_stage(model, world, exchange)
     exchange.counters = StageCounters()
     graph = graph_stage(store, config, exchange, strategy)
-    moved = exchange.counters
+    moved, exchange.counters = exchange.counters, StageCounters()
     whole, recall = retrieval_stage(world, graph, exchange)
     if exchange.rank == 0:
         np.savez(out / f"{strategy}-np{exchange.size}.npz", neighbors=whole.neighbors, similarity=whole.similarity)
