@@ -115,7 +115,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         sweep_dir = Path(args.out) if args.out else default_out(config.name)
         start_sweep(config, sweep_dir)
     print(f"sweep {sweep_dir}: {len(config.plan())} points, preset {config.preset}, np {config.nps}, "
-          f"modes {', '.join(config.modes)}, {', '.join(config.scalings)} scaling")
+          f"modes {', '.join(config.modes)}, {', '.join(config.scalings)} scaling"
+          + (f"; stages {', '.join(config.stages)}" if config.stages != ["train"] else ""))
     try:
         run_sweep(config, sweep_dir, resume=bool(args.resume))
     except (KeyboardInterrupt, SweepInterrupted):
