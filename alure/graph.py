@@ -80,11 +80,12 @@ def unit_rows(embeddings: np.ndarray) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(embeddings)), dim=1)
 
 
-def score_block(queries: torch.Tensor, query_ids: torch.Tensor, keys: torch.Tensor, first_key: int,
-                k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def score_block(queries: torch.Tensor, query_ids: torch.Tensor, keys: torch.Tensor, first_key: int, k: int,
+                buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Top min(k, keys) cosine similarities of unit `queries` (users `query_ids`) among unit `keys` (users
-    first_key ..), a user never its own neighbour; returns (similarity, neighbour ids)."""
-    scores = queries @ keys.T
+    first_key ..), a user never its own neighbour; returns (similarity, neighbour ids). The scores are written
+    into `buffer` (at least queries x keys floats)."""
+    scores = torch.matmul(queries, keys.T, out=buffer[:len(queries) * len(keys)].view(len(queries), len(keys)))
     own = (query_ids >= first_key) & (query_ids < first_key + len(keys))
     scores[own.nonzero().squeeze(1), query_ids[own] - first_key] = -torch.inf
     top = scores.topk(min(k, len(keys)), dim=1)
@@ -92,21 +93,29 @@ def score_block(queries: torch.Tensor, query_ids: torch.Tensor, keys: torch.Tens
 
 
 def search_block(topk: RunningTopK, queries: torch.Tensor, users: range, keys: torch.Tensor, first_key: int,
-                 chunk: int, between_chunks=None) -> None:
-    """Score every chunk of `queries` against `keys` into `topk`; `between_chunks()` runs after each chunk."""
+                 chunk: int, buffer: torch.Tensor, between_chunks=None) -> None:
+    """Score every chunk of `queries` against `keys` into `topk`; `between_chunks()` runs after each chunk.
+    One score buffer serves every chunk and block: the peak is one chunk x block of floats, whatever the
+    allocator would have made of a fresh matrix each time."""
     for start in range(0, len(queries), chunk):
         rows = slice(start, min(start + chunk, len(queries)))
         ids = torch.arange(users.start + rows.start, users.start + rows.stop)
-        topk.add(rows, *score_block(queries[rows], ids, keys, first_key, topk.k))
+        topk.add(rows, *score_block(queries[rows], ids, keys, first_key, topk.k, buffer))
         if between_chunks is not None:
             between_chunks()
+
+
+def score_buffer(queries: int, keys: int, chunk: int) -> torch.Tensor:
+    """Room for one chunk of query rows against `keys` keys."""
+    return torch.empty(min(chunk, queries) * keys)
 
 
 def nearest_neighbors(embeddings: np.ndarray, queries: range, k: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine k-NN of users `queries` among all users (a user is not its own neighbour)."""
     keys = unit_rows(embeddings)
     topk = RunningTopK(len(queries), k)
-    search_block(topk, keys[queries.start:queries.stop], queries, keys, 0, chunk)
+    search_block(topk, keys[queries.start:queries.stop], queries, keys, 0, chunk,
+                 score_buffer(len(queries), len(keys), chunk))
     return topk.result()
 
 
@@ -126,6 +135,7 @@ def ring_neighbors(local: EmbeddingStore, users: int, k: int, chunk: int, exchan
     mine = shard(users, rank, size)
     queries = unit_rows(dequantize(local.values, local.scales))
     topk = RunningTopK(len(mine), k)
+    buffer = score_buffer(len(mine), max(len(shard(users, r, size)) for r in range(size)), chunk)
     block = [local.values] + ([] if local.scales is None else [local.scales])
     for step in range(size):
         owner = (rank - step) % size
@@ -136,7 +146,7 @@ def ring_neighbors(local: EmbeddingStore, users: int, k: int, chunk: int, exchan
             for t in transfers:
                 t.test()
         keys = unit_rows(dequantize(block[0], block[1] if len(block) > 1 else None))
-        search_block(topk, queries, mine, keys, shard(users, owner, size).start, chunk, progress)
+        search_block(topk, queries, mine, keys, shard(users, owner, size).start, chunk, buffer, progress)
         del keys
         block = [t.wait() for t in transfers]
     neighbors, similarity = topk.result()

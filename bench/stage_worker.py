@@ -11,6 +11,7 @@ Launched by the sweep as `python -m bench.stage_worker`.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import socket
@@ -41,9 +42,21 @@ def _status_kib(field: str) -> int:
     raise OSError(f"{field} not in {STATUS}")
 
 
+def release_free_heap() -> None:
+    """Give the heap's free memory back to the kernel (glibc's malloc_trim). Without it, what the warm-up freed
+    stays resident (glibc raises its mmap threshold after freeing a large block and keeps later ones on the heap),
+    the next repetition reuses it, and the stage's own peak reads as nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator keeps its own counsel
+        pass
+
+
 def reset_peak() -> float | None:
-    """Reset the kernel's resident high-water mark (VmHWM) to the current resident set, and return that in MiB;
-    None where the kernel refuses (not Linux, or /proc/self/clear_refs not writable)."""
+    """Return free heap memory to the kernel, reset the kernel's resident high-water mark (VmHWM) to the current
+    resident set, and return that in MiB; None where the kernel refuses (not Linux, or /proc/self/clear_refs not
+    writable)."""
+    release_free_heap()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

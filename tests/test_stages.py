@@ -159,21 +159,21 @@ def test_a_sweep_of_every_stage_records_and_reports_each(tmp_path):
 
 @pytest.mark.mpi
 def test_ring_peak_memory_per_rank_falls_with_p_and_replicate_does_not(tmp_path):
-    """The graph stage's own peak (the high-water mark reset before it) at P = 1, 2, 3. With 8,000 users and
+    """The graph stage's own peak (the high-water mark reset before it) at P = 1, 2, 3. With 12,000 users and
     blocks of 2,048 query users (fewer than any rank's users) the scores dominate: replicate holds chunk x all
-    users (62 MiB of float32) at every P, ring chunk x users / P. Refresh batches of 256 keep the untimed input
-    quick."""
+    users (94 MiB of float32) at every P, ring chunk x users / P (47 and 31 MiB at P = 2 and 3; the rest of a
+    rank's peak varies by a few MiB). Refresh batches of 256 keep the untimed input quick."""
     out = tmp_path / "memory"
     run = subprocess.run([*CLI, "sweep", "--preset", "tiny", "--stages", "graph", "--nps", "1,2,3",
-                          "--set", "users=8000", "--set", "graph_chunk=2048", "--set", "batch_size=256",
+                          "--set", "users=12000", "--set", "graph_chunk=2048", "--set", "batch_size=256",
                           "--stage-steps", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     df = pd.read_csv(out / "summary.csv")
     peak = {(g, n): v for g, n, v in zip(df["graph_strategy"], df["np"], df["rss_growth_mib"])}
     assert (df["memory_probe"] == "VmHWM reset before each repetition").all()
-    assert peak[("replicate", 1)] > 40
-    assert peak[("ring", 2)] < 0.7 * peak[("ring", 1)]
-    assert peak[("ring", 3)] < 0.85 * peak[("ring", 2)]
+    assert peak[("replicate", 1)] > 60
+    assert peak[("ring", 3)] < peak[("ring", 2)] < 0.7 * peak[("ring", 1)]
+    assert peak[("ring", 3)] < 0.55 * peak[("ring", 1)]
     assert peak[("replicate", 2)] > 0.8 * peak[("replicate", 1)]
     assert peak[("replicate", 3)] > 0.8 * peak[("replicate", 1)]
     assert peak[("ring", 3)] < 0.6 * peak[("replicate", 3)]
