@@ -44,6 +44,39 @@ class Exchange(Protocol):
     def barrier(self) -> None:
         """Block until every rank has arrived."""
 
+    def start_ring_shift(self, array: np.ndarray) -> Transfer:
+        """Start sending `array` to the next rank (rank + 1, wrapping) and receiving the previous rank's array
+        (its shape may differ in axis 0 only; dtype and the other axes must agree). Returns at once: the caller
+        works on while the bytes travel, then `wait`s. `array` must not be changed until then."""
+
+
+class Transfer(Protocol):
+    """A point-to-point transfer in flight."""
+
+    def test(self) -> bool:
+        """Let the transfer progress (MPI moves large messages only while some MPI call runs); True once done."""
+
+    def wait(self) -> np.ndarray:
+        """Block until the transfer is done; return the array received."""
+
+
+class Arrived:
+    """A transfer that was complete when it started (a ring of one rank hands its array to itself)."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def test(self) -> bool:
+        return True
+
+    def wait(self) -> np.ndarray:
+        return self.array
+
+
+def ring_shift(exchange: Exchange, array: np.ndarray) -> np.ndarray:
+    """Blocking ring shift: send `array` to rank + 1, return rank - 1's."""
+    return exchange.start_ring_shift(array).wait()
+
 
 class LocalExchange:
     """One process, nothing to exchange: the identity for every collective."""
@@ -74,3 +107,6 @@ class LocalExchange:
 
     def barrier(self):
         pass
+
+    def start_ring_shift(self, array):
+        return Arrived(np.asarray(array))

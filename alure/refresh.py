@@ -1,7 +1,8 @@
 """The asynchronous embedding refresh: batch inference over all users, sharded across ranks, stored compressed.
 
-Each rank encodes a contiguous block of users, compresses the embeddings (fp16, or int8 with a per-row scale) and
-the ranks allgather the compressed blocks, so that what travels and what is kept is the compressed form.
+Each rank encodes a contiguous block of users and compresses the embeddings (fp16, or int8 with a per-row scale);
+the block stays on its rank (`refresh_local`) unless someone needs the whole store (`gather_store`), and then
+what travels and what is kept is the compressed form.
 """
 from __future__ import annotations
 
@@ -33,8 +34,13 @@ class EmbeddingStore:
 
     def dequantize(self) -> np.ndarray:
         """(users, dim) float32."""
-        values = self.values.astype(np.float32)
-        return values if self.scales is None else values * self.scales[:, None]
+        return dequantize(self.values, self.scales)
+
+
+def dequantize(values: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
+    """Compressed rows (fp16, or int8 with a per-row scale) as (rows, dim) float32."""
+    values = values.astype(np.float32)
+    return values if scales is None else values * scales[:, None]
 
 
 def compress(user_ids: np.ndarray, embeddings: np.ndarray, dtype: str) -> EmbeddingStore:
@@ -54,13 +60,22 @@ def encode_users(model: UserEncoder, world: World, users: np.ndarray, batch_size
     return np.concatenate(parts) if parts else np.zeros((0, world.config.dim), dtype=np.float32)
 
 
-def refresh(model: UserEncoder, world: World, exchange: Exchange) -> EmbeddingStore:
-    """Every user's compressed embedding, on every rank; each rank encodes only its own block of users."""
+def refresh_local(model: UserEncoder, world: World, exchange: Exchange) -> EmbeddingStore:
+    """This rank's own block of users (`shard`), encoded and compressed; nothing crosses ranks."""
     config = world.config
     mine = np.arange(config.users)[shard(config.users, exchange.rank, exchange.size)]
-    local = compress(mine, encode_users(model, world, mine, config.batch_size), config.refresh_dtype)
+    return compress(mine, encode_users(model, world, mine, config.batch_size), config.refresh_dtype)
+
+
+def gather_store(local: EmbeddingStore, exchange: Exchange) -> EmbeddingStore:
+    """Every rank's block of the store, on every rank, in user order: the compressed form is what travels."""
     gathered = EmbeddingStore(
         user_ids=exchange.allgather_array(local.user_ids), values=exchange.allgather_array(local.values),
         scales=None if local.scales is None else exchange.allgather_array(local.scales))
-    assert np.array_equal(gathered.user_ids, np.arange(config.users)), "shards must come back in user order"
+    assert np.array_equal(gathered.user_ids, np.arange(len(gathered.user_ids))), "shards must come back in order"
     return gathered
+
+
+def refresh(model: UserEncoder, world: World, exchange: Exchange) -> EmbeddingStore:
+    """Every user's compressed embedding, on every rank; each rank encodes only its own block of users."""
+    return gather_store(refresh_local(model, world, exchange), exchange)

@@ -8,6 +8,7 @@ import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
+from alure.stages import GRAPH_STRATEGIES, STAGES
 from bench.errors import UsageError
 
 SCALINGS = ("weak", "strong")
@@ -52,11 +53,19 @@ class RunSettings:
     """Seed of the synthetic data and the initial weights."""
     workload: dict = field(default_factory=dict)
     """Overrides of alure.config.WorkloadConfig fields (e.g. sampled_negatives, zipf_exponent)."""
+    stage_steps: int = 3
+    """Timed repetitions of a whole stage at a point of a stage other than train (each is many training steps
+    long)."""
+    stage_warmup_steps: int = 1
+    """Untimed repetitions of the stage before those."""
 
     def __post_init__(self):
         if self.steps < 1:
             raise UsageError(f"steps must be at least 1 (got {self.steps})")
-        for name in ("warmup_steps", "batch_per_rank", "global_batch", "mem_limit_mib", "train_mem_limit_mib"):
+        if self.stage_steps < 1:
+            raise UsageError(f"stage_steps must be at least 1 (got {self.stage_steps})")
+        for name in ("warmup_steps", "batch_per_rank", "global_batch", "mem_limit_mib", "train_mem_limit_mib",
+                     "stage_warmup_steps"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must not be negative (got {getattr(self, name)})")
         if self.mem_limit_mib and self.train_mem_limit_mib:
@@ -89,6 +98,10 @@ class PointConfig(RunSettings):
     """MPI process count."""
     repeat: int = 0
     """Index of this repetition of the same point (repeats give the noise band)."""
+    stage: str = "train"
+    """The pipeline stage timed: train (a training step), refresh, graph or retrieval (the whole stage)."""
+    graph_strategy: str = ""
+    """For stage graph: how ranks share the embeddings, replicate or ring; empty for the other stages."""
 
     def __post_init__(self):
         RunSettings.__post_init__(self)  # zero-argument super() does not work in a slots dataclass
@@ -100,13 +113,22 @@ class PointConfig(RunSettings):
             raise UsageError(f"np must be at least 1 (got {self.np})")
         if self.repeat < 0:
             raise UsageError(f"repeat must not be negative (got {self.repeat})")
+        if self.stage not in STAGES:
+            raise UsageError(f"unknown stage {self.stage!r}: use one of {', '.join(STAGES)}")
+        if self.graph_strategy not in (GRAPH_STRATEGIES if self.stage == "graph" else ("",)):
+            raise UsageError(f"graph_strategy {self.graph_strategy!r} for stage {self.stage}: the graph stage "
+                             f"takes one of {', '.join(GRAPH_STRATEGIES)}, other stages none")
+        if self.stage != "train" and self.scaling != "strong":
+            raise UsageError(f"stage {self.stage} scales strongly only (the preset's users split over the ranks)")
         if self.scaling == "strong" and self.global_batch and self.global_batch % self.np:
             raise UsageError(f"strong scaling splits the global batch {self.global_batch} over {self.np} ranks "
                              f"unevenly: choose a global batch divisible by every np")
 
     @property
     def point_id(self) -> str:
-        """Stable file name of the point's record."""
+        """Stable file name of the point's record (a train point's is what it was before stages existed)."""
+        if self.stage != "train":
+            return f"{self.stage}{'-' + self.graph_strategy if self.graph_strategy else ''}-np{self.np}-r{self.repeat}"
         return f"{self.scaling}-{self.mode}-np{self.np}-r{self.repeat}"
 
     @classmethod
@@ -132,9 +154,15 @@ class SweepConfig(RunSettings):
     """Run the repeats in rounds: round r measures every point once, in an order shuffled by seed and r, so slow
     drift of the machine spreads over all points instead of landing on some. False: each point's repeats back to
     back, np ascending."""
+    stages: list[str] = field(default_factory=lambda: ["train"])
+    """Pipeline stages to measure. train: every scaling x mode; refresh, graph, retrieval: strong scaling of the
+    preset's users (the gradient exchange mode plays no part in them)."""
+    graph_strategies: list[str] = field(default_factory=lambda: list(GRAPH_STRATEGIES))
+    """k-NN strategies the graph stage is measured with, side by side."""
 
     def __post_init__(self):
-        for name, allowed in (("scalings", SCALINGS), ("modes", MODES)):
+        for name, allowed in (("scalings", SCALINGS), ("modes", MODES), ("stages", STAGES),
+                              ("graph_strategies", GRAPH_STRATEGIES)):
             values = getattr(self, name)
             bad = [v for v in values if v not in allowed]
             if bad or not values:
@@ -148,19 +176,38 @@ class SweepConfig(RunSettings):
 
     def plan(self) -> list[PointConfig]:
         """The points in run order (see `interleave`). Interleaved, the first round runs its np=1 points first, so
-        a sweep interrupted after them still has a baseline for every later point."""
+        a sweep interrupted after them still has a baseline for every later point. Back to back: cheap np first,
+        at each np the training points first, in the order they had before stages existed."""
         if not self.interleave:
-            return [PointConfig(scaling=s, mode=m, np=n, repeat=r, **self.shared())
-                    for n, s, m, r in itertools.product(self.nps, self.scalings, self.modes, range(self.repeats))]
+            return self._back_to_back()
         plan = []
         for r in range(self.repeats):
-            points = [PointConfig(scaling=s, mode=m, np=n, repeat=r, **self.shared())
-                      for n, s, m in itertools.product(self.nps, self.scalings, self.modes)]
+            points = [p for n in self.nps for p in self._points(n, r)]
             order = random.Random(f"{self.seed}-{r}").sample(points, len(points))
             if r == 0:
                 order.sort(key=lambda p: p.np != min(self.nps))  # stable: shuffled within each part
             plan += order
         return plan
+
+    def _points(self, n: int, r: int) -> list[PointConfig]:
+        """Repeat r of every point at np=n: training (scaling x mode), then the other stages (strong scaling)."""
+        points = []
+        if "train" in self.stages:
+            points += [PointConfig(scaling=s, mode=m, np=n, repeat=r, **self.shared())
+                       for s, m in itertools.product(self.scalings, self.modes)]
+        for stage in (s for s in STAGES if s != "train" and s in self.stages):
+            strategies = self.graph_strategies if stage == "graph" else [""]
+            points += [PointConfig(stage=stage, graph_strategy=g, scaling="strong", mode=self.modes[0], np=n,
+                                   repeat=r, **self.shared()) for g in strategies]
+        return points
+
+    def _back_to_back(self) -> list[PointConfig]:
+        """Each point's repeats in a row, np ascending (the order Slurm array indices of old sweeps rely on)."""
+        points = []
+        for n in self.nps:
+            by_point = list(zip(*[self._points(n, r) for r in range(self.repeats)]))
+            points += [p for repeats in by_point for p in repeats]
+        return points
 
     @classmethod
     def from_dict(cls, data: dict) -> "SweepConfig":

@@ -251,3 +251,44 @@ class HorovodExchange:
 
     def shutdown(self):
         self._hvd.shutdown()
+
+    # ---- point-to-point (the ring k-NN): Horovod has none, so mpi4py's COMM_WORLD over the same MPI ----------
+
+    def start_ring_shift(self, array):
+        """Send `array` to rank + 1 and receive rank - 1's, nonblocking (alure.exchange.Exchange). Horovod
+        initialised MPI; mpi4py finds it initialised and neither re-initialises nor finalises it. The shapes
+        travel first in one small blocking exchange, so each receiver can allocate its block."""
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+        array = np.ascontiguousarray(array)
+        if self.size == 1:
+            from alure.exchange import Arrived
+            return Arrived(array)
+        following, previous = (self.rank + 1) % self.size, (self.rank - 1) % self.size
+        shape, dtype = comm.sendrecv((array.shape, array.dtype.str), dest=following, source=previous)
+        incoming = np.empty(shape, dtype=np.dtype(dtype))
+        # As bytes: MPI has no half-precision type, and the receiver knows the dtype already.
+        requests = [comm.Irecv([incoming, MPI.BYTE], source=previous, tag=RING_TAG),
+                    comm.Isend([array, MPI.BYTE], dest=following, tag=RING_TAG)]
+        return MpiTransfer(requests, incoming, array)
+
+
+RING_TAG = 15
+"""MPI tag of ring-shift messages (Horovod issues only collectives, which never match point-to-point messages)."""
+
+
+class MpiTransfer:
+    """A ring shift in flight: the receive and the send, and the buffers they use until both are done."""
+
+    def __init__(self, requests, incoming: np.ndarray, outgoing: np.ndarray):
+        self.requests, self.incoming, self.outgoing = requests, incoming, outgoing
+
+    def test(self) -> bool:
+        from mpi4py import MPI
+        return MPI.Request.Testall(self.requests)
+
+    def wait(self) -> np.ndarray:
+        from mpi4py import MPI
+        MPI.Request.Waitall(self.requests)
+        self.outgoing = None  # the send buffer is free again
+        return self.incoming

@@ -10,6 +10,7 @@ import json
 import sys
 from dataclasses import replace
 
+from alure.stages import DEFAULT_GRAPH_STRATEGY, GRAPH_STRATEGIES
 from bench.capacity import add_oversubscribe_flag, check_launch, rank_floor_mib, this_host
 from bench.config import MODES
 from bench.errors import UsageError
@@ -25,17 +26,18 @@ def workload(preset_name: str, seed: int | None):
     return config if seed is None else replace(config, seed=seed)
 
 
-def run_local(preset_name: str, seed: int | None) -> dict:
+def run_local(preset_name: str, seed: int | None, graph_strategy: str) -> dict:
     import torch
     from alure.exchange import LocalExchange
     from alure.pipeline import run_pipeline
     torch.set_num_threads(threads_per_rank(1))
-    return run_pipeline(workload(preset_name, seed), LocalExchange())
+    return run_pipeline(workload(preset_name, seed), LocalExchange(), graph_strategy)
 
 
 def run_distributed(np_: int, preset_name: str, seed: int | None, mode: str, timeout_s: float,
-                    launcher: Launcher = LOCAL) -> dict:
+                    graph_strategy: str, launcher: Launcher = LOCAL) -> dict:
     argv = python_module_argv("bench.pipeline_cli", "--rank-entry", "--preset", preset_name, "--mode", mode,
+                              "--graph-strategy", graph_strategy,
                               *(["--seed", str(seed)] if seed is not None else []))
     run = run_ranks(np_, argv, timeout_s=timeout_s, launcher=launcher)
     results = json_after(run.stdout, RESULT_PREFIX)
@@ -54,7 +56,7 @@ def rank_entry(args: argparse.Namespace) -> int:
     from bench.exchange import HorovodExchange
     exchange = HorovodExchange(args.mode)
     torch.set_num_threads(threads_per_rank(exchange.size))
-    result = run_pipeline(workload(args.preset, args.seed), exchange)
+    result = run_pipeline(workload(args.preset, args.seed), exchange, args.graph_strategy)
     if exchange.rank == 0:
         print(RESULT_PREFIX + json.dumps(result), flush=True)
     exchange.shutdown()
@@ -63,7 +65,8 @@ def rank_entry(args: argparse.Namespace) -> int:
 
 def format_result(result: dict, np_: int, mode: str) -> str:
     recall_key = next(k for k in result if k.startswith("recall_at_"))
-    lines = [f"ALURE pipeline, np={np_}" + (f", {mode}" if np_ > 1 else ", one process"),
+    lines = [f"ALURE pipeline, np={np_}" + (f", {mode}" if np_ > 1 else ", one process")
+             + f", k-NN graph by {result['graph_strategy']}",
              f"  training loss           {result['loss_start']:.4f} -> {result['loss_end']:.4f}",
              f"  neighbour precision@10  {result['neighbor_precision_at_10']:.3f}",
              f"  {recall_key.replace('_at_', '@'):24}" + "  ".join(f"{k} {v:.3f}" for k, v in result[recall_key].items()),
@@ -83,9 +86,10 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         check_launch(args.np, rank_floor_mib(config), this_host(), flag="--np",
                      ranks_per_core=args.oversubscribe_limit, what=f", preset {args.preset}")
     if args.np == 1 and not launcher.hosts:
-        result = run_local(args.preset, args.seed)
+        result = run_local(args.preset, args.seed, args.graph_strategy)
     else:
-        result = run_distributed(args.np, args.preset, args.seed, args.mode, args.timeout, launcher)
+        result = run_distributed(args.np, args.preset, args.seed, args.mode, args.timeout,
+                                 args.graph_strategy, launcher)
     print(json.dumps(result, indent=2) if args.json else format_result(result, args.np, args.mode))
     return 0
 
@@ -96,6 +100,9 @@ def register(sub) -> None:
     p.add_argument("--np", type=int, default=1, help="MPI processes (1: one plain process, no MPI)")
     p.add_argument("--preset", default="default", help="workload preset: tiny, default or large")
     p.add_argument("--mode", default="dense-reduce", choices=MODES, help="gradient exchange when np > 1")
+    p.add_argument("--graph-strategy", default=DEFAULT_GRAPH_STRATEGY, choices=GRAPH_STRATEGIES,
+                   help="exact k-NN across ranks: ring passes embedding blocks between neighbours (memory per rank "
+                        "falls with np), replicate allgathers them all (same graph either way)")
     p.add_argument("--seed", type=int, help="seed of the world and the weights (default: the preset's)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds before a multi-rank run is killed")
     add_oversubscribe_flag(p)

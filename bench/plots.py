@@ -115,3 +115,84 @@ def _save(fig, path: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
+
+
+# ---- stages other than train ---------------------------------------------------------------------------------------
+
+STAGE_COLORS = {"train": "tab:gray", "refresh": "tab:purple", "graph": "tab:orange", "retrieval": "tab:green"}
+
+
+def stage_label(stage: str, graph_strategy) -> str:
+    """'graph ring', 'refresh', ...: what a stage point measured."""
+    return f"{stage} {graph_strategy}" if isinstance(graph_strategy, str) and graph_strategy else stage
+
+
+def stages_plot(df: pd.DataFrame, path: Path) -> None:
+    """Per stage against P: strong efficiency with its p10-p90 band, the stage's own peak memory, the bytes its
+    collectives moved per rank; and one bar per np from a training step to retrieval, stage by stage."""
+    ok = df[(df["status"] == "ok") & (df["stage"] != "train")]
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.2))
+    columns = (("efficiency", "strong efficiency (1 = ideal)"),
+               ("rss_growth_mib", "stage's own peak memory per rank (MiB)"),
+               ("moved_mib", "MiB sent + received per rank"))
+    ok = ok.assign(moved_mib=(ok["exchange_bytes_sent"] + ok["exchange_bytes_received"]) / 2**20)
+    for (stage, strategy), rows in ok.groupby(["stage", "graph_strategy"], sort=False):
+        label = stage_label(stage, strategy)
+        color = STAGE_COLORS.get(stage, "black")
+        style = "--" if strategy == "replicate" else "-"
+        for ax, (column, _) in zip(axes, columns):
+            points = rows.groupby("np").agg(value=(column, "median"), low=("efficiency_p10", "median"),
+                                            high=("efficiency_p90", "median"),
+                                            oversubscribed=("oversubscribed", "max")).reset_index()
+            ax.plot(points["np"], points["value"], style, color=color, label=label)
+            if column == "efficiency":
+                ax.errorbar(points["np"], points["value"], yerr=[points["value"] - points["low"],
+                                                                 points["high"] - points["value"]],
+                            fmt="none", ecolor=color, capsize=3)
+            for over, face in ((False, color), (True, "none")):
+                sel = points[points["oversubscribed"] == over]
+                ax.plot(sel["np"], sel["value"], "o", color=color, markerfacecolor=face, markersize=6)
+    for ax, (_, label) in zip(axes, columns):
+        ax.set_xticks(sorted(ok["np"].unique()) if not ok.empty else [1])
+        ax.set_xlabel("MPI processes (np)")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+        _legend(ax, title=OVERSUBSCRIBED_NOTE + "; error bars p10-p90" if ax is axes[0] else OVERSUBSCRIBED_NOTE,
+                title_fontsize=7, fontsize=7)
+    _step_to_retrieval(axes[3], df)
+    _save(fig, path)
+
+
+def _step_to_retrieval(ax, df: pd.DataFrame) -> None:
+    """Stacked bars, one per np and graph strategy: a training step (strong, first mode), refresh, graph,
+    retrieval, each the median time of its points."""
+    ok = df[df["status"] == "ok"]
+    train = ok[ok["stage"] == "train"]
+    if (train["scaling"] == "strong").any():
+        train = train[train["scaling"] == "strong"]
+    if not train.empty:
+        train = train[train["mode"] == train["mode"].iloc[0]]
+    strategies = sorted(s for s in ok.loc[ok["stage"] == "graph", "graph_strategy"].unique() if s) or [""]
+    bars = []
+    for n in sorted(ok["np"].unique()):
+        for strategy in strategies:
+            parts = {"train": train.loc[train["np"] == n, "step_time_ms"].median()}
+            for stage in ("refresh", "graph", "retrieval"):
+                rows = ok[(ok["stage"] == stage) & (ok["np"] == n)]
+                if stage == "graph":
+                    rows = rows[rows["graph_strategy"] == strategy]
+                parts[stage] = rows["step_time_ms"].median()
+            over = bool(ok.loc[ok["np"] == n, "oversubscribed"].any())
+            bars.append((f"np={n}{'*' if over else ''}" + (f"\n{strategy}" if strategy else ""), parts))
+    labels = [label for label, _ in bars]
+    bottom = [0.0] * len(bars)
+    for stage in ("train", "refresh", "graph", "retrieval"):
+        heights = [0.0 if pd.isna(parts[stage]) else parts[stage] / 1000 for _, parts in bars]
+        ax.bar(labels, heights, bottom=bottom, color=STAGE_COLORS[stage],
+               label="train (one step)" if stage == "train" else stage)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_ylabel("seconds (slowest rank, median)")
+    ax.set_title("one training step, then refresh -> graph -> retrieval", fontsize=9)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    _legend(ax, fontsize=7, title="* = oversubscribed", title_fontsize=7)

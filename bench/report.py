@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.plots import breakdown_plot, efficiency_plot, memory_plot
+from bench.plots import breakdown_plot, efficiency_plot, memory_plot, stage_label, stages_plot
 from bench.results import atomic_write_text, load
 
 POINT_KEY = ["scaling", "mode", "np"]
@@ -33,34 +33,77 @@ def point_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def efficiency_table(df: pd.DataFrame) -> str:
-    """The table a person reads at the end of a sweep: one row per point with the 95% intervals of its step time
-    and efficiency; oversubscribed np marked *, failures with their reason."""
-    t = point_table(df)
-    if t.empty:
+    """The table a person reads at the end of a sweep: one row per training point with the 95% intervals of its
+    step time and efficiency, then the points of the other stages in a table of their own; oversubscribed np marked
+    *, failures with their reason."""
+    train, stages = df[df["stage"] == "train"], df[df["stage"] != "train"]
+    tables, notes = [], []
+    if not train.empty:
+        tables.append(_train_table(train))
+        notes.append("step_time_ms and efficiency: median over the ok repeats [95% bootstrap interval]")
+        if (train.loc[train["status"] == "ok", "repeats_ok"] == 1).any():
+            notes.append("a point with one ok repeat has an interval of its steps' noise only, not of the noise "
+                         "between runs: use --repeats 5 for figures to quote")
+    if not stages.empty:
+        tables.append(stage_table(stages))
+    if not tables:
         return "no points"
+    if df["oversubscribed"].any():
+        notes.append("* oversubscribed: more ranks than cores; timings include time-sharing of cores")
+    for _, row in df[df["status"] != "ok"].iterrows():
+        what = f"{row['scaling']} {row['mode']}" if row["stage"] == "train" else \
+            stage_label(row["stage"], row["graph_strategy"])
+        notes.append(f"{what} np={row['np']} r{row['repeat']}: {row['status']}: {row['reason']}")
+    return "\n\n".join(tables) + "\n" + "\n".join(notes)
+
+
+def _train_table(df: pd.DataFrame) -> str:
+    t = point_table(df)
     t["np"] = [f"{n}{'*' if o else ''}" for n, o in zip(t["np"], t["oversubscribed"])]
     t["step_time_ms"] = [_with_interval(v, lo, hi, "{:.1f}") for v, lo, hi in
                          zip(t["step_time_ms"], t["step_ci_low"], t["step_ci_high"])]
     t["efficiency"] = [_with_interval(v, lo, hi, "{:.2f}") for v, lo, hi in
                        zip(t["efficiency"], t["eff_ci_low"], t["eff_ci_high"])]
     t = t.drop(columns=["oversubscribed", "step_ci_low", "step_ci_high", "eff_ci_low", "eff_ci_high"])
-    text = t.to_string(index=False, float_format=lambda v: f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}", na_rep="-")
-    notes = ["step_time_ms and efficiency: median over the ok repeats [95% bootstrap interval]"]
-    if (df.loc[df["status"] == "ok", "repeats_ok"] == 1).any():
-        notes.append("a point with one ok repeat has an interval of its steps' noise only, not of the noise "
-                     "between runs: use --repeats 5 for figures to quote")
-    if df["oversubscribed"].any():
-        notes.append("* oversubscribed: more ranks than cores; timings include time-sharing of cores")
-    for _, row in df[df["status"] != "ok"].iterrows():
-        notes.append(f"{row['scaling']} {row['mode']} np={row['np']} r{row['repeat']}: {row['status']}: "
-                     f"{row['reason']}")
-    return text + "\n" + "\n".join(notes)
+    return t.to_string(index=False, float_format=_numbers, na_rep="-")
 
 
 def _with_interval(value, low, high, fmt: str) -> str:
     if pd.isna(value):
         return "-"
     return fmt.format(value) + (f" [{fmt.format(low)}, {fmt.format(high)}]" if not pd.isna(low) else "")
+
+
+def _with_np_marks(df: pd.DataFrame) -> pd.DataFrame:
+    return df.assign(np=[f"{n}{'*' if o else ''}" for n, o in zip(df["np"], df["oversubscribed"])])
+
+
+def _numbers(v: float) -> str:
+    return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+
+
+STAGE_COLUMNS = ["stage", "np", "repeat", "status", "stage_ms", "stage_ms_p10", "stage_ms_p90", "efficiency",
+                 "efficiency_p10", "efficiency_p90", "stage_peak_mib", "sent_mib", "received_mib"]
+
+
+def stage_table(df: pd.DataFrame) -> str:
+    """Points of refresh, graph and retrieval: the whole stage's time, strong efficiency with its band, the
+    stage's own peak memory per rank and what its collectives moved per rank."""
+    t = _with_np_marks(df)
+    t["stage"] = [stage_label(s, g) for s, g in zip(t["stage"], t["graph_strategy"])]
+    t = t.rename(columns={"step_time_ms": "stage_ms", "step_time_ms_p10": "stage_ms_p10",
+                          "step_time_ms_p90": "stage_ms_p90", "rss_growth_mib": "stage_peak_mib"})
+    t["sent_mib"] = t["exchange_bytes_sent"].map(_mib)
+    t["received_mib"] = t["exchange_bytes_received"].map(_mib)
+    return t[STAGE_COLUMNS].to_string(index=False, float_format=_numbers, na_rep="-")
+
+
+STAGES_TEXT = ("Stages refresh, graph and retrieval: the whole stage over the preset's users, strong scaling (the "
+               "users split over the ranks); stage_ms is the median over timed repetitions of the slowest rank's "
+               "time (p10/p90 band), efficiency T1/(P TP) against np=1 of the same stage and graph strategy, with "
+               "its band at the p90/p10 time; stage_peak_mib: the largest rank's resident high-water mark during "
+               "the stage above its resident set when the stage began; sent/received: what the stage's "
+               "collectives and ring transfers moved per rank.")
 
 
 def _mib(v) -> float:
@@ -86,9 +129,13 @@ def write_report(sweep_dir: str | Path) -> pd.DataFrame:
     sweep_dir = Path(sweep_dir)
     df = load(sweep_dir)
     atomic_write_text(sweep_dir / "summary.csv", df.to_csv(index=False))
-    efficiency_plot(df, sweep_dir / "efficiency.png")
-    breakdown_plot(df, sweep_dir / "breakdown.png")
-    memory_plot(df, sweep_dir / "memory.png")
+    train = df[df["stage"] == "train"]
+    efficiency_plot(train, sweep_dir / "efficiency.png")
+    breakdown_plot(train, sweep_dir / "breakdown.png")
+    memory_plot(train, sweep_dir / "memory.png")
+    has_stages = (df["stage"] != "train").any()
+    if has_stages:
+        stages_plot(df, sweep_dir / "stages.png")
     env_path = sweep_dir / "environment.json"
     env = json.loads(env_path.read_text()) if env_path.exists() else {}
     lines = [f"# Sweep {sweep_dir.name}", "",
@@ -105,7 +152,9 @@ def write_report(sweep_dir: str | Path) -> pd.DataFrame:
              f"({_threads(df)}); its interval comes from the same bootstrap draws of both. Repeats "
              f"{_order(sweep_dir)}. Exchange held: bytes of the gradient exchange results each rank holds per step. "
              "Every repeat's figures are in summary.csv.", "",
+             *([STAGES_TEXT, ""] if has_stages else []),
              "```", efficiency_table(df), "```", "",
-             "![efficiency](efficiency.png)", "", "![breakdown](breakdown.png)", "", "![memory](memory.png)", ""]
+             "![efficiency](efficiency.png)", "", "![breakdown](breakdown.png)", "", "![memory](memory.png)", "",
+             *(["![stages](stages.png)", ""] if has_stages else [])]
     atomic_write_text(sweep_dir / "report.md", "\n".join(lines))
     return df

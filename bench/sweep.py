@@ -66,13 +66,18 @@ def failure_record(point: PointConfig, status: str, reason: str, wall_seconds: f
             "metrics": None, "ranks": []}
 
 
+def worker_module(point: PointConfig) -> str:
+    """The rank program of a point: training steps, or a whole pipeline stage."""
+    return "bench.worker" if point.stage == "train" else "bench.stage_worker"
+
+
 def run_point(point: PointConfig, sweep_dir: Path, launcher: Launcher = LOCAL) -> tuple[dict, float]:
     """Measure one point on local ranks; always returns (and has written) its record, with the launch's wall
     time."""
     path = point_path(sweep_dir, point.point_id)
     path.unlink(missing_ok=True)  # an old record must never pass for this run's
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    argv = python_module_argv("bench.worker", "--point", json.dumps(point.as_dict()), "--out", str(sweep_dir))
+    argv = python_module_argv(worker_module(point), "--point", json.dumps(point.as_dict()), "--out", str(sweep_dir))
     run = run_ranks(point.np, argv, timeout_s=point.timeout_s, launcher=launcher)
     atomic_write_text(Path(sweep_dir) / "logs" / f"{point.point_id}.log",
                       f"$ {' '.join(argv)}\n--- stdout\n{run.stdout}\n--- stderr\n{run.stderr}")
@@ -92,10 +97,11 @@ def existing_ok(sweep_dir: Path, point: PointConfig) -> bool:
 def progress_line(done: int, total: int, point: PointConfig, record: dict, seconds: float) -> str:
     width = 20
     bar = "#" * (width * done // total) + "-" * (width - width * done // total)
-    what = f"{point.scaling:6} {point.mode:13} np={point.np}{'*' if is_oversubscribed(point.np) else ''} " \
-           f"r{point.repeat}"
+    label = f"{point.scaling:6} {point.mode:13}" if point.stage == "train" else \
+        f"{point.stage + ' ' + point.graph_strategy:20}"
+    what = f"{label} np={point.np}{'*' if is_oversubscribed(point.np) else ''} r{point.repeat}"
     if record["status"] == "ok":
-        outcome = f"ok {record['metrics']['step_time_ms']:.1f} ms/step"
+        outcome = f"ok {record['metrics']['step_time_ms']:.1f} ms/{'step' if point.stage == 'train' else 'stage'}"
     else:
         outcome = f"{record['status'].upper()}: {record['reason']}"
     return f"[{bar}] {done}/{total} {what}: {outcome} ({seconds:.0f} s)"

@@ -79,6 +79,12 @@ def add_plan_flags(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--no-interleave", dest="interleave", action="store_false", default=None,
                    help="run each point's repeats back to back, np ascending (default: rounds of every point in a "
                         "seeded shuffled order)")
+    p.add_argument("--stages", type=str_list, help="pipeline stages to measure: train,refresh,graph,retrieval "
+                                                   "(default train; the others scale strongly over the preset's "
+                                                   "users)")
+    p.add_argument("--graph-strategies", type=str_list, help="k-NN strategies of the graph stage: replicate,ring "
+                                                             "(default both)")
+    p.add_argument("--stage-steps", type=int, help="timed repetitions of a stage other than train (default 3)")
     p.add_argument("--name", help="sweep name, the results folder's prefix")
     p.add_argument("--out", metavar="DIR", help=out_help)
     add_shared_flags(p)
@@ -87,7 +93,8 @@ def add_plan_flags(p: argparse.ArgumentParser, out_help: str) -> None:
 def sweep_config_from_args(args: argparse.Namespace, **fixed) -> SweepConfig:
     config = SweepConfig.from_toml(args.config) if getattr(args, "config", None) else SweepConfig()
     changes = {field: getattr(args, flag) for flag, field in SHARED_FLAGS.items() if getattr(args, flag) is not None}
-    for flag in ("nps", "modes", "scalings", "repeats", "name", "interleave"):
+    for flag in ("nps", "modes", "scalings", "repeats", "name", "interleave", "stages", "graph_strategies",
+                 "stage_steps"):
         if getattr(args, flag, None) is not None:
             changes[flag] = getattr(args, flag)
     if args.overrides:
@@ -126,7 +133,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         sweep_dir = Path(args.out) if args.out else default_out(config.name)
     check_launchable(config, launcher, "--nps", args.oversubscribe_limit)
     print(f"sweep {sweep_dir}: {len(config.plan())} points, preset {config.preset}, np {config.nps}, "
-          f"modes {', '.join(config.modes)}, {', '.join(config.scalings)} scaling")
+          f"modes {', '.join(config.modes)}, {', '.join(config.scalings)} scaling"
+          + (f"; stages {', '.join(config.stages)}" if config.stages != ["train"] else ""))
     df = run_locked(config, sweep_dir, resume=bool(args.resume), launcher=launcher)
     if df is None:
         return INTERRUPTED_EXIT_CODE

@@ -43,7 +43,8 @@ def workload_config(point: PointConfig):
     """The alure config this point trains: its preset, its overrides, its seed and per-rank batch."""
     from alure.config import preset
     base = preset(point.preset)
-    per_rank, _ = batch_sizes(point, base.batch_size)
+    # A stage other than train covers every user whatever the ranks: it keeps the preset's batch.
+    per_rank = batch_sizes(point, base.batch_size)[0] if point.stage == "train" else base.batch_size
     return replace(base, **{**point.workload, "seed": point.seed, "batch_size": per_rank})
 
 
