@@ -230,6 +230,7 @@ def test_a_two_host_point_records_its_hosts_transport_and_link(cluster, tmp_path
 def test_a_rank_killed_on_the_second_host_fails_its_point_and_the_sweep_goes_on(cluster, tmp_path):
     out = tmp_path / "kill"
     proc = subprocess.Popen([*CLI, "sweep", *TINY, *HOSTS, "--nps", "2", "--modes", "dense-reduce", "--steps", "600",
+                             "--no-interleave",
                              "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         def rank_on_node2():

@@ -92,6 +92,7 @@ def test_exchange_bytes_grow_with_p_for_sparse_gather_and_stay_flat_for_dense_re
 def test_a_killed_rank_is_recorded_as_failed_and_the_next_point_runs(tmp_path):
     out = tmp_path / "kill"
     proc = subprocess.Popen([*CLI, "sweep", *TINY, "--nps", "2", "--modes", "dense-reduce", "--steps", "600",
+                             "--no-interleave",
                              "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ranks = wait_for(lambda: len(workers()) == 2 and workers(), 60, "two ranks of the first point")
