@@ -3,7 +3,7 @@
 comm: latency and bandwidth of allreduce, allgather and sparse-pair (the two allgathers of sparse-gather) over
 Horovod (as the harness configures it), raw MPI (mpi4py) and torch.distributed/gloo, sizes doubling from --min-bytes
 to --max-bytes, each backend in a launch of its own; plus this machine's memcpy bandwidth as the ceiling. Latency
-of an iteration is the slowest rank's (a barrier starts each iteration); figures follow nccl-tests (DESIGN.md):
+of an iteration is the slowest rank's (a barrier starts each iteration); figures follow nccl-tests (docs/design.md):
 algbw = S/t, busbw = algbw x `busbw_factor`, GB/s = 1e9 bytes/s. Each backend runs in --rounds launches in
 alternating order (A B C C B A), iterations pooled, and Horovod's allreduce busbw is printed as a fraction of raw MPI's
 per size (the target is 0.9 from 4 MiB up; sizes below it are named).
@@ -43,7 +43,7 @@ from bench.launch import (HOROVOD_SETTINGS, LOCAL, Launcher, is_oversubscribed, 
 
 ROW_FIELDS = ("backend", "op", "np", "size_bytes", "latency_us_median", "latency_us_min", "latency_us_max",
               "algbw_gbps", "busbw_gbps")
-"""The comm row names of DESIGN.md "Results": other parts rely on them."""
+"""The comm row names of docs/design.md "Results": other parts rely on them."""
 LAUNCH_FIELDS = ("setting", "single_copy_mechanism", "allocator", "horovod_cycle_time_ms",
                  "horovod_fusion_threshold_bytes", "horovod_cache_capacity", "horovod_autotune")
 """What a row ran with (bench.environment.launch_settings, read by the ranks from their own environment); `setting`
@@ -357,7 +357,7 @@ def results_dir(out: str | None, prefix: str) -> Path:
 
 
 def write_csv_atomic(path: Path, rows: list[dict], fields: tuple[str, ...]) -> None:
-    """CSV with a header; booleans as true|false (DESIGN.md); written atomically."""
+    """CSV with a header; booleans as true|false (docs/design.md); written atomically."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()

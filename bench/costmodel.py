@@ -1,7 +1,7 @@
 """The cost model: what one training step costs at P ranks in each exchange mode, calibrated from what was measured
 here and carried to clusters of thousands of ranks.
 
-Collectives (Thakur, Rabenseifner & Gropp 2005; DESIGN.md "Measurement rules"), n bytes on P ranks:
+Collectives (Thakur, Rabenseifner & Gropp 2005; docs/design.md "The figures"), n bytes on P ranks:
     ring allreduce   2(P-1) a + 2((P-1)/P) n b + ((P-1)/P) n g
     ring allgather   (P-1) a + ((P-1)/P) n b                      (n: the total gathered bytes)
 a (latency), b (seconds per byte moved) and g (seconds per byte reduced) are fitted by non-negative least squares,

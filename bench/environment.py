@@ -111,7 +111,7 @@ def shared_memory_record() -> dict:
 
 
 def capture_environment() -> dict:
-    """The environment record of DESIGN.md "Results" (environment.json)."""
+    """The environment record of docs/design.md "Results" (environment.json)."""
     import torch
     return {
         "python": sys.version.split()[0],

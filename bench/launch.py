@@ -75,7 +75,7 @@ def mpi_environment(np: int, base: dict[str, str] | None = None, *, single_host:
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     # Ranks that spin while waiting steal the core a busy rank needs; oversubscribed runs doubled their step
-    # times without this (notes/install.md).
+    # times on the 2-core reference machine without this.
     env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     # Shared memory's large-message copy: cross-memory attach (one copy) where this host allows it, else
     # copy-in/copy-out; probed once per host and cached (bench/transport.py). A value already set wins.

@@ -106,7 +106,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, help="seed of the world and the weights (default: the preset's)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds before a multi-rank run is killed")
     add_oversubscribe_flag(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object (DESIGN.md names)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the names of docs/design.md)")
     add_host_flags(p)
     p.add_argument("--rank-entry", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_pipeline)

@@ -95,7 +95,7 @@ def add_intervals(df: pd.DataFrame, steps: list, seed: int = 0) -> pd.DataFrame:
 
 
 def summarize(records: list[dict]) -> pd.DataFrame:
-    """The summary table: DESIGN's columns first, then the extras, sorted by scaling, mode, np, repeat."""
+    """The summary table: the columns docs/design.md names first, then the extras, sorted by scaling, mode, np, repeat."""
     df = pd.DataFrame([record_row(r) for r in records], columns=[c for c in SUMMARY_COLUMNS if c != "efficiency"]
                       + [c for c in EXTRA_COLUMNS if c not in INTERVAL_COLUMNS])
     df = add_efficiency(df)

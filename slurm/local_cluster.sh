@@ -9,8 +9,8 @@
 # Env: ALURE_SLURM_DIR (default /tmp/alure-slurm) holds all state, spool, log and pid files.
 #      ALURE_SLURM_WAIT (default 30) is how many seconds `start` waits for the node to become idle.
 #
-# Facts behind the choices below are in /work/shared/notes/slurm.md (measured on Debian 12,
-# Slurm 22.05.8, munge 0.5.15). Ports 6817/6818, /etc/slurm/slurm.conf and /run/munge are
+# The choices below were measured on Debian 12 (Slurm 22.05.8, munge 0.5.15); each comment says
+# what went wrong without its setting. Ports 6817/6818, /etc/slurm/slurm.conf and /run/munge are
 # machine-wide, so there can be only one such cluster per machine.
 
 set -uo pipefail

@@ -97,7 +97,7 @@ def _wait_for_job(job_id: str, n_records: int = 1, timeout: float = JOB_TIMEOUT_
 
 
 def _root_mpi_env() -> dict[str, str]:
-    # Open MPI refuses to run as root without these (notes/install.md).
+    # Open MPI refuses to run as root without these.
     env = dict(os.environ)
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     return env
