@@ -96,8 +96,18 @@ cmd_start() {
     for ((k = 1; k <= n; k++)); do mkdir -p "$S/spool/node$k" "$S/tmp/node$k"; chmod 1777 "$S/tmp/node$k"; done
     write_conf "$n"
     on_head slurmctld -f "$CONF" >>"$S/log/slurmctld.out" 2>&1 || die "slurmctld did not start; read $S/log/slurmctld.log"
+    # A /tmp of its own per node hides the machine's: a suite cloned under /tmp (and the venv the jobs run) must
+    # stay visible at its own path, so it is bound back into the node's /tmp.
+    local repo keep_repo=""
+    repo=$(cd "$HERE/.." && pwd)
+    if [[ "$repo/" == /tmp/* ]]; then
+        mkdir -p "$S/machine-tmp"
+        keep_repo="mount --bind /tmp $S/machine-tmp && "
+    fi
     for ((k = 1; k <= n; k++)); do
-        timeout 10 bash "$AGENT" "node$k" "mount --bind $S/tmp/node$k /tmp && slurmd -f $CONF -N node$k" \
+        local private_tmp="${keep_repo}mount --bind $S/tmp/node$k /tmp"
+        [[ -n "$keep_repo" ]] && private_tmp+=" && mkdir -p $repo && mount --bind $S/machine-tmp${repo#/tmp} $repo"
+        timeout 10 bash "$AGENT" "node$k" "$private_tmp && slurmd -f $CONF -N node$k" \
             >>"$S/log/slurmd-node$k.out" 2>&1 || die "slurmd on node$k did not start; read $S/log/slurmd-node$k.log"
     done
     local deadline=$((SECONDS + WAIT_S)) up=0
