@@ -58,11 +58,12 @@ class Hosts:
 
 
 def add_oversubscribe_flag(parser) -> None:
-    parser.add_argument("--oversubscribe-limit", type=_positive_int, default=DEFAULT_RANKS_PER_CORE, metavar="N",
+    parser.add_argument("--oversubscribe-limit", type=positive_int, default=DEFAULT_RANKS_PER_CORE, metavar="N",
                         help=f"refuse more than N ranks per core on one host (default {DEFAULT_RANKS_PER_CORE})")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (one line of error otherwise)."""
     import argparse
     try:
         value = int(text)

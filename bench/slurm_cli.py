@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench import slurm
-from bench.capacity import check_sweep, slurm_partition
+from bench.capacity import check_sweep, positive_int, slurm_partition
 from bench.errors import UsageError
 from bench.report import efficiency_table, write_report
 from bench.results import point_path, read_record
@@ -204,25 +204,15 @@ def cmd_task(args: argparse.Namespace) -> int:
     return slurm.run_task(Path(args.sweep).resolve(), args.np, index, args.launcher)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-    return value
-
-
 def _add_option_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Slurm options (kept in <sweep>/slurm/jobs.json; --resume reuses them unless given)")
     g.add_argument("--partition", help="partition of every array (default: the cluster's or the template's)")
     g.add_argument("--account", help="account to charge (default: yours, or the template's)")
     g.add_argument("--time", help="time limit of every task, e.g. 30 or 1:00:00 (default: point timeout + 5 min)")
-    g.add_argument("--nodes", type=_positive_int, help="nodes per array (at most np); default: as --ranks-per-node "
+    g.add_argument("--nodes", type=positive_int, help="nodes per array (at most np); default: as --ranks-per-node "
                                                        "needs, or Slurm's choice")
-    g.add_argument("--ranks-per-node", type=_positive_int, metavar="N", help="MPI ranks per node")
-    g.add_argument("--array-limit", type=_positive_int, metavar="N",
+    g.add_argument("--ranks-per-node", type=positive_int, metavar="N", help="MPI ranks per node")
+    g.add_argument("--array-limit", type=positive_int, metavar="N",
                    help="run at most N tasks of each array at once (sbatch --array=...%%N)")
     g.add_argument("--launcher", choices=slurm.LAUNCHERS, help="how a task starts its ranks inside the allocation "
                                                                "(default mpirun; srun uses --mpi=pmix)")
@@ -262,7 +252,7 @@ def register(sub) -> None:
 
     task = cmds.add_parser("task", help="(run by the sbatch script) measure the point of this array task")
     task.add_argument("--sweep", required=True, metavar="DIR", help="the sweep's results folder")
-    task.add_argument("--np", type=_positive_int, required=True, help="the array's process count")
+    task.add_argument("--np", type=positive_int, required=True, help="the array's process count")
     task.add_argument("--index", type=int, help="the point's index among the np points (default "
                                                 "$SLURM_ARRAY_TASK_ID)")
     task.add_argument("--launcher", choices=slurm.LAUNCHERS, default="mpirun")
