@@ -2,11 +2,12 @@
 # Record results/reference-cluster/: the suite on the emulated cluster of slurm/cluster.sh, one rank per host, at
 # two link rates. Run from the repository on a quiet machine, as root, after `make setup`:
 #
-#   bash slurm/reference_cluster.sh [--rates 1gbit,10gbit] [OUT]    # OUT defaults to results/reference-cluster
+#   bash slurm/reference_cluster.sh [--rates 1gbit,10gbit] [--modes M1,M2] [OUT]   # OUT: results/reference-cluster
 #
 # For each link rate (default 1gbit and 10gbit), on 4 emulated hosts:
 #   - a sweep at np 1, 2 and 4 (np 1: node1 alone, the efficiency baseline; np 2: node1-node2; np 4: node1-node4),
-#     weak and strong scaling, every exchange mode the suite has (bench.config.MODES), 3 interleaved repeats;
+#     weak and strong scaling, every exchange mode the suite has (bench.config.MODES; --modes picks some), 3
+#     interleaved repeats;
 #   - comm across 2 hosts (np 2) and across 4 hosts (np 4): mpi4py and Horovod, allreduce, allgather and
 #     sparse-pair, 1 KiB to 16 MiB.
 # Output: OUT/<rate>/sweep/ (summary.csv, report.md, plots, records), OUT/<rate>/comm-np2/ and comm-np4/.
@@ -20,11 +21,12 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$HERE")"
 RATES=(1gbit 10gbit)
-if [[ "${1:-}" == --rates ]]; then
-    [[ -n "${2:-}" ]] || { echo "reference_cluster.sh: --rates needs a comma list, e.g. --rates 1gbit" >&2; exit 2; }
-    IFS=, read -r -a RATES <<< "$2"
+MODES=""
+while [[ "${1:-}" == --rates || "${1:-}" == --modes ]]; do
+    [[ -n "${2:-}" ]] || { echo "reference_cluster.sh: $1 needs a comma list, e.g. $1 ${1/--rates/1gbit}" >&2; exit 2; }
+    if [[ "$1" == --rates ]]; then IFS=, read -r -a RATES <<< "$2"; else MODES="$2"; fi
     shift 2
-fi
+done
 OUT="${1:-$REPO/results/reference-cluster}"
 BENCH="$REPO/.venv/bin/alure-bench"
 HOSTS=node1,node2,node3,node4
@@ -32,7 +34,7 @@ HOSTS=node1,node2,node3,node4
 [[ -x "$BENCH" ]] || { echo "reference_cluster.sh: $BENCH missing: run make setup first" >&2; exit 1; }
 [[ ! -e "$OUT" ]] || { echo "reference_cluster.sh: $OUT exists: move it away or give another folder" >&2; exit 1; }
 trap 'bash "$HERE/cluster.sh" stop >/dev/null 2>&1 || true' EXIT
-MODES=$("$REPO/.venv/bin/python" -c "from bench.config import MODES; print(','.join(MODES))")
+[[ -n "$MODES" ]] || MODES=$("$REPO/.venv/bin/python" -c "from bench.config import MODES; print(','.join(MODES))")
 cd "$REPO"
 for rate in "${RATES[@]}"; do
     bash "$HERE/cluster.sh" start --hosts 4 --link-rate "$rate"
