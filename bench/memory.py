@@ -118,12 +118,13 @@ def looks_like_oom(text: str) -> bool:
     return any(marker in text for marker in OOM_MARKERS)
 
 
-def apply_training_mem_limit(allowance_mib: int) -> None:
-    """Cap the data segment (RLIMIT_DATA) at its size now plus `allowance_mib`: called once the workload is built,
-    it limits what training adds, whatever the build took. Linux only (the size comes from VmData)."""
+def apply_training_mem_limit(allowance_mib: int, data_base_bytes: int | None) -> None:
+    """Cap the data segment (RLIMIT_DATA) at `data_base_bytes` (its size once the workload is built, vm_data_bytes)
+    plus `allowance_mib`: it limits what training adds, whatever the build took. The same base is what a record's
+    `data_growth_mib` counts from, so a cap derived from measured growth caps the quantity that was measured. Linux
+    only (the size comes from VmData)."""
     if allowance_mib > 0:
-        used = vm_data_bytes()
-        if used is None:
+        if data_base_bytes is None:
             raise RuntimeError("the training memory cap needs VmData from /proc/self/status, which this system lacks")
-        limit = used + int(allowance_mib) * MIB
+        limit = data_base_bytes + int(allowance_mib) * MIB
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))

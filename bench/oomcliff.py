@@ -4,8 +4,9 @@ A cap picked by hand near the edge does not travel: how much the world, the libr
 differs between machines by more than the gap between the modes. So the demonstration measures first and caps
 only what training adds:
 
-1. run the sweep's points uncapped and read each point's training growth (`rss_growth_mib`: the peak resident set
-   of the timed steps above the built workload);
+1. run the sweep's points uncapped and read each point's training growth (`data_growth_mib`: how far the data
+   segment grew above the built workload during warm-up and timed steps; exactly what the cap limits, counted from
+   the same base, so a measured growth and a cap are in one unit);
 2. take dense-reduce's largest growth at any np, and the first np where sparse-gather's growth clears it by twice
    a margin; the allowance is midway between the two;
 3. run the same points again with that allowance as `train_mem_limit_mib` (RLIMIT_DATA set above the built data
@@ -15,6 +16,7 @@ only what training adds:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,6 +32,13 @@ MARGIN_SHARE = 0.10
 """... or this share of dense-reduce's growth, if larger: measured growth varies by a few percent between runs."""
 MODES = ("sparse-gather", "dense-reduce")
 """The two modes whose cliff is shown: the one whose memory grows with P, and the one that stays flat."""
+GROWTH = "data_growth_mib"
+"""The summary column the cap is derived from (bench.worker: VmData at each step's end above its built size)."""
+HEAP_KEPT = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+"""Both runs' ranks allocate from the heap only and never hand its top back: the data segment then never shrinks,
+so its size at a step's end is the step's peak, and a capped run meets the cap where the uncapped one grew past it.
+(The launcher's default allocator already serves everything from the heap, but returns more than 256 MiB of free
+top: a step's transient peak could hide from the step-end sample.)"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +64,10 @@ class CapDerivation:
 def growth_table(df: pd.DataFrame) -> dict[tuple[str, int], float]:
     """(mode, np) -> median training growth over the ok weak points of the two modes."""
     ok = df[(df["status"] == "ok") & (df["scaling"] == "weak") & df["mode"].isin(MODES)]
-    return {(m, int(n)): float(g) for (m, n), g in ok.groupby(["mode", "np"])["rss_growth_mib"].median().items()}
+    if ok[GROWTH].isna().any():
+        raise UsageError(f"the uncapped sweep's records lack {GROWTH} (written before it was measured, or on a "
+                         f"system without VmData in /proc/self/status): rerun the demonstration with this version")
+    return {(m, int(n)): float(g) for (m, n), g in ok.groupby(["mode", "np"])[GROWTH].median().items()}
 
 
 def derive_cap(df: pd.DataFrame) -> CapDerivation:
@@ -109,12 +121,13 @@ def cmd_oom_demo(args: argparse.Namespace) -> int:
                          f"{config.modes}, scalings {config.scalings})")
     config = replace(config, scalings=["weak"], mem_limit_mib=0, train_mem_limit_mib=0)
     out = Path(args.out) if args.out else default_out(config.name)
+    os.environ.update(HEAP_KEPT)  # both runs' launches inherit it (a variable set before a launch wins)
     try:
         print(f"1/2 uncapped: {len(config.plan())} points into {out / 'uncapped'}", flush=True)
         start_sweep(config, out / "uncapped")
         run_sweep(config, out / "uncapped")
         derivation = derive_cap(write_report(out / "uncapped"))
-        atomic_write_json(out / "cap.json", asdict(derivation))
+        atomic_write_json(out / "cap.json", {**asdict(derivation), "allocator_environment": HEAP_KEPT})
         allowance = int(round(derivation.allowance_mib))
         print(f"dense-reduce grows at most {derivation.dense_max_mib:.0f} MiB; sparse-gather "
               f"{derivation.sparse_cliff_mib:.0f} MiB at np={derivation.cliff_np}: training cap {allowance} MiB "

@@ -23,10 +23,11 @@ EXTRA_COLUMNS = ["preset", "reason", "rss_growth_mib", "exchange_bytes_sent", "e
                  "wall_seconds",
                  *[f"{p}_ms" for p in PHASES],
                  "stage", "graph_strategy", "efficiency_p10", "efficiency_p90", "sendrecv_calls", "memory_probe",
-                 *INTERVAL_COLUMNS]
+                 *INTERVAL_COLUMNS, "data_growth_mib"]
 """stage: train (step_time_ms is a training step) or refresh, graph, retrieval (step_time_ms is the whole stage,
 strong scaling of the preset's users, throughput in users/s); graph_strategy: replicate or ring for the graph
-stage. efficiency_p10/p90: the efficiency at the point's p90/p10 time, the np=1 median kept: its noise band."""
+stage. efficiency_p10/p90: the efficiency at the point's p90/p10 time, the np=1 median kept: its noise band.
+data_growth_mib: what training (warm-up included) added to the data segment, the quantity --train-mem-limit caps."""
 
 
 def record_row(record: dict) -> dict:
@@ -44,7 +45,7 @@ def record_row(record: dict) -> dict:
     for key in ("step_time_ms", "step_time_ms_p10", "step_time_ms_p90", "throughput_samples_per_s",
                 "peak_rss_mib", "rss_growth_mib", "exchange_bytes_held", "exchange_bytes_sent",
                 "exchange_bytes_received", "rank_skew", "gradient_density", "allgather_calls", "allreduce_calls",
-                "allgather_bytes_held", "allreduce_bytes_held", "sendrecv_calls"):
+                "allgather_bytes_held", "allreduce_bytes_held", "sendrecv_calls", "data_growth_mib"):
         row[key] = metrics.get(key, np.nan)
     for phase in PHASES:
         row[f"{phase}_ms"] = (metrics.get("phase_ms") or {}).get(phase, np.nan)

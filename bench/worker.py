@@ -16,8 +16,8 @@ from typing import NamedTuple
 import numpy as np
 
 from bench.config import PointConfig
-from bench.memory import (PeakProbe, apply_mem_limit, apply_training_mem_limit, looks_like_oom, peak_rss_mib,
-                          rss_mib)
+from bench.memory import (MIB, PeakProbe, apply_mem_limit, apply_training_mem_limit, looks_like_oom,
+                          peak_rss_mib, rss_mib, vm_data_bytes)
 from bench.results import SCHEMA_VERSION, write_record
 from bench.scaling import PHASES, rank_skew, slowest_rank_per_step, spread, throughput_samples_per_s
 from bench.hosts import link_as_configured, network_of_ranks, shares_one_machine
@@ -62,6 +62,10 @@ class StepMeasurement(NamedTuple):
     without a probe."""
     probe_ms: float
     """What the memory probe's resets and reads cost in this step (outside every phase's clock)."""
+    data_bytes: int | None
+    """The data segment (VmData, what RLIMIT_DATA caps) as the step ends. The launcher's allocator serves every
+    allocation from the heap and keeps up to 256 MiB of freed top (bench.launch ALLOCATORS), so this is the step's
+    peak unless more than that was freed at the top of the heap."""
 
 
 def instrumented_step(trainer, exchange, measure_density: bool = False,
@@ -97,7 +101,7 @@ def instrumented_step(trainer, exchange, measure_density: bool = False,
     counters = exchange.counters
     moved = {**counters.as_dict(), "bytes_sent": counters.bytes_sent, "bytes_held": counters.bytes_held,
              "bytes_received": counters.bytes_received(exchange.size)}
-    return StepMeasurement({p: ms[p] for p in PHASES}, moved, density, peak, probe_s * 1000)
+    return StepMeasurement({p: ms[p] for p in PHASES}, moved, density, peak, probe_s * 1000, vm_data_bytes())
 
 
 def measure(point: PointConfig, exchange) -> dict:
@@ -107,13 +111,16 @@ def measure(point: PointConfig, exchange) -> dict:
 
     torch.set_num_threads(point.threads_per_rank)  # the same at every np: see RunSettings.threads_per_rank
     trainer = Trainer(workload_config(point), exchange)
-    apply_training_mem_limit(point.train_mem_limit_mib)  # from here on, only what training adds is capped
     build_peak = peak_rss_mib()  # the kernel's mark since the process began: imports, world, model
     probe = PeakProbe()  # returns freed heap and resets the mark: from here on, peaks are the training's own
     baseline_rss = rss_mib()  # after the model is built: growth beyond it is the training's own
-    density = None
+    # Cap (if asked) and count the data segment from the same base, after the probe's trim: what training adds.
+    data_base = vm_data_bytes()
+    apply_training_mem_limit(point.train_mem_limit_mib, data_base)
+    density, warmup = None, []
     for i in range(point.warmup_steps):
-        density = instrumented_step(trainer, exchange, measure_density=i == point.warmup_steps - 1).density or density
+        warmup.append(instrumented_step(trainer, exchange, measure_density=i == point.warmup_steps - 1))
+        density = warmup[-1].density or density
     warmup_peak = probe.peak_mib()
     steps = [instrumented_step(trainer, exchange, measure_density=density is None and i == 0, probe=probe)
              for i in range(point.steps)]
@@ -123,6 +130,7 @@ def measure(point: PointConfig, exchange) -> dict:
     moved = {k: float(np.median([s.moved[k] for s in steps])) for k in steps[0].moved}
     phase_peak = {p: max(s.peak_mib[p] for s in steps) for p in PHASES}
     train_peak = max(phase_peak.values())
+    data_ends = [s.data_bytes for s in warmup + steps if s.data_bytes is not None]
     return {
         "rank": exchange.rank, "host": socket.gethostname(), "pid": os.getpid(), "host_cores": physical_cores(),
         "step_time_ms": [sum(s.ms.values()) for s in steps], "phase_ms": phase_ms,
@@ -133,6 +141,8 @@ def measure(point: PointConfig, exchange) -> dict:
         "build_peak_rss_mib": build_peak, "warmup_peak_rss_mib": warmup_peak,
         "train_peak_rss_mib": train_peak, "phase_peak_rss_mib": phase_peak,
         "rss_growth_mib": train_peak - baseline_rss,
+        # The cap of --train-mem-limit applies from before the warm-up: so does this growth (None without VmData).
+        "data_growth_mib": (max(data_ends) - data_base) / MIB if data_ends and data_base is not None else None,
         "memory_probe": probe.method, "memory_probe_ms": [s.probe_ms for s in steps],
         "exchange": moved,  # medians over timed steps of bench.exchange.ExchangeCounters, per rank per step
         "exchange_bytes_held": moved["bytes_held"], "exchange_bytes_sent": moved["bytes_sent"],
@@ -166,6 +176,8 @@ def build_record(point: PointConfig, ranks: list[dict], wall_seconds: float, sta
                                                  "train_peak_rss_mib", "exchange_bytes_held", "exchange_bytes_sent",
                                                  "exchange_bytes_received", "gradient_density")},
         "phase_peak_rss_mib": {p: max(r["phase_peak_rss_mib"][p] for r in ranks) for p in PHASES},
+        "data_growth_mib": max((r["data_growth_mib"] for r in ranks if r.get("data_growth_mib") is not None),
+                               default=None),
         "memory_probe": "; ".join(sorted({r["memory_probe"] for r in ranks})),
         "memory_probe_ms": float(np.median([r["memory_probe_ms"] for r in ranks])),
         **{k: max(r["exchange"][k] for r in ranks) for k in EXCHANGE_METRICS},
