@@ -500,21 +500,30 @@ class Table:
     lookups_per_sample: float
     """Rows its gradient gets per sample of the per-rank batch (uncoalesced: a row looked up twice counts twice)."""
     lookups_per_step: float
-    """Rows its gradient gets per step whatever the batch (the sampled negatives, the same on every rank)."""
+    """Rows its gradient gets per rank and step whatever the batch: the negatives the rank scores (every row under
+    full_softmax), times the code levels for a codes table."""
     distinct_at_reference: float
-    """Distinct rows touched by a batch of `Profile.reference_batch` samples."""
+    """Distinct rows the samples of a `Profile.reference_batch`-sized batch touch (sequences and targets, negatives
+    apart)."""
+    negatives_distinct: float = 0.0
+    """Distinct rows of one rank's negatives in a step."""
+    negatives_shared: bool = True
+    """The negatives are the same rows on every rank (full_softmax, or shared_negatives); else each rank draws its
+    own, and the rows some rank touched grow with P."""
 
     def lookups(self, batch: float) -> float:
         """nnz of this table's gradient on one rank with `batch` samples."""
         return self.lookups_per_sample * batch + self.lookups_per_step
 
-    def distinct(self, samples: float, reference_batch: int) -> float:
-        """Distinct rows touched by `samples` samples (one rank's batch, or all ranks' together), treating each
-        reference-batch-sized group as an independent draw: an upper bound where popular rows repeat."""
-        share = min(1.0, self.distinct_at_reference / self.rows)
-        if share >= 1.0:
-            return float(self.rows)
-        return self.rows * (1.0 - (1.0 - share) ** (samples / reference_batch))
+    def distinct(self, samples: float, reference_batch: int, ranks: int = 1) -> float:
+        """Distinct rows touched by `samples` samples of `ranks` ranks together (one rank's batch: ranks=1) and the
+        negatives those ranks scored. Samples are taken as reference-batch-sized independent draws, and negatives
+        as uniform draws independent of them: an upper bound where popular rows repeat."""
+        sample_share = min(1.0, self.distinct_at_reference / self.rows)
+        negative_share = min(1.0, self.negatives_distinct / self.rows)
+        draws = 1 if self.negatives_shared else max(1, ranks)
+        missed = (1.0 - sample_share) ** (samples / reference_batch) * (1.0 - negative_share) ** draws
+        return self.rows * (1.0 - missed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -557,11 +566,12 @@ class Profile:
 
 
 def workload_geometry(config, reference_batch: int, steps: int = 3) -> tuple[list[Table], int]:
-    """Tables and dense-parameter bytes of an alure WorkloadConfig, with the lookups of real batches of it."""
+    """Tables and dense-parameter bytes of an alure WorkloadConfig, with the lookups of real batches of it: the
+    samples' rows and the negatives' rows counted apart, since the one grows with the batch and the other does not."""
     import torch
     from torch import nn
 
-    from alure.data import build_world, make_batch
+    from alure.data import build_world, make_batch, negatives_per_step
     from alure.model import UserEncoder
 
     with torch.device("meta"):  # shapes only: no memory for a table of millions of rows
@@ -569,33 +579,40 @@ def workload_geometry(config, reference_batch: int, steps: int = 3) -> tuple[lis
     sparse = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, nn.Embedding) and m.sparse}
     dense_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n not in sparse)
     world = build_world(config)
-    counts: dict[str, list[tuple[int, int]]] = {n: [] for n in sparse}
+    samples: dict[str, list[tuple[int, int]]] = {n: [] for n in sparse}
+    negatives: dict[str, list[tuple[int, int]]] = {n: [] for n in sparse}
     for step in range(steps):
         batch = make_batch(world, step, 0, 1, reference_batch)
-        for name, (lookups, distinct) in table_lookups(batch).items():
-            counts[f"sources.{name}.weight"].append((lookups, distinct))
+        for name, counts in table_lookups(replace(batch, negatives=None)).items():
+            samples[f"sources.{name}.weight"].append(counts)
+        if batch.negatives is not None:
+            for name, counts in table_lookups(batch, parts=("negatives",)).items():
+                negatives[f"sources.{name}.weight"].append(counts)
+    sources = {s.name: s for s in config.sources}
     tables = []
-    negatives = config.sampled_negatives
     for name, module in sparse.items():
-        per_step = negatives * (config.rq_codebooks if name.endswith("codes.weight") else 1)
-        lookups = float(np.mean([c[0] for c in counts[name]]))
+        source = sources[name.split(".")[1]]
+        per_step = negatives_per_step(config, source) * (config.rq_codebooks if name.endswith("codes.weight") else 1)
         tables.append(Table(name=name, rows=module.num_embeddings, dim=module.embedding_dim,
-                            lookups_per_sample=max(0.0, (lookups - per_step) / reference_batch),
+                            lookups_per_sample=float(np.mean([c[0] for c in samples[name]])) / reference_batch,
                             lookups_per_step=float(per_step),
-                            distinct_at_reference=float(np.mean([c[1] for c in counts[name]]))))
+                            distinct_at_reference=float(np.mean([c[1] for c in samples[name]])),
+                            negatives_distinct=float(np.mean([c[1] for c in negatives[name]] or [0])),
+                            negatives_shared=bool(config.full_softmax or config.shared_negatives)))
     return tables, dense_bytes
 
 
-def table_lookups(batch) -> dict[str, tuple[int, int]]:
+def table_lookups(batch, parts: Sequence[str] = ("sequences", "targets", "negatives")) -> dict[str, tuple[int, int]]:
     """Per sparse table of alure's model ('<source>.items', '<source>.codes'): (rows its gradient will get, distinct
-    rows), from the batch alone, before any forward pass: the item ids of the sequences, targets and negatives, and
-    their RQ codes (one row per level and code)."""
+    rows), from the batch alone, before any forward pass: the item ids of the sequences, targets and negatives (or of
+    the `parts` named), and their RQ codes (one row per level and code)."""
     import torch
     out = {}
     for name, seq in batch.sequences.items():
-        parts = [seq.items] + [group[name] for group in (batch.targets, batch.negatives) if group is not None]
-        ids = torch.cat([p.ids.reshape(-1) for p in parts])
-        codes = torch.cat([p.codes for p in parts])
+        groups = {"sequences": {name: seq.items}, "targets": batch.targets, "negatives": batch.negatives}
+        chosen = [groups[part][name] for part in parts if groups[part] is not None]
+        ids = torch.cat([p.ids.reshape(-1) for p in chosen])
+        codes = torch.cat([p.codes for p in chosen])
         levels = codes + torch.arange(codes.shape[1]) * (int(codes.max()) + 1)  # one row per (level, code)
         out[f"{name}.items"] = (int(ids.numel()), _distinct(ids))
         out[f"{name}.codes"] = (int(codes.numel()), _distinct(levels))
@@ -792,7 +809,7 @@ class Model:
         for t in prof.tables:
             rows_total = p * t.lookups(batch_per_rank)
             distinct_total = p * min(t.lookups(batch_per_rank), t.distinct(batch_per_rank, prof.reference_batch))
-            union = t.distinct(p * batch_per_rank, prof.reference_batch)
+            union = t.distinct(p * batch_per_rank, prof.reference_batch, ranks=p)
             how = mode if p > 1 else "sparse-gather"  # Horovod exchanges nothing at np=1, whatever the mode
             if mode == "auto":
                 how, added = choose_mode(costs, p, t.rows, t.dim, rows_total, distinct_total, cpu, budget, link)

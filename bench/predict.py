@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 
 from bench.calibrate_cli import format_calibration, link_check
-from bench.costmodel import (MODES, Machine, Model, build_model, cpu_factor, fit_links_by_transport, network_link,
-                             read_comm_rows, this_machine)
+from bench.costmodel import (COMM_FILES, MODES, Machine, Model, build_model, cpu_factor, fit_links_by_transport,
+                             network_link, read_comm_rows, this_machine)
 from bench.sweep_cli import int_list
 from bench.errors import UsageError
 from bench.results import atomic_write_json, atomic_write_text, ensure_writable
@@ -102,9 +102,11 @@ def crossover_table(model: Model, machine: Machine, nps: list[int]) -> pd.DataFr
 
 
 def workload_density(model: Model) -> float:
-    """Distinct rows a rank's batch touches over all rows of the item tables (the sweep's gradient_density)."""
+    """Distinct rows a rank's batch (and its negatives) touches over all rows of the item tables (the sweep's
+    gradient_density)."""
     items = [t for t in model.profile.tables if t.name.endswith("items.weight")] or list(model.profile.tables)
-    return sum(t.distinct_at_reference for t in items) / sum(t.rows for t in items)
+    batch = model.profile.reference_batch
+    return sum(t.distinct(batch, batch) for t in items) / sum(t.rows for t in items)
 
 
 # ---- text ----------------------------------------------------------------------------------------------------------
@@ -337,7 +339,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.validate:
         from bench.results import read_records
         from bench.validation import format_validation, validate
-        validation = validate(read_records(results), comm_rows, backend=args.backend, environment=environment)
+        records, rows = read_records(results), list(comm_rows)
+        for folder in args.validate_with or []:
+            more_records, more_rows = sweeps_and_comm_under(Path(folder))
+            records, rows = records + more_records, rows + more_rows
+        validation = validate(records, rows, backend=args.backend, environment=environment)
         text += "\n\n" + format_validation(validation)
         validation.points.to_csv(out / "validation.csv", index=False)
         validation.summary.to_csv(out / "validation-summary.csv", index=False)
@@ -365,6 +371,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
           f"measured-vs-predicted.csv, {'validation.csv, validation-summary.csv, ' if validation else ''}"
           f"{', '.join(plots)}")
     return 0
+
+
+def sweeps_and_comm_under(folder: Path) -> tuple[list[dict], list[dict]]:
+    """Every sweep's records under `folder` (each folder holding a sweep.json) and every comm row under it: e.g. the
+    emulated cluster's results (slurm/reference_cluster.sh), a sweep and comm runs per link rate."""
+    from bench.results import read_records
+    sweeps = sorted(p.parent for p in folder.rglob("sweep.json")) if folder.is_dir() else []
+    if not sweeps:
+        raise UsageError(f"--validate-with {folder}: no sweep folder (one with sweep.json) under it; give a folder "
+                         f"written by `alure-bench sweep` or slurm/reference_cluster.sh")
+    records = [r for sweep in sweeps for r in read_records(sweep)]
+    has_comm = any(p.name in COMM_FILES for p in folder.rglob("comm.*"))
+    return records, read_comm_rows(folder) if has_comm else []
 
 
 def _positive_float(text: str) -> float:
@@ -405,5 +424,8 @@ def register(sub) -> None:
     p.add_argument("--validate", action="store_true",
                    help="also fit on part of the points and predict the rest (np<=2 -> np>=3, weak -> strong, one "
                         "host -> several hosts): median and maximum error per mode (bench.validation)")
+    p.add_argument("--validate-with", action="append", metavar="DIR",
+                   help="with --validate: a folder of more sweeps and comm runs whose points are held out too, e.g. "
+                        "results/reference-cluster (repeatable)")
     p.add_argument("--out", metavar="DIR", help="output folder (default results/local/predict-<time>)")
     p.set_defaults(func=cmd_predict)

@@ -54,8 +54,10 @@ SPLITS = (
     Split("one host -> hosts", train=_one_host, comm=lambda row: True, test=lambda r: not _one_host(r)),
 )
 POINT_COLUMNS = ["split", "scaling", "mode", "np", "transport", "batch_per_rank", "oversubscribed", "repeats",
-                 "measured_ms", "predicted_ms", "rel_error"]
-SUMMARY_COLUMNS = ["split", "mode", "points", "nps", "median_abs_rel_error", "max_abs_rel_error"]
+                 "measured_ms", "predicted_ms", "rel_error", "measured_peak_mib", "predicted_peak_mib",
+                 "peak_rel_error"]
+SUMMARY_COLUMNS = ["split", "mode", "points", "nps", "median_abs_rel_error", "max_abs_rel_error",
+                   "median_abs_peak_error", "max_abs_peak_error"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +75,8 @@ class Validation:
 
 
 def held_out_points(model: Model, machine: Machine, records: list[dict], split: str) -> list[dict]:
-    """Each held-out (scaling, mode, np, batch) point: the median of its repeats beside the model's step time."""
+    """Each held-out (scaling, mode, np, batch) point: the median of its repeats beside the model's step time, and
+    its peak resident set per rank (`peak_rss_mib`, the largest rank's) beside the model's memory."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         key = (r["point"]["scaling"], r["point"]["mode"], r["np"], r["batch_per_rank"], record_transport(r))
@@ -82,13 +85,16 @@ def held_out_points(model: Model, machine: Machine, records: list[dict], split: 
     for (scaling, mode, p, batch, transport), group in sorted(groups.items()):
         measured = float(np.median([r["metrics"]["step_time_ms"] for r in group]))
         try:
-            predicted = model.step(machine, p, mode, batch).step_ms
+            predicted = model.step(machine, p, mode, batch)
         except ValueError:  # a mode the model does not price
             continue
+        peak = float(np.median([r["metrics"]["peak_rss_mib"] for r in group]))
         rows.append({"split": split, "scaling": scaling, "mode": mode, "np": p, "transport": transport,
                      "batch_per_rank": batch, "oversubscribed": any(r.get("oversubscribed") for r in group),
-                     "repeats": len(group), "measured_ms": measured, "predicted_ms": predicted,
-                     "rel_error": predicted / measured - 1})
+                     "repeats": len(group), "measured_ms": measured, "predicted_ms": predicted.step_ms,
+                     "rel_error": predicted.step_ms / measured - 1, "measured_peak_mib": peak,
+                     "predicted_peak_mib": predicted.memory_bytes / 2**20,
+                     "peak_rel_error": predicted.memory_bytes / 2**20 / peak - 1})
     return rows
 
 
@@ -143,9 +149,10 @@ def validate(records: list[dict], comm_rows: list[dict], splits=SPLITS, backend:
 def summarize_errors(points: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (split, mode), g in points.groupby(["split", "mode"], sort=False):
-        err = g["rel_error"].abs()
+        err, peak_err = g["rel_error"].abs(), g["peak_rel_error"].abs()
         rows.append({"split": split, "mode": mode, "points": len(g), "nps": ",".join(map(str, sorted(set(g["np"])))),
-                     "median_abs_rel_error": float(err.median()), "max_abs_rel_error": float(err.max())})
+                     "median_abs_rel_error": float(err.median()), "max_abs_rel_error": float(err.max()),
+                     "median_abs_peak_error": float(peak_err.median()), "max_abs_peak_error": float(peak_err.max())})
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
@@ -157,12 +164,14 @@ def format_validation(v: Validation) -> str:
                      f"{','.join(map(str, fit['sweep_nps']))} and {fit['comm_rows']} comm rows at np "
                      f"{','.join(map(str, fit['comm_nps']))}")
         for r in v.summary[v.summary["split"] == split].itertuples():
-            lines.append(f"    {r.mode:>16}: {r.points} points at np {r.nps}: median {r.median_abs_rel_error:.0%}, "
-                         f"max {r.max_abs_rel_error:.0%}")
+            lines.append(f"    {r.mode:>16}: {r.points} points at np {r.nps}: step time median "
+                         f"{r.median_abs_rel_error:.0%}, max {r.max_abs_rel_error:.0%}; peak memory median "
+                         f"{r.median_abs_peak_error:.0%}, max {r.max_abs_peak_error:.0%}")
     for split, why in v.not_run.items():
         lines.append(f"  {split}: not run ({why})")
     if not v.points.empty:
         t = v.points.assign(np=[f"{n}{'*' if o else ''}" for n, o in zip(v.points["np"], v.points["oversubscribed"])])
-        lines += ["", t[["split", "scaling", "mode", "np", "transport", "measured_ms", "predicted_ms", "rel_error"]]
+        lines += ["", t[["split", "scaling", "mode", "np", "transport", "measured_ms", "predicted_ms", "rel_error",
+                         "measured_peak_mib", "predicted_peak_mib", "peak_rel_error"]]
                   .to_string(index=False, float_format=lambda x: f"{x:.3g}")]
     return "\n".join(lines)
