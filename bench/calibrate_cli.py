@@ -1,9 +1,9 @@
 """`alure-bench calibrate`: measure this host's collectives and file the fit where the `auto` mode will find it.
 
 Runs `alure-bench comm` (one backend, allreduce, allgather and sparse-pair) at each of --nps ranks on this host, fits
-a, b and g per transport with their fit quality (bench.costmodel.fit_links_by_transport), and writes one calibration
+a, b and g per transport with their fit quality (bench.model.calibration.fit_links_by_transport), and writes one calibration
 per transport into the calibration folder (--out, else ALURE_BENCH_CALIBRATIONS, else <user cache>/alure-bench/
-calibrations), keyed by this host's CPU model, cores, MPI library and the transport (bench.calibration_store). The
+calibrations), keyed by this host's CPU model, cores, MPI library and the transport (bench.model.calibration_store). The
 comm results stay beside it (comm/<time>/np<P>/) so the fit can be redone. With --results SWEEP the CPU costs around
 the collectives are fitted from that sweep too; without, they stay the built-in ones and the file says so.
 """
@@ -59,7 +59,8 @@ def comm_configs(args: argparse.Namespace) -> list:
 
 def cpu_costs(results: Path | None, comm_dir: Path, backend: str):
     """The per-byte CPU costs `auto` decides with besides the link: from the sweep in `results`, else built in."""
-    from bench.costmodel import DEFAULT_COSTS, build_model
+    from bench.model.step import build_model
+    from bench.model.table_costs import DEFAULT_COSTS
     if results is None:
         return replace(DEFAULT_COSTS, source=f"CPU work per byte built in ({DEFAULT_COSTS.source})")
     costs = build_model(results, comm_dir, backend).costs()
@@ -67,9 +68,9 @@ def cpu_costs(results: Path | None, comm_dir: Path, backend: str):
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from bench.calibration_store import default_folder, save_calibration, this_host
+    from bench.model.calibration_store import default_folder, save_calibration, this_host
     from bench.comm import results_dir, run_comm
-    from bench.costmodel import fit_links_by_transport, read_comm_rows
+    from bench.model.calibration import fit_links_by_transport, read_comm_rows
     from bench.results import ensure_writable
 
     configs = comm_configs(args)

@@ -11,7 +11,7 @@ Each sparse embedding table's gradient is exchanged in one of these ways (dense 
   the reduced V x d tensor back into an element-wise sparse tensor (`to_sparse()`, 20 bytes per element) that sparse
   Adagrad walks.
 - auto: per table and step, the cheapest of sparse-gather, coalesced-gather and dense-reduce the cost model predicts
-  (bench.costmodel.choose_mode) whose memory fits the rank's budget. The counts it decides from (rows and distinct rows
+  (bench.model.table_costs.choose_mode) whose memory fits the rank's budget. The counts it decides from (rows and distinct rows
   per table, from the batch) and every rank's budget are allgathered in the data phase, so every rank chooses alike
   before any gradient's collective starts.
 At np=1 Horovod registers no hooks and exchanges nothing: every mode is the bare model there.
@@ -116,7 +116,7 @@ class HorovodExchange:
         """dense-reduce: each table's V x d gradient buffer, made on first use and kept across steps."""
         self.costs = None
         if mode == "auto":
-            from bench.costmodel import load_costs
+            from bench.model.table_costs import load_costs
             transport = "shared-memory" if hvd.local_size() == self.size else "tcp"  # this host's calibration of it
             self.costs = load_costs(transport=transport, warn=self.rank == 0 and self.size > 1)
 
@@ -202,7 +202,8 @@ class HorovodExchange:
         budget, and choose per table."""
         if self.mode != "auto" or self.size == 1:
             return
-        from bench.costmodel import choose_mode, table_lookups
+        from bench.model.profile import table_lookups
+        from bench.model.table_costs import choose_mode
         from bench.launch import physical_cores
         from bench.memory import memory_budget_bytes
         counts = table_lookups(batch)

@@ -3,7 +3,7 @@
 For each rank count (powers of two up to --max-np) and each mode (sparse-gather, dense-reduce, auto): the step time
 and its parts, weak and strong efficiency, memory per rank and whether it fits; the rank count at which sparse-gather
 runs out of memory; the crossover density; how the model reproduces the sweep's own points (in sample) and, with
---validate, how it predicts points it was not fitted to (bench.validation). The links come from
+--validate, how it predicts points it was not fitted to (bench.model.validation). The links come from
 the comm calibration, or from --latency-us/--bandwidth-gbps (a cluster's data sheet: its network then stands for
 every link of the ring, a node's shared memory being no slower).
 """
@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 
 from bench.calibrate_cli import format_calibration, link_check
-from bench.costmodel import (COMM_FILES, MODES, Machine, Model, build_model, cpu_factor, fit_links_by_transport,
-                             network_link, read_comm_rows, this_machine)
+from bench.config import FIXED_MODES
+from bench.model.calibration import COMM_FILES, fit_links_by_transport, network_link, read_comm_rows
+from bench.model.step import build_model, cpu_factor, Machine, Model, this_machine
 from bench.sweep_cli import int_list
 from bench.errors import UsageError
 from bench.results import atomic_write_json, atomic_write_text, ensure_writable
@@ -29,7 +30,7 @@ from bench.scaling import efficiency
 
 DEFAULT_RESULTS = Path("results/reference")
 DEFAULT_CALIBRATION = Path("results/reference-comm")
-PREDICT_MODES = (*MODES, "auto")
+PREDICT_MODES = (*FIXED_MODES, "auto")
 TABLE_COLUMNS = ["np", "nodes", "mode", "weak_step_ms", "weak_efficiency", "strong_batch_per_rank",
                  "strong_step_ms", "strong_efficiency", "memory_gib", "fits_memory", "exchange_held_mib",
                  "dense_tables"]
@@ -157,7 +158,8 @@ def summary_lines(model: Model, machine: Machine, table: pd.DataFrame, crossover
         "CPU work around the collectives (fitted to the sweep's multi-rank points): "
         + ", ".join(f"{m} {model.local.s_per_byte[m] * 1e9:.3f} ns/B"
                     + (f" ({model.local.points[m]} points, rms {model.local.rms_rel_error[m]:.0%})"
-                       if model.local.points.get(m) else " (built-in default)") for m in MODES),
+                       if model.local.points.get(m) else " (built-in default)") for m in model.local.s_per_byte)
+        + " (coalesced-gather: sparse-gather's per gathered byte)",
         f"workload: {model.profile.preset}, {len(model.profile.tables)} sparse tables, "
         f"{model.profile.table_bytes() / 2**20:.0f} MiB dense, {model.profile.dense_param_bytes / 2**20:.2f} MiB other "
         f"parameters; np=1 step {model.profile.compute_ms + model.profile.optimizer_ms:.0f} ms at batch "
@@ -338,7 +340,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     validation = None
     if args.validate:
         from bench.results import read_records
-        from bench.validation import format_validation, validate
+        from bench.model.validation import format_validation, validate
         records, rows = read_records(results), list(comm_rows)
         for folder in args.validate_with or []:
             more_records, more_rows = sweeps_and_comm_under(Path(folder))
@@ -423,7 +425,7 @@ def register(sub) -> None:
                                                     f"per-rank batch)")
     p.add_argument("--validate", action="store_true",
                    help="also fit on part of the points and predict the rest (np<=2 -> np>=3, weak -> strong, one "
-                        "host -> several hosts): median and maximum error per mode (bench.validation)")
+                        "host -> several hosts): median and maximum error per mode (bench.model.validation)")
     p.add_argument("--validate-with", action="append", metavar="DIR",
                    help="with --validate: a folder of more sweeps and comm runs whose points are held out too, e.g. "
                         "results/reference-cluster (repeatable)")

@@ -7,9 +7,11 @@ from dataclasses import asdict, replace
 
 import pytest
 
-from bench.calibration_store import (CALIBRATIONS_ENV, HostIdentity, calibration_path, costs_for_this_host,
+from bench.model.calibration_store import (CALIBRATIONS_ENV, HostIdentity, calibration_path, costs_for_this_host,
                                      default_folder, find_costs, save_calibration, this_host)
-from bench.costmodel import DEFAULT_COSTS, Link, fit_link, load_costs
+from bench.model.calibration import fit_link
+from bench.model.collectives import Link
+from bench.model.table_costs import DEFAULT_COSTS, load_costs
 from bench.errors import UsageError
 from tests.test_cli_errors import assert_one_line_error
 from tests.test_costmodel import SHM, synthetic_rows

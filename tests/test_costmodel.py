@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 
 from bench.comm import comm_row, write_csv_atomic
-from bench.costmodel import (DEFAULT_COSTS, ELEMENT_BYTES, INDEX_BYTES, VALUE_BYTES, Calibration, ExchangeCosts,
-                             FitQuality, Link, LocalFit, Machine, Model, Profile, Table, allgather_s, allreduce_s,
-                             calibrate, choose_dense, choose_mode, cpu_factor, dense_table_s, fit_link,
-                             fit_links_by_transport, gathered_bytes, load_costs, nnls, read_comm_rows, sparse_table_s,
-                             table_memory_bytes, tied_embedding_rows)
+from bench.model.calibration import calibrate, Calibration, fit_link, fit_links_by_transport, FitQuality, read_comm_rows
+from bench.model.collectives import allgather_s, allreduce_s, Link, nnls
+from bench.model.paper import gathered_bytes, tied_embedding_rows
+from bench.model.profile import Profile, Table
+from bench.model.step import cpu_factor, LocalFit, Machine, Model
+from bench.model.table_costs import (choose_dense, choose_mode, DEFAULT_COSTS, dense_table_s, ELEMENT_BYTES,
+                                     ExchangeCosts, INDEX_BYTES, load_costs, sparse_table_s, table_memory_bytes,
+                                     VALUE_BYTES)
 from bench.errors import UsageError
 from bench.results import atomic_write_json
 

@@ -1,4 +1,4 @@
-"""The cost model out of sample (bench.validation): fitted on some points, it predicts the others.
+"""The cost model out of sample (bench.model.validation): fitted on some points, it predicts the others.
 
 On a synthetic sweep made from a known model (with noise) the held-out points come back within a few percent, and a
 sweep whose np >= 3 points carry a cost the model lacks is caught. On the committed reference it is run and its
@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from bench.config import SweepConfig
-from bench.costmodel import (Calibration, FitQuality, LocalFit, Model, profile_from_records, read_comm_rows,
-                             this_machine)
+from bench.model.calibration import Calibration, FitQuality, read_comm_rows
+from bench.model.profile import profile_from_records
+from bench.model.step import LocalFit, Model, this_machine
 from bench.results import atomic_write_json, read_records, write_record
-from bench.validation import SPLITS, format_validation, record_transport, validate
+from bench.model.validation import SPLITS, format_validation, record_transport, validate
 from tests.test_costmodel import LINK, synthetic_rows
 from tests.test_predict import point_record
 

@@ -16,8 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from bench.costmodel import (Machine, Model, fit_link, fit_local_work, profile_from_records, row_transport,
-                             this_machine)
+from bench.model.calibration import fit_link, row_transport
+
+from bench.model.profile import profile_from_records
+
+from bench.model.step import fit_local_work, Machine, Model, this_machine
 from bench.errors import UsageError
 
 

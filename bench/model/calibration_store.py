@@ -104,7 +104,7 @@ def read_calibration(path: Path) -> dict:
 
 def find_costs(folder: Path, identity: HostIdentity):
     """(ExchangeCosts, path) of the calibration of exactly `identity` in `folder`; None where there is none."""
-    from bench.costmodel import ExchangeCosts
+    from bench.model.table_costs import ExchangeCosts
     path = calibration_path(folder, identity)
     if not path.is_file():
         return None
@@ -119,16 +119,16 @@ def find_costs(folder: Path, identity: HostIdentity):
 
 
 def builtin_note() -> str:
-    from bench.costmodel import DEFAULT_COSTS
+    from bench.model.table_costs import DEFAULT_COSTS
     link = DEFAULT_COSTS.link
-    return (f"the built-in DEFAULT_COSTS of bench/costmodel.py ({DEFAULT_COSTS.source}; a = "
+    return (f"the built-in DEFAULT_COSTS of bench/model/table_costs.py ({DEFAULT_COSTS.source}; a = "
             f"{link.alpha_s * 1e6:.0f} us, b = {link.beta_s_per_byte * 1e9:.2f} ns/B)")
 
 
 def costs_for_this_host(transport: str = "shared-memory", warn: bool = False):
     """The costs `auto` decides with on this host: its calibration for `transport`, else DEFAULT_COSTS; with `warn`,
     the fall-back is said in one line on stderr, naming what was looked for and what is used instead."""
-    from bench.costmodel import DEFAULT_COSTS
+    from bench.model.table_costs import DEFAULT_COSTS
     folder = default_folder()
     identity = this_host(transport if transport in TRANSPORTS else "shared-memory")
     found = find_costs(folder, identity)

@@ -1,0 +1,166 @@
+"""Fitting a, b and g to the rows of `alure-bench comm`, per transport (shared memory, TCP)."""
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bench.errors import UsageError
+from bench.model.collectives import Link, collective_terms, nnls
+
+
+@dataclass(frozen=True, slots=True)
+class FitQuality:
+    """How well the fitted a, b, g reproduce the rows they were fitted to (and the rows held out)."""
+
+    rows: int
+    """allreduce + allgather rows fitted."""
+    nps: tuple[int, ...]
+    """Process counts among them."""
+    r2: float
+    """Coefficient of determination of the latencies (1 = perfect)."""
+    rms_rel_error: float
+    """Root mean square of (predicted - measured) / measured over the fitted rows."""
+    max_rel_error: float
+    """Largest |predicted - measured| / measured."""
+    median_rel_error: float
+    """Median |predicted - measured| / measured."""
+    holdout_rows: int
+    """sparse-pair rows (two allgathers of indices and values), not fitted: predicted from a and b."""
+    holdout_median_rel_error: float | None
+    """Median |predicted - measured| / measured over the held-out rows; None without them."""
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """What `alure-bench comm` results say about this machine's links."""
+
+    link: Link
+    copy_s_per_byte: float | None
+    """One memcpy pass, seconds per byte (memcpy rows of 1 MiB and up); None without memcpy rows."""
+    backend: str
+    quality: FitQuality
+    source: str
+    transport: str = "any"
+    """What the fitted rows ran over: 'shared-memory', 'tcp', or 'any' (not told apart)."""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+COMM_FILES = ("comm.json", "comm.csv")
+"""What `alure-bench comm` writes into its folder (bench/comm.py run_comm)."""
+
+
+def read_comm_rows(folder: str | Path) -> list[dict]:
+    """Every comm row under `folder` (its comm.json, else comm.csv; also in sub-folders, e.g. one per np)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"calibration folder {folder} not found: give a folder written by `alure-bench comm`")
+    rows: list[dict] = []
+    places = sorted({p.parent for name in COMM_FILES for p in folder.rglob(name)})
+    for place in places:
+        if (place / "comm.json").exists():
+            try:
+                data = json.loads((place / "comm.json").read_text())
+            except json.JSONDecodeError as err:
+                raise UsageError(f"{place / 'comm.json'} is not valid JSON ({err.msg}): rerun alure-bench comm") \
+                    from None
+            found = data.get("rows", []) if isinstance(data, dict) else data
+            # A run's network (bench.comm's record: transport, the link as tc configured it) stands for its rows.
+            network = (data.get("network") or {}) if isinstance(data, dict) else {}
+            told = {"transport": network.get("transport"),
+                    "link_rate_gbps": (network.get("link") or {}).get("rate_gbps")}
+            rows += [{k: v for k, v in told.items() if v} | r for r in found]
+        else:
+            with open(place / "comm.csv", newline="") as f:
+                rows += list(csv.DictReader(f))
+    if not rows:
+        raise UsageError(f"no comm.json or comm.csv under {folder}: run `alure-bench comm --out {folder}` first")
+    return [_typed_row(r) for r in rows]
+
+
+def _typed_row(row: dict) -> dict:
+    out = dict(row)
+    for key in ("np", "size_bytes", "bytes_moved"):
+        if out.get(key) not in (None, ""):
+            out[key] = int(float(out[key]))
+    for key in ("latency_us_median", "latency_us_min", "latency_us_max", "algbw_gbps", "busbw_gbps"):
+        if out.get(key) not in (None, ""):
+            out[key] = float(out[key])
+    return out
+
+
+def _row_bytes(row: dict) -> float:
+    """The n of the cost formula: what the collective reduced or gathered in total."""
+    return float(row.get("bytes_moved") or row["size_bytes"])
+
+
+def row_transport(row: dict) -> str:
+    """What a comm row's ranks exchanged through: 'tcp' between hosts, else 'shared-memory' (rows that do not say
+    ran on one host)."""
+    return "tcp" if row.get("transport") == "tcp" else "shared-memory"
+
+
+def fit_links_by_transport(rows: Sequence[dict], backend: str = "horovod", source: str = "") -> dict:
+    """One Calibration per transport the rows ran over (shared memory, TCP), each with its own fit quality."""
+    transports = sorted({row_transport(r) for r in rows if r["backend"] == backend and r["np"] >= 2})
+    return {t: fit_link(rows, backend, source, transport=t) for t in transports}
+
+
+def fit_link(rows: Sequence[dict], backend: str = "horovod", source: str = "",
+             transport: str | None = None) -> Calibration:
+    """a, b, g by non-negative least squares in relative error, from `backend`'s allreduce and allgather rows at
+    np >= 2 (over `transport` only, when given); sparse-pair rows are held out and predicted, memcpy rows give the
+    copy cost."""
+    if transport is not None:
+        rows = [r for r in rows if r["op"] == "memcpy" or row_transport(r) == transport]
+    fit_rows = [r for r in rows if r["backend"] == backend and r["op"] in ("allreduce", "allgather")
+                and r["np"] >= 2 and r["latency_us_median"] > 0]
+    if len(fit_rows) < 3:
+        have = sorted({r["backend"] for r in rows if r["op"] in ("allreduce", "allgather")})
+        raise UsageError(f"{len(fit_rows)} {backend} allreduce/allgather rows at np >= 2 to calibrate from (backends "
+                         f"with such rows: {', '.join(have) or 'none'}): run `alure-bench comm --np 2 --backends "
+                         f"{backend}` or choose --backend")
+    a = np.array([collective_terms(r["op"], r["np"], _row_bytes(r)) for r in fit_rows])
+    t = np.array([r["latency_us_median"] * 1e-6 for r in fit_rows])
+    x = nnls(a / t[:, None], np.ones(len(t)))  # divided by t: every row weighs by its relative error
+    link = Link(*map(float, x))
+    pred = a @ x
+    rel = (pred - t) / t
+    holdout = [r for r in rows if r["backend"] == backend and r["op"] == "sparse-pair" and r["np"] >= 2]
+    h_rel = [abs(float(np.dot(collective_terms("sparse-pair", r["np"], _row_bytes(r)), x))
+                 - r["latency_us_median"] * 1e-6) / (r["latency_us_median"] * 1e-6) for r in holdout]
+    quality = FitQuality(
+        rows=len(fit_rows), nps=tuple(sorted({r["np"] for r in fit_rows})),
+        r2=float(1 - np.sum((pred - t) ** 2) / np.sum((t - t.mean()) ** 2)) if len(t) > 1 else float("nan"),
+        rms_rel_error=float(np.sqrt(np.mean(rel ** 2))), max_rel_error=float(np.max(np.abs(rel))),
+        median_rel_error=float(np.median(np.abs(rel))), holdout_rows=len(holdout),
+        holdout_median_rel_error=float(np.median(h_rel)) if h_rel else None)
+    copies = [r["latency_us_median"] * 1e-6 / _row_bytes(r) for r in rows
+              if r["op"] == "memcpy" and _row_bytes(r) >= 1 << 20]
+    return Calibration(link=link, copy_s_per_byte=float(np.median(copies)) if copies else None, backend=backend,
+                       quality=quality, source=source, transport=transport or "any")
+
+
+def calibrate(folder: str | Path, backend: str = "horovod") -> Calibration:
+    """The calibration of the comm results under `folder`: of their shared-memory rows where there are any (the
+    link within a host), else of the one transport they ran over."""
+    rows = read_comm_rows(folder)
+    by_transport = fit_links_by_transport(rows, backend, source=str(folder))
+    if not by_transport:
+        return fit_link(rows, backend, source=str(folder))  # says what is missing
+    return by_transport.get("shared-memory") or next(iter(by_transport.values()))
+
+
+def network_link(latency_us: float, bandwidth_gbps: float, gamma_s_per_byte: float) -> Link:
+    """A link from a data sheet: latency in microseconds, bandwidth in gigabits per second (as networks are sold);
+    the reduction cost stays the CPU's (from a calibration)."""
+    if latency_us < 0 or bandwidth_gbps <= 0:
+        raise UsageError(f"latency {latency_us} us and bandwidth {bandwidth_gbps} Gb/s: the latency must not be "
+                         f"negative and the bandwidth must be positive")
+    return Link(latency_us * 1e-6, 8.0 / (bandwidth_gbps * 1e9), gamma_s_per_byte)

@@ -1,0 +1,275 @@
+"""The machine a prediction is for, and the step model: compute, each table's exchange, memory; fitted to a sweep."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from bench.errors import UsageError
+from bench.model.calibration import Calibration, calibrate
+from bench.model.collectives import Link, allreduce_s
+from bench.model.profile import Profile, profile_from_records
+from bench.model.table_costs import (DEFAULT_LOCAL_S_PER_BYTE, DENSE_MODES, EXCHANGE_COPIES, MODELLED_MODES,
+                                     ExchangeCosts, choose_mode, dense_table_s, sparse_table_s, table_exchange_s,
+                                     table_held_bytes, table_memory_bytes, table_network_s)
+
+THREAD_EXPONENT = 0.0
+"""Speed-up of a rank's compute from its intra-op threads, as threads ** THREAD_EXPONENT. Measured here: the default
+preset's np=1 step with 2 threads was no faster than an np=2 rank's with 1 (small ops, busy cores)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Machine:
+    """Where the ranks run: the links within and between nodes, cores and memory."""
+
+    local: Link
+    """This machine's calibrated link: every link of the ring when no network is given."""
+    network: Link | None = None
+    """Between nodes; None: the local link at every scale. Given, it stands for every link of the ring, within a
+    node too: a node's shared memory is at least as fast as its network, and this machine's is no guide to it."""
+    ranks_per_node: int = 1
+    cores_per_node: int = 1
+    memory_per_rank_bytes: float | None = None
+    """A rank's share of its node's memory; None: unlimited."""
+    cpu_speedup: float = 1.0
+    """How much faster a rank there computes than the rank that was measured here (all CPU work is divided by it)."""
+    overlap: float = 0.0
+    """Share of the backward pass that exchange time can hide behind (0: none, 1: all of it)."""
+
+    def __post_init__(self):
+        if self.ranks_per_node < 1 or self.cores_per_node < 1:
+            raise UsageError(f"ranks per node ({self.ranks_per_node}) and cores per node ({self.cores_per_node}) "
+                             f"must be at least 1")
+        if self.cpu_speedup <= 0:
+            raise UsageError(f"cpu speedup {self.cpu_speedup} must be positive (1 = as fast as this machine)")
+        if not 0 <= self.overlap <= 1:
+            raise UsageError(f"overlap {self.overlap} must be in [0, 1]: the share of backward that hides exchange")
+        if self.memory_per_rank_bytes is not None and self.memory_per_rank_bytes <= 0:
+            raise UsageError(f"memory per rank {self.memory_per_rank_bytes} must be positive")
+
+    def link(self, p: int) -> Link:
+        """The ring's slowest link: the network's where one is given, else this machine's."""
+        return self.network if self.network is not None else self.local
+
+    def nodes(self, p: int) -> int:
+        return math.ceil(p / self.ranks_per_node)
+
+
+def cpu_factor(p: int, machine: Machine, measured_threads: int) -> float:
+    """How much longer a rank's CPU work takes at p ranks than the np=1 rank's did: its core share (ranks beyond the
+    node's cores time-share them, as bench.launch shares threads out) over the machine's speed-up."""
+    on_node = min(p, machine.ranks_per_node)
+    threads = max(1, machine.cores_per_node // on_node)
+    sharing = max(1.0, on_node * threads / machine.cores_per_node)
+    return sharing * (measured_threads / threads) ** THREAD_EXPONENT / machine.cpu_speedup
+
+
+# ---- the model ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class StepPrediction:
+    """One predicted step of the slowest rank, with its parts (milliseconds) and memory."""
+
+    p: int
+    mode: str
+    batch_per_rank: float
+    compute_ms: float
+    exchange_ms: float
+    """Tables' exchanges (network + CPU work + optimizer) and the dense parameters' allreduce."""
+    network_ms: float
+    """The part of exchange_ms spent in collectives."""
+    hidden_ms: float
+    """Exchange time hidden behind the backward pass (the overlap term)."""
+    step_ms: float
+    memory_bytes: float
+    exchange_bytes_held: float
+    dense_tables: int
+    """Tables exchanged dense this step (all in dense-reduce, none in sparse-gather, the cheaper choice in auto)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LocalFit:
+    """The per-byte CPU work of each mode around its collectives, fitted to the sweep's multi-rank points."""
+
+    s_per_byte: dict
+    """Mode -> seconds per byte (sparse-gather: per gathered byte; dense-reduce: per table byte)."""
+    points: dict
+    """Mode -> multi-rank points it was fitted to (0: the built-in default was used)."""
+    rms_rel_error: dict
+    """Mode -> rms relative error of the fitted model's step time over those points."""
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    """A profile, a calibration and the fitted CPU costs: predicts any mode at any rank count on any Machine."""
+
+    profile: Profile
+    calibration: Calibration
+    local: LocalFit
+
+    def costs(self, machine: Machine | None = None) -> ExchangeCosts:
+        """The per-byte costs as measured here (CPU work unscaled: `step` applies `cpu_factor`), on the machine's
+        link when one is given."""
+        prof = self.profile
+        optimizer = prof.optimizer_ms * 1e-3 / prof.gradient_bytes(prof.reference_batch)
+        return ExchangeCosts(link=(machine.link(2) if machine else self.calibration.link),
+                             optimizer_s_per_byte=optimizer,
+                             sparse_s_per_byte=self.local.s_per_byte["sparse-gather"],
+                             dense_s_per_byte=self.local.s_per_byte["dense-reduce"],
+                             source=f"{self.calibration.source} + sweep {prof.preset}",
+                             sparse_as_dense_s_per_byte=self.local.s_per_byte.get(
+                                 "sparse-as-dense", DEFAULT_LOCAL_S_PER_BYTE["sparse-as-dense"]))
+
+    def costs_for(self, machine: Machine) -> ExchangeCosts:
+        """What `auto` should decide with on `machine`: its link, and CPU work at its speed."""
+        c = self.costs(machine)
+        return replace(c, optimizer_s_per_byte=c.optimizer_s_per_byte / machine.cpu_speedup,
+                       sparse_s_per_byte=c.sparse_s_per_byte / machine.cpu_speedup,
+                       dense_s_per_byte=c.dense_s_per_byte / machine.cpu_speedup,
+                       sparse_as_dense_s_per_byte=c.sparse_as_dense_s_per_byte / machine.cpu_speedup)
+
+    def step(self, machine: Machine, p: int, mode: str, batch_per_rank: float) -> StepPrediction:
+        prof = self.profile
+        costs = self.costs(machine)
+        link = machine.link(p)
+        cpu = cpu_factor(p, machine, prof.measured_threads)
+        work = prof.lookups(batch_per_rank) / prof.lookups(prof.reference_batch)
+        compute = prof.compute_ms * 1e-3 * work * cpu
+        exchange = network = 0.0
+        held = table_memory = 0.0
+        dense_tables = 0
+        # auto's budget: what the machine gives a rank beyond the np=1 peak and the dense parameters' copies
+        budget = None if machine.memory_per_rank_bytes is None else \
+            machine.memory_per_rank_bytes - prof.base_rss_mib * 2**20 - EXCHANGE_COPIES * prof.dense_param_bytes
+        for t in prof.tables:
+            rows_total = p * t.lookups(batch_per_rank)
+            distinct_total = p * min(t.lookups(batch_per_rank), t.distinct(batch_per_rank, prof.reference_batch))
+            union = t.distinct(p * batch_per_rank, prof.reference_batch, ranks=p)
+            how = mode if p > 1 else "sparse-gather"  # Horovod exchanges nothing at np=1, whatever the mode
+            if mode == "auto":
+                how, added = choose_mode(costs, p, t.rows, t.dim, rows_total, distinct_total, cpu, budget, link)
+                budget = None if budget is None else budget - added
+            dense_tables += p > 1 and how in DENSE_MODES
+            exchange += table_exchange_s(how, costs, p, t.rows, t.dim, rows_total, distinct_total, union, cpu, link)
+            network += table_network_s(how, p, t.rows, t.dim, rows_total, distinct_total, link) if p > 1 else 0.0
+            held += table_held_bytes(how, p, t.rows, t.dim, rows_total, distinct_total, union)
+            table_memory += table_memory_bytes(how, p, t.rows, t.dim, rows_total, distinct_total, union)
+        dense_params = allreduce_s(prof.dense_param_bytes, p, link)
+        exchange += dense_params
+        network += dense_params
+        held += prof.dense_param_bytes if p > 1 else 0.0
+        # Exchange overlaps the backward pass (Horovod starts a gradient's collective as soon as it is ready); the
+        # optimizer's share of `exchange` cannot, it runs after synchronize.
+        hidden = min(machine.overlap * prof.backward_ms * 1e-3 * work * cpu, network) if p > 1 else 0.0
+        step = compute + exchange - hidden
+        memory = prof.base_rss_mib * 2**20 + table_memory + (EXCHANGE_COPIES * prof.dense_param_bytes if p > 1 else 0.0)
+        return StepPrediction(p=p, mode=mode, batch_per_rank=batch_per_rank, compute_ms=compute * 1e3,
+                              exchange_ms=exchange * 1e3, network_ms=network * 1e3, hidden_ms=hidden * 1e3,
+                              step_ms=step * 1e3, memory_bytes=memory, exchange_bytes_held=held,
+                              dense_tables=dense_tables)
+
+    def memory_bytes(self, machine: Machine, p: int, mode: str, batch_per_rank: float) -> float:
+        return self.step(machine, p, mode, batch_per_rank).memory_bytes
+
+    def oom_rank_count(self, machine: Machine, mode: str, batch_per_rank: float, limit: int = 1 << 24) -> int | None:
+        """The smallest rank count whose per-rank memory exceeds the machine's memory per rank; None if none up to
+        `limit` (or no limit is known)."""
+        cap = machine.memory_per_rank_bytes
+        if cap is None:
+            return None
+        fits = lambda p: self.memory_bytes(machine, p, mode, batch_per_rank) <= cap  # noqa: E731
+        if not fits(1):
+            return 1
+        lo, hi = 1, 2
+        while fits(hi):
+            lo, hi = hi, hi * 2
+            if hi > limit:
+                return None
+        while hi - lo > 1:  # memory grows with p: the first p that does not fit lies in (lo, hi]
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return hi
+
+    def crossover_density(self, machine: Machine, p: int) -> float | None:
+        """The density (distinct rows per rank / V, each touched once) above which dense-reduce is cheaper than
+        sparse-gather for the workload's largest table at p ranks; None if sparse-gather is cheaper up to density 1,
+        0.0 if dense-reduce is cheaper already at density 1e-7."""
+        if p <= 1:
+            return None
+        t = max(self.profile.tables, key=lambda t: t.rows)
+        costs = self.costs(machine)
+        cpu = cpu_factor(p, machine, self.profile.measured_threads)
+        link = machine.link(p)
+
+        def gap(density: float) -> float:  # dense - sparse: positive while sparse is cheaper
+            rows = density * t.rows
+            union = t.rows * (1 - (1 - density) ** p)
+            return (dense_table_s(costs, p, t.rows, t.dim, union, cpu, link)
+                    - sparse_table_s(costs, p, t.dim, p * rows, cpu, link))
+        lo, hi = 1e-7, 1.0
+        if gap(lo) <= 0:
+            return 0.0
+        if gap(hi) > 0:
+            return None
+        for _ in range(60):  # bisection on a log scale
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if gap(mid) > 0 else (lo, mid)
+        return hi
+
+
+def fit_local_work(records: list[dict], profile: Profile, calibration: Calibration, machine: Machine) -> LocalFit:
+    """Each mode's CPU work around its collectives, seconds per byte, by least squares in relative error over the
+    sweep's ok multi-rank points of that mode: what the step model leaves unexplained, against the bytes the work
+    scales with (gathered bytes; table bytes)."""
+    s_per_byte, used, rms = {}, {}, {}
+    zero = LocalFit(s_per_byte={m: 0.0 for m in MODELLED_MODES}, points={}, rms_rel_error={})
+    model0 = Model(profile, calibration, zero)
+    for mode in ("sparse-gather", "dense-reduce", "sparse-as-dense"):  # coalesced-gather uses sparse-gather's
+        points = [r for r in records if r["status"] == "ok" and r["np"] > 1 and r["point"]["mode"] == mode]
+        xs, ys, ts = [], [], []
+        for r in points:
+            p, batch = r["np"], r["batch_per_rank"]
+            pred = model0.step(machine, p, mode, batch)
+            cpu = cpu_factor(p, machine, profile.measured_threads)
+            if mode not in DENSE_MODES:
+                scale = p * profile.gradient_bytes(batch)
+            else:
+                scale = profile.table_bytes()
+            measured = r["metrics"]["step_time_ms"] * 1e-3
+            xs.append(cpu * scale)
+            ys.append(measured - pred.step_ms * 1e-3)
+            ts.append(measured)
+        if xs:
+            x, y, t = np.array(xs), np.array(ys), np.array(ts)
+            lam = max(0.0, float(np.sum(x * y / t**2) / np.sum(x**2 / t**2)))
+            s_per_byte[mode] = lam
+            rms[mode] = float(np.sqrt(np.mean(((lam * x - y) / t) ** 2)))
+        else:
+            s_per_byte[mode] = DEFAULT_LOCAL_S_PER_BYTE[mode]
+        used[mode] = len(xs)
+    return LocalFit(s_per_byte=s_per_byte, points=used, rms_rel_error=rms)
+
+
+def this_machine(calibration: Calibration, profile: Profile, ranks: int, memory_per_rank_bytes=None) -> Machine:
+    """The machine that measured: every rank on its one node, its cores time-shared beyond their number."""
+    return Machine(local=calibration.link, ranks_per_node=max(1, ranks), cores_per_node=profile.measured_cores,
+                   memory_per_rank_bytes=memory_per_rank_bytes)
+
+
+def build_model(sweep_dir: str | Path, comm_dir: str | Path, backend: str = "horovod") -> Model:
+    """Calibrate everything from a sweep folder and a comm folder."""
+    from bench.results import read_records
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise UsageError(f"results folder {sweep_dir} not found: give a folder written by `alure-bench sweep`")
+    records = read_records(sweep_dir)
+    env_path = sweep_dir / "environment.json"
+    env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    profile = profile_from_records(records, env)
+    calibration = calibrate(comm_dir, backend)
+    ranks = max([r["np"] for r in records] + [1])
+    local = fit_local_work(records, profile, calibration, this_machine(calibration, profile, ranks))
+    return Model(profile, calibration, local)
