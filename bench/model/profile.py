@@ -74,6 +74,9 @@ class Profile:
     """Cores of the machine that measured it."""
     measured_threads: int
     """Intra-op threads of the np=1 rank."""
+    train_growth_mib: float = 0.0
+    """What training added to an np=1 rank's resident set at reference_batch (rss_growth_mib: activations, gradients,
+    optimizer temporaries); the model scales it with the rank's lookups."""
 
     def lookups(self, batch: float) -> float:
         return sum(t.lookups(batch) for t in self.tables)
@@ -197,7 +200,9 @@ def profile_from_records(records: list[dict], environment: dict | None = None) -
         optimizer_ms=float(np.median(optimizer)),
         base_rss_mib=float(np.median([r["metrics"]["peak_rss_mib"] for r in base if r["batch_per_rank"] == batch])),
         measured_cores=int(env.get("cores") or env.get("cpu_count") or _cores()),
-        measured_threads=int(np.median([r.get("threads_per_rank") or 1 for r in base])))
+        measured_threads=int(np.median([r.get("threads_per_rank") or 1 for r in base])),
+        train_growth_mib=float(np.median([r["metrics"].get("rss_growth_mib") or 0.0 for r in base
+                                          if r["batch_per_rank"] == batch])))
 
 
 def _cores() -> int:

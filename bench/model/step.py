@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +100,10 @@ class LocalFit:
     """Mode -> multi-rank points it was fitted to (0: the built-in default was used)."""
     rms_rel_error: dict
     """Mode -> rms relative error of the fitted model's step time over those points."""
+    extra_s_per_byte: dict = field(default_factory=dict)
+    """Mode -> CPU work beyond what table_costs charges it, seconds per byte of all P ranks' sparse gradients:
+    coalesced-gather's coalescing (its tables are charged sparse-gather's cost per gathered byte) and auto's counting
+    of rows and its per-step decision (charged nothing else); fitted after the modes above."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,11 +165,15 @@ class Model:
         exchange += dense_params
         network += dense_params
         held += prof.dense_param_bytes if p > 1 else 0.0
+        if p > 1:  # what a mode does beyond its tables' costs, scaling with the rows the ranks hand over
+            exchange += self.local.extra_s_per_byte.get(mode, 0.0) * cpu * p * prof.gradient_bytes(batch_per_rank)
         # Exchange overlaps the backward pass (Horovod starts a gradient's collective as soon as it is ready); the
         # optimizer's share of `exchange` cannot, it runs after synchronize.
         hidden = min(machine.overlap * prof.backward_ms * 1e-3 * work * cpu, network) if p > 1 else 0.0
         step = compute + exchange - hidden
-        memory = prof.base_rss_mib * 2**20 + table_memory + (EXCHANGE_COPIES * prof.dense_param_bytes if p > 1 else 0.0)
+        # The np=1 peak at the reference batch, with training's own growth scaled to this batch's lookups.
+        memory = ((prof.base_rss_mib + prof.train_growth_mib * (work - 1)) * 2**20 + table_memory
+                  + (EXCHANGE_COPIES * prof.dense_param_bytes if p > 1 else 0.0))
         return StepPrediction(p=p, mode=mode, batch_per_rank=batch_per_rank, compute_ms=compute * 1e3,
                               exchange_ms=exchange * 1e3, network_ms=network * 1e3, hidden_ms=hidden * 1e3,
                               step_ms=step * 1e3, memory_bytes=memory, exchange_bytes_held=held,
@@ -223,34 +231,37 @@ class Model:
 def fit_local_work(records: list[dict], profile: Profile, calibration: Calibration, machine: Machine) -> LocalFit:
     """Each mode's CPU work around its collectives, seconds per byte, by least squares in relative error over the
     sweep's ok multi-rank points of that mode: what the step model leaves unexplained, against the bytes the work
-    scales with (gathered bytes; table bytes)."""
+    scales with (gathered bytes; table bytes). Then, on top of those, coalesced-gather's and auto's own work
+    (`LocalFit.extra_s_per_byte`) against the bytes of all ranks' sparse gradients."""
     s_per_byte, used, rms = {}, {}, {}
-    zero = LocalFit(s_per_byte={m: 0.0 for m in MODELLED_MODES}, points={}, rms_rel_error={})
-    model0 = Model(profile, calibration, zero)
-    for mode in ("sparse-gather", "dense-reduce", "sparse-as-dense"):  # coalesced-gather uses sparse-gather's
+
+    def fit(model: Model, mode: str, scale) -> float | None:
         points = [r for r in records if r["status"] == "ok" and r["np"] > 1 and r["point"]["mode"] == mode]
         xs, ys, ts = [], [], []
         for r in points:
             p, batch = r["np"], r["batch_per_rank"]
-            pred = model0.step(machine, p, mode, batch)
-            cpu = cpu_factor(p, machine, profile.measured_threads)
-            if mode not in DENSE_MODES:
-                scale = p * profile.gradient_bytes(batch)
-            else:
-                scale = profile.table_bytes()
             measured = r["metrics"]["step_time_ms"] * 1e-3
-            xs.append(cpu * scale)
-            ys.append(measured - pred.step_ms * 1e-3)
+            xs.append(cpu_factor(p, machine, profile.measured_threads) * scale(p, batch))
+            ys.append(measured - model.step(machine, p, mode, batch).step_ms * 1e-3)
             ts.append(measured)
-        if xs:
-            x, y, t = np.array(xs), np.array(ys), np.array(ts)
-            lam = max(0.0, float(np.sum(x * y / t**2) / np.sum(x**2 / t**2)))
-            s_per_byte[mode] = lam
-            rms[mode] = float(np.sqrt(np.mean(((lam * x - y) / t) ** 2)))
-        else:
-            s_per_byte[mode] = DEFAULT_LOCAL_S_PER_BYTE[mode]
         used[mode] = len(xs)
-    return LocalFit(s_per_byte=s_per_byte, points=used, rms_rel_error=rms)
+        if not xs:
+            return None
+        x, y, t = np.array(xs), np.array(ys), np.array(ts)
+        lam = max(0.0, float(np.sum(x * y / t**2) / np.sum(x**2 / t**2)))
+        rms[mode] = float(np.sqrt(np.mean(((lam * x - y) / t) ** 2)))
+        return lam
+
+    gathered = lambda p, batch: p * profile.gradient_bytes(batch)  # noqa: E731
+    zero = Model(profile, calibration, LocalFit(s_per_byte={m: 0.0 for m in MODELLED_MODES}, points={},
+                                                rms_rel_error={}))
+    for mode in ("sparse-gather", "dense-reduce", "sparse-as-dense"):
+        scale = gathered if mode not in DENSE_MODES else (lambda p, batch: profile.table_bytes())
+        lam = fit(zero, mode, scale)
+        s_per_byte[mode] = DEFAULT_LOCAL_S_PER_BYTE[mode] if lam is None else lam
+    fitted = Model(profile, calibration, LocalFit(s_per_byte=dict(s_per_byte), points={}, rms_rel_error={}))
+    extra = {mode: lam for mode in ("coalesced-gather", "auto") if (lam := fit(fitted, mode, gathered)) is not None}
+    return LocalFit(s_per_byte=s_per_byte, points=used, rms_rel_error=rms, extra_s_per_byte=extra)
 
 
 def this_machine(calibration: Calibration, profile: Profile, ranks: int, memory_per_rank_bytes=None) -> Machine:

@@ -129,7 +129,8 @@ def run_split(split: Split, records: list[dict], comm_rows: list[dict], backend:
            "comm_rows": calibration.quality.rows, "comm_nps": list(calibration.quality.nps),
            "link": {"alpha_us": calibration.link.alpha_s * 1e6, "beta_ns_per_byte": calibration.link.beta_s_per_byte
                     * 1e9, "gamma_ns_per_byte": calibration.link.gamma_s_per_byte * 1e9},
-           "local_s_per_byte": dict(model.local.s_per_byte), "local_points": dict(model.local.points)}
+           "local_s_per_byte": dict(model.local.s_per_byte), "local_points": dict(model.local.points),
+           "extra_s_per_byte": dict(model.local.extra_s_per_byte)}
     return held_out_points(model, machine, test, split.name), fit
 
 
