@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bench.config import SweepConfig
-from bench.model.calibration import Calibration, FitQuality, read_comm_rows
+from bench.model.calibration import Calibration, FitQuality, fit_link, read_comm_rows
 from bench.model.profile import profile_from_records
 from bench.model.step import LocalFit, Model, this_machine
 from bench.results import atomic_write_json, read_records, write_record
@@ -25,6 +25,7 @@ from tests.test_predict import point_record
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "results" / "reference"
 REFERENCE_COMM = ROOT / "results" / "reference-comm"
+REFERENCE_CLUSTER = ROOT / "results" / "reference-cluster"  # slurm/reference_cluster.sh: a sweep and comm per rate
 ENVIRONMENT = {"cores": 2, "memory_mib": 8192, "cpu_model": "test"}
 TRUE_LOCAL = {"sparse-gather": 1e-9, "dense-reduce": 2e-9}
 
@@ -131,8 +132,11 @@ def test_predict_validate_prints_and_writes_the_out_of_sample_errors(tmp_path):
 
 
 def reference_validation():
+    """The committed one-host reference and the emulated cluster's sweep, with their comm runs."""
     environment = json.loads((REFERENCE / "environment.json").read_text())
-    v = validate(read_records(REFERENCE), read_comm_rows(REFERENCE_COMM), environment=environment)
+    records = read_records(REFERENCE) + [r for sweep in sorted(REFERENCE_CLUSTER.rglob("sweep.json"))
+                                         for r in read_records(sweep.parent)]
+    v = validate(records, read_comm_rows(REFERENCE_COMM) + read_comm_rows(REFERENCE_CLUSTER), environment=environment)
     print(format_validation(v))
     return v
 
@@ -146,4 +150,16 @@ def test_out_of_sample_runs_on_the_committed_reference():
 
 def test_out_of_sample_median_error_within_25_percent_on_the_reference():
     v = reference_validation()
+    assert set(v.fits) == {s.name for s in SPLITS}, v.not_run  # the cluster's points are predicted too
     assert (v.summary["median_abs_rel_error"] <= 0.25).all(), format_validation(v)
+
+
+def test_the_link_fitted_between_emulated_hosts_is_the_link_tc_shaped():
+    """At P = 2 a ring's bytes cross the one link between the two hosts: fitted to the TCP comm rows (those beyond
+    the shaper's burst), 8 / b lands within 15% of the rate tc was configured with, read back from tc by comm."""
+    rows = [r for r in read_comm_rows(REFERENCE_CLUSTER) if r.get("transport") == "tcp" and r["np"] == 2]
+    rates = {r["link_rate_gbps"] for r in rows}
+    assert len(rates) == 1, rates
+    fitted = fit_link(rows, "horovod", transport="tcp")
+    assert fitted.quality.within_burst_rows > 0  # small messages pass at line speed and are left out
+    assert 8 / fitted.link.beta_s_per_byte / 1e9 == pytest.approx(rates.pop(), rel=0.15), fitted

@@ -33,6 +33,9 @@ class FitQuality:
     """sparse-pair rows (two allgathers of indices and values), not fitted: predicted from a and b."""
     holdout_median_rel_error: float | None
     """Median |predicted - measured| / measured over the held-out rows; None without them."""
+    within_burst_rows: int = 0
+    """Rows left out because each rank sent no more than the link shaper's burst (`link_burst_bytes`, a tc token
+    bucket's): such a message crosses at line speed, not at the shaped rate the link is fitted for."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +77,8 @@ def read_comm_rows(folder: str | Path) -> list[dict]:
             # A run's network (bench.comm's record: transport, the link as tc configured it) stands for its rows.
             network = (data.get("network") or {}) if isinstance(data, dict) else {}
             told = {"transport": network.get("transport"),
-                    "link_rate_gbps": (network.get("link") or {}).get("rate_gbps")}
+                    "link_rate_gbps": (network.get("link") or {}).get("rate_gbps"),
+                    "link_burst_bytes": (network.get("link") or {}).get("burst_bytes")}
             rows += [{k: v for k, v in told.items() if v} | r for r in found]
         else:
             with open(place / "comm.csv", newline="") as f:
@@ -119,8 +123,9 @@ def fit_link(rows: Sequence[dict], backend: str = "horovod", source: str = "",
     copy cost."""
     if transport is not None:
         rows = [r for r in rows if r["op"] == "memcpy" or row_transport(r) == transport]
-    fit_rows = [r for r in rows if r["backend"] == backend and r["op"] in ("allreduce", "allgather")
-                and r["np"] >= 2 and r["latency_us_median"] > 0]
+    candidates = [r for r in rows if r["backend"] == backend and r["op"] in ("allreduce", "allgather")
+                  and r["np"] >= 2 and r["latency_us_median"] > 0]
+    fit_rows = [r for r in candidates if not _within_burst(r)]
     if len(fit_rows) < 3:
         have = sorted({r["backend"] for r in rows if r["op"] in ("allreduce", "allgather")})
         raise UsageError(f"{len(fit_rows)} {backend} allreduce/allgather rows at np >= 2 to calibrate from (backends "
@@ -132,7 +137,8 @@ def fit_link(rows: Sequence[dict], backend: str = "horovod", source: str = "",
     link = Link(*map(float, x))
     pred = a @ x
     rel = (pred - t) / t
-    holdout = [r for r in rows if r["backend"] == backend and r["op"] == "sparse-pair" and r["np"] >= 2]
+    holdout = [r for r in rows if r["backend"] == backend and r["op"] == "sparse-pair" and r["np"] >= 2
+               and not _within_burst(r)]
     h_rel = [abs(float(np.dot(collective_terms("sparse-pair", r["np"], _row_bytes(r)), x))
                  - r["latency_us_median"] * 1e-6) / (r["latency_us_median"] * 1e-6) for r in holdout]
     quality = FitQuality(
@@ -140,11 +146,19 @@ def fit_link(rows: Sequence[dict], backend: str = "horovod", source: str = "",
         r2=float(1 - np.sum((pred - t) ** 2) / np.sum((t - t.mean()) ** 2)) if len(t) > 1 else float("nan"),
         rms_rel_error=float(np.sqrt(np.mean(rel ** 2))), max_rel_error=float(np.max(np.abs(rel))),
         median_rel_error=float(np.median(np.abs(rel))), holdout_rows=len(holdout),
-        holdout_median_rel_error=float(np.median(h_rel)) if h_rel else None)
+        holdout_median_rel_error=float(np.median(h_rel)) if h_rel else None,
+        within_burst_rows=len(candidates) - len(fit_rows))
     copies = [r["latency_us_median"] * 1e-6 / _row_bytes(r) for r in rows
               if r["op"] == "memcpy" and _row_bytes(r) >= 1 << 20]
     return Calibration(link=link, copy_s_per_byte=float(np.median(copies)) if copies else None, backend=backend,
                        quality=quality, source=source, transport=transport or "any")
+
+
+def _within_burst(row: dict) -> bool:
+    """Whether each rank sent no more than the burst of the token bucket shaping its link (emulated hosts, tc tbf):
+    the bucket passes that much at line speed, so the row says nothing of the shaped rate."""
+    burst = row.get("link_burst_bytes")
+    return bool(burst) and collective_terms(row["op"], row["np"], _row_bytes(row))[1] <= burst
 
 
 def calibrate(folder: str | Path, backend: str = "horovod") -> Calibration:

@@ -115,22 +115,31 @@ def run_split(split: Split, records: list[dict], comm_rows: list[dict], backend:
     calibration = fit_link(local_rows, backend, source=f"comm rows of {split.name}", transport="shared-memory")
     profile = profile_from_records(train, environment)
     machine = this_machine(calibration, profile, max(r["np"] for r in ok))
+    # The CPU work around the collectives is fitted where the training points ran: on one host.
+    model = Model(profile, calibration, fit_local_work(train, profile, calibration, machine))
+    network = None
     if any(record_transport(r) == "tcp" for r in test):
         if not any(row_transport(row) == "tcp" and row["backend"] == backend for row in comm_rows):
             raise UsageError("no TCP comm rows to fit the link between hosts on: add an `alure-bench comm` run across "
                              "hosts to the calibration folder")
         # Every emulated host shares this machine's cores (ranks_per_node: all of them); the TCP link between them
-        # is fitted to the TCP comm rows alone.
+        # is fitted to the TCP comm rows alone, and the held-out points are predicted over it.
         network = fit_link(comm_rows, backend, source="TCP comm rows", transport="tcp")
         machine = Machine(local=calibration.link, network=network.link, ranks_per_node=machine.ranks_per_node,
                           cores_per_node=machine.cores_per_node)
-    model = Model(profile, calibration, fit_local_work(train, profile, calibration, machine))
     fit = {"sweep_points": len(train), "sweep_nps": sorted({r["np"] for r in train}),
            "comm_rows": calibration.quality.rows, "comm_nps": list(calibration.quality.nps),
            "link": {"alpha_us": calibration.link.alpha_s * 1e6, "beta_ns_per_byte": calibration.link.beta_s_per_byte
                     * 1e9, "gamma_ns_per_byte": calibration.link.gamma_s_per_byte * 1e9},
            "local_s_per_byte": dict(model.local.s_per_byte), "local_points": dict(model.local.points),
            "extra_s_per_byte": dict(model.local.extra_s_per_byte)}
+    if network is not None:
+        fit["network_link"] = {"alpha_us": network.link.alpha_s * 1e6,
+                               "beta_ns_per_byte": network.link.beta_s_per_byte * 1e9,
+                               "gamma_ns_per_byte": network.link.gamma_s_per_byte * 1e9,
+                               "comm_rows": network.quality.rows, "comm_nps": list(network.quality.nps),
+                               "r2": network.quality.r2, "median_rel_error": network.quality.median_rel_error,
+                               "within_burst_rows": network.quality.within_burst_rows}
     return held_out_points(model, machine, test, split.name), fit
 
 
@@ -167,6 +176,14 @@ def format_validation(v: Validation) -> str:
         lines.append(f"  {split}: fitted on {fit['sweep_points']} sweep points at np "
                      f"{','.join(map(str, fit['sweep_nps']))} and {fit['comm_rows']} comm rows at np "
                      f"{','.join(map(str, fit['comm_nps']))}")
+        if "network_link" in fit:
+            n = fit["network_link"]
+            lines.append(f"    the link between hosts, fitted to {n['comm_rows']} TCP comm rows at np "
+                         f"{','.join(map(str, n['comm_nps']))}: a = {n['alpha_us']:.1f} us, b = "
+                         f"{n['beta_ns_per_byte']:.3f} ns/B ({8 / n['beta_ns_per_byte']:.3g} Gb/s), g = "
+                         f"{n['gamma_ns_per_byte']:.3f} ns/B; R^2 {n['r2']:.3f}, median |error| "
+                         f"{n['median_rel_error']:.0%} ({n['within_burst_rows']} rows within the shaper's burst left "
+                         f"out)")
         for r in v.summary[v.summary["split"] == split].itertuples():
             lines.append(f"    {r.mode:>16}: {r.points} points at np {r.nps}: step time median "
                          f"{r.median_abs_rel_error:.0%}, max {r.max_abs_rel_error:.0%}; peak memory median "
