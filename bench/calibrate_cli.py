@@ -48,7 +48,7 @@ def link_check(cal, rows: list[dict]) -> str | None:
 
 def comm_configs(args: argparse.Namespace) -> list:
     """One CommConfig per rank count, all checked before anything is measured."""
-    from bench.comm import CommConfig, parse_numbers, parse_size
+    from bench.cli.comm import CommConfig, parse_numbers, parse_size
     nps = parse_numbers(args.nps, int, "--nps")
     if any(p < 2 for p in nps):
         raise UsageError(f"--nps {args.nps}: a link needs at least 2 ranks; give counts of 2 or more, e.g. 2,3,4")
@@ -68,9 +68,9 @@ def cpu_costs(results: Path | None, comm_dir: Path, backend: str):
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from bench.calibration_store import default_folder, save_calibration, this_host
-    from bench.comm import results_dir, run_comm
+    from bench.cli.comm import results_dir, run_comm
     from bench.costmodel import fit_links_by_transport, read_comm_rows
-    from bench.results import ensure_writable
+    from bench.results.records import ensure_writable
 
     configs = comm_configs(args)
     results = Path(args.results) if args.results else None
@@ -112,7 +112,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cores() -> int:
-    from bench.launch import physical_cores
+    from bench.launch.mpirun import physical_cores
     return physical_cores()
 
 
@@ -127,7 +127,7 @@ def _count(text: str) -> int:
 
 
 def register(sub) -> None:
-    from bench.comm_rank import BACKENDS
+    from bench.ranks.comm_rank import BACKENDS
     p = sub.add_parser("calibrate", help="measure this host's collectives (comm at --nps ranks), fit a, b, g per "
                                          "transport and file them for the auto mode",
                        description=__doc__.split("\n\n")[1])

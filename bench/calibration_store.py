@@ -64,7 +64,7 @@ class HostIdentity:
 
 def this_host(transport: str) -> HostIdentity:
     """The identity of the host this process runs on, for ranks exchanging through `transport`."""
-    from bench.environment import cpu_model, mpi_library
+    from bench.launch.environment import cpu_model, mpi_library
     mpi = mpi_library()
     return HostIdentity(cpu_model=cpu_model(), cores=len(os.sched_getaffinity(0)),
                         mpi_library=mpi.get("library") or f"unknown ({mpi.get('error', 'no mpi4py')})",
@@ -78,7 +78,7 @@ def calibration_path(folder: Path, identity: HostIdentity) -> Path:
 def save_calibration(folder: Path, identity: HostIdentity, calibration, costs, comm_dir: Path | str,
                      arguments: dict) -> Path:
     """Write the calibration of `identity` (replacing an older one of the same host and transport)."""
-    from bench.results import atomic_write_json, ensure_writable
+    from bench.results.records import atomic_write_json, ensure_writable
     path = calibration_path(ensure_writable(Path(folder)), identity)
     atomic_write_json(path, {"kind": FILE_KIND, "version": FILE_VERSION,
                              "created": datetime.now().astimezone().isoformat(timespec="seconds"),

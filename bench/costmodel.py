@@ -624,8 +624,8 @@ def _geometry_cached(config_json: str, reference_batch: int) -> tuple[tuple[Tabl
 
 def profile_from_records(records: list[dict], environment: dict | None = None) -> Profile:
     """The Profile of a sweep: its workload from the np=1 points' config, its np=1 step from their phases."""
-    from bench.config import PointConfig
-    from bench.worker import workload_config
+    from bench.plan.config import PointConfig
+    from bench.ranks.worker import workload_config
 
     base = [r for r in records if r["status"] == "ok" and r["np"] == 1]
     if not base:
@@ -660,7 +660,7 @@ def profile_from_records(records: list[dict], environment: dict | None = None) -
 
 
 def _cores() -> int:
-    from bench.launch import physical_cores
+    from bench.launch.mpirun import physical_cores
     return physical_cores()
 
 
@@ -906,7 +906,7 @@ def this_machine(calibration: Calibration, profile: Profile, ranks: int, memory_
 
 def build_model(sweep_dir: str | Path, comm_dir: str | Path, backend: str = "horovod") -> Model:
     """Calibrate everything from a sweep folder and a comm folder."""
-    from bench.results import read_records
+    from bench.results.records import read_records
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise UsageError(f"results folder {sweep_dir} not found: give a folder written by `alure-bench sweep`")

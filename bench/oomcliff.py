@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.config import SweepConfig
+from bench.plan.config import SweepConfig
 from bench.errors import UsageError
 
 MARGIN_MIB = 32.0
@@ -98,10 +98,10 @@ def check(derivation: CapDerivation, capped: pd.DataFrame) -> pd.DataFrame:
 
 
 def cmd_oom_demo(args: argparse.Namespace) -> int:
-    from bench.report import write_report
-    from bench.results import atomic_write_json
-    from bench.sweep import SweepInterrupted, run_sweep, start_sweep
-    from bench.sweep_cli import default_out
+    from bench.results.report import write_report
+    from bench.results.records import atomic_write_json
+    from bench.plan.sweep import SweepInterrupted, run_sweep, start_sweep
+    from bench.cli.sweep import default_out
 
     config = SweepConfig.from_toml(args.config)
     if set(config.modes) != set(MODES) or "weak" not in config.scalings:

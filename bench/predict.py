@@ -22,10 +22,10 @@ import pandas as pd
 from bench.calibrate_cli import format_calibration, link_check
 from bench.costmodel import (MODES, Machine, Model, build_model, cpu_factor, fit_links_by_transport, network_link,
                              read_comm_rows, this_machine)
-from bench.sweep_cli import int_list
+from bench.cli.sweep import int_list
 from bench.errors import UsageError
-from bench.results import atomic_write_json, atomic_write_text, ensure_writable
-from bench.scaling import efficiency
+from bench.results.records import atomic_write_json, atomic_write_text, ensure_writable
+from bench.results.scaling import efficiency
 
 DEFAULT_RESULTS = Path("results/reference")
 DEFAULT_CALIBRATION = Path("results/reference-comm")
@@ -74,7 +74,7 @@ def prediction_table(model: Model, machine: Machine, nps: list[int], batch_per_r
 def measured_vs_predicted(model: Model, sweep_dir: str | Path, machine: Machine | None = None) -> pd.DataFrame:
     """The sweep's own ok points (median over repeats) beside the model's step time for them on the machine that
     measured them: columns scaling, mode, np, batch_per_rank, oversubscribed, measured_ms, predicted_ms, ratio."""
-    from bench.results import load
+    from bench.results.records import load
     df = load(sweep_dir)
     ok = df[df["status"] == "ok"]
     if ok.empty:
@@ -194,7 +194,7 @@ def write_plots(table: pd.DataFrame, crossover: pd.DataFrame, machine: Machine, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bench.plots import MODE_COLORS
+    from bench.results.plots import MODE_COLORS
 
     written = []
 
@@ -335,7 +335,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                       "the sweep's own points on the machine that measured them (in sample):", format_check(check)])
     validation = None
     if args.validate:
-        from bench.results import read_records
+        from bench.results.records import read_records
         from bench.validation import format_validation, validate
         validation = validate(read_records(results), comm_rows, backend=args.backend, environment=environment)
         text += "\n\n" + format_validation(validation)

@@ -11,8 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bench import lifetime
-from bench.launch import json_after, run_ranks
+from bench.launch import lifetime
+from bench.launch.mpirun import json_after, run_ranks
 
 RANK_SCRIPTS = Path(__file__).parent / "ranks"
 RECORD_MARKER = "RANK_RECORD "

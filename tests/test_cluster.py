@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bench.hosts import (LINK_CHECK_BOUNDS, cluster_dir, link_fraction_rows, network_of_ranks, parse_hosts)
+from bench.launch.hosts import (LINK_CHECK_BOUNDS, cluster_dir, link_fraction_rows, network_of_ranks, parse_hosts)
 from bench.errors import UsageError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,7 +122,7 @@ def test_host_lists_and_what_a_record_says_about_the_network():
 
 
 def test_the_launcher_goes_through_the_agent_and_confines_tcp_to_the_subnet():
-    from bench.launch import Launcher
+    from bench.launch.mpirun import Launcher
     launcher = Launcher(single_host=False, hosts=("node1", "node2", "node3"), ranks_per_host=2, agent="/a.sh",
                         tcp_subnet="198.18.0.0/24", interface="eth0")
     cmd = launcher.command(3, ["python", "-c", "print('x y')"])
@@ -135,9 +135,9 @@ def test_the_launcher_goes_through_the_agent_and_confines_tcp_to_the_subnet():
     assert env["HOROVOD_GLOO_IFACE"] == env["GLOO_SOCKET_IFNAME"] == "eth0"
     # Horovod over Gloo: every rank is wrapped, told where mpirun put the ranks and where rank 0 serves the
     # rendezvous.
-    gloo = shlex.split(replace(launcher, controller="gloo").command(3, ["python", "-m", "bench.worker", "--x"])[2])
-    wrapped = gloo[gloo.index("bench.gloo_rendezvous") + 1:]
-    assert wrapped[:4] == ["--hosts", "node1:2,node2:1", "--addr", "node1"] and wrapped[-2:] == ["bench.worker", "--x"]
+    gloo = shlex.split(replace(launcher, controller="gloo").command(3, ["python", "-m", "bench.ranks.worker", "--x"])[2])
+    wrapped = gloo[gloo.index("bench.launch.gloo_rendezvous") + 1:]
+    assert wrapped[:4] == ["--hosts", "node1:2,node2:1", "--addr", "node1"] and wrapped[-2:] == ["bench.ranks.worker", "--x"]
 
 
 # --- the cluster itself ---------------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ def test_a_rank_killed_on_the_second_host_fails_its_point_and_the_sweep_goes_on(
                              "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         def rank_on_node2():
-            return [p for p in processes_in("alure-node2") if "bench.worker" in " ".join(p.cmdline())
+            return [p for p in processes_in("alure-node2") if "bench.ranks.worker" in " ".join(p.cmdline())
                     and Path(p.cmdline()[0]).name.startswith("python")]
         victims = wait_for(rank_on_node2, 90, "the rank on node2")
         time.sleep(3)  # into its training steps
@@ -247,7 +247,7 @@ def test_a_rank_killed_on_the_second_host_fails_its_point_and_the_sweep_goes_on(
     assert got["strong-dense-reduce-np2-r0"]["status"] == "ok", stdout + stderr[-2000:]
     assert got["strong-dense-reduce-np2-r0"]["hosts"] == ["node1", "node2"]
     assert proc.returncode == 1
-    assert not processes_in("alure-node2") or all("bench.worker" not in " ".join(p.cmdline())
+    assert not processes_in("alure-node2") or all("bench.ranks.worker" not in " ".join(p.cmdline())
                                                   for p in processes_in("alure-node2"))
 
 

@@ -8,13 +8,13 @@ import sys
 import pytest
 
 from bench import cli
-from bench.comm import (LAUNCH_FIELDS, ROW_FIELDS, busbw_factor, busbw_ratios, comm_row, crossover_density,
+from bench.cli.comm import (LAUNCH_FIELDS, ROW_FIELDS, busbw_factor, busbw_ratios, comm_row, crossover_density,
                         describe_crossover, launch_order, parse_env_setting, parse_size, rank_max, ratio_verdict,
                         setting_ratios, split_iters)
-from bench.comm_rank import geometry, split_sizes
+from bench.ranks.comm_rank import geometry, split_sizes
 from bench.errors import UsageError
-from bench.launch import ALLOCATORS, DEFAULT_ALLOCATOR, HOROVOD_SETTINGS, mpi_environment
-from bench.transport import VARIABLE
+from bench.launch.mpirun import ALLOCATORS, DEFAULT_ALLOCATOR, HOROVOD_SETTINGS, mpi_environment
+from bench.launch.transport import VARIABLE
 
 
 # --- figures ------------------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ import sys
 import pandas as pd
 import pytest
 
-from bench.compare import compare
-from bench.results import load
+from bench.results.compare import compare
+from bench.results.records import load
 from tests.test_cli_errors import assert_one_line_error
 from tests.test_predict import make_sweep
 

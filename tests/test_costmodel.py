@@ -5,14 +5,14 @@ import math
 import numpy as np
 import pytest
 
-from bench.comm import comm_row, write_csv_atomic
+from bench.cli.comm import comm_row, write_csv_atomic
 from bench.costmodel import (DEFAULT_COSTS, ELEMENT_BYTES, INDEX_BYTES, VALUE_BYTES, Calibration, ExchangeCosts,
                              FitQuality, Link, LocalFit, Machine, Model, Profile, Table, allgather_s, allreduce_s,
                              calibrate, choose_dense, choose_mode, cpu_factor, dense_table_s, fit_link,
                              fit_links_by_transport, gathered_bytes, load_costs, nnls, read_comm_rows, sparse_table_s,
                              table_memory_bytes, tied_embedding_rows)
 from bench.errors import UsageError
-from bench.results import atomic_write_json
+from bench.results.records import atomic_write_json
 
 LINK = Link(alpha_s=20e-6, beta_s_per_byte=1e-9, gamma_s_per_byte=0.25e-9)
 
@@ -129,7 +129,7 @@ def test_fitted_bandwidth_is_set_beside_the_link_rate_tc_configured(tmp_path):
 
 
 def test_calibration_reads_what_alure_bench_comm_writes(tmp_path):
-    from bench.comm import EXTRA_FIELDS, ROW_FIELDS
+    from bench.cli.comm import EXTRA_FIELDS, ROW_FIELDS
     rows = synthetic_rows(LINK, nps=(2,))
     (tmp_path / "np2").mkdir()
     atomic_write_json(tmp_path / "np2" / "comm.json", {"kind": "comm", "rows": rows})

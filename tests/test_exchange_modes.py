@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.config import FIXED_MODES, MODES
+from bench.plan.config import FIXED_MODES, MODES
 from tests.conftest import launch
 
 pytestmark = pytest.mark.mpi

@@ -14,11 +14,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bench import lifetime
-from bench.capacity import (DEFAULT_RANKS_PER_CORE, RUNTIME_MIB, Hosts, check_launch, parse_sinfo, rank_floor_mib,
+from bench.launch import lifetime
+from bench.plan.capacity import (DEFAULT_RANKS_PER_CORE, RUNTIME_MIB, Hosts, check_launch, parse_sinfo, rank_floor_mib,
                             this_host)
 from bench.errors import UsageError
-from bench.folder_lock import LOCK_FILE, exclusive_writer
+from bench.results.folder_lock import LOCK_FILE, exclusive_writer
 from tests.conftest import SESSION, describe
 
 CLI = [sys.executable, "-m", "bench.cli"]
@@ -60,11 +60,11 @@ def launched(session: str) -> list[psutil.Process]:
 
 
 def ranks(session: str) -> list[psutil.Process]:
-    """The rank programs proper (bench.worker), past their guard."""
+    """The rank programs proper (bench.ranks.worker), past their guard."""
     found = []
     for p in launched(session):
         try:
-            if "bench.worker" in p.cmdline() and "rank_guard" not in " ".join(p.cmdline()):
+            if "bench.ranks.worker" in p.cmdline() and "rank_guard" not in " ".join(p.cmdline()):
                 found.append(p)
         except psutil.Error:
             pass

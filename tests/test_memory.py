@@ -1,7 +1,7 @@
 """The training's own memory: the kernel's high-water mark reset once the workload is built, read per phase."""
 import pytest
 
-from bench.memory import PeakProbe, rss_mib
+from bench.ranks.memory import PeakProbe, rss_mib
 from tests.conftest import launch
 
 SPIKE_MIB = 600

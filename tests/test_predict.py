@@ -11,10 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.config import PointConfig, SweepConfig
-from bench.exchange import ExchangeCounters
-from bench.results import atomic_write_json, write_record
-from bench.scaling import PHASES
+from bench.plan.config import PointConfig, SweepConfig
+from bench.ranks.exchange import ExchangeCounters
+from bench.results.records import atomic_write_json, write_record
+from bench.results.scaling import PHASES
 from tests.test_costmodel import LINK, synthetic_rows
 from tests.test_cli_errors import assert_one_line_error
 
@@ -27,7 +27,7 @@ def cli(*args, timeout=180):
 
 def point_record(point: PointConfig, step_ms: float, rss_mib: float = 400.0, held: float = 0.0) -> dict:
     """A point's record as the worker writes it, for made-up per-rank measurements."""
-    from bench.worker import build_record
+    from bench.ranks.worker import build_record
     steps = 5
     phases = {"data": 0.05, "forward": 0.3, "backward": 0.45, "exchange_wait": 0.1 if point.np > 1 else 0.0,
               "optimizer": 0.1}
@@ -57,7 +57,7 @@ def make_sweep(folder: Path, nps=(1, 2, 4), slowdown: dict | None = None, failed
     for point in config.plan():
         key = (point.scaling, point.mode, point.np)
         if failed and key in failed:
-            from bench.sweep import failure_record
+            from bench.plan.sweep import failure_record
             write_record(folder, failure_record(point, "oom", "rank 1: MemoryError", 1.0, "2025-01-01"))
             continue
         base = 40.0 if point.scaling == "weak" else 40.0 / point.np

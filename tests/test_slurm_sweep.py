@@ -20,8 +20,8 @@ import pandas as pd
 import psutil
 import pytest
 
-from bench import slurm
-from bench.config import PointConfig, SweepConfig
+from bench.slurm import jobs as slurm
+from bench.plan.config import PointConfig, SweepConfig
 from bench.errors import UsageError
 from tests.test_cli_errors import assert_one_line_error
 from tests.test_slurm_cluster import slurm_cluster  # noqa: F401 - the fixture
@@ -207,8 +207,8 @@ def sweep_ranks(out: Path) -> dict[str, list[psutil.Process]]:
     found: dict[str, list[psutil.Process]] = {}
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        # mpirun's and srun's command lines name bench.worker too: ranks are the python processes.
-        if "bench.worker" in cmd and Path(cmd[0]).name.startswith("python") and str(out) in cmd:
+        # mpirun's and srun's command lines name bench.ranks.worker too: ranks are the python processes.
+        if "bench.ranks.worker" in cmd and Path(cmd[0]).name.startswith("python") and str(out) in cmd:
             point = PointConfig.from_dict(json.loads(cmd[cmd.index("--point") + 1]))
             found.setdefault(point.point_id, []).append(p)
     return found

@@ -17,9 +17,9 @@ from alure.pipeline import graph_stage, neighbor_precision_sharded, refresh_stag
 from alure.refresh import compress
 from alure.stages import GRAPH_STRATEGIES
 from alure.train import train
-from bench.config import PointConfig, SweepConfig
+from bench.plan.config import PointConfig, SweepConfig
 from bench.errors import UsageError
-from bench.summary import SUMMARY_COLUMNS
+from bench.results.summary import SUMMARY_COLUMNS
 
 CLI = [sys.executable, "-m", "bench.cli"]
 

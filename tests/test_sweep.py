@@ -11,8 +11,8 @@ import pandas as pd
 import psutil
 import pytest
 
-from bench import lifetime
-from bench.summary import SUMMARY_COLUMNS
+from bench.launch import lifetime
+from bench.results.summary import SUMMARY_COLUMNS
 from tests.conftest import SESSION
 
 pytestmark = pytest.mark.mpi
@@ -36,8 +36,8 @@ def workers() -> list[psutil.Process]:
             cmd = p.cmdline()
         except psutil.Error:
             continue
-        # mpirun's own command line names bench.worker too: ranks are the python processes.
-        if "bench.worker" in cmd and Path(cmd[0]).name.startswith("python"):
+        # mpirun's own command line names bench.ranks.worker too: ranks are the python processes.
+        if "bench.ranks.worker" in cmd and Path(cmd[0]).name.startswith("python"):
             found.append(p)
     return found
 

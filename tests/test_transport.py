@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from bench import transport
-from bench.launch import mpi_environment
+from bench.launch import transport
+from bench.launch.mpirun import mpi_environment
 
 pytestmark = pytest.mark.mpi
 
@@ -78,7 +78,7 @@ def test_a_mechanism_already_set_wins_without_a_probe(tmp_path, monkeypatch):
 
 def test_the_deny_hook_really_refuses_process_vm_readv():
     # The hook is a kernel filter, not a flag the probe reads: under it a process cannot even read itself.
-    code = ("import ctypes, os; from bench.transport import deny_cma, read_peer; "
+    code = ("import ctypes, os; from bench.launch.transport import deny_cma, read_peer; "
             "buf = ctypes.create_string_buffer(b'12345678'); "
             "print(read_peer(os.getpid(), ctypes.addressof(buf), 8)); deny_cma(); "
             "print(read_peer(os.getpid(), ctypes.addressof(buf), 8))")

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.config import SweepConfig
+from bench.plan.config import SweepConfig
 from bench.costmodel import (Calibration, FitQuality, LocalFit, Model, profile_from_records, read_comm_rows,
                              this_machine)
-from bench.results import atomic_write_json, read_records, write_record
+from bench.results.records import atomic_write_json, read_records, write_record
 from bench.validation import SPLITS, format_validation, record_transport, validate
 from tests.test_costmodel import LINK, synthetic_rows
 from tests.test_predict import point_record

@@ -1,0 +1,117 @@
+"""`alure-bench pipeline`: the whole ALURE pipeline (train -> refresh -> graph -> retrieval) and its quality.
+
+np=1 runs in this process with no MPI at all; np>1 launches ranks that exchange through Horovod, and rank 0
+prints the result as one JSON line for this process to read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+
+from alure.stages import DEFAULT_GRAPH_STRATEGY, GRAPH_STRATEGIES
+from bench.plan.capacity import add_oversubscribe_flag, check_launch, rank_floor_mib, this_host
+from bench.plan.config import MODES
+from bench.errors import UsageError
+from bench.launch.hosts import add_host_flags, check_fits, launcher_from_args, shares_one_machine
+from bench.launch.mpirun import LOCAL, Launcher, json_after, python_module_argv, run_ranks, threads_per_rank
+
+RESULT_PREFIX = "ALURE_PIPELINE_RESULT "
+
+
+def workload(preset_name: str, seed: int | None):
+    from alure.config import preset
+    config = preset(preset_name)
+    return config if seed is None else replace(config, seed=seed)
+
+
+def run_local(preset_name: str, seed: int | None, graph_strategy: str) -> dict:
+    import torch
+    from alure.exchange import LocalExchange
+    from alure.pipeline import run_pipeline
+    torch.set_num_threads(threads_per_rank(1))
+    return run_pipeline(workload(preset_name, seed), LocalExchange(), graph_strategy)
+
+
+def run_distributed(np_: int, preset_name: str, seed: int | None, mode: str, timeout_s: float,
+                    graph_strategy: str, launcher: Launcher = LOCAL) -> dict:
+    argv = python_module_argv("bench.cli.pipeline", "--rank-entry", "--preset", preset_name, "--mode", mode,
+                              "--graph-strategy", graph_strategy,
+                              *(["--seed", str(seed)] if seed is not None else []))
+    run = run_ranks(np_, argv, timeout_s=timeout_s, launcher=launcher)
+    results = json_after(run.stdout, RESULT_PREFIX)
+    if run.timed_out:
+        raise UsageError(f"the pipeline on {np_} ranks ran past {timeout_s:g} s: raise --timeout")
+    if run.returncode != 0 or not results:
+        last = [line for line in run.stderr.splitlines() if line.strip()][-1:] or ["no error output"]
+        raise UsageError(f"the pipeline on {np_} ranks failed (exit {run.returncode}): {last[0]}")
+    return results[0]
+
+
+def rank_entry(args: argparse.Namespace) -> int:
+    """What each rank runs under mpirun."""
+    import torch
+    from alure.pipeline import run_pipeline
+    from bench.ranks.exchange import HorovodExchange
+    exchange = HorovodExchange(args.mode)
+    torch.set_num_threads(threads_per_rank(exchange.size))
+    result = run_pipeline(workload(args.preset, args.seed), exchange, args.graph_strategy)
+    if exchange.rank == 0:
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
+    exchange.shutdown()
+    return 0
+
+
+def format_result(result: dict, np_: int, mode: str) -> str:
+    recall_key = next(k for k in result if k.startswith("recall_at_"))
+    lines = [f"ALURE pipeline, np={np_}" + (f", {mode}" if np_ > 1 else ", one process")
+             + f", k-NN graph by {result['graph_strategy']}",
+             f"  training loss           {result['loss_start']:.4f} -> {result['loss_end']:.4f}",
+             f"  neighbour precision@10  {result['neighbor_precision_at_10']:.3f}",
+             f"  {recall_key.replace('_at_', '@'):24}" + "  ".join(f"{k} {v:.3f}" for k, v in result[recall_key].items()),
+             "  stage seconds           " + "  ".join(f"{k} {v:.1f}" for k, v in result["stage_seconds"].items())]
+    return "\n".join(lines)
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    if args.rank_entry:
+        return rank_entry(args)
+    if args.np < 1:
+        raise UsageError(f"--np must be at least 1 (got {args.np})")
+    config = workload(args.preset, args.seed)  # a bad preset fails here, before any rank starts
+    launcher = launcher_from_args(args)
+    check_fits(launcher, [args.np])
+    if not launcher.hosts or shares_one_machine(list(launcher.hosts)):  # remote hosts' memory is not ours
+        check_launch(args.np, rank_floor_mib(config), this_host(), flag="--np",
+                     ranks_per_core=args.oversubscribe_limit, what=f", preset {args.preset}")
+    if args.np == 1 and not launcher.hosts:
+        result = run_local(args.preset, args.seed, args.graph_strategy)
+    else:
+        result = run_distributed(args.np, args.preset, args.seed, args.mode, args.timeout,
+                                 args.graph_strategy, launcher)
+    print(json.dumps(result, indent=2) if args.json else format_result(result, args.np, args.mode))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("pipeline", help="run the ALURE pipeline (train, refresh, similarity graph, ads retrieval) "
+                                        "and print its quality and stage times")
+    p.add_argument("--np", type=int, default=1, help="MPI processes (1: one plain process, no MPI)")
+    p.add_argument("--preset", default="default", help="workload preset: tiny, default or large")
+    p.add_argument("--mode", default="dense-reduce", choices=MODES, help="gradient exchange when np > 1")
+    p.add_argument("--graph-strategy", default=DEFAULT_GRAPH_STRATEGY, choices=GRAPH_STRATEGIES,
+                   help="exact k-NN across ranks: ring passes embedding blocks between neighbours (memory per rank "
+                        "falls with np), replicate allgathers them all (same graph either way)")
+    p.add_argument("--seed", type=int, help="seed of the world and the weights (default: the preset's)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds before a multi-rank run is killed")
+    add_oversubscribe_flag(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object (the names of docs/design.md)")
+    add_host_flags(p)
+    p.add_argument("--rank-entry", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_pipeline)
+
+
+if __name__ == "__main__":
+    from bench.cli import main
+    sys.exit(main(["pipeline", *sys.argv[1:]]))

@@ -1,0 +1,244 @@
+"""The per-rank worker: build this rank's shard of the workload, warm up, run timed steps phase by phase, and
+let rank 0 write the point's record. Launched on every rank by the sweep as `python -m bench.ranks.worker`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+from dataclasses import replace
+from datetime import datetime, timezone
+from typing import NamedTuple
+
+import numpy as np
+
+from bench.plan.config import PointConfig
+from bench.ranks.memory import (PeakProbe, apply_mem_limit, apply_training_mem_limit, looks_like_oom, peak_rss_mib,
+                          rss_mib)
+from bench.results.records import SCHEMA_VERSION, write_record
+from bench.results.scaling import PHASES, rank_skew, slowest_rank_per_step, spread, throughput_samples_per_s
+from bench.launch.hosts import link_as_configured, network_of_ranks, shares_one_machine
+from bench.launch.mpirun import is_oversubscribed, physical_cores
+
+RANK_ERROR_MARKER = "ALURE_BENCH_RANK_ERROR"
+"""Prefix of the one stderr line a failing rank leaves for the sweep to classify the failure."""
+
+
+def batch_sizes(point: PointConfig, preset_batch: int) -> tuple[int, int]:
+    """(per-rank, global) batch: weak keeps the per-rank batch, strong the global one."""
+    if point.scaling == "weak":
+        per_rank = point.batch_per_rank or preset_batch
+        return per_rank, per_rank * point.np
+    global_batch = point.global_batch or preset_batch
+    if global_batch % point.np:
+        raise ValueError(f"global batch {global_batch} does not split over {point.np} ranks: choose a global "
+                         f"batch divisible by every np")
+    return global_batch // point.np, global_batch
+
+
+def workload_config(point: PointConfig):
+    """The alure config this point trains: its preset, its overrides, its seed and per-rank batch."""
+    from alure.config import preset
+    base = preset(point.preset)
+    # A stage other than train covers every user whatever the ranks: it keeps the preset's batch.
+    per_rank = batch_sizes(point, base.batch_size)[0] if point.stage == "train" else base.batch_size
+    return replace(base, **{**point.workload, "seed": point.seed, "batch_size": per_rank})
+
+
+class StepMeasurement(NamedTuple):
+    """One instrumented training step of one rank."""
+
+    ms: dict
+    """Milliseconds per phase."""
+    moved: dict
+    """What the exchange moved and made: bench.ranks.exchange.ExchangeCounters, plus bytes_sent/_held/_received."""
+    density: dict | None
+    """The gradient density, if asked for."""
+    peak_mib: dict
+    """Peak resident set during each phase (the kernel's high-water mark, reset as the phase starts); empty
+    without a probe."""
+    probe_ms: float
+    """What the memory probe's resets and reads cost in this step (outside every phase's clock)."""
+
+
+def instrumented_step(trainer, exchange, measure_density: bool = False,
+                      probe: PeakProbe | None = None) -> StepMeasurement:
+    """One training step, phase by phase as `Trainer.train_step` runs it, with a clock around each phase and, with a
+    probe, the memory high-water mark reset before and read after each phase (outside the clocks)."""
+    exchange.counters.reset()
+    ms, peak, probe_s = {}, {}, 0.0
+
+    def timed(phase, run):
+        nonlocal probe_s
+        if probe is not None:
+            t = time.perf_counter()
+            probe.reset()
+            probe_s += time.perf_counter() - t
+        t = time.perf_counter()
+        out = run()
+        ms[phase] = (time.perf_counter() - t) * 1000
+        if probe is not None:
+            t = time.perf_counter()
+            peak[phase] = probe.peak_mib()
+            probe_s += time.perf_counter() - t
+        return out
+
+    batch = timed("data", trainer.next_batch)
+    loss = timed("forward", lambda: trainer.forward(batch))
+    timed("backward", lambda: trainer.backward(loss))
+    # Counting touched rows costs a coalesce: kept out of every phase (the exchange runs on meanwhile, so callers ask
+    # for it on a warm-up step only).
+    density = trainer.gradient_density() if measure_density else None
+    timed("exchange_wait", trainer.synchronize)
+    timed("optimizer", trainer.step)
+    counters = exchange.counters
+    moved = {**counters.as_dict(), "bytes_sent": counters.bytes_sent, "bytes_held": counters.bytes_held,
+             "bytes_received": counters.bytes_received(exchange.size)}
+    return StepMeasurement({p: ms[p] for p in PHASES}, moved, density, peak, probe_s * 1000)
+
+
+def measure(point: PointConfig, exchange) -> dict:
+    """Run the point on this rank; return this rank's raw measurements."""
+    import torch
+    from alure.train import Trainer
+
+    torch.set_num_threads(point.threads_per_rank)  # the same at every np: see RunSettings.threads_per_rank
+    trainer = Trainer(workload_config(point), exchange)
+    apply_training_mem_limit(point.train_mem_limit_mib)  # from here on, only what training adds is capped
+    build_peak = peak_rss_mib()  # the kernel's mark since the process began: imports, world, model
+    probe = PeakProbe()  # returns freed heap and resets the mark: from here on, peaks are the training's own
+    baseline_rss = rss_mib()  # after the model is built: growth beyond it is the training's own
+    density = None
+    for i in range(point.warmup_steps):
+        density = instrumented_step(trainer, exchange, measure_density=i == point.warmup_steps - 1).density or density
+    warmup_peak = probe.peak_mib()
+    steps = [instrumented_step(trainer, exchange, measure_density=density is None and i == 0, probe=probe)
+             for i in range(point.steps)]
+    probe.close()
+    density = density or steps[0].density
+    phase_ms = {p: [s.ms[p] for s in steps] for p in PHASES}
+    moved = {k: float(np.median([s.moved[k] for s in steps])) for k in steps[0].moved}
+    phase_peak = {p: max(s.peak_mib[p] for s in steps) for p in PHASES}
+    train_peak = max(phase_peak.values())
+    return {
+        "rank": exchange.rank, "host": socket.gethostname(), "pid": os.getpid(), "host_cores": physical_cores(),
+        "step_time_ms": [sum(s.ms.values()) for s in steps], "phase_ms": phase_ms,
+        "baseline_rss_mib": baseline_rss,
+        # the largest of the windows the probe saw: build, warm-up and every timed phase (the kernel's own lifetime
+        # mark is reset by the probe)
+        "peak_rss_mib": max(build_peak, warmup_peak, train_peak),
+        "build_peak_rss_mib": build_peak, "warmup_peak_rss_mib": warmup_peak,
+        "train_peak_rss_mib": train_peak, "phase_peak_rss_mib": phase_peak,
+        "rss_growth_mib": train_peak - baseline_rss,
+        "memory_probe": probe.method, "memory_probe_ms": [s.probe_ms for s in steps],
+        "exchange": moved,  # medians over timed steps of bench.ranks.exchange.ExchangeCounters, per rank per step
+        "exchange_bytes_held": moved["bytes_held"], "exchange_bytes_sent": moved["bytes_sent"],
+        "exchange_bytes_received": moved["bytes_received"],
+        "gradient_density": density["items"], "gradient_density_tables": density,
+    }
+
+
+EXCHANGE_METRICS = ("allgather_calls", "allreduce_calls", "allgather_bytes_held", "allreduce_bytes_held",
+                    "allgather_rows_sent", "allgather_rows_held", "allreduce_ring_bytes", "densify_bytes",
+                    "coalesced_bytes", "resparsified_bytes")
+"""Counters of bench.ranks.exchange.ExchangeCounters a record's metrics carry (the largest rank's median per step)."""
+
+
+def build_record(point: PointConfig, ranks: list[dict], wall_seconds: float, started_at: str) -> dict:
+    """Rank 0's record of an ok point, from every rank's measurements."""
+    ranks = sorted(ranks, key=lambda r: r["rank"])
+    step_ms = np.array([r["step_time_ms"] for r in ranks])  # [ranks, steps]
+    slowest = slowest_rank_per_step(step_ms)
+    slowest_rank = step_ms.argmax(axis=0)
+    stats = spread(slowest)
+    per_rank, global_batch = batch_sizes(point, _preset_batch(point))
+    # The breakdown follows the rank that set the pace in each step, so the phases add up to the step time.
+    phase_ms = {p: float(np.median([ranks[r]["phase_ms"][p][s] for s, r in enumerate(slowest_rank)]))
+                for p in PHASES}
+    metrics = {
+        "step_time_ms": stats["median"], "step_time_ms_p10": stats["p10"], "step_time_ms_p90": stats["p90"],
+        "throughput_samples_per_s": throughput_samples_per_s(global_batch, stats["median"]),
+        "rank_skew": rank_skew(step_ms), "phase_ms": phase_ms,
+        **{k: max(r[k] for r in ranks) for k in ("peak_rss_mib", "rss_growth_mib", "build_peak_rss_mib",
+                                                 "train_peak_rss_mib", "exchange_bytes_held", "exchange_bytes_sent",
+                                                 "exchange_bytes_received", "gradient_density")},
+        "phase_peak_rss_mib": {p: max(r["phase_peak_rss_mib"][p] for r in ranks) for p in PHASES},
+        "memory_probe": "; ".join(sorted({r["memory_probe"] for r in ranks})),
+        "memory_probe_ms": float(np.median([r["memory_probe_ms"] for r in ranks])),
+        **{k: max(r["exchange"][k] for r in ranks) for k in EXCHANGE_METRICS},
+    }
+    network = network_of_ranks(ranks)
+    # Emulated hosts (slurm/cluster.sh) are namespaces of this one machine: their ranks time-share its cores.
+    shared = network["transport"] == "tcp" and shares_one_machine(network["hosts"])
+    return {
+        "schema_version": SCHEMA_VERSION, "point_id": point.point_id, "point": point.as_dict(), "status": "ok",
+        "reason": None, "started_at": started_at, "wall_seconds": wall_seconds,
+        "oversubscribed": hosts_oversubscribed(ranks) or (shared and is_oversubscribed(point.np)), "np": point.np,
+        "threads_per_rank": point.threads_per_rank,
+        "batch_per_rank": per_rank, "global_batch": global_batch,
+        **network,  # hosts, ranks_per_host, transport
+        "horovod_controller": os.environ.get("HOROVOD_CONTROLLER", "mpi"),
+        # This host's egress as tc has it (the emulated cluster shapes every host alike); only between hosts.
+        "link": link_as_configured() if network["transport"] == "tcp" else None,
+        "step_time_ms_slowest_rank": slowest.tolist(), "metrics": metrics, "ranks": ranks,
+    }
+
+
+def hosts_oversubscribed(ranks: list[dict]) -> bool:
+    """More ranks on some host than that host has cores (counted per host, so multi-node runs are judged right)."""
+    per_host: dict[str, list[dict]] = {}
+    for r in ranks:
+        per_host.setdefault(r["host"], []).append(r)
+    return any(len(rs) > rs[0]["host_cores"] for rs in per_host.values())
+
+
+def _preset_batch(point: PointConfig) -> int:
+    from alure.config import preset
+    return preset(point.preset).batch_size
+
+
+def report_failure(rank: int, err: BaseException) -> None:
+    """Leave one classified line for the sweep, then the traceback for whoever reads the log."""
+    text = "".join(traceback.format_exception(err))
+    status = "oom" if isinstance(err, MemoryError) or looks_like_oom(text) else "failed"
+    reason = f"rank {rank}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:500]
+    print(f"{RANK_ERROR_MARKER} " + json.dumps({"rank": rank, "status": status, "reason": reason}),
+          file=sys.stderr, flush=True)
+    print(text, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ranks.worker")
+    parser.add_argument("--point", required=True, help="the PointConfig as JSON")
+    parser.add_argument("--out", required=True, help="the sweep's results folder")
+    args = parser.parse_args(argv)
+    point = PointConfig.from_dict(json.loads(args.point))
+    apply_mem_limit(point.mem_limit_mib)
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    start = time.perf_counter()
+    rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMIX_RANK", "0")))
+    try:
+        from bench.ranks.exchange import HorovodExchange
+        exchange = HorovodExchange(point.mode)
+        rank = exchange.rank
+        if exchange.size != point.np:
+            raise RuntimeError(f"launched with {exchange.size} ranks for a point of np={point.np}")
+        mine = measure(point, exchange)
+        ranks = exchange.allgather_object(mine)
+        if rank == 0:
+            write_record(args.out, build_record(point, ranks, time.perf_counter() - start, started_at))
+        exchange.shutdown()
+    except BaseException as err:  # noqa: BLE001 - every failure must reach the sweep classified
+        report_failure(rank, err)
+        sys.stderr.flush()
+        # A rank that fails mid-collective would leave its peers waiting forever: end this process now and
+        # let mpirun take the others down.
+        os._exit(1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

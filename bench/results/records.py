@@ -1,0 +1,98 @@
+"""The results folder: atomic writes, point records, and the one loader that pandas users call.
+
+<root>/<sweep>/
+    sweep.json          the resolved SweepConfig
+    environment.json    bench.launch.environment.capture_environment()
+    points/<id>.json    one record per point (status ok | failed | oom | timeout, with the reason)
+    summary.csv, report.md, *.png   derived by bench.results.report; rebuilt at will
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from bench.errors import UsageError
+
+SCHEMA_VERSION = 1
+"""Version of the point record layout; a record of another version is refused with a way to mend it."""
+STATUSES = ("ok", "failed", "oom", "timeout")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` so that a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def ensure_writable(folder: str | Path) -> Path:
+    """Create `folder` and prove it takes a file, before any point is measured into it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test.", delete=True)
+        probe.close()
+    except OSError as err:
+        raise UsageError(f"results folder {folder} is not writable ({err.strerror}): choose another with --out "
+                         f"or fix its permissions") from None
+    return folder
+
+
+def point_path(sweep_dir: Path, point_id: str) -> Path:
+    return Path(sweep_dir) / "points" / f"{point_id}.json"
+
+
+def write_record(sweep_dir: Path, record: dict) -> Path:
+    path = point_path(sweep_dir, record["point_id"])
+    atomic_write_json(path, record)
+    return path
+
+
+def read_record(path: Path) -> dict:
+    """One point record, checked for its schema version."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise UsageError(f"point record {path} is not valid JSON ({err.msg}): delete it and rerun with --resume") \
+            from None
+    version = record.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise UsageError(f"point record {path} has schema version {version}, this alure-bench reads "
+                         f"{SCHEMA_VERSION}: rerun that sweep with --resume into a new folder, or use the "
+                         f"alure-bench version that wrote it")
+    point = record.get("point") or {}
+    if point.get("threads_per_rank") == 0 and record.get("threads_per_rank"):
+        # Written when 0 meant "cores // np": the point ran with the thread count its record resolved.
+        point["threads_per_rank"] = record["threads_per_rank"]
+    return record
+
+
+def read_records(sweep_dir: str | Path) -> list[dict]:
+    """Every point record of a sweep folder, in file-name order."""
+    points = Path(sweep_dir) / "points"
+    if not points.is_dir():
+        raise UsageError(f"{sweep_dir} has no points/ folder: give the folder a sweep wrote")
+    return [read_record(p) for p in sorted(points.glob("*.json"))]
+
+
+def load(sweep_dir: str | Path) -> pd.DataFrame:
+    """The sweep as one pandas table, one row per point (the summary.csv columns and more)."""
+    from bench.results.summary import summarize
+    return summarize(read_records(sweep_dir))
