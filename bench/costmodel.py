@@ -625,7 +625,7 @@ def _geometry_cached(config_json: str, reference_batch: int) -> tuple[tuple[Tabl
 def profile_from_records(records: list[dict], environment: dict | None = None) -> Profile:
     """The Profile of a sweep: its workload from the np=1 points' config, its np=1 step from their phases."""
     from bench.plan.config import PointConfig
-    from bench.ranks.worker import workload_config
+    from bench.plan.workload import workload_config
 
     base = [r for r in records if r["status"] == "ok" and r["np"] == 1]
     if not base:

@@ -12,7 +12,8 @@ import psutil
 import pytest
 
 from bench.launch import lifetime
-from bench.launch.mpirun import json_after, run_ranks
+from bench.launch.mpirun import run_ranks
+from bench.launch.rank_output import json_after
 
 RANK_SCRIPTS = Path(__file__).parent / "ranks"
 RECORD_MARKER = "RANK_RECORD "

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from bench.launch import transport
-from bench.launch.mpirun import mpi_environment
+from bench.launch.mpirun import mpi_environment, run_ranks
 
 pytestmark = pytest.mark.mpi
 
@@ -58,13 +58,13 @@ def test_probe_runs_once_per_host_then_reads_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ALURE_BENCH_CACHE", str(tmp_path))
     monkeypatch.delenv(transport.DENY_HOOK, raising=False)
     monkeypatch.delenv(transport.VARIABLE, raising=False)
-    first = transport.choice()
+    first = transport.choice(run_ranks)
     assert first["source"] == "probe" and first["single_copy_mechanism"] in ("cma", "none")
     # What the probe found agrees with its own evidence: CMA chosen exactly when it worked.
     assert (first["single_copy_mechanism"] == "cma") == (first["cma_works"] is True), first
     files = list((tmp_path / "transport").glob("*.json"))
     assert [f.name for f in files] == [f"{first['host']}-ompi{first['open_mpi']}.json"]
-    second = transport.choice()
+    second = transport.choice(run_ranks)
     assert second["source"] == "cache" and second["probed_at"] == first["probed_at"]
     assert mpi_environment(2, base={})[transport.VARIABLE] == first["single_copy_mechanism"]
 

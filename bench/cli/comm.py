@@ -39,7 +39,8 @@ from bench.launch.hosts import (add_host_flags, check_fits, hosts_launcher, laun
 from bench.results.records import atomic_write_json, atomic_write_text, ensure_writable
 from bench.results.scaling import busbw_factor
 from bench.launch.mpirun import (HOROVOD_SETTINGS, LOCAL, Launcher, is_oversubscribed, mpi_environment, physical_cores,
-                          python_module_argv, run_ranks)
+                                 run_ranks)
+from bench.launch.rank_output import python_module_argv
 
 ROW_FIELDS = ("backend", "op", "np", "size_bytes", "latency_us_median", "latency_us_min", "latency_us_max",
               "algbw_gbps", "busbw_gbps")

@@ -107,7 +107,7 @@ def sweep_config_from_args(args: argparse.Namespace, **fixed) -> SweepConfig:
 def _check_workload(config: SweepConfig) -> None:
     """Build every point's workload config here, so a bad preset, override or batch split fails before anything
     launches (not as a failed point minutes into the sweep)."""
-    from bench.ranks.worker import workload_config
+    from bench.plan.workload import workload_config
     for point in config.plan():
         try:
             workload_config(point)

@@ -104,10 +104,11 @@ def shared_memory_record() -> dict:
     """The shared-memory mechanism launches use here and where it came from (the environment, or the probe of
     bench.launch.transport with its reason)."""
     from bench.launch import transport
+    from bench.launch.mpirun import run_ranks
     if os.environ.get(transport.VARIABLE):
         return {"single_copy_mechanism": os.environ[transport.VARIABLE], "source": "environment",
                 "reason": f"{transport.VARIABLE} was set before launch"}
-    return transport.choice()
+    return transport.choice(run_ranks)
 
 
 def capture_environment() -> dict:

@@ -5,7 +5,6 @@ Everything that launches ranks (sweeps, the pipeline, comm benchmarks, tests) go
 """
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -79,7 +78,7 @@ def mpi_environment(np: int, base: dict[str, str] | None = None, *, single_host:
     env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     # Shared memory's large-message copy: cross-memory attach (one copy) where this host allows it, else
     # copy-in/copy-out; probed once per host and cached (bench/launch/transport.py). A value already set wins.
-    env[transport.VARIABLE] = transport.mechanism(env)
+    env[transport.VARIABLE] = transport.mechanism(env, run_ranks)
     for name, value in HOROVOD_SETTINGS.items():
         env.setdefault(name, value)
     allocator = env.setdefault(ALLOCATOR_VARIABLE, DEFAULT_ALLOCATOR)
@@ -182,25 +181,6 @@ class Launcher:
 
 
 LOCAL = Launcher()
-
-
-def python_module_argv(module: str, *args: str) -> list[str]:
-    """The argv that runs `python -m module args` with this interpreter (the venv's)."""
-    return [sys.executable, "-m", module, *args]
-
-
-def json_after(text: str, marker: str) -> list:
-    """Every JSON value that follows `marker` in the merged output of ranks. mpirun forwards each rank's output in
-    chunks, so one rank's line can land in the middle of another's: decode values where they start, not lines."""
-    decoder, found, at = json.JSONDecoder(), [], 0
-    while (at := text.find(marker, at)) != -1:
-        at += len(marker)
-        try:
-            value, at = decoder.raw_decode(text, at)
-            found.append(value)
-        except json.JSONDecodeError:
-            pass
-    return found
 
 
 @dataclass(slots=True)

@@ -6,7 +6,7 @@ between the ranks) or through a shared bounce buffer (copy-in/copy-out, `none`: 
 is about twice as fast from 1 MiB up, but sandboxes refuse it: Docker's default seccomp profile blocks
 process_vm_readv, and Yama's ptrace_scope 2 or 3 forbids attaching to a sibling.
 
-`mechanism()` answers with the fastest one that works here. It asks a tiny two-rank check once per host and
+`mechanism(base, run_ranks)` answers with the fastest one that works here. It asks a tiny two-rank check once per host and
 Open MPI version (`probe`: two ranks read each other's memory with process_vm_readv directly, then allgather 1 MiB
 with CMA forced and check the data and Open MPI's complaints), caches the answer in the suite's cache folder, and
 falls back to `none` only where CMA is refused, saying so in one line.
@@ -61,16 +61,19 @@ def cache_path(host: str, version: str, denied: bool) -> Path:
     return cache_dir() / f"{host}-ompi{version}{'-denycma' if denied else ''}.json"
 
 
-def mechanism(base: dict[str, str] | None = None) -> str:
+def mechanism(base: dict[str, str] | None, run_ranks) -> str:
     """The value for VARIABLE: what `base` (default: this process's environment) already says, else the probed
-    choice of this host."""
+    choice of this host (`run_ranks`: see `choice`)."""
     env = os.environ if base is None else base
-    return env.get(VARIABLE) or choice()["single_copy_mechanism"]
+    return env.get(VARIABLE) or choice(run_ranks)["single_copy_mechanism"]
 
 
-def choice() -> dict:
+def choice(run_ranks) -> dict:
     """This host's probed choice, from the cache when it holds one for this host and Open MPI version:
-    {single_copy_mechanism: cma|none, cma_works, reason, host, open_mpi, probed_at, source: probe|cache}."""
+    {single_copy_mechanism: cma|none, cma_works, reason, host, open_mpi, probed_at, source: probe|cache}.
+
+    `run_ranks` is bench.launch.mpirun.run_ranks, handed in by the caller: every launch asks this module for the
+    mechanism first, so this module cannot import the launcher without an import circle."""
     host, version = socket.gethostname(), open_mpi_version()
     denied = os.environ.get(DENY_HOOK) == "1"
     if version is None:
@@ -83,18 +86,18 @@ def choice() -> dict:
             return _say(cached | {"source": "cache"})
     except (OSError, ValueError):
         pass
-    record = probe(host, version, denied)
+    record = probe(host, version, run_ranks, denied)
     if record["cma_works"] is not None:  # a probe that could not run is not an answer to keep
         _write_cache(path, record)
     return _say(record | {"source": "probe"})
 
 
-def probe(host: str, version: str, denied: bool = False, timeout_s: float = 60) -> dict:
-    """Run the two-rank check with CMA forced; `none` unless every rank read its peer and the data came through
-    with no complaint from Open MPI."""
+def probe(host: str, version: str, run_ranks, denied: bool = False, timeout_s: float = 60) -> dict:
+    """Run the two-rank check with CMA forced (through `run_ranks`, see `choice`); `none` unless every rank read its
+    peer and the data came through with no complaint from Open MPI."""
     from datetime import datetime, timezone
 
-    from bench.launch.mpirun import json_after, python_module_argv, run_ranks
+    from bench.launch.rank_output import json_after, python_module_argv
     env = dict(os.environ, **{VARIABLE: "cma"})
     argv = python_module_argv("bench.launch.transport", "--rank", *(["--deny-cma"] if denied else []))
     run = run_ranks(2, argv, timeout_s=timeout_s, env=env)
@@ -206,7 +209,8 @@ if __name__ == "__main__":
         version = open_mpi_version()
         if version is None:
             sys.exit("alure-bench: mpirun not found: run `make setup` first")
-        record = probe(socket.gethostname(), version, os.environ.get(DENY_HOOK) == "1")
+        from bench.launch.mpirun import run_ranks  # run as a script, this module is __main__: no circle
+        record = probe(socket.gethostname(), version, run_ranks, os.environ.get(DENY_HOOK) == "1")
         if record["cma_works"] is not None:
             _write_cache(cache_path(record["host"], version, record["deny_hook"]), record)
         print(json.dumps(record, indent=2))

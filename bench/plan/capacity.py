@@ -233,7 +233,7 @@ def check_sweep(config, *, flag: str, ranks_per_core: int = DEFAULT_RANKS_PER_CO
                 layout=None) -> None:
     """Every np of a SweepConfig against `hosts` (default this host). `layout(np)` -> (nodes, ranks per node) for
     Slurm arrays."""
-    from bench.ranks.worker import workload_config
+    from bench.plan.workload import workload_config
     hosts = hosts or this_host()
     point = config.plan()[0]  # the parameters are the same at every point: only the batch differs
     rank_mib = rank_floor_mib(workload_config(point), config.mem_limit_mib)

@@ -17,7 +17,8 @@ from bench.plan.config import PointConfig, SweepConfig
 from bench.launch.environment import capture_environment, launch_environment
 from bench.errors import UsageError
 from bench.launch.interrupts import Interrupted, signals_interrupt
-from bench.launch.mpirun import LOCAL, Launcher, is_oversubscribed, json_after, python_module_argv, run_ranks
+from bench.launch.mpirun import LOCAL, Launcher, is_oversubscribed, run_ranks
+from bench.launch.rank_output import json_after, python_module_argv
 from bench.ranks.memory import looks_like_oom
 from bench.results.records import (SCHEMA_VERSION, atomic_write_json, atomic_write_text, ensure_writable, point_path,
                            read_record, write_record)

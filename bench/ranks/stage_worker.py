@@ -27,7 +27,8 @@ from bench.launch.mpirun import physical_cores, threads_per_rank
 from bench.ranks.memory import apply_mem_limit, peak_rss_mib
 from bench.results.records import SCHEMA_VERSION, write_record
 from bench.results.scaling import rank_skew, slowest_rank_per_step, spread
-from bench.ranks.worker import hosts_oversubscribed, report_failure, workload_config
+from bench.plan.workload import workload_config
+from bench.ranks.worker import hosts_oversubscribed, report_failure
 
 STATUS = "/proc/self/status"
 

@@ -9,13 +9,13 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import replace
 from datetime import datetime, timezone
 from typing import NamedTuple
 
 import numpy as np
 
 from bench.plan.config import PointConfig
+from bench.plan.workload import batch_sizes, preset_batch, workload_config
 from bench.ranks.memory import (PeakProbe, apply_mem_limit, apply_training_mem_limit, looks_like_oom, peak_rss_mib,
                           rss_mib)
 from bench.results.records import SCHEMA_VERSION, write_record
@@ -25,27 +25,6 @@ from bench.launch.mpirun import is_oversubscribed, physical_cores
 
 RANK_ERROR_MARKER = "ALURE_BENCH_RANK_ERROR"
 """Prefix of the one stderr line a failing rank leaves for the sweep to classify the failure."""
-
-
-def batch_sizes(point: PointConfig, preset_batch: int) -> tuple[int, int]:
-    """(per-rank, global) batch: weak keeps the per-rank batch, strong the global one."""
-    if point.scaling == "weak":
-        per_rank = point.batch_per_rank or preset_batch
-        return per_rank, per_rank * point.np
-    global_batch = point.global_batch or preset_batch
-    if global_batch % point.np:
-        raise ValueError(f"global batch {global_batch} does not split over {point.np} ranks: choose a global "
-                         f"batch divisible by every np")
-    return global_batch // point.np, global_batch
-
-
-def workload_config(point: PointConfig):
-    """The alure config this point trains: its preset, its overrides, its seed and per-rank batch."""
-    from alure.config import preset
-    base = preset(point.preset)
-    # A stage other than train covers every user whatever the ranks: it keeps the preset's batch.
-    per_rank = batch_sizes(point, base.batch_size)[0] if point.stage == "train" else base.batch_size
-    return replace(base, **{**point.workload, "seed": point.seed, "batch_size": per_rank})
 
 
 class StepMeasurement(NamedTuple):
@@ -154,7 +133,7 @@ def build_record(point: PointConfig, ranks: list[dict], wall_seconds: float, sta
     slowest = slowest_rank_per_step(step_ms)
     slowest_rank = step_ms.argmax(axis=0)
     stats = spread(slowest)
-    per_rank, global_batch = batch_sizes(point, _preset_batch(point))
+    per_rank, global_batch = batch_sizes(point, preset_batch(point))
     # The breakdown follows the rank that set the pace in each step, so the phases add up to the step time.
     phase_ms = {p: float(np.median([ranks[r]["phase_ms"][p][s] for s, r in enumerate(slowest_rank)]))
                 for p in PHASES}
@@ -193,11 +172,6 @@ def hosts_oversubscribed(ranks: list[dict]) -> bool:
     for r in ranks:
         per_host.setdefault(r["host"], []).append(r)
     return any(len(rs) > rs[0]["host_cores"] for rs in per_host.values())
-
-
-def _preset_batch(point: PointConfig) -> int:
-    from alure.config import preset
-    return preset(point.preset).batch_size
 
 
 def report_failure(rank: int, err: BaseException) -> None:

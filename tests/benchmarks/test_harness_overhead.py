@@ -4,7 +4,8 @@ ranks in one run, and reports the ratio of their block medians (slowest rank). T
 in full mode only (ALURE_BENCH_FULL=1), since a speed target is no pass/fail test on a noisy machine."""
 import pytest
 
-from bench.launch.mpirun import json_after, python_module_argv, run_ranks
+from bench.launch.mpirun import run_ranks
+from bench.launch.rank_output import json_after, python_module_argv
 from tests.benchmarks.mode import FULL, pick
 
 TARGET = 1.02
