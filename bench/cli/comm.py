@@ -41,6 +41,7 @@ from bench.results.scaling import busbw_factor
 from bench.launch.mpirun import (HOROVOD_SETTINGS, LOCAL, Launcher, is_oversubscribed, mpi_environment, physical_cores,
                                  run_ranks)
 from bench.launch.rank_output import python_module_argv
+from bench.ranks.handback import collect, failures
 
 ROW_FIELDS = ("backend", "op", "np", "size_bytes", "latency_us_median", "latency_us_min", "latency_us_max",
               "algbw_gbps", "busbw_gbps")
@@ -410,11 +411,13 @@ def launch_program(spec: dict, np: int, timeout_s: float, extra_env: dict[str, s
         spec_path.write_text(json.dumps(spec))
         run = run_ranks(np, python_module_argv("bench.ranks.comm_rank", str(spec_path)), timeout_s=timeout_s, env=env,
                         launcher=launcher)
-        files = sorted(Path(work).glob("rank*.json"), key=lambda p: int(p.stem[4:]))
-        records = [json.loads(p.read_text()) for p in files]
+        handed = collect(work)
+    records = [h["result"] for h in handed if h["status"] == "ok"]
     if run.timed_out:
         return LaunchResult(error=f"timed out after {run.seconds:.0f} s (lower --max-bytes or --iters)",
                             seconds=run.seconds)
+    if failed := failures(handed):
+        return LaunchResult(error=failed[0]["reason"], seconds=run.seconds)
     if run.returncode != 0 or len(records) != np:
         last = next((line for line in reversed(run.stderr.strip().splitlines())
                      if line.strip() and not line.startswith(("---", "  "))), "no output")

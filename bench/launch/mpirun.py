@@ -10,7 +10,6 @@ import shlex
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 

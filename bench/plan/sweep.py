@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.plan.config import PointConfig, SweepConfig
-from bench.launch.environment import capture_environment, launch_environment
 from bench.errors import UsageError
+from bench.launch.environment import capture_environment, launch_environment
 from bench.launch.interrupts import Interrupted, signals_interrupt
 from bench.launch.mpirun import LOCAL, Launcher, is_oversubscribed, run_ranks
-from bench.launch.rank_output import json_after, python_module_argv
+from bench.launch.rank_output import python_module_argv
+from bench.plan.config import PointConfig, SweepConfig
+from bench.ranks.handback import collect, failures
 from bench.ranks.memory import looks_like_oom
+from bench.ranks.point_program import point_argv
 from bench.results.records import (SCHEMA_VERSION, atomic_write_json, atomic_write_text, ensure_writable, point_path,
-                           read_record, write_record)
-from bench.ranks.worker import RANK_ERROR_MARKER
+                                   read_record, utc_now, write_record)
 
 SWEEP_FILE = "sweep.json"
 
@@ -37,14 +38,14 @@ def sigterm_interrupts():
     return signals_interrupt()
 
 
-def classify_failure(timed_out: bool, returncode: int | None, stderr: str, timeout_s: float) -> tuple[str, str]:
-    """(status, reason) of a launch that left no ok record."""
+def classify_failure(timed_out: bool, returncode: int | None, stderr: str, timeout_s: float,
+                     failed: list[dict] = ()) -> tuple[str, str]:
+    """(status, reason) of a launch that left no ok record; `failed`: what failing ranks handed back
+    (bench.ranks.handback.failures), the reason of first resort."""
     if timed_out:
         return "timeout", f"ran past its timeout of {timeout_s:g} s and was killed"
-    markers = json_after(stderr, RANK_ERROR_MARKER + " ")
-    if markers:
-        worst = next((m for m in markers if m["status"] == "oom"), markers[0])
-        return worst["status"], worst["reason"]
+    if failed:
+        return failed[0]["status"], failed[0]["reason"]
     if looks_like_oom(stderr):
         return "oom", "out of memory: " + _first_line_matching(stderr, looks_like_oom)
     signalled = re.search(r"exited on signal (\d+) \(([^)]*)\)", stderr)
@@ -75,16 +76,29 @@ def worker_module(point: PointConfig) -> str:
 def run_point(point: PointConfig, sweep_dir: Path, launcher: Launcher = LOCAL) -> tuple[dict, float]:
     """Measure one point on local ranks; always returns (and has written) its record, with the launch's wall
     time."""
-    path = point_path(sweep_dir, point.point_id)
-    path.unlink(missing_ok=True)  # an old record must never pass for this run's
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    argv = python_module_argv(worker_module(point), "--point", json.dumps(point.as_dict()), "--out", str(sweep_dir))
-    run = run_ranks(point.np, argv, timeout_s=point.timeout_s, launcher=launcher)
+    point_path(sweep_dir, point.point_id).unlink(missing_ok=True)  # an old record must never pass for this run's
+    started_at = utc_now()
+    # In the sweep's folder: the one place every host of a multi-host launch (or Slurm task) writes to.
+    handback = Path(sweep_dir) / "handback" / point.point_id
+    shutil.rmtree(handback, ignore_errors=True)
+    handback.mkdir(parents=True)
+    argv = python_module_argv(worker_module(point), *point_argv(point, str(handback)))
+    try:
+        run = run_ranks(point.np, argv, timeout_s=point.timeout_s, launcher=launcher)
+        handed = collect(handback)
+    finally:
+        shutil.rmtree(handback, ignore_errors=True)
+        try:
+            handback.parent.rmdir()  # gone once no point is running
+        except OSError:
+            pass
     atomic_write_text(Path(sweep_dir) / "logs" / f"{point.point_id}.log",
                       f"$ {' '.join(argv)}\n--- stdout\n{run.stdout}\n--- stderr\n{run.stderr}")
-    if run.returncode == 0 and not run.timed_out and path.exists():
-        return read_record(path), run.seconds
-    status, reason = classify_failure(run.timed_out, run.returncode, run.stderr, point.timeout_s)
+    rank0 = next((h for h in handed if h["rank"] == 0), None)
+    if run.returncode == 0 and not run.timed_out and rank0 and rank0["status"] == "ok" and rank0["result"]:
+        write_record(sweep_dir, rank0["result"])
+        return rank0["result"], run.seconds
+    status, reason = classify_failure(run.timed_out, run.returncode, run.stderr, point.timeout_s, failures(handed))
     record = failure_record(point, status, reason, run.seconds, started_at, launcher)
     write_record(sweep_dir, record)
     return record, run.seconds

@@ -1,7 +1,8 @@
 """Rank side of `alure-bench comm` and `alure-bench crossover`: one communication backend per process, timed calls.
 
-`bench.cli.comm` launches `python -m bench.ranks.comm_rank SPEC.json` on every rank through `bench.launch.mpirun`; each rank writes
-its own per-iteration times to `<spec["work_dir"]>/rank<r>.json` and the launcher takes the maximum over ranks.
+`bench.cli.comm` launches `python -m bench.ranks.comm_rank SPEC.json` on every rank through `bench.launch.mpirun`; each
+rank hands its own per-iteration times back in `spec["work_dir"]` (bench.ranks.handback) and the launcher takes the
+maximum over ranks.
 torch, Horovod and mpi4py are imported inside the backend that needs them, so the launcher imports the geometry
 and the timing loop from here at no cost, and a Horovod process never loads mpi4py (its background thread makes
 mpi4py collectives 2-8x slower on the 2-core reference machine).
@@ -333,10 +334,14 @@ def run_crossover(spec: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    from bench.ranks.handback import hand_back, hand_back_failure, launched_rank
     spec = json.loads(Path(argv[0]).read_text())
-    record = run_crossover(spec) if spec["program"] == "crossover" else run_comm(spec)
-    # The launcher reads this only after every rank has exited, so a plain write is enough.
-    (Path(spec["work_dir"]) / f"rank{record['rank']}.json").write_text(json.dumps(record))
+    try:
+        record = run_crossover(spec) if spec["program"] == "crossover" else run_comm(spec)
+    except BaseException as err:  # noqa: BLE001 - the launcher reports the failing rank's reason
+        hand_back_failure(spec["work_dir"], launched_rank(), err)
+        return 1
+    hand_back(spec["work_dir"], record["rank"], record)
     return 0
 
 

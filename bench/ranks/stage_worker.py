@@ -5,30 +5,29 @@ depend on what the weights learnt), prepares the stage's input untimed (the grap
 embeddings, retrieval the graph), then runs the whole stage: warm-up repetitions, then timed ones, each started
 at a barrier. Per repetition it records its time, what the stage's collectives and ring transfers moved, and the
 stage's own peak memory: the kernel's high-water mark is reset just before the repetition, so the world and
-whatever came before are not counted. Rank 0 writes the point's record, in the schema of training points.
+whatever came before are not counted. Rank 0 builds the point's record, in the schema of training points
+(bench.ranks.point_program hands it back).
 Launched by the sweep as `python -m bench.ranks.stage_worker`.
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
-import json
 import os
 import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 
 import numpy as np
 
-from bench.plan.config import PointConfig
 from bench.launch.mpirun import physical_cores, threads_per_rank
-from bench.ranks.memory import apply_mem_limit, peak_rss_mib
-from bench.results.records import SCHEMA_VERSION, write_record
-from bench.results.scaling import rank_skew, slowest_rank_per_step, spread
+from bench.plan.config import PointConfig
 from bench.plan.workload import workload_config
-from bench.ranks.worker import hosts_oversubscribed, report_failure
+from bench.ranks import point_program
+from bench.ranks.memory import peak_rss_mib
+from bench.ranks.worker import hosts_oversubscribed
+from bench.results.records import SCHEMA_VERSION
+from bench.results.scaling import rank_skew, slowest_rank_per_step, spread
 
 STATUS = "/proc/self/status"
 
@@ -232,31 +231,7 @@ def build_stage_record(point: PointConfig, ranks: list[dict], wall_seconds: floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.ranks.stage_worker")
-    parser.add_argument("--point", required=True, help="the PointConfig as JSON")
-    parser.add_argument("--out", required=True, help="the sweep's results folder")
-    args = parser.parse_args(argv)
-    point = PointConfig.from_dict(json.loads(args.point))
-    apply_mem_limit(point.mem_limit_mib)
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    start = time.perf_counter()
-    rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMIX_RANK", "0")))
-    try:
-        from bench.ranks.exchange import HorovodExchange
-        exchange = HorovodExchange(point.mode)
-        rank = exchange.rank
-        if exchange.size != point.np:
-            raise RuntimeError(f"launched with {exchange.size} ranks for a point of np={point.np}")
-        mine = measure_stage(point, exchange)
-        ranks = exchange.allgather_object(mine)
-        if rank == 0:
-            write_record(args.out, build_stage_record(point, ranks, time.perf_counter() - start, started_at))
-        exchange.shutdown()
-    except BaseException as err:  # noqa: BLE001 - every failure must reach the sweep classified
-        report_failure(rank, err)
-        sys.stderr.flush()
-        os._exit(1)  # a rank that fails mid-collective would leave its peers waiting: end now (as bench.ranks.worker)
-    return 0
+    return point_program.main("python -m bench.ranks.stage_worker", measure_stage, build_stage_record, argv)
 
 
 if __name__ == "__main__":

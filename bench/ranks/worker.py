@@ -1,30 +1,24 @@
 """The per-rank worker: build this rank's shard of the workload, warm up, run timed steps phase by phase, and
-let rank 0 write the point's record. Launched on every rank by the sweep as `python -m bench.ranks.worker`."""
+let rank 0 build the point's record (bench.ranks.point_program hands it back). Launched on every rank by the sweep
+as `python -m bench.ranks.worker`."""
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import socket
 import sys
 import time
-import traceback
-from datetime import datetime, timezone
 from typing import NamedTuple
 
 import numpy as np
 
-from bench.plan.config import PointConfig
-from bench.plan.workload import batch_sizes, preset_batch, workload_config
-from bench.ranks.memory import (PeakProbe, apply_mem_limit, apply_training_mem_limit, looks_like_oom, peak_rss_mib,
-                          rss_mib)
-from bench.results.records import SCHEMA_VERSION, write_record
-from bench.results.scaling import PHASES, rank_skew, slowest_rank_per_step, spread, throughput_samples_per_s
 from bench.launch.hosts import link_as_configured, network_of_ranks, shares_one_machine
 from bench.launch.mpirun import is_oversubscribed, physical_cores
-
-RANK_ERROR_MARKER = "ALURE_BENCH_RANK_ERROR"
-"""Prefix of the one stderr line a failing rank leaves for the sweep to classify the failure."""
+from bench.plan.config import PointConfig
+from bench.plan.workload import batch_sizes, preset_batch, workload_config
+from bench.ranks import point_program
+from bench.ranks.memory import PeakProbe, apply_training_mem_limit, peak_rss_mib, rss_mib
+from bench.results.records import SCHEMA_VERSION
+from bench.results.scaling import PHASES, rank_skew, slowest_rank_per_step, spread, throughput_samples_per_s
 
 
 class StepMeasurement(NamedTuple):
@@ -174,44 +168,8 @@ def hosts_oversubscribed(ranks: list[dict]) -> bool:
     return any(len(rs) > rs[0]["host_cores"] for rs in per_host.values())
 
 
-def report_failure(rank: int, err: BaseException) -> None:
-    """Leave one classified line for the sweep, then the traceback for whoever reads the log."""
-    text = "".join(traceback.format_exception(err))
-    status = "oom" if isinstance(err, MemoryError) or looks_like_oom(text) else "failed"
-    reason = f"rank {rank}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:500]
-    print(f"{RANK_ERROR_MARKER} " + json.dumps({"rank": rank, "status": status, "reason": reason}),
-          file=sys.stderr, flush=True)
-    print(text, file=sys.stderr, flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.ranks.worker")
-    parser.add_argument("--point", required=True, help="the PointConfig as JSON")
-    parser.add_argument("--out", required=True, help="the sweep's results folder")
-    args = parser.parse_args(argv)
-    point = PointConfig.from_dict(json.loads(args.point))
-    apply_mem_limit(point.mem_limit_mib)
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    start = time.perf_counter()
-    rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMIX_RANK", "0")))
-    try:
-        from bench.ranks.exchange import HorovodExchange
-        exchange = HorovodExchange(point.mode)
-        rank = exchange.rank
-        if exchange.size != point.np:
-            raise RuntimeError(f"launched with {exchange.size} ranks for a point of np={point.np}")
-        mine = measure(point, exchange)
-        ranks = exchange.allgather_object(mine)
-        if rank == 0:
-            write_record(args.out, build_record(point, ranks, time.perf_counter() - start, started_at))
-        exchange.shutdown()
-    except BaseException as err:  # noqa: BLE001 - every failure must reach the sweep classified
-        report_failure(rank, err)
-        sys.stderr.flush()
-        # A rank that fails mid-collective would leave its peers waiting forever: end this process now and
-        # let mpirun take the others down.
-        os._exit(1)
-    return 0
+    return point_program.main("python -m bench.ranks.worker", measure, build_record, argv)
 
 
 if __name__ == "__main__":

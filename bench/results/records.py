@@ -4,6 +4,8 @@
     sweep.json          the resolved SweepConfig
     environment.json    bench.launch.environment.capture_environment()
     points/<id>.json    one record per point (status ok | failed | oom | timeout, with the reason)
+    logs/<id>.log       the launch's command line and everything its ranks printed
+    handback/<id>/      while a point runs: what each rank hands back (bench.ranks.handback); removed after
     summary.csv, report.md, *.png   derived by bench.results.report; rebuilt at will
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +23,11 @@ from bench.errors import UsageError
 SCHEMA_VERSION = 1
 """Version of the point record layout; a record of another version is refused with a way to mend it."""
 STATUSES = ("ok", "failed", "oom", "timeout")
+
+
+def utc_now() -> str:
+    """Now, as every record and note of the suite stamps it: UTC, ISO 8601, to the second."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
