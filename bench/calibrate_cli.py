@@ -48,7 +48,7 @@ def link_check(cal, rows: list[dict]) -> str | None:
 
 def comm_configs(args: argparse.Namespace) -> list:
     """One CommConfig per rank count, all checked before anything is measured."""
-    from bench.cli.comm import CommConfig, parse_numbers, parse_size
+    from bench.plan.comm_config import CommConfig, parse_numbers, parse_size
     nps = parse_numbers(args.nps, int, "--nps")
     if any(p < 2 for p in nps):
         raise UsageError(f"--nps {args.nps}: a link needs at least 2 ranks; give counts of 2 or more, e.g. 2,3,4")

@@ -101,7 +101,7 @@ def cmd_oom_demo(args: argparse.Namespace) -> int:
     from bench.results.report import write_report
     from bench.results.records import atomic_write_json
     from bench.plan.sweep import SweepInterrupted, run_sweep, start_sweep
-    from bench.cli.sweep import default_out
+    from bench.results.records import default_out
 
     config = SweepConfig.from_toml(args.config)
     if set(config.modes) != set(MODES) or "weak" not in config.scalings:

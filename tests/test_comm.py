@@ -8,13 +8,15 @@ import sys
 import pytest
 
 from bench import cli
-from bench.cli.comm import (LAUNCH_FIELDS, ROW_FIELDS, busbw_factor, busbw_ratios, comm_row, crossover_density,
-                        describe_crossover, launch_order, parse_env_setting, parse_size, rank_max, ratio_verdict,
-                        setting_ratios, split_iters)
-from bench.ranks.comm_rank import geometry, split_sizes
 from bench.errors import UsageError
+from bench.launch.comm_launch import launch_order
 from bench.launch.mpirun import ALLOCATORS, DEFAULT_ALLOCATOR, HOROVOD_SETTINGS, mpi_environment
 from bench.launch.transport import VARIABLE
+from bench.plan.comm_config import parse_env_setting, parse_size
+from bench.ranks.comm_rank import geometry, split_sizes
+from bench.results.comm_rows import (LAUNCH_FIELDS, ROW_FIELDS, busbw_ratios, comm_row, crossover_density,
+                                     crossover_rows, describe_crossover, ratio_verdict, setting_ratios)
+from bench.results.scaling import busbw_factor
 
 
 # --- figures ------------------------------------------------------------------------------------------------------
@@ -41,10 +43,15 @@ def test_a_row_from_hand_computed_times():
     assert set(ROW_FIELDS) <= set(row)
 
 
-def test_the_slowest_rank_sets_each_iteration():
-    assert rank_max([[1.0, 5.0, 2.0], [3.0, 1.0, 2.5]]) == [3.0, 5.0, 2.5]
-    with pytest.raises(ValueError):
-        rank_max([[1.0], [1.0, 2.0]])
+def test_the_slowest_rank_sets_each_crossover_iteration():
+    def rank(times_s):
+        return {"results": [{"density": 0.1, "rows_touched_per_rank": 5, "nnz_per_rank": 5, "times_s": times_s,
+                             "bytes_sent_per_rank": {"sparse-gather": 1, "dense-reduce": 2},
+                             "bytes_held_per_rank": {"sparse-gather": 1, "dense-reduce": 2}}]}
+    rows = crossover_rows([rank({"sparse-gather": [0.001, 0.005, 0.002], "dense-reduce": [0.001] * 3}),
+                           rank({"sparse-gather": [0.003, 0.001, 0.0025], "dense-reduce": [0.001] * 3})], np=2)
+    sparse = next(r for r in rows if r["mode"] == "sparse-gather")
+    assert sparse["time_ms_median"] == 3.0  # of the per-iteration maxima 3, 5, 2.5 ms
 
 
 def test_geometry_of_each_op():
@@ -81,7 +88,7 @@ def test_sizes_and_schedules():
         with pytest.raises(UsageError):
             parse_size(bad)
     assert launch_order(("a", "b", "c"), 3) == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
-    assert split_iters(31, 2) == [16, 15]
+    assert split_sizes(31, 2) == [16, 15]  # timed iterations over launches
 
 
 def test_horovod_over_mpi_ratio_per_size():

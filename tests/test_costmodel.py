@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from bench.cli.comm import comm_row, write_csv_atomic
+from bench.results.comm_rows import comm_row
+from bench.results.records import write_csv_atomic
 from bench.costmodel import (DEFAULT_COSTS, ELEMENT_BYTES, INDEX_BYTES, VALUE_BYTES, Calibration, ExchangeCosts,
                              FitQuality, Link, LocalFit, Machine, Model, Profile, Table, allgather_s, allreduce_s,
                              calibrate, choose_dense, choose_mode, cpu_factor, dense_table_s, fit_link,
@@ -129,7 +130,7 @@ def test_fitted_bandwidth_is_set_beside_the_link_rate_tc_configured(tmp_path):
 
 
 def test_calibration_reads_what_alure_bench_comm_writes(tmp_path):
-    from bench.cli.comm import EXTRA_FIELDS, ROW_FIELDS
+    from bench.results.comm_rows import EXTRA_FIELDS, ROW_FIELDS
     rows = synthetic_rows(LINK, nps=(2,))
     (tmp_path / "np2").mkdir()
     atomic_write_json(tmp_path / "np2" / "comm.json", {"kind": "comm", "rows": rows})

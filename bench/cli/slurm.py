@@ -15,7 +15,8 @@ from bench.errors import UsageError
 from bench.results.report import efficiency_table, write_report
 from bench.results.records import point_path, read_record
 from bench.plan.sweep import start_sweep
-from bench.cli.sweep import SHARED_FLAGS, add_plan_flags, default_out, sweep_config_from_args
+from bench.cli.sweep import SHARED_FLAGS, add_plan_flags, sweep_config_from_args
+from bench.results.records import default_out
 
 # flag -> SlurmOptions field
 OPTION_FLAGS = {"partition": "partition", "account": "account", "time": "time_limit", "nodes": "nodes",
@@ -190,7 +191,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     states, note = _known_states(jobs)
     print(f"{len(todo)} of {len(plan)} points missing or failed{' ' + note if note else ''}:")
     for point, record in todo:
-        print(f"  {slurm.describe(point)}: {slurm.why_outstanding(sweep_dir, point, record, jobs, states)}")
+        print(f"  {point.label()}: {slurm.why_outstanding(sweep_dir, point, record, jobs, states)}")
     print(f"resubmit exactly those with: alure-bench slurm submit --resume {sweep_dir}")
     return 1
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import replace
-from datetime import datetime
 from pathlib import Path
 
 from bench.plan.capacity import add_oversubscribe_flag, check_sweep
@@ -15,10 +14,9 @@ from bench.launch.interrupts import INTERRUPTED_EXIT_CODE, signals_ignored
 from bench.launch.mpirun import LOCAL, Launcher
 from bench.launch.hosts import add_host_flags, check_fits, launcher_from_args, load_layout, save_layout, shares_one_machine
 from bench.results.report import efficiency_table, write_report
-from bench.results.records import ensure_writable
+from bench.results.records import default_out, ensure_writable
 from bench.plan.sweep import load_sweep_config, run_sweep, start_sweep
 
-DEFAULT_ROOT = Path("results/local")
 
 
 def int_list(text: str) -> list[int]:
@@ -116,10 +114,6 @@ def _check_workload(config: SweepConfig) -> None:
                              f"fields") from None
         except ValueError as err:
             raise UsageError(f"{point.point_id}: {err}") from None
-
-
-def default_out(name: str) -> Path:
-    return DEFAULT_ROOT / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

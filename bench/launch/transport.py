@@ -95,9 +95,8 @@ def choice(run_ranks) -> dict:
 def probe(host: str, version: str, run_ranks, denied: bool = False, timeout_s: float = 60) -> dict:
     """Run the two-rank check with CMA forced (through `run_ranks`, see `choice`); `none` unless every rank read its
     peer and the data came through with no complaint from Open MPI."""
-    from datetime import datetime, timezone
-
     from bench.launch.rank_output import json_after, python_module_argv
+    from bench.results.records import utc_now
     env = dict(os.environ, **{VARIABLE: "cma"})
     argv = python_module_argv("bench.launch.transport", "--rank", *(["--deny-cma"] if denied else []))
     run = run_ranks(2, argv, timeout_s=timeout_s, env=env)
@@ -119,7 +118,7 @@ def probe(host: str, version: str, run_ranks, denied: bool = False, timeout_s: f
         works, reason = True, "cross-memory attach works between ranks here"
     return {"single_copy_mechanism": "cma" if works else "none", "cma_works": works, "reason": reason,
             "host": host, "open_mpi": version, "deny_hook": denied,
-            "probed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "probed_at": utc_now()}
 
 
 def _write_cache(path: Path, record: dict) -> None:

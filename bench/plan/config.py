@@ -23,6 +23,12 @@ DEFAULT_SWEEP_MODES = ("sparse-gather", "dense-reduce")
 """What a sweep measures unless told otherwise: the two modes the suite compares (keeps `make bench` quick)."""
 
 
+
+def stage_label(stage: str, graph_strategy) -> str:
+    """'graph ring', 'refresh', ...: what a stage point measured (a summary's empty strategy may be NaN)."""
+    return f"{stage} {graph_strategy}" if isinstance(graph_strategy, str) and graph_strategy else stage
+
+
 @dataclass(kw_only=True, slots=True)
 class RunSettings:
     """What every point of a sweep shares: the workload, how long to measure, and the limits."""
@@ -130,6 +136,12 @@ class PointConfig(RunSettings):
         if self.stage != "train":
             return f"{self.stage}{'-' + self.graph_strategy if self.graph_strategy else ''}-np{self.np}-r{self.repeat}"
         return f"{self.scaling}-{self.mode}-np{self.np}-r{self.repeat}"
+
+    def label(self, np_mark: str = "") -> str:
+        """What a person reads of the point: 'weak sparse-gather np=2 r0', 'graph ring np=4 r1' (`np_mark`, e.g. '*'
+        for oversubscribed, right after the process count)."""
+        what = f"{self.scaling} {self.mode}" if self.stage == "train" else stage_label(self.stage, self.graph_strategy)
+        return f"{what} np={self.np}{np_mark} r{self.repeat}"
 
     @classmethod
     def from_dict(cls, data: dict) -> "PointConfig":

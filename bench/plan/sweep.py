@@ -112,9 +112,7 @@ def existing_ok(sweep_dir: Path, point: PointConfig) -> bool:
 def progress_line(done: int, total: int, point: PointConfig, record: dict, seconds: float) -> str:
     width = 20
     bar = "#" * (width * done // total) + "-" * (width - width * done // total)
-    label = f"{point.scaling:6} {point.mode:13}" if point.stage == "train" else \
-        f"{point.stage + ' ' + point.graph_strategy:20}"
-    what = f"{label} np={point.np}{'*' if is_oversubscribed(point.np) else ''} r{point.repeat}"
+    what = point.label("*" if is_oversubscribed(point.np) else "")
     if record["status"] == "ok":
         outcome = f"ok {record['metrics']['step_time_ms']:.1f} ms/{'step' if point.stage == 'train' else 'stage'}"
     else:

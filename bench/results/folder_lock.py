@@ -16,10 +16,10 @@ import os
 import socket
 import sys
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.errors import UsageError
+from bench.results.records import utc_now
 
 LOCK_FILE = ".alure-bench.lock"
 
@@ -51,7 +51,7 @@ def exclusive_writer(folder: str | Path):
     fd = _acquire(path)
     try:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(_command_line()),
-              "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+              "since": utc_now()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
         yield

@@ -9,6 +9,7 @@ matplotlib.use("Agg")  # files only: no display on cluster nodes or CI
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from bench.plan.config import stage_label  # noqa: E402
 from bench.results.scaling import PHASES  # noqa: E402
 
 MODE_COLORS = {"sparse-gather": "tab:red", "dense-reduce": "tab:blue", "auto": "tab:green",
@@ -120,11 +121,6 @@ def _save(fig, path: Path) -> None:
 # ---- stages other than train ---------------------------------------------------------------------------------------
 
 STAGE_COLORS = {"train": "tab:gray", "refresh": "tab:purple", "graph": "tab:orange", "retrieval": "tab:green"}
-
-
-def stage_label(stage: str, graph_strategy) -> str:
-    """'graph ring', 'refresh', ...: what a stage point measured."""
-    return f"{stage} {graph_strategy}" if isinstance(graph_strategy, str) and graph_strategy else stage
 
 
 def stages_plot(df: pd.DataFrame, path: Path) -> None:

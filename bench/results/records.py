@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
@@ -23,6 +25,21 @@ from bench.errors import UsageError
 SCHEMA_VERSION = 1
 """Version of the point record layout; a record of another version is refused with a way to mend it."""
 STATUSES = ("ok", "failed", "oom", "timeout")
+
+
+DEFAULT_ROOT = Path("results/local")
+"""Where a command writes unless told --out."""
+
+
+def default_out(name: str) -> Path:
+    """A new folder for a command's results: results/local/<name>-<local time>, suffixed -2, -3, ... when one of
+    that name exists already (two commands started within the same second)."""
+    base = DEFAULT_ROOT / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
 
 
 def utc_now() -> str:
@@ -48,6 +65,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_csv_atomic(path: Path, rows: list[dict], fields: tuple[str, ...]) -> None:
+    """CSV with a header; booleans as true|false (docs/design.md); written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (str(v).lower() if isinstance(v, bool) else v) for k, v in row.items()})
+    atomic_write_text(path, buf.getvalue())
 
 
 def ensure_writable(folder: str | Path) -> Path:

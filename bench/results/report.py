@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.results.plots import breakdown_plot, efficiency_plot, memory_plot, stage_label, stages_plot
+from bench.plan.config import stage_label
+from bench.results.plots import breakdown_plot, efficiency_plot, memory_plot, stages_plot
 from bench.results.records import atomic_write_text, load
 
 POINT_KEY = ["scaling", "mode", "np"]

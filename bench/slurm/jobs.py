@@ -22,14 +22,14 @@ import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.plan.config import PointConfig, SweepConfig
 from bench.launch.environment import REPO
 from bench.errors import UsageError
 from bench.launch.hosts import allocation_launcher
-from bench.results.records import STATUSES, atomic_write_json, atomic_write_text, point_path, read_record
+from bench.results.records import (STATUSES, atomic_write_json, atomic_write_text, point_path, read_record,
+                                   utc_now)
 from bench.plan.sweep import (SWEEP_FILE, SweepInterrupted, existing_ok, load_sweep_config, progress_line, run_point,
                          sigterm_interrupts)
 
@@ -370,12 +370,8 @@ def write_task_note(sweep_dir: Path, point: PointConfig, index: int, outcome: st
         "point_id": point.point_id, "np": point.np, "index": index,
         "task": f"{env.get('SLURM_ARRAY_JOB_ID', '?')}_{env.get('SLURM_ARRAY_TASK_ID', index)}",
         "nodes": env.get("SLURM_JOB_NODELIST"), "started_at": started_at,
-        "ended_at": None if outcome == "running" else now_iso(), "outcome": outcome,
+        "ended_at": None if outcome == "running" else utc_now(), "outcome": outcome,
         "variables": {k: v for k, v in sorted(env.items()) if k.startswith("SLURM_")}})
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def why_outstanding(sweep_dir: Path, point: PointConfig, record: dict | None, jobs: dict,
@@ -401,10 +397,6 @@ def why_outstanding(sweep_dir: Path, point: PointConfig, record: dict | None, jo
         return f"missing: {name} ended {state} without a record"
     return f"missing: {name} left no record (Slurm no longer knows it; see {SLURM_DIR}/np{point.np}-" \
            f"{task[0]}_{task[1]}.out)"
-
-
-def describe(point: PointConfig) -> str:
-    return f"{point.scaling} {point.mode} np={point.np} r{point.repeat}"
 
 
 # --- rendering and submitting rounds ------------------------------------------------------------------------
@@ -450,7 +442,7 @@ def submit_scripts(sweep_dir: Path, jobs: dict, options: SlurmOptions, scripts: 
             raise
         entry = {"round": round_no, "job_id": job_id, "np": array.np, "indices": list(array.indices),
                  "array": array_spec(array.indices, options.array_limit), "point_ids": list(array.point_ids),
-                 "script": str(script.relative_to(sweep_dir)), "submitted_at": now_iso()}
+                 "script": str(script.relative_to(sweep_dir)), "submitted_at": utc_now()}
         jobs["arrays"].append(entry)
         write_jobs(sweep_dir, jobs)
         submitted.append(entry)
@@ -466,14 +458,14 @@ def run_task(sweep_dir: Path, np: int, index: int, launcher: str, out=sys.stdout
         raise UsageError(f"unknown launcher {launcher!r}: use mpirun or srun")
     config = require_sweep(sweep_dir)
     point = point_for_task(config, np, index)
-    started_at = now_iso()
+    started_at = utc_now()
     write_task_note(sweep_dir, point, index, "running", started_at)
     try:
         with sigterm_interrupts():
             record, seconds = run_point(point, sweep_dir, allocation_launcher(launcher))
     except (SweepInterrupted, KeyboardInterrupt) as err:
         write_task_note(sweep_dir, point, index, f"was stopped ({err or 'interrupt'})", started_at)
-        print(f"{describe(point)}: stopped ({err or 'interrupt'}); no record written", file=out, flush=True)
+        print(f"{point.label()}: stopped ({err or 'interrupt'}); no record written", file=out, flush=True)
         return 143
     write_task_note(sweep_dir, point, index, record["status"], started_at)
     print(progress_line(1, 1, point, record, seconds), file=out, flush=True)

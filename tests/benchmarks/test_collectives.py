@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli.comm import busbw_factor, format_size
+from bench.plan.comm_config import format_size
+from bench.results.scaling import busbw_factor
 from bench.launch.mpirun import run_ranks
 from tests.benchmarks.mode import pick
 
