@@ -23,7 +23,10 @@ RESULT_PREFIX = "ALURE_PIPELINE_RESULT "
 
 def workload(preset_name: str, seed: int | None):
     from alure.config import preset
-    config = preset(preset_name)
+    try:
+        config = preset(preset_name)
+    except ValueError as err:  # alure names the presets it has
+        raise UsageError(f"--preset: {err}") from None
     return config if seed is None else replace(config, seed=seed)
 
 

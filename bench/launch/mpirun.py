@@ -13,6 +13,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from bench.errors import UsageError
 from bench.launch import lifetime
 
 from bench.launch import transport
@@ -82,7 +83,6 @@ def mpi_environment(np: int, base: dict[str, str] | None = None, *, single_host:
         env.setdefault(name, value)
     allocator = env.setdefault(ALLOCATOR_VARIABLE, DEFAULT_ALLOCATOR)
     if allocator not in ALLOCATORS:
-        from bench.errors import UsageError
         raise UsageError(f"{ALLOCATOR_VARIABLE}={allocator} is not an allocator setting: use one of "
                          f"{', '.join(ALLOCATORS)}")
     for name, value in ALLOCATORS[allocator].items():
@@ -104,7 +104,7 @@ def mpirun_command(np: int, argv: list[str], *, single_host: bool = True) -> lis
         raise ValueError(f"np must be at least 1 (got {np})")
     mpirun = shutil.which("mpirun")
     if mpirun is None:
-        raise FileNotFoundError("mpirun not found: run `make setup` (or `module load` an MPI) first")
+        raise UsageError("mpirun not found: run `make setup` (or `module load` an MPI) first")
     cmd = [mpirun, "-np", str(np), "--bind-to", "none"]
     if single_host and is_oversubscribed(np):
         cmd.append("--oversubscribe")
@@ -137,7 +137,8 @@ class Launcher:
     def command(self, np: int, argv: list[str]) -> list[str]:
         if self.controller == "gloo":
             if self.kind != "mpirun":
-                raise ValueError("Horovod's Gloo controller is launched with mpirun only (it reads mpirun's ranks)")
+                raise UsageError("Horovod's Gloo controller is launched with mpirun only (it reads mpirun's ranks): "
+                                 "drop --controller gloo or launch with mpirun")
             from bench.launch.gloo_rendezvous import wrap
             used = self.hosts_for(np)
             placed = {h: min(self.ranks_per_host, np - i * self.ranks_per_host) for i, h in enumerate(used)}
@@ -152,7 +153,8 @@ class Launcher:
             return cmd
         used = self.hosts_for(np)
         if np > len(used) * self.ranks_per_host:
-            raise ValueError(f"np={np} does not fit on {len(self.hosts)} host(s) x {self.ranks_per_host} ranks")
+            raise UsageError(f"np={np} does not fit on {len(self.hosts)} host(s) x {self.ranks_per_host} ranks: "
+                             f"give more hosts or ranks per host, or a smaller np")
         cmd[1:1] = ["-H", ",".join(f"{h}:{self.ranks_per_host}" for h in used)]
         if not self.agent:
             return cmd

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from bench.errors import UsageError
 from bench.plan.config import PointConfig
 
 
@@ -15,7 +16,7 @@ def batch_sizes(point: PointConfig, preset_batch: int) -> tuple[int, int]:
         return per_rank, per_rank * point.np
     global_batch = point.global_batch or preset_batch
     if global_batch % point.np:
-        raise ValueError(f"global batch {global_batch} does not split over {point.np} ranks: choose a global "
+        raise UsageError(f"global batch {global_batch} does not split over {point.np} ranks: choose a global "
                          f"batch divisible by every np")
     return global_batch // point.np, global_batch
 
