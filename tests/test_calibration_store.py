@@ -11,7 +11,7 @@ from bench.calibration_store import (CALIBRATIONS_ENV, HostIdentity, calibration
                                      default_folder, find_costs, save_calibration, this_host)
 from bench.costmodel import DEFAULT_COSTS, Link, fit_link, load_costs
 from bench.errors import UsageError
-from tests.test_cli_errors import assert_one_line_error
+from tests.helpers import assert_one_line_error
 from tests.test_costmodel import SHM, synthetic_rows
 
 CLI = [sys.executable, "-m", "bench.cli"]

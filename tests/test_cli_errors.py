@@ -1,28 +1,12 @@
 """Bad input: one line that says what is wrong and how to mend it, a non-zero exit, no traceback."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import assert_one_line_error, cli
+
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "bench.cli"]
-
-
-def cli(*args):
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60)
-
-
-def assert_one_line_error(run, *fragments):
-    assert run.returncode != 0
-    assert "Traceback" not in run.stderr
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 or (lines and lines[0].startswith("usage:")), run.stderr
-    for fragment in fragments:
-        assert fragment in run.stderr, run.stderr
-
-
 def test_unknown_flag():
     assert_one_line_error(cli("sweep", "--npz", "1,2"), "unrecognized arguments")
 

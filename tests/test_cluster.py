@@ -23,12 +23,11 @@ import pytest
 
 from bench.launch.hosts import (LINK_CHECK_BOUNDS, cluster_dir, link_fraction_rows, network_of_ranks, parse_hosts)
 from bench.errors import UsageError
+from tests.helpers import CLI, TINY, wait_for, cli as run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = ["bash", str(REPO / "slurm" / "cluster.sh")]
 AGENT = str(REPO / "slurm" / "cluster_agent.sh")
-CLI = [sys.executable, "-m", "bench.cli"]
-TINY = ["--preset", "tiny", "--warmup", "1"]
 HOSTS = ["--hosts", "node1,node2"]
 
 
@@ -37,7 +36,7 @@ def cluster_cmd(*args: str, timeout: float = 120) -> subprocess.CompletedProcess
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return run_cli(*args, timeout=timeout, cwd=REPO)
 
 
 def on_host(host: str, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -70,16 +69,6 @@ def processes_in(namespace: str) -> list[psutil.Process]:
 def root_links() -> set[str]:
     out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     return {line.split(":")[1].strip() for line in out.splitlines()}
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ input refused in one line."""
 import csv
 import json
 import subprocess
-import sys
 
 import pytest
 
@@ -17,6 +16,7 @@ from bench.ranks.comm_rank import geometry, split_sizes
 from bench.results.comm_rows import (LAUNCH_FIELDS, ROW_FIELDS, busbw_ratios, comm_row, crossover_density,
                                      crossover_rows, describe_crossover, ratio_verdict, setting_ratios)
 from bench.results.scaling import busbw_factor
+from tests.helpers import CLI
 
 
 # --- figures ------------------------------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def test_horovod_settings_reach_every_launch_unless_already_set():
 @pytest.mark.mpi
 def test_comm_on_two_ranks_end_to_end(tmp_path):
     out = tmp_path / "comm"
-    run = subprocess.run([sys.executable, "-m", "bench.cli", "comm", "--np", "2", "--min-bytes", "1K",
+    run = subprocess.run([*CLI, "comm", "--np", "2", "--min-bytes", "1K",
                           "--max-bytes", "4K", "--warmup", "1", "--iters", "3", "--rounds", "1", "--out", str(out)],
                          capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -193,7 +193,7 @@ def test_comm_on_two_ranks_end_to_end(tmp_path):
 @pytest.mark.mpi
 def test_compare_env_runs_both_settings_interleaved(tmp_path):
     out = tmp_path / "cmp"
-    run = subprocess.run([sys.executable, "-m", "bench.cli", "comm", "--backends", "mpi4py", "--ops", "allgather",
+    run = subprocess.run([*CLI, "comm", "--backends", "mpi4py", "--ops", "allgather",
                           "--min-bytes", "64K", "--max-bytes", "128K", "--warmup", "1", "--iters", "4", "--rounds", "2",
                           "--compare-env", f"{VARIABLE}=none ALURE_BENCH_ALLOCATOR=glibc", "--out", str(out)],
                          capture_output=True, text=True, timeout=240)
@@ -214,7 +214,7 @@ def test_compare_env_runs_both_settings_interleaved(tmp_path):
 @pytest.mark.mpi
 def test_crossover_on_two_ranks_end_to_end(tmp_path):
     out = tmp_path / "x"
-    run = subprocess.run([sys.executable, "-m", "bench.cli", "crossover", "--np", "2", "--rows", "2000", "--dim", "8",
+    run = subprocess.run([*CLI, "crossover", "--np", "2", "--rows", "2000", "--dim", "8",
                           "--densities", "0.01,0.5", "--lookups-per-row", "2", "--warmup", "1", "--iters", "2",
                           "--out", str(out)],
                          capture_output=True, text=True, timeout=240)
@@ -263,7 +263,7 @@ def test_unwritable_out_exits_2_without_traceback(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     for out in (blocker, blocker / "sub"):
-        run = subprocess.run([sys.executable, "-m", "bench.cli", "comm", "--out", str(out)],
+        run = subprocess.run([*CLI, "comm", "--out", str(out)],
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 2
         lines = run.stderr.strip().splitlines()

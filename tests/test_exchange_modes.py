@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench.plan.config import FIXED_MODES, MODES
-from tests.conftest import launch
+from tests.helpers import launch
 
 pytestmark = pytest.mark.mpi
 STEPS = 4

@@ -2,7 +2,7 @@
 import pytest
 
 from bench.ranks.memory import PeakProbe, rss_mib
-from tests.conftest import launch
+from tests.helpers import launch
 
 SPIKE_MIB = 600
 

@@ -16,7 +16,7 @@ from bench.ranks.exchange import ExchangeCounters
 from bench.results.records import atomic_write_json, write_record
 from bench.results.scaling import PHASES
 from tests.test_costmodel import LINK, synthetic_rows
-from tests.test_cli_errors import assert_one_line_error
+from tests.helpers import assert_one_line_error
 
 CLI = [sys.executable, "-m", "bench.cli"]
 

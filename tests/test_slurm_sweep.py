@@ -3,7 +3,7 @@ sweeps on the local single-node cluster of slurm/local_cluster.sh: records exact
 a cancelled task listed by `collect`, and `submit --resume` filling exactly those.
 
 The cluster tests skip without the cluster (`bash slurm/local_cluster.sh start`), or fail under `make test`
-(ALURE_REQUIRE_SLURM=1), through the fixture of tests/test_slurm_cluster.py.
+(ALURE_REQUIRE_SLURM=1), through the slurm_cluster fixture of tests/conftest.py.
 """
 from __future__ import annotations
 
@@ -23,17 +23,10 @@ import pytest
 from bench.slurm import jobs as slurm
 from bench.plan.config import PointConfig, SweepConfig
 from bench.errors import UsageError
-from tests.test_cli_errors import assert_one_line_error
-from tests.test_slurm_cluster import slurm_cluster  # noqa: F401 - the fixture
+from tests.helpers import CLI, assert_one_line_error, cli
 
-CLI = [sys.executable, "-m", "bench.cli"]
 TINY = ["--preset", "tiny", "--warmup", "1", "--steps", "3", "--modes", "dense-reduce", "--scalings", "weak"]
 WAIT_S = 300  # a whole tiny sweep takes 30-60 s here; a loaded machine is slower
-
-
-def cli(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
 
 
 # --- arrays, scripts and Slurm's answers ---------------------------------------------------------------------
@@ -165,7 +158,7 @@ def test_a_task_outside_slurm_needs_an_index(tmp_path):
 # --- real sweeps on the local cluster ------------------------------------------------------------------------
 
 @pytest.fixture
-def sweeps(slurm_cluster):  # noqa: F811 - the imported fixture
+def sweeps(slurm_cluster):
     """Folders of sweeps submitted by a test; whatever the test did, none of their jobs outlives it."""
     made: list[Path] = []
     yield made

@@ -2,7 +2,6 @@
 gives the single-process graph and quality at any P, the stages are points of a sweep, and the ring's memory per
 rank falls with P where replicate's does not."""
 import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
@@ -20,8 +19,8 @@ from alure.train import train
 from bench.plan.config import PointConfig, SweepConfig
 from bench.errors import UsageError
 from bench.results.summary import SUMMARY_COLUMNS
+from tests.helpers import CLI
 
-CLI = [sys.executable, "-m", "bench.cli"]
 
 
 @pytest.fixture(scope="module")

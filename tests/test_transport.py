@@ -9,6 +9,7 @@ import pytest
 
 from bench.launch import transport
 from bench.launch.mpirun import mpi_environment, run_ranks
+from tests.helpers import CLI
 
 pytestmark = pytest.mark.mpi
 
@@ -27,7 +28,7 @@ def test_fallback_when_the_kernel_refuses_cma(tmp_path):
     # The probe's ranks run under a seccomp filter that fails process_vm_readv with EPERM (as Docker's default
     # profile does): the launcher must choose copy-in/copy-out, say so once, and record it.
     env = clean_env(tmp_path / "cache", **{transport.DENY_HOOK: "1"})
-    run = subprocess.run([sys.executable, "-m", "bench.cli", "env"], capture_output=True, text=True, env=env,
+    run = subprocess.run([*CLI, "env"], capture_output=True, text=True, env=env,
                          timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads(run.stdout)
@@ -43,7 +44,7 @@ def test_fallback_when_the_kernel_refuses_cma(tmp_path):
     assert len(cached) == 1
     # A real launch under the fallback runs and its rows say what ran.
     out = tmp_path / "comm"
-    run = subprocess.run([sys.executable, "-m", "bench.cli", "comm", "--backends", "mpi4py", "--ops", "allgather",
+    run = subprocess.run([*CLI, "comm", "--backends", "mpi4py", "--ops", "allgather",
                           "--min-bytes", "1M", "--max-bytes", "1M", "--warmup", "1", "--iters", "2", "--rounds", "1",
                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
