@@ -1,5 +1,5 @@
 """`alure-bench slurm render | submit | status | collect | task`: the same sweep config as a local sweep, run as
-Slurm job arrays (bench/slurm/jobs.py), collected into the same summary, report and plots (bench/results/report.py)."""
+Slurm job arrays (bench/slurm/), collected into the same summary, report and plots (bench/results/report.py)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.slurm import jobs as slurm
+from bench.slurm.arrays import LAUNCHERS, SlurmOptions, array_spec, plan_arrays, render_arrays
+from bench.slurm.jobs import (active_points, latest_tasks, next_round, outstanding, read_jobs, require_sweep, run_task,
+                              submit_scripts, why_outstanding, write_jobs, write_scripts)
+from bench.slurm.scheduler import query_states
 from bench.plan.capacity import check_sweep, positive_int, slurm_partition
 from bench.errors import UsageError
 from bench.results.report import efficiency_table, write_report
@@ -26,7 +29,7 @@ PLAN_FLAGS = ("config", "nps", "modes", "scalings", "repeats", "name", "out")
 WAIT_POLL_S = 1.0
 
 
-def options_from_args(args: argparse.Namespace, base: slurm.SlurmOptions) -> slurm.SlurmOptions:
+def options_from_args(args: argparse.Namespace, base: SlurmOptions) -> SlurmOptions:
     """`base` (the defaults, or what the sweep was submitted with) changed by the flags given."""
     changes = {field: getattr(args, flag) for flag, field in OPTION_FLAGS.items() if getattr(args, flag) is not None}
     if changes.get("template"):
@@ -44,20 +47,20 @@ def _new_sweep(args: argparse.Namespace):
     """Config, options and the rendered scripts of a new sweep; the folder is started only once all of them are
     valid, so a bad option leaves no half-made sweep behind."""
     config = sweep_config_from_args(args)
-    options = options_from_args(args, slurm.SlurmOptions())
+    options = options_from_args(args, SlurmOptions())
     check_partition(config, options)
     sweep_dir = (Path(args.out) if args.out else default_out(config.name)).resolve()
-    submitted = [e["job_id"] for e in slurm.read_jobs(sweep_dir)["arrays"]]
+    submitted = [e["job_id"] for e in read_jobs(sweep_dir)["arrays"]]
     if submitted:
         raise UsageError(f"{sweep_dir} already has submitted arrays (jobs {', '.join(submitted)}): continue it with "
                          f"`alure-bench slurm submit --resume {sweep_dir}`, or choose a new --out")
-    rendered = slurm.render_arrays(config, options, sweep_dir, slurm.plan_arrays(config))
+    rendered = render_arrays(config, options, sweep_dir, plan_arrays(config))
     start_sweep(config, sweep_dir)
-    slurm.write_jobs(sweep_dir, {"options": options.as_dict(), "arrays": []})
+    write_jobs(sweep_dir, {"options": options.as_dict(), "arrays": []})
     return config, options, sweep_dir, rendered
 
 
-def check_partition(config, options: slurm.SlurmOptions) -> None:
+def check_partition(config, options: SlurmOptions) -> None:
     """Refuse arrays the partition cannot hold (where sinfo can say), before anything is written or submitted."""
     hosts = slurm_partition(options.partition)
     if hosts is not None:
@@ -67,13 +70,13 @@ def check_partition(config, options: slurm.SlurmOptions) -> None:
 def _print_arrays(scripts, jobs_by_np=None) -> None:
     for array, script in scripts:
         job = f"job {jobs_by_np[array.np]} " if jobs_by_np else ""
-        print(f"  np={array.np}: {job}array {slurm.array_spec(array.indices)} "
+        print(f"  np={array.np}: {job}array {array_spec(array.indices)} "
               f"({len(array.indices)} point(s)), {script}")
 
 
 def cmd_render(args: argparse.Namespace) -> int:
     config, options, sweep_dir, rendered = _new_sweep(args)
-    scripts = slurm.write_scripts(sweep_dir, rendered, round_no=1)
+    scripts = write_scripts(sweep_dir, rendered, round_no=1)
     print(f"sweep {sweep_dir}: {len(config.plan())} points as {len(scripts)} job array(s), one per np:")
     _print_arrays(scripts)
     print(f"submit them with: alure-bench slurm submit --resume {sweep_dir}")
@@ -85,9 +88,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return _resume(args)
     _require_sbatch()
     config, options, sweep_dir, rendered = _new_sweep(args)
-    scripts = slurm.write_scripts(sweep_dir, rendered, round_no=1)
-    jobs = slurm.read_jobs(sweep_dir)
-    submitted = slurm.submit_scripts(sweep_dir, jobs, options, scripts, round_no=1)
+    scripts = write_scripts(sweep_dir, rendered, round_no=1)
+    jobs = read_jobs(sweep_dir)
+    submitted = submit_scripts(sweep_dir, jobs, options, scripts, round_no=1)
     print(f"sweep {sweep_dir}: {len(config.plan())} points submitted as {len(submitted)} job array(s):")
     _print_arrays(scripts, {e["np"]: e["job_id"] for e in submitted})
     _print_next_steps(sweep_dir)
@@ -100,14 +103,14 @@ def _resume(args: argparse.Namespace) -> int:
         raise UsageError(f"--resume reruns the sweep's own config: leave out {', '.join(given) or '--set'} "
                          f"(Slurm options such as --partition may change)")
     sweep_dir = Path(args.resume).resolve()
-    config = slurm.require_sweep(sweep_dir)
-    jobs = slurm.read_jobs(sweep_dir)
-    options = options_from_args(args, slurm.SlurmOptions.from_dict(jobs["options"]))
+    config = require_sweep(sweep_dir)
+    jobs = read_jobs(sweep_dir)
+    options = options_from_args(args, SlurmOptions.from_dict(jobs["options"]))
     _require_sbatch()
     check_partition(config, options)
-    states = slurm.query_states(e["job_id"] for e in jobs["arrays"])
-    todo = slurm.outstanding(config, sweep_dir)
-    active = slurm.active_points(jobs, states)
+    states = query_states(e["job_id"] for e in jobs["arrays"])
+    todo = outstanding(config, sweep_dir)
+    active = active_points(jobs, states)
     chosen = {p.point_id for p, _ in todo if p.point_id not in active}
     plan = config.plan()
     print(f"resuming {sweep_dir}: {len(plan) - len(todo)} of {len(plan)} points ok, "
@@ -115,10 +118,10 @@ def _resume(args: argparse.Namespace) -> int:
     if not chosen:
         print("nothing to submit")
         return 0
-    round_no = slurm.next_round(jobs)
-    rendered = slurm.render_arrays(config, options, sweep_dir, slurm.plan_arrays(config, only=chosen))
-    scripts = slurm.write_scripts(sweep_dir, rendered, round_no)
-    submitted = slurm.submit_scripts(sweep_dir, jobs, options, scripts, round_no)
+    round_no = next_round(jobs)
+    rendered = render_arrays(config, options, sweep_dir, plan_arrays(config, only=chosen))
+    scripts = write_scripts(sweep_dir, rendered, round_no)
+    submitted = submit_scripts(sweep_dir, jobs, options, scripts, round_no)
     _print_arrays(scripts, {e["np"]: e["job_id"] for e in submitted})
     _print_next_steps(sweep_dir)
     return 0
@@ -134,26 +137,26 @@ def _known_states(jobs: dict) -> tuple[dict, str]:
     if not jobs["arrays"]:
         return {}, ""
     try:
-        return slurm.query_states(e["job_id"] for e in jobs["arrays"]), ""
+        return query_states(e["job_id"] for e in jobs["arrays"]), ""
     except UsageError as err:
         return {}, f"(Slurm states unknown: {err})"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     sweep_dir = Path(args.dir).resolve()
-    config = slurm.require_sweep(sweep_dir)
-    jobs = slurm.read_jobs(sweep_dir)
+    config = require_sweep(sweep_dir)
+    jobs = read_jobs(sweep_dir)
     if args.wait is not None:
         if not jobs["arrays"]:
             raise UsageError(f"{sweep_dir} has no submitted arrays to wait for: submit it first")
         deadline = time.monotonic() + args.wait
-        while slurm.active_points(jobs, slurm.query_states(e["job_id"] for e in jobs["arrays"])):
+        while active_points(jobs, query_states(e["job_id"] for e in jobs["arrays"])):
             if time.monotonic() > deadline:
                 print(f"still queued or running after {args.wait:g} s:")
                 break
             time.sleep(WAIT_POLL_S)
     states, note = _known_states(jobs)
-    latest = slurm.latest_tasks(jobs)
+    latest = latest_tasks(jobs)
     plan = config.plan()
     print(f"sweep {sweep_dir}: {len(plan)} points; arrays: " +
           (", ".join(f"{e['job_id']} (np={e['np']}, tasks {e['array']}, round {e['round']})" for e in jobs["arrays"])
@@ -169,21 +172,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         counts[status] = counts.get(status, 0) + 1
         print(f"  {point.point_id:32} {f'{task[0]}_{task[1]}' if task else '-':12} "
               f"{states.get(task, '-') if task else '-':12} {status}")
-    active = slurm.active_points(jobs, states)
+    active = active_points(jobs, states)
     print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"; {len(active)} task(s) queued or running")
     return 1 if args.wait is not None and active else 0
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
     sweep_dir = Path(args.dir).resolve()
-    config = slurm.require_sweep(sweep_dir)
-    jobs = slurm.read_jobs(sweep_dir)
+    config = require_sweep(sweep_dir)
+    jobs = read_jobs(sweep_dir)
     plan = config.plan()
     if any((sweep_dir / "points").glob("*.json")):
         print(efficiency_table(write_report(sweep_dir)))
     else:
         print("no point has a record yet")
-    todo = slurm.outstanding(config, sweep_dir)
+    todo = outstanding(config, sweep_dir)
     if not todo:
         print(f"complete: all {len(plan)} points ok; results: {sweep_dir} (summary.csv, report.md, efficiency.png, "
               f"breakdown.png, memory.png)")
@@ -191,7 +194,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     states, note = _known_states(jobs)
     print(f"{len(todo)} of {len(plan)} points missing or failed{' ' + note if note else ''}:")
     for point, record in todo:
-        print(f"  {point.label()}: {slurm.why_outstanding(sweep_dir, point, record, jobs, states)}")
+        print(f"  {point.label()}: {why_outstanding(sweep_dir, point, record, jobs, states)}")
     print(f"resubmit exactly those with: alure-bench slurm submit --resume {sweep_dir}")
     return 1
 
@@ -202,7 +205,7 @@ def cmd_task(args: argparse.Namespace) -> int:
         if "SLURM_ARRAY_TASK_ID" not in os.environ:
             raise UsageError("not inside a Slurm array task (no SLURM_ARRAY_TASK_ID): give --index")
         index = int(os.environ["SLURM_ARRAY_TASK_ID"])
-    return slurm.run_task(Path(args.sweep).resolve(), args.np, index, args.launcher)
+    return run_task(Path(args.sweep).resolve(), args.np, index, args.launcher)
 
 
 def _add_option_flags(p: argparse.ArgumentParser) -> None:
@@ -215,7 +218,7 @@ def _add_option_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ranks-per-node", type=positive_int, metavar="N", help="MPI ranks per node")
     g.add_argument("--array-limit", type=positive_int, metavar="N",
                    help="run at most N tasks of each array at once (sbatch --array=...%%N)")
-    g.add_argument("--launcher", choices=slurm.LAUNCHERS, help="how a task starts its ranks inside the allocation "
+    g.add_argument("--launcher", choices=LAUNCHERS, help="how a task starts its ranks inside the allocation "
                                                                "(default mpirun; srun uses --mpi=pmix)")
     g.add_argument("--template", metavar="FILE", help="sbatch template (default slurm/array.sbatch): copy it to "
                                                       "add modules, venv and #SBATCH defaults")
@@ -256,5 +259,5 @@ def register(sub) -> None:
     task.add_argument("--np", type=positive_int, required=True, help="the array's process count")
     task.add_argument("--index", type=int, help="the point's index among the np points (default "
                                                 "$SLURM_ARRAY_TASK_ID)")
-    task.add_argument("--launcher", choices=slurm.LAUNCHERS, default="mpirun")
+    task.add_argument("--launcher", choices=LAUNCHERS, default="mpirun")
     task.set_defaults(func=cmd_task)
