@@ -1,8 +1,8 @@
 """Every bad sweep setting is refused at construction with a message that says how to mend it."""
 import pytest
 
-from bench.plan.config import PointConfig, SweepConfig
 from bench.errors import UsageError
+from bench.plan.config import PointConfig, SweepConfig
 
 
 def test_the_default_plan_covers_scaling_mode_and_np():

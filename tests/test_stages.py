@@ -16,8 +16,8 @@ from alure.pipeline import graph_stage, neighbor_precision_sharded, refresh_stag
 from alure.refresh import compress
 from alure.stages import GRAPH_STRATEGIES
 from alure.train import train
-from bench.plan.config import PointConfig, SweepConfig
 from bench.errors import UsageError
+from bench.plan.config import PointConfig, SweepConfig
 from bench.results.summary import SUMMARY_COLUMNS
 from tests.helpers import CLI
 

@@ -1,7 +1,7 @@
 """`alure-bench`: the command line. Each command lives in its own module of this package with a
-`register(subparsers)` function that adds its parser and sets `func`; this file only collects them and dispatches. Bad input the user can mend
-(UsageError) is one line and exit 2; any other exception is a bug of the suite: its traceback, then a line saying so
-and where to report it, and exit 1."""
+`register(subparsers)` function that adds its parser and sets `func`; this file only collects them and dispatches.
+Bad input the user can mend (UsageError) is one line and exit 2; any other exception is a bug of the suite: its
+traceback, then a line saying so and where to report it, and exit 1."""
 from __future__ import annotations
 
 import argparse

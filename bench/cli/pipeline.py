@@ -11,12 +11,12 @@ import sys
 from dataclasses import replace
 
 from alure.stages import DEFAULT_GRAPH_STRATEGY, GRAPH_STRATEGIES
-from bench.plan.capacity import add_oversubscribe_flag, check_launch, rank_floor_mib, this_host
-from bench.plan.config import MODES
 from bench.errors import UsageError
 from bench.launch.hosts import add_host_flags, check_fits, launcher_from_args, shares_one_machine
 from bench.launch.mpirun import LOCAL, Launcher, run_ranks, threads_per_rank
 from bench.launch.rank_output import json_after, python_module_argv
+from bench.plan.capacity import add_oversubscribe_flag, check_launch, rank_floor_mib, this_host
+from bench.plan.config import MODES
 
 RESULT_PREFIX = "ALURE_PIPELINE_RESULT "
 

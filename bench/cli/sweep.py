@@ -1,4 +1,5 @@
-"""`alure-bench sweep | run | report`: flags and TOML files into a SweepConfig, then bench.plan.sweep and bench.results.report."""
+"""`alure-bench sweep | run | report`: flags and TOML files into a SweepConfig, then bench.plan.sweep and
+bench.results.report."""
 from __future__ import annotations
 
 import argparse
@@ -6,16 +7,17 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from bench.plan.capacity import add_oversubscribe_flag, check_sweep
-from bench.plan.config import SweepConfig
 from bench.errors import UsageError
-from bench.results.folder_lock import exclusive_writer
+from bench.launch.hosts import (add_host_flags, check_fits, launcher_from_args, load_layout, save_layout,
+                                shares_one_machine)
 from bench.launch.interrupts import INTERRUPTED_EXIT_CODE, signals_ignored
 from bench.launch.mpirun import LOCAL, Launcher
-from bench.launch.hosts import add_host_flags, check_fits, launcher_from_args, load_layout, save_layout, shares_one_machine
-from bench.results.report import efficiency_table, write_report
-from bench.results.records import default_out, ensure_writable
+from bench.plan.capacity import add_oversubscribe_flag, check_sweep
+from bench.plan.config import SweepConfig
 from bench.plan.sweep import load_sweep_config, run_sweep, start_sweep
+from bench.results.folder_lock import exclusive_writer
+from bench.results.records import default_out, ensure_writable
+from bench.results.report import efficiency_table, write_report
 
 
 

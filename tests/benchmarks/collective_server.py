@@ -15,8 +15,8 @@ import os
 import socket
 import sys
 
-from bench.ranks.comm_rank import BACKEND_CLASSES, geometry
 from bench.launch.environment import launch_settings
+from bench.ranks.comm_rank import BACKEND_CLASSES, geometry
 
 
 def main(host: str, port: int, backend_name: str) -> None:

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.launch.mpirun import run_ranks
 from bench.plan.comm_config import format_size
 from bench.results.scaling import busbw_factor
-from bench.launch.mpirun import run_ranks
 from tests.benchmarks.mode import pick
 
 pytestmark = pytest.mark.mpi
