@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from dataclasses import replace
 
 from alure.stages import DEFAULT_GRAPH_STRATEGY, GRAPH_STRATEGIES
 from bench.errors import UsageError
 from bench.launch.hosts import add_host_flags, check_fits, launcher_from_args, shares_one_machine
 from bench.launch.mpirun import LOCAL, Launcher, run_ranks, threads_per_rank
-from bench.launch.rank_output import json_after, python_module_argv
+from bench.launch.rank_output import python_module_argv
 from bench.plan.capacity import add_oversubscribe_flag, check_launch, rank_floor_mib, this_host
 from bench.plan.config import MODES
+from bench.ranks.handback import collect, failures, hand_back, hand_back_failure, launched_rank
 
-RESULT_PREFIX = "ALURE_PIPELINE_RESULT "
 
 
 def workload(preset_name: str, seed: int | None):
@@ -40,30 +42,40 @@ def run_local(preset_name: str, seed: int | None, graph_strategy: str) -> dict:
 
 def run_distributed(np_: int, preset_name: str, seed: int | None, mode: str, timeout_s: float,
                     graph_strategy: str, launcher: Launcher = LOCAL) -> dict:
-    argv = python_module_argv("bench.cli.pipeline", "--rank-entry", "--preset", preset_name, "--mode", mode,
-                              "--graph-strategy", graph_strategy,
-                              *(["--seed", str(seed)] if seed is not None else []))
-    run = run_ranks(np_, argv, timeout_s=timeout_s, launcher=launcher)
-    results = json_after(run.stdout, RESULT_PREFIX)
+    with tempfile.TemporaryDirectory(prefix="alure-pipeline-") as results:
+        argv = python_module_argv("bench.cli.pipeline", "--rank-entry", "--results", results, "--preset", preset_name,
+                                  "--mode", mode, "--graph-strategy", graph_strategy,
+                                  *(["--seed", str(seed)] if seed is not None else []))
+        run = run_ranks(np_, argv, timeout_s=timeout_s, launcher=launcher)
+        handed = collect(results)
     if run.timed_out:
         raise UsageError(f"the pipeline on {np_} ranks ran past {timeout_s:g} s: raise --timeout")
-    if run.returncode != 0 or not results:
+    rank0 = next((h for h in handed if h["rank"] == 0 and h["status"] == "ok"), None)
+    if run.returncode != 0 or rank0 is None:
+        failed = failures(handed)
         last = [line for line in run.stderr.splitlines() if line.strip()][-1:] or ["no error output"]
-        raise UsageError(f"the pipeline on {np_} ranks failed (exit {run.returncode}): {last[0]}")
-    return results[0]
+        raise UsageError(f"the pipeline on {np_} ranks failed (exit {run.returncode}): "
+                         f"{failed[0]['reason'] if failed else last[0]}")
+    return rank0["result"]
 
 
 def rank_entry(args: argparse.Namespace) -> int:
-    """What each rank runs under mpirun."""
-    import torch
-    from alure.pipeline import run_pipeline
-    from bench.ranks.exchange import HorovodExchange
-    exchange = HorovodExchange(args.mode)
-    torch.set_num_threads(threads_per_rank(exchange.size))
-    result = run_pipeline(workload(args.preset, args.seed), exchange, args.graph_strategy)
-    if exchange.rank == 0:
-        print(RESULT_PREFIX + json.dumps(result), flush=True)
-    exchange.shutdown()
+    """What each rank runs under mpirun; rank 0 hands the pipeline's result back (bench.ranks.handback)."""
+    rank = launched_rank()
+    try:
+        import torch
+        from alure.pipeline import run_pipeline
+        from bench.ranks.exchange import HorovodExchange
+        exchange = HorovodExchange(args.mode)
+        rank = exchange.rank
+        torch.set_num_threads(threads_per_rank(exchange.size))
+        result = run_pipeline(workload(args.preset, args.seed), exchange, args.graph_strategy)
+        hand_back(args.results, rank, result if rank == 0 else None)
+        exchange.shutdown()
+    except BaseException as err:  # noqa: BLE001 - the launcher reports the failing rank's reason
+        hand_back_failure(args.results, rank, err)
+        sys.stderr.flush()
+        os._exit(1)  # a rank that fails mid-collective would leave its peers waiting: end now
     return 0
 
 
@@ -113,6 +125,7 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object (the names of docs/design.md)")
     add_host_flags(p)
     p.add_argument("--rank-entry", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--results", help=argparse.SUPPRESS)  # with --rank-entry: the folder ranks hand back in
     p.set_defaults(func=cmd_pipeline)
 
 

@@ -6,10 +6,11 @@ between the ranks) or through a shared bounce buffer (copy-in/copy-out, `none`: 
 is about twice as fast from 1 MiB up, but sandboxes refuse it: Docker's default seccomp profile blocks
 process_vm_readv, and Yama's ptrace_scope 2 or 3 forbids attaching to a sibling.
 
-`mechanism(base, run_ranks)` answers with the fastest one that works here. It asks a tiny two-rank check once per host and
-Open MPI version (`probe`: two ranks read each other's memory with process_vm_readv directly, then allgather 1 MiB
-with CMA forced and check the data and Open MPI's complaints), caches the answer in the suite's cache folder, and
-falls back to `none` only where CMA is refused, saying so in one line.
+`mechanism(base, run_ranks)` answers with the fastest one that works here. It asks a tiny two-rank check once per
+host and Open MPI version (`probe`: two ranks read each other's memory with process_vm_readv directly, then
+allgather 1 MiB with CMA forced and check the data and Open MPI's complaints; each rank hands its findings back
+through bench.ranks.handback), caches the answer in the suite's cache folder, and falls back to `none` only where
+CMA is refused, saying so in one line.
 
 The probe's ranks can be made to refuse CMA on purpose: ALURE_BENCH_PROBE_DENY_CMA=1 installs a seccomp filter in
 the probe's ranks only (process_vm_readv/writev fail with EPERM, as under Docker's default profile), so the
@@ -27,6 +28,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 VARIABLE = "OMPI_MCA_btl_vader_single_copy_mechanism"
@@ -35,7 +37,6 @@ DENY_HOOK = "ALURE_BENCH_PROBE_DENY_CMA"
 """Set to 1: the probe's ranks refuse CMA (a seccomp filter), to exercise the fallback."""
 PROBE_BYTES = 1 << 20
 """Allgathered by the probe: far above vader's eager limit (4 KiB), so the single-copy path really runs."""
-_MARKER = "ALURE_TRANSPORT_PROBE "
 _said: set[str] = set()  # fallback lines already printed by this process
 
 
@@ -95,12 +96,14 @@ def choice(run_ranks) -> dict:
 def probe(host: str, version: str, run_ranks, denied: bool = False, timeout_s: float = 60) -> dict:
     """Run the two-rank check with CMA forced (through `run_ranks`, see `choice`); `none` unless every rank read its
     peer and the data came through with no complaint from Open MPI."""
-    from bench.launch.rank_output import json_after, python_module_argv
+    from bench.launch.rank_output import python_module_argv
+    from bench.ranks.handback import collect
     from bench.results.records import utc_now
     env = dict(os.environ, **{VARIABLE: "cma"})
-    argv = python_module_argv("bench.launch.transport", "--rank", *(["--deny-cma"] if denied else []))
-    run = run_ranks(2, argv, timeout_s=timeout_s, env=env)
-    records = [r for r in json_after(run.stdout, _MARKER) if isinstance(r, dict)]
+    with tempfile.TemporaryDirectory(prefix="alure-transport-") as results:
+        argv = python_module_argv("bench.launch.transport", "--rank", results, *(["--deny-cma"] if denied else []))
+        run = run_ranks(2, argv, timeout_s=timeout_s, env=env)
+        records = [h["result"] for h in collect(results) if h["status"] == "ok"]
     complaint = next((line.strip() for line in run.stderr.splitlines()
                       if "errno" in line.lower() or "cross-memory" in line.lower() or "CMA" in line), None)
     refused = next((r["read_error"] for r in records if r.get("read_error")), None)
@@ -183,7 +186,7 @@ def read_peer(pid: int, address: int, nbytes: int) -> str | None:
     return f"[Errno {err}] {os.strerror(err)}" if got < 0 else f"short read {got} of {nbytes} bytes"
 
 
-def rank_main(deny: bool) -> None:
+def rank_main(results: str, deny: bool) -> None:
     if deny:
         deny_cma()
     import numpy as np
@@ -198,12 +201,13 @@ def rank_main(deny: bool) -> None:
     comm.Allgather(mine, gathered)
     data_ok = bool(all((gathered[i * n:(i + 1) * n] == i + 1).all() for i in range(comm.size)))
     comm.Barrier()  # nobody leaves (and unmaps its buffer) while a peer may still read it
-    print(_MARKER + json.dumps({"rank": comm.rank, "read_error": read_error, "data_ok": data_ok}), flush=True)
+    from bench.ranks.handback import hand_back
+    hand_back(results, comm.rank, {"rank": comm.rank, "read_error": read_error, "data_ok": data_ok})
 
 
 if __name__ == "__main__":
-    if "--rank" in sys.argv[1:]:
-        rank_main(deny="--deny-cma" in sys.argv[1:])
+    if "--rank" in sys.argv[1:]:  # --rank RESULTS_FOLDER [--deny-cma]
+        rank_main(sys.argv[sys.argv.index("--rank") + 1], deny="--deny-cma" in sys.argv[1:])
     else:
         version = open_mpi_version()
         if version is None:

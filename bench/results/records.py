@@ -18,9 +18,12 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from bench.errors import UsageError
+
+if TYPE_CHECKING:  # rank programs write through this module: they need not load pandas
+    import pandas as pd
 
 SCHEMA_VERSION = 1
 """Version of the point record layout; a record of another version is refused with a way to mend it."""
