@@ -87,11 +87,9 @@ def run_point(point: PointConfig, sweep_dir: Path, launcher: Launcher = LOCAL) -
         run = run_ranks(point.np, argv, timeout_s=point.timeout_s, launcher=launcher)
         handed = collect(handback)
     finally:
+        # handback/ itself stays: Slurm tasks of one sweep run points side by side, and removing it under another
+        # task's mkdir would fail that task.
         shutil.rmtree(handback, ignore_errors=True)
-        try:
-            handback.parent.rmdir()  # gone once no point is running
-        except OSError:
-            pass
     atomic_write_text(Path(sweep_dir) / "logs" / f"{point.point_id}.log",
                       f"$ {' '.join(argv)}\n--- stdout\n{run.stdout}\n--- stderr\n{run.stderr}")
     rank0 = next((h for h in handed if h["rank"] == 0), None)
