@@ -6,7 +6,7 @@
 #
 # For each link rate (default 1gbit and 10gbit), on 4 emulated hosts:
 #   - a sweep at np 1, 2 and 4 (np 1: node1 alone, the efficiency baseline; np 2: node1-node2; np 4: node1-node4),
-#     weak and strong scaling, every exchange mode the suite has (bench.config.MODES; --modes picks some), 3
+#     weak and strong scaling, every exchange mode the suite has (bench.plan.config.MODES; --modes picks some), 3
 #     interleaved repeats;
 #   - comm across 2 hosts (np 2) and across 4 hosts (np 4): mpi4py and Horovod, allreduce, allgather and
 #     sparse-pair, 1 KiB to 16 MiB.
@@ -34,7 +34,7 @@ HOSTS=node1,node2,node3,node4
 [[ -x "$BENCH" ]] || { echo "reference_cluster.sh: $BENCH missing: run make setup first" >&2; exit 1; }
 [[ ! -e "$OUT" ]] || { echo "reference_cluster.sh: $OUT exists: move it away or give another folder" >&2; exit 1; }
 trap 'bash "$HERE/cluster.sh" stop >/dev/null 2>&1 || true' EXIT
-[[ -n "$MODES" ]] || MODES=$("$REPO/.venv/bin/python" -c "from bench.config import MODES; print(','.join(MODES))")
+[[ -n "$MODES" ]] || MODES=$("$REPO/.venv/bin/python" -c "from bench.plan.config import MODES; print(','.join(MODES))")
 cd "$REPO"
 for rate in "${RATES[@]}"; do
     bash "$HERE/cluster.sh" start --hosts 4 --link-rate "$rate"

@@ -1,33 +1,21 @@
-"""Shared test helpers: launching real MPI ranks through the project's own launcher; and the session's promise that
-nothing it started outlives it."""
+"""Fixtures and the session's promise that nothing it started outlives it. The helpers themselves live in
+tests/helpers.py, which test files import (never each other)."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 import time
-import uuid
-from pathlib import Path
 
-import psutil
 import pytest
 
-from bench import lifetime
-from bench.launch import json_after, run_ranks
+from bench.launch import lifetime
+from tests.helpers import SESSION, describe, launch, session_processes
 
-RANK_SCRIPTS = Path(__file__).parent / "ranks"
-RECORD_MARKER = "RANK_RECORD "
-"""What a rank script prints before its one JSON record (see tests/ranks/)."""
-
-
-def launch(np: int, script: str, *args: str, timeout_s: float = 120, env: dict | None = None) -> list[dict]:
-    """Run tests/ranks/<script>.py on `np` ranks; return the JSON line each rank printed, in rank order."""
-    run = run_ranks(np, [sys.executable, str(RANK_SCRIPTS / f"{script}.py"), *args], timeout_s=timeout_s,
-                    env={**os.environ, **(env or {})})
-    assert not run.timed_out, f"{script} on {np} ranks ran past {timeout_s} s\n{run.stderr[-3000:]}"
-    assert run.returncode == 0, f"{script} on {np} ranks exited {run.returncode}\n{run.stderr[-3000:]}"
-    records = json_after(run.stdout, RECORD_MARKER)
-    assert len(records) == np, f"expected one record per rank, got {len(records)}\n{run.stdout[-3000:]}"
-    return sorted(records, key=lambda r: r["rank"])
+os.environ[lifetime.SESSION_VAR] = SESSION
+LEFTOVER_GRACE_S = 10.0
+SLURM_START_HINT = "start it with: bash slurm/local_cluster.sh start"
 
 
 @pytest.fixture
@@ -35,29 +23,43 @@ def mpi_launch():
     return launch
 
 
+def _slurm_unavailable(reason: str):
+    """Skip, except where the cluster was started for this run (make test sets ALURE_REQUIRE_SLURM=1): there a
+    cluster that is not usable is a failure, never a silent skip."""
+    if os.environ.get("ALURE_REQUIRE_SLURM") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster() -> str:
+    """The local single-node Slurm cluster of slurm/local_cluster.sh: skip the module unless Slurm is installed and
+    its node is usable; return the node's name."""
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        _slurm_unavailable(f"Slurm client tools (sinfo/sbatch) not installed; {SLURM_START_HINT}")
+    ask = dict(capture_output=True, text=True, timeout=10)
+    # `scontrol ping` answers at once; sinfo retries a stopped controller for ~9 s.
+    try:
+        ping = subprocess.run(["scontrol", "ping"], **ask)
+    except subprocess.TimeoutExpired:
+        _slurm_unavailable(f"scontrol ping timed out: slurmctld does not answer; {SLURM_START_HINT}")
+    if " is UP" not in ping.stdout:
+        said = (ping.stdout.strip() or ping.stderr.strip()).splitlines()[:1]
+        _slurm_unavailable(f"slurmctld is not running ({''.join(said) or 'no answer'}); {SLURM_START_HINT}")
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], **ask)
+    except subprocess.TimeoutExpired:
+        _slurm_unavailable(f"sinfo timed out: slurmctld does not answer; {SLURM_START_HINT}")
+    if out.returncode != 0:
+        _slurm_unavailable(f"slurmctld does not answer ({out.stderr.strip()}); {SLURM_START_HINT}")
+    nodes = dict(line.split() for line in out.stdout.splitlines() if line.strip())
+    usable = [n for n, state in nodes.items() if state in {"idle", "mixed", "allocated"}]
+    if not usable:
+        _slurm_unavailable(f"no idle/mixed/allocated node (sinfo: {nodes or 'none'}); {SLURM_START_HINT}")
+    return usable[0]
+
+
 # --- nothing outlives the session --------------------------------------------------------------------------------
-
-SESSION = f"pytest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-"""Every process this session starts inherits it (and every launch passes it on to mpirun and the ranks), so the
-check below sees this session's processes only, not those of other test sessions on the same machine."""
-os.environ[lifetime.SESSION_VAR] = SESSION
-LEFTOVER_GRACE_S = 10.0
-
-
-def session_processes() -> list[psutil.Process]:
-    """Live processes started (directly or not) by this test session."""
-    return lifetime.tagged_processes(lifetime.SESSION_VAR, SESSION)
-
-
-def describe(procs: list[psutil.Process]) -> str:
-    lines = []
-    for p in procs:
-        try:
-            lines.append(f"  pid {p.pid}: {' '.join(p.cmdline())[:200]}")
-        except psutil.Error:
-            lines.append(f"  pid {p.pid}: (gone)")
-    return "\n".join(lines)
-
 
 def pytest_sessionfinish(session, exitstatus):
     """Fail the session if any process it started is still alive LEFTOVER_GRACE_S after the last test (then kill

@@ -11,10 +11,11 @@ from bench.model.calibration_store import (CALIBRATIONS_ENV, HostIdentity, calib
                                      default_folder, find_costs, save_calibration, this_host)
 from bench.model.calibration import fit_link
 from bench.model.collectives import Link
-from bench.model.table_costs import DEFAULT_COSTS, load_costs
+from bench.model.calibration_store import load_costs
+from bench.model.table_costs import DEFAULT_COSTS
 from bench.errors import UsageError
-from tests.test_cli_errors import assert_one_line_error
-from tests.test_costmodel import SHM, synthetic_rows
+from tests.helpers import assert_one_line_error
+from tests.synthetic import SHM, synthetic_rows
 
 CLI = [sys.executable, "-m", "bench.cli"]
 

@@ -1,26 +1,12 @@
 """Bad input: one line that says what is wrong and how to mend it, a non-zero exit, no traceback."""
 import json
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 
-CLI = [sys.executable, "-m", "bench.cli"]
+from tests.helpers import assert_one_line_error, cli
 
-
-def cli(*args):
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60)
-
-
-def assert_one_line_error(run, *fragments):
-    assert run.returncode != 0
-    assert "Traceback" not in run.stderr
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 or (lines and lines[0].startswith("usage:")), run.stderr
-    for fragment in fragments:
-        assert fragment in run.stderr, run.stderr
-
-
+ROOT = Path(__file__).resolve().parents[1]
 def test_unknown_flag():
     assert_one_line_error(cli("sweep", "--npz", "1,2"), "unrecognized arguments")
 
@@ -72,3 +58,33 @@ def test_results_from_an_older_version(tmp_path):
 
 def test_report_of_a_missing_folder(tmp_path):
     assert_one_line_error(cli("report", str(tmp_path / "nope")), "not a folder")
+
+
+# --- a bug of the suite is not bad input ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), ValueError("boom"), FileNotFoundError("boom")])
+def test_an_unexpected_exception_is_shown_as_a_bug_with_its_traceback(monkeypatch, capsys, error):
+    from bench import cli
+    from bench.cli import environment
+
+    def broken():
+        raise error
+    monkeypatch.setattr(environment, "capture_environment", broken)
+    assert cli.main(["env"]) == cli.BUG_EXIT_CODE
+    err = capsys.readouterr().err
+    assert "Traceback" in err and f"{type(error).__name__}: boom" in err, err
+    last = err.strip().splitlines()[-1]
+    assert "bug of alure-bench" in last and cli.BUG_REPORT in last, last
+    assert "Reporting a bug" in (ROOT / "README.md").read_text()  # the pointer leads somewhere in the repository
+
+
+def test_a_usage_error_raised_inside_a_command_stays_one_line(monkeypatch, capsys):
+    from bench import cli
+    from bench.cli import environment
+    from bench.errors import UsageError
+
+    def refused():
+        raise UsageError("what is wrong: how to mend it")
+    monkeypatch.setattr(environment, "capture_environment", refused)
+    assert cli.main(["env"]) == 2
+    assert capsys.readouterr().err == "alure-bench env: error: what is wrong: how to mend it\n"

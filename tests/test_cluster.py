@@ -21,14 +21,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bench.hosts import (LINK_CHECK_BOUNDS, cluster_dir, link_fraction_rows, network_of_ranks, parse_hosts)
 from bench.errors import UsageError
+from bench.launch.hosts import (LINK_CHECK_BOUNDS, cluster_dir, link_fraction_rows, network_of_ranks, parse_hosts)
+from tests.helpers import CLI, TINY, wait_for, cli as run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = ["bash", str(REPO / "slurm" / "cluster.sh")]
 AGENT = str(REPO / "slurm" / "cluster_agent.sh")
-CLI = [sys.executable, "-m", "bench.cli"]
-TINY = ["--preset", "tiny", "--warmup", "1"]
 HOSTS = ["--hosts", "node1,node2"]
 
 
@@ -37,7 +36,7 @@ def cluster_cmd(*args: str, timeout: float = 120) -> subprocess.CompletedProcess
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return run_cli(*args, timeout=timeout, cwd=REPO)
 
 
 def on_host(host: str, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -70,16 +69,6 @@ def processes_in(namespace: str) -> list[psutil.Process]:
 def root_links() -> set[str]:
     out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     return {line.split(":")[1].strip() for line in out.splitlines()}
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +111,7 @@ def test_host_lists_and_what_a_record_says_about_the_network():
 
 
 def test_the_launcher_goes_through_the_agent_and_confines_tcp_to_the_subnet():
-    from bench.launch import Launcher
+    from bench.launch.mpirun import Launcher
     launcher = Launcher(single_host=False, hosts=("node1", "node2", "node3"), ranks_per_host=2, agent="/a.sh",
                         tcp_subnet="198.18.0.0/24", interface="eth0")
     cmd = launcher.command(3, ["python", "-c", "print('x y')"])
@@ -135,9 +124,9 @@ def test_the_launcher_goes_through_the_agent_and_confines_tcp_to_the_subnet():
     assert env["HOROVOD_GLOO_IFACE"] == env["GLOO_SOCKET_IFNAME"] == "eth0"
     # Horovod over Gloo: every rank is wrapped, told where mpirun put the ranks and where rank 0 serves the
     # rendezvous.
-    gloo = shlex.split(replace(launcher, controller="gloo").command(3, ["python", "-m", "bench.worker", "--x"])[2])
-    wrapped = gloo[gloo.index("bench.gloo_rendezvous") + 1:]
-    assert wrapped[:4] == ["--hosts", "node1:2,node2:1", "--addr", "node1"] and wrapped[-2:] == ["bench.worker", "--x"]
+    gloo = shlex.split(replace(launcher, controller="gloo").command(3, ["python", "-m", "bench.ranks.worker", "--x"])[2])
+    wrapped = gloo[gloo.index("bench.launch.gloo_rendezvous") + 1:]
+    assert wrapped[:4] == ["--hosts", "node1:2,node2:1", "--addr", "node1"] and wrapped[-2:] == ["bench.ranks.worker", "--x"]
 
 
 # --- the cluster itself ---------------------------------------------------------------------------------------
@@ -234,7 +223,7 @@ def test_a_rank_killed_on_the_second_host_fails_its_point_and_the_sweep_goes_on(
                              "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         def rank_on_node2():
-            return [p for p in processes_in("alure-node2") if "bench.worker" in " ".join(p.cmdline())
+            return [p for p in processes_in("alure-node2") if "bench.ranks.worker" in " ".join(p.cmdline())
                     and Path(p.cmdline()[0]).name.startswith("python")]
         victims = wait_for(rank_on_node2, 90, "the rank on node2")
         time.sleep(3)  # into its training steps
@@ -247,7 +236,7 @@ def test_a_rank_killed_on_the_second_host_fails_its_point_and_the_sweep_goes_on(
     assert got["strong-dense-reduce-np2-r0"]["status"] == "ok", stdout + stderr[-2000:]
     assert got["strong-dense-reduce-np2-r0"]["hosts"] == ["node1", "node2"]
     assert proc.returncode == 1
-    assert not processes_in("alure-node2") or all("bench.worker" not in " ".join(p.cmdline())
+    assert not processes_in("alure-node2") or all("bench.ranks.worker" not in " ".join(p.cmdline())
                                                   for p in processes_in("alure-node2"))
 
 

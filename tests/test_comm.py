@@ -3,18 +3,20 @@ input refused in one line."""
 import csv
 import json
 import subprocess
-import sys
 
 import pytest
 
 from bench import cli
-from bench.comm import (LAUNCH_FIELDS, ROW_FIELDS, busbw_factor, busbw_ratios, comm_row, crossover_density,
-                        describe_crossover, launch_order, parse_env_setting, parse_size, rank_max, ratio_verdict,
-                        setting_ratios, split_iters)
-from bench.comm_rank import geometry, split_sizes
 from bench.errors import UsageError
-from bench.launch import ALLOCATORS, DEFAULT_ALLOCATOR, HOROVOD_SETTINGS, mpi_environment
-from bench.transport import VARIABLE
+from bench.launch.comm_launch import launch_order
+from bench.launch.mpirun import ALLOCATORS, DEFAULT_ALLOCATOR, HOROVOD_SETTINGS, mpi_environment
+from bench.launch.transport import VARIABLE
+from bench.plan.comm_config import parse_env_setting, parse_size
+from bench.ranks.comm_rank import geometry, split_sizes
+from bench.results.comm_rows import (LAUNCH_FIELDS, ROW_FIELDS, busbw_ratios, comm_row, crossover_density,
+                                     crossover_rows, describe_crossover, ratio_verdict, setting_ratios)
+from bench.results.scaling import busbw_factor
+from tests.helpers import CLI
 
 
 # --- figures ------------------------------------------------------------------------------------------------------
@@ -41,10 +43,15 @@ def test_a_row_from_hand_computed_times():
     assert set(ROW_FIELDS) <= set(row)
 
 
-def test_the_slowest_rank_sets_each_iteration():
-    assert rank_max([[1.0, 5.0, 2.0], [3.0, 1.0, 2.5]]) == [3.0, 5.0, 2.5]
-    with pytest.raises(ValueError):
-        rank_max([[1.0], [1.0, 2.0]])
+def test_the_slowest_rank_sets_each_crossover_iteration():
+    def rank(times_s):
+        return {"results": [{"density": 0.1, "rows_touched_per_rank": 5, "nnz_per_rank": 5, "times_s": times_s,
+                             "bytes_sent_per_rank": {"sparse-gather": 1, "dense-reduce": 2},
+                             "bytes_held_per_rank": {"sparse-gather": 1, "dense-reduce": 2}}]}
+    rows = crossover_rows([rank({"sparse-gather": [0.001, 0.005, 0.002], "dense-reduce": [0.001] * 3}),
+                           rank({"sparse-gather": [0.003, 0.001, 0.0025], "dense-reduce": [0.001] * 3})], np=2)
+    sparse = next(r for r in rows if r["mode"] == "sparse-gather")
+    assert sparse["time_ms_median"] == 3.0  # of the per-iteration maxima 3, 5, 2.5 ms
 
 
 def test_geometry_of_each_op():
@@ -81,7 +88,7 @@ def test_sizes_and_schedules():
         with pytest.raises(UsageError):
             parse_size(bad)
     assert launch_order(("a", "b", "c"), 3) == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
-    assert split_iters(31, 2) == [16, 15]
+    assert split_sizes(31, 2) == [16, 15]  # timed iterations over launches
 
 
 def test_horovod_over_mpi_ratio_per_size():
@@ -141,7 +148,7 @@ def test_horovod_settings_reach_every_launch_unless_already_set():
 @pytest.mark.mpi
 def test_comm_on_two_ranks_end_to_end(tmp_path):
     out = tmp_path / "comm"
-    run = subprocess.run([sys.executable, "-m", "bench.cli", "comm", "--np", "2", "--min-bytes", "1K",
+    run = subprocess.run([*CLI, "comm", "--np", "2", "--min-bytes", "1K",
                           "--max-bytes", "4K", "--warmup", "1", "--iters", "3", "--rounds", "1", "--out", str(out)],
                          capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -186,7 +193,7 @@ def test_comm_on_two_ranks_end_to_end(tmp_path):
 @pytest.mark.mpi
 def test_compare_env_runs_both_settings_interleaved(tmp_path):
     out = tmp_path / "cmp"
-    run = subprocess.run([sys.executable, "-m", "bench.cli", "comm", "--backends", "mpi4py", "--ops", "allgather",
+    run = subprocess.run([*CLI, "comm", "--backends", "mpi4py", "--ops", "allgather",
                           "--min-bytes", "64K", "--max-bytes", "128K", "--warmup", "1", "--iters", "4", "--rounds", "2",
                           "--compare-env", f"{VARIABLE}=none ALURE_BENCH_ALLOCATOR=glibc", "--out", str(out)],
                          capture_output=True, text=True, timeout=240)
@@ -207,7 +214,7 @@ def test_compare_env_runs_both_settings_interleaved(tmp_path):
 @pytest.mark.mpi
 def test_crossover_on_two_ranks_end_to_end(tmp_path):
     out = tmp_path / "x"
-    run = subprocess.run([sys.executable, "-m", "bench.cli", "crossover", "--np", "2", "--rows", "2000", "--dim", "8",
+    run = subprocess.run([*CLI, "crossover", "--np", "2", "--rows", "2000", "--dim", "8",
                           "--densities", "0.01,0.5", "--lookups-per-row", "2", "--warmup", "1", "--iters", "2",
                           "--out", str(out)],
                          capture_output=True, text=True, timeout=240)
@@ -256,7 +263,7 @@ def test_unwritable_out_exits_2_without_traceback(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     for out in (blocker, blocker / "sub"):
-        run = subprocess.run([sys.executable, "-m", "bench.cli", "comm", "--out", str(out)],
+        run = subprocess.run([*CLI, "comm", "--out", str(out)],
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 2
         lines = run.stderr.strip().splitlines()

@@ -1,20 +1,11 @@
 """`alure-bench compare A B`: per-point ratios with their noise band, and the exit code a CI gate reads."""
-import subprocess
-import sys
-
 import pandas as pd
 import pytest
 
-from bench.compare import compare
-from bench.results import load
-from tests.test_cli_errors import assert_one_line_error
-from tests.test_predict import make_sweep
-
-CLI = [sys.executable, "-m", "bench.cli"]
-
-
-def cli(*args):
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
+from bench.results.compare import compare
+from bench.results.records import load
+from tests.helpers import assert_one_line_error, cli
+from tests.synthetic import make_sweep
 
 
 @pytest.fixture(scope="module")

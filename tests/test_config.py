@@ -1,8 +1,8 @@
 """Every bad sweep setting is refused at construction with a message that says how to mend it."""
 import pytest
 
-from bench.config import PointConfig, SweepConfig
 from bench.errors import UsageError
+from bench.plan.config import PointConfig, SweepConfig
 
 
 def test_the_default_plan_covers_scaling_mode_and_np():
@@ -81,7 +81,7 @@ def test_every_point_runs_the_same_threads():
 def test_sweep_flags_set_interleave_and_threads():
     import argparse
 
-    from bench.sweep_cli import add_plan_flags, sweep_config_from_args
+    from bench.cli.sweep import add_plan_flags, sweep_config_from_args
     parser = argparse.ArgumentParser()
     add_plan_flags(parser, out_help="")
     default = sweep_config_from_args(parser.parse_args(["--preset", "tiny"]))

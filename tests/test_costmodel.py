@@ -5,37 +5,22 @@ import math
 import numpy as np
 import pytest
 
-from bench.comm import comm_row, write_csv_atomic
-from bench.model.calibration import calibrate, Calibration, fit_link, fit_links_by_transport, FitQuality, read_comm_rows
-from bench.model.collectives import allgather_s, allreduce_s, Link, nnls
+from bench.model.calibration import (Calibration, FitQuality, calibrate, fit_link, fit_links_by_transport,
+                                     read_comm_rows)
+from bench.model.calibration_store import load_costs
+from bench.model.collectives import Link, allgather_s, allreduce_s, nnls
 from bench.model.paper import gathered_bytes, tied_embedding_rows
 from bench.model.profile import Profile, Table
-from bench.model.step import cpu_factor, LocalFit, Machine, Model
-from bench.model.table_costs import (choose_dense, choose_mode, DEFAULT_COSTS, dense_table_s, ELEMENT_BYTES,
-                                     ExchangeCosts, INDEX_BYTES, load_costs, sparse_table_s, table_memory_bytes,
-                                     VALUE_BYTES)
+from bench.model.step import LocalFit, Machine, Model, cpu_factor
+from bench.model.table_costs import (DEFAULT_COSTS, ELEMENT_BYTES, INDEX_BYTES, VALUE_BYTES, ExchangeCosts,
+                                     choose_dense, choose_mode, dense_table_s, sparse_table_s,
+                                     table_memory_bytes)
+from bench.results.records import write_csv_atomic
 from bench.errors import UsageError
-from bench.results import atomic_write_json
+from bench.results.records import atomic_write_json
+from tests.synthetic import LINK, SHM, synthetic_rows
 
-LINK = Link(alpha_s=20e-6, beta_s_per_byte=1e-9, gamma_s_per_byte=0.25e-9)
 
-
-def synthetic_rows(link: Link, nps=(2, 4), noise=0.0, seed=0, sizes=range(10, 27, 2), transport=None) -> list[dict]:
-    """comm rows (bench.comm's own row builder) whose latencies follow the model exactly, or with multiplicative
-    noise; sizes are powers of two; `transport` is written into every row when given."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for p in nps:
-        for size in (1 << k for k in sizes):
-            for op, seconds in (("allreduce", allreduce_s(size, p, link)), ("allgather", allgather_s(size, p, link)),
-                                ("sparse-pair", allgather_s(size, p, link) + (p - 1) * link.alpha_s)):
-                t = seconds * (1 + noise * rng.standard_normal())
-                rows.append(comm_row("horovod", op, p, size, size, [t] * 3, tensors=1, warmup=1, oversubscribed=False)
-                            | ({"transport": transport} if transport else {}))
-    for size in (1 << 20, 1 << 24):
-        rows.append(comm_row("memcpy", "memcpy", 1, size, size, [size * 1e-10] * 3, tensors=1, warmup=1,
-                             oversubscribed=False))
-    return rows
 
 
 def test_ring_formulas_by_hand():
@@ -77,7 +62,6 @@ def test_least_squares_with_noise_and_a_single_process_count():
     assert 0.01 < cal.quality.rms_rel_error < 0.1
 
 
-SHM = Link(alpha_s=20e-6, beta_s_per_byte=1e-9, gamma_s_per_byte=0.5e-9)
 TCP = Link(alpha_s=60e-6, beta_s_per_byte=0.8e-9, gamma_s_per_byte=0.35e-9)
 
 
@@ -105,7 +89,7 @@ def test_fit_per_transport_recovers_known_alpha_beta_gamma_within_5_percent(seed
 
 
 def test_transport_of_a_comm_run_reaches_its_rows(tmp_path):
-    # bench.comm writes the run's network (hosts, transport, link) beside its rows; rows without a transport of their
+    # alure-bench comm writes the run's network (hosts, transport, link) beside its rows; rows without a transport of their
     # own take the run's, rows without either ran on one host.
     atomic_write_json(tmp_path / "cluster" / "comm.json",
                       {"kind": "comm", "network": {"transport": "tcp"}, "rows": synthetic_rows(TCP, nps=(2,))})
@@ -118,7 +102,7 @@ def test_transport_of_a_comm_run_reaches_its_rows(tmp_path):
 
 
 def test_fitted_bandwidth_is_set_beside_the_link_rate_tc_configured(tmp_path):
-    from bench.calibrate_cli import link_check
+    from bench.cli.calibrate import link_check
     one_gbit = Link(alpha_s=80e-6, beta_s_per_byte=8e-9, gamma_s_per_byte=0.3e-9)  # 1 Gbit/s: 8 ns per byte
     network = {"transport": "tcp", "link": {"interface": "veth0", "qdisc": "tbf", "rate_gbps": 1.0}}
     atomic_write_json(tmp_path / "comm.json", {"kind": "comm", "network": network,
@@ -132,7 +116,7 @@ def test_fitted_bandwidth_is_set_beside_the_link_rate_tc_configured(tmp_path):
 
 
 def test_calibration_reads_what_alure_bench_comm_writes(tmp_path):
-    from bench.comm import EXTRA_FIELDS, ROW_FIELDS
+    from bench.results.comm_rows import EXTRA_FIELDS, ROW_FIELDS
     rows = synthetic_rows(LINK, nps=(2,))
     (tmp_path / "np2").mkdir()
     atomic_write_json(tmp_path / "np2" / "comm.json", {"kind": "comm", "rows": rows})

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.config import FIXED_MODES, MODES
-from tests.conftest import launch
+from bench.plan.config import FIXED_MODES, MODES
+from tests.helpers import launch
 
 pytestmark = pytest.mark.mpi
 STEPS = 4

@@ -1,6 +1,6 @@
 import pytest
 
-from bench.launch import is_oversubscribed, mpi_environment, mpirun_command, threads_per_rank
+from bench.launch.mpirun import is_oversubscribed, mpi_environment, mpirun_command, threads_per_rank
 
 
 def test_oversubscription_is_flagged_beyond_the_cores():

@@ -7,22 +7,19 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 
-from bench import lifetime
-from bench.capacity import (DEFAULT_RANKS_PER_CORE, RUNTIME_MIB, Hosts, check_launch, parse_sinfo, rank_floor_mib,
-                            this_host)
 from bench.errors import UsageError
-from bench.folder_lock import LOCK_FILE, exclusive_writer
-from tests.conftest import SESSION, describe
+from bench.launch import lifetime
+from bench.plan.capacity import (DEFAULT_RANKS_PER_CORE, RUNTIME_MIB, Hosts, check_launch, parse_sinfo, rank_floor_mib,
+                                 this_host)
+from bench.results.folder_lock import LOCK_FILE, exclusive_writer
+from tests.helpers import (CLI, TINY, assert_one_line_error, cli, describe, mpirun_of, own_session, rank_processes,
+                           records, session_processes, wait_for)
 
-CLI = [sys.executable, "-m", "bench.cli"]
-TINY = ["--preset", "tiny", "--warmup", "1"]
 FOREVER = ["--steps", "100000"]
 """A point that never ends by itself: only the fault under test ends it."""
 AFTER_S = 10.0
@@ -31,71 +28,15 @@ AFTER_S = 10.0
 
 # --- helpers ------------------------------------------------------------------------------------------------------
 
-def own_session(name: str) -> str:
-    """A session within the test session's, so this test sees only what it started."""
-    return f"{SESSION}/{name}-{time.time_ns()}"
-
-
 def start(session: str, *args: str) -> subprocess.Popen:
     env = {**os.environ, lifetime.SESSION_VAR: session}
     return subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def cli(*args: str, session: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, lifetime.SESSION_VAR: session or own_session("cli")}
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def launched(session: str) -> list[psutil.Process]:
-    """Processes of the launches started within `session`: mpirun, rank guards and ranks (the command itself,
-    which carries the session but no launch tag, is not one of them)."""
-    found = []
-    for p in lifetime.tagged_processes(lifetime.SESSION_VAR, session):
-        try:
-            if lifetime.LAUNCH_VAR in p.environ():
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
-
-
-def ranks(session: str) -> list[psutil.Process]:
-    """The rank programs proper (bench.worker), past their guard."""
-    found = []
-    for p in launched(session):
-        try:
-            if "bench.worker" in p.cmdline() and "rank_guard" not in " ".join(p.cmdline()):
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
-
-
-def mpirun_of(session: str) -> list[psutil.Process]:
-    found = []
-    for p in launched(session):
-        try:
-            if Path(p.cmdline()[0]).name.startswith(("mpirun", "orterun")):
-                found.append(p)
-        except (psutil.Error, IndexError):
-            pass
-    return found
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
 def assert_nothing_left(session: str, since: float) -> None:
     """No process started within `session` (command, mpirun or rank) is alive AFTER_S after `since`."""
     time.sleep(max(0.0, since + AFTER_S - time.monotonic()))
-    left = lifetime.tagged_processes(lifetime.SESSION_VAR, session)
+    left = session_processes(session)
     assert not left, f"{len(left)} process(es) outlived the command by {AFTER_S:g} s:\n{describe(left)}"
 
 
@@ -103,7 +44,7 @@ def wait_until_training(session: str, np: int) -> list[psutil.Process]:
     """The np ranks of the point, once they are past their imports (a rank that has loaded torch is well over
     100 MiB)."""
     def ready():
-        now = ranks(session)
+        now = rank_processes(session)
         try:
             return len(now) == np and all(p.memory_info().rss > 150 * 2**20 for p in now) and now
         except psutil.Error:
@@ -121,19 +62,7 @@ def assert_interrupted(proc: subprocess.Popen, stdout: str, stderr: str) -> None
     assert stdout.splitlines()[-1].startswith("interrupted: finished points are kept in"), stdout
 
 
-def records(out: Path) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "points").glob("*.json"))}
-
-
 # --- refused before anything starts -------------------------------------------------------------------------------
-
-def assert_one_line_error(run: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert run.returncode == 2, (run.returncode, run.stdout[-1000:], run.stderr[-2000:])
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
 
 def refused(capsys, *args: str) -> str:
     """Run the CLI in this process (the checks need no process of their own); its one-line error."""
@@ -148,7 +77,7 @@ def refused(capsys, *args: str) -> str:
 def test_np_far_beyond_memory_is_refused_before_any_process_starts(tmp_path, capsys, monkeypatch):
     session = own_session("huge")
     out = tmp_path / "huge"
-    run = cli("run", *TINY, "--np", "100000", "--out", str(out), session=session)
+    run = cli("run", *TINY, "--np", "100000", "--out", str(out), env={lifetime.SESSION_VAR: session})
     assert_one_line_error(run, "--np 100000 cannot run on this host", "of memory", "ranks fit", "lower --np")
     assert not out.exists(), "a refused run must not start a results folder"
     # The same check guards every command that launches ranks.
@@ -293,7 +222,7 @@ def test_mpirun_dying_mid_spawn_takes_its_ranks_down(tmp_path):
     out = tmp_path / "r"
     proc = start(session, "run", *TINY, *FOREVER, "--np", "3", "--out", str(out))
     # Kill mpirun as soon as its first rank exists, while the others are still being started.
-    mpirun = wait_for(lambda: ranks(session) and mpirun_of(session), 60, "mpirun with a first rank")[0]
+    mpirun = wait_for(lambda: rank_processes(session) and mpirun_of(session), 60, "mpirun with a first rank")[0]
     mpirun.kill()
     killed = time.monotonic()
     stdout, stderr = proc.communicate(timeout=60)
@@ -306,7 +235,8 @@ def test_mpirun_dying_mid_spawn_takes_its_ranks_down(tmp_path):
 def test_a_point_past_its_timeout_leaves_no_process(tmp_path):
     session = own_session("timeout")
     out = tmp_path / "r"
-    run = cli("run", *TINY, *FOREVER, "--np", "2", "--timeout", "8", "--out", str(out), session=session)
+    run = cli("run", *TINY, *FOREVER, "--np", "2", "--timeout", "8", "--out", str(out),
+              env={lifetime.SESSION_VAR: session})
     ended = time.monotonic()
     assert run.returncode == 1, run.stderr[-2000:]
     assert records(out)["weak-sparse-gather-np2-r0"]["status"] == "timeout"
@@ -321,7 +251,7 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tmp_pa
     out = tmp_path / "sweep"
     first = start(session, "sweep", *TINY, *FOREVER, "--nps", "1", "--modes", "dense-reduce", "--scalings", "weak",
                   "--out", str(out))
-    wait_for(lambda: ranks(session), 60, "the first sweep's rank")
+    wait_for(lambda: rank_processes(session), 60, "the first sweep's rank")
     holder = json.loads((out / LOCK_FILE).read_text())
     assert holder["pid"] == first.pid
 
@@ -339,7 +269,7 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tmp_pa
     assert json.loads((out / LOCK_FILE).read_text())["pid"] == first.pid
     # The first sweep recorded no point: a new one may start in its folder, taking the stale lock over.
     again = cli("sweep", *TINY, "--nps", "1", "--modes", "dense-reduce", "--scalings", "weak", "--steps", "2",
-                "--out", str(out), session=session, timeout=300)
+                "--out", str(out), env={lifetime.SESSION_VAR: session}, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert records(out)["weak-dense-reduce-np1-r0"]["status"] == "ok"
     assert not (out / LOCK_FILE).exists(), "a writer that ends removes its lock"

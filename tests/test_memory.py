@@ -1,8 +1,8 @@
 """The training's own memory: the kernel's high-water mark reset once the workload is built, read per phase."""
 import pytest
 
-from bench.memory import PeakProbe, rss_mib
-from tests.conftest import launch
+from bench.ranks.memory import PeakProbe, rss_mib
+from tests.helpers import launch
 
 SPIKE_MIB = 600
 

@@ -5,7 +5,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.test_predict import make_comm, make_sweep
+from tests.synthetic import make_comm, make_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "scaling.ipynb"

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from bench.errors import UsageError
-from bench.oomcliff import check, derive_cap
+from bench.cli.oom_demo import check, derive_cap
 
 CLI = [sys.executable, "-m", "bench.cli"]
 

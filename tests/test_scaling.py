@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from bench.scaling import bootstrap_step_time, busbw_factor, efficiency, interval, rank_skew, slowest_rank_per_step, \
+from bench.results.scaling import bootstrap_step_time, busbw_factor, efficiency, interval, rank_skew, slowest_rank_per_step, \
     spread, throughput_samples_per_s
-from bench.summary import SUMMARY_COLUMNS, summarize
+from bench.results.summary import SUMMARY_COLUMNS, summarize
 
 
 def test_weak_efficiency_is_t1_over_tp():

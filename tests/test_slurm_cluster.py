@@ -23,45 +23,8 @@ TERMINAL = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
     "BOOT_FAIL", "DEADLINE", "PREEMPTED",
 }
-START_HINT = "start it with: bash slurm/local_cluster.sh start"
-
-
 def _run(args: list[str], env: dict[str, str] | None = None, timeout: float = 15.0) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout)
-
-
-def _unavailable(reason: str):
-    """Skip, except where the cluster was started for this run (make test sets ALURE_REQUIRE_SLURM=1): there a
-    cluster that is not usable is a failure, never a silent skip."""
-    if os.environ.get("ALURE_REQUIRE_SLURM") == "1":
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster() -> str:
-    """Skip the module unless Slurm is installed and its node is usable; return the node's name."""
-    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
-        _unavailable(f"Slurm client tools (sinfo/sbatch) not installed; {START_HINT}")
-    # `scontrol ping` answers at once; sinfo retries a stopped controller for ~9 s.
-    try:
-        ping = _run(["scontrol", "ping"], timeout=10)
-    except subprocess.TimeoutExpired:
-        _unavailable(f"scontrol ping timed out: slurmctld does not answer; {START_HINT}")
-    if " is UP" not in ping.stdout:
-        said = (ping.stdout.strip() or ping.stderr.strip()).splitlines()[:1]
-        _unavailable(f"slurmctld is not running ({''.join(said) or 'no answer'}); {START_HINT}")
-    try:
-        out = _run(["sinfo", "-h", "-N", "-o", "%N %T"], timeout=10)
-    except subprocess.TimeoutExpired:
-        _unavailable(f"sinfo timed out: slurmctld does not answer; {START_HINT}")
-    if out.returncode != 0:
-        _unavailable(f"slurmctld does not answer ({out.stderr.strip()}); {START_HINT}")
-    nodes = dict(line.split() for line in out.stdout.splitlines() if line.strip())
-    usable = [n for n, state in nodes.items() if state in {"idle", "mixed", "allocated"}]
-    if not usable:
-        _unavailable(f"no idle/mixed/allocated node (sinfo: {nodes or 'none'}); {START_HINT}")
-    return usable[0]
 
 
 def _sbatch(args: list[str], env: dict[str, str] | None = None) -> str:

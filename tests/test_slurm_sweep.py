@@ -3,7 +3,7 @@ sweeps on the local single-node cluster of slurm/local_cluster.sh: records exact
 a cancelled task listed by `collect`, and `submit --resume` filling exactly those.
 
 The cluster tests skip without the cluster (`bash slurm/local_cluster.sh start`), or fail under `make test`
-(ALURE_REQUIRE_SLURM=1), through the fixture of tests/test_slurm_cluster.py.
+(ALURE_REQUIRE_SLURM=1), through the slurm_cluster fixture of tests/conftest.py.
 """
 from __future__ import annotations
 
@@ -20,80 +20,76 @@ import pandas as pd
 import psutil
 import pytest
 
-from bench import slurm
-from bench.config import PointConfig, SweepConfig
 from bench.errors import UsageError
-from tests.test_cli_errors import assert_one_line_error
-from tests.test_slurm_cluster import slurm_cluster  # noqa: F401 - the fixture
+from bench.plan.config import PointConfig, SweepConfig
+from bench.slurm.arrays import (TIME_MARGIN_S, SlurmOptions, array_spec, expand_task_ids, format_time_limit, plan_arrays,
+                                point_for_task)
+from bench.slurm.jobs import active_points, read_jobs
+from bench.slurm.scheduler import parse_sbatch_output, parse_scontrol_jobs, task_states
+from tests.helpers import CLI, assert_one_line_error, cli
 
-CLI = [sys.executable, "-m", "bench.cli"]
 TINY = ["--preset", "tiny", "--warmup", "1", "--steps", "3", "--modes", "dense-reduce", "--scalings", "weak"]
 WAIT_S = 300  # a whole tiny sweep takes 30-60 s here; a loaded machine is slower
-
-
-def cli(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
 
 
 # --- arrays, scripts and Slurm's answers ---------------------------------------------------------------------
 
 def test_one_array_per_np_and_a_task_index_means_the_same_point_everywhere():
     config = SweepConfig(preset="tiny", nps=[1, 2, 4], modes=["dense-reduce"], repeats=2)
-    arrays = slurm.plan_arrays(config)
+    arrays = plan_arrays(config)
     assert [(a.np, a.indices) for a in arrays] == [(1, (0, 1, 2, 3)), (2, (0, 1, 2, 3)), (4, (0, 1, 2, 3))]
     for a in arrays:
-        assert [slurm.point_for_task(config, a.np, i).point_id for i in a.indices] == list(a.point_ids)
-        assert {slurm.point_for_task(config, a.np, i).np for i in a.indices} == {a.np}
+        assert [point_for_task(config, a.np, i).point_id for i in a.indices] == list(a.point_ids)
+        assert {point_for_task(config, a.np, i).np for i in a.indices} == {a.np}
     # A config rebuilt from sweep.json (as inside a task) maps every index to the same point.
     again = SweepConfig.from_dict(json.loads(json.dumps(config.as_dict())))
-    assert slurm.point_for_task(again, 2, 3) == slurm.point_for_task(config, 2, 3)
+    assert point_for_task(again, 2, 3) == point_for_task(config, 2, 3)
     # Resubmitting some points keeps their indices, per np.
     only = {"strong-dense-reduce-np2-r1", "weak-dense-reduce-np4-r0"}
-    assert [(a.np, a.indices, a.point_ids) for a in slurm.plan_arrays(config, only)] == [
+    assert [(a.np, a.indices, a.point_ids) for a in plan_arrays(config, only)] == [
         (2, (3,), ("strong-dense-reduce-np2-r1",)), (4, (0,), ("weak-dense-reduce-np4-r0",))]
     with pytest.raises(UsageError, match="out of range"):
-        slurm.point_for_task(config, 2, 4)
+        point_for_task(config, 2, 4)
     with pytest.raises(UsageError, match="no np=3 points"):
-        slurm.point_for_task(config, 3, 0)
+        point_for_task(config, 3, 0)
 
 
 def test_array_specs_compress_runs_and_expand_back():
-    assert slurm.array_spec([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
-    assert slurm.array_spec([3], limit=2) == "3%2"
+    assert array_spec([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert array_spec([3], limit=2) == "3%2"
     for spec, ids in [("3", [3]), ("0-3%2", [0, 1, 2, 3]), ("1,5-7", [1, 5, 6, 7]), ("[0-6:3]", [0, 3, 6])]:
-        assert slurm.expand_task_ids(spec) == ids
+        assert expand_task_ids(spec) == ids
 
 
 def test_slurm_answers_are_read_per_task():
-    assert slurm.parse_sbatch_output("1234\n") == "1234" == slurm.parse_sbatch_output("1234;cluster\n")
+    assert parse_sbatch_output("1234\n") == "1234" == parse_sbatch_output("1234;cluster\n")
     with pytest.raises(UsageError, match="no job id"):
-        slurm.parse_sbatch_output("Submitted batch job\n")
+        parse_sbatch_output("Submitted batch job\n")
     text = ("JobId=41 ArrayJobId=40 ArrayTaskId=1 JobName=x JobState=RUNNING Reason=None\n"
             "JobId=40 ArrayJobId=40 ArrayTaskId=2-3%1 JobName=x JobState=PENDING Reason=JobArrayTaskLimit\n"
             "JobId=39 ArrayJobId=39 ArrayTaskId=0 JobName=y JobState=CANCELLED Reason=None\n"
             "JobId=50 JobName=plain JobState=RUNNING\n")
-    assert slurm.task_states(slurm.parse_scontrol_jobs(text)) == {
+    assert task_states(parse_scontrol_jobs(text)) == {
         ("40", 1): "RUNNING", ("40", 2): "PENDING", ("40", 3): "PENDING", ("39", 0): "CANCELLED"}
     jobs = {"arrays": [{"job_id": "39", "indices": [0], "point_ids": ["a"]},
                        {"job_id": "40", "indices": [1, 2], "point_ids": ["b", "c"]}]}
-    assert slurm.active_points(jobs, slurm.task_states(slurm.parse_scontrol_jobs(text))) == \
+    assert active_points(jobs, task_states(parse_scontrol_jobs(text))) == \
         {"b": "RUNNING", "c": "PENDING"}
 
 
 def test_layout_and_time_limit_follow_the_options():
-    assert slurm.SlurmOptions().layout(4) == (0, 0)
-    assert slurm.SlurmOptions(ranks_per_node=2).layout(5) == (3, 2)
-    assert slurm.SlurmOptions(ranks_per_node=4).layout(1) == (1, 1)
-    assert slurm.SlurmOptions(nodes=2).layout(1) == (1, 0)
+    assert SlurmOptions().layout(4) == (0, 0)
+    assert SlurmOptions(ranks_per_node=2).layout(5) == (3, 2)
+    assert SlurmOptions(ranks_per_node=4).layout(1) == (1, 1)
+    assert SlurmOptions(nodes=2).layout(1) == (1, 0)
     with pytest.raises(UsageError, match="does not fit"):
-        slurm.SlurmOptions(nodes=1, ranks_per_node=2).layout(4)
-    assert slurm.format_time_limit(300 + slurm.TIME_MARGIN_S) == "0-00:10:00"
-    assert slurm.format_time_limit(2 * 86400 + 61) == "2-00:02:00"
+        SlurmOptions(nodes=1, ranks_per_node=2).layout(4)
+    assert format_time_limit(300 + TIME_MARGIN_S) == "0-00:10:00"
+    assert format_time_limit(2 * 86400 + 61) == "2-00:02:00"
     for bad, message in [({"time_limit": "1h"}, "not a Slurm time"), ({"launcher": "aprun"}, "unknown launcher"),
                          ({"partition": "a b"}, "not a Slurm partition"), ({"array_limit": -1}, "at least 1")]:
         with pytest.raises(UsageError, match=message):
-            slurm.SlurmOptions(**bad)
+            SlurmOptions(**bad)
 
 
 def test_the_rendered_script_asks_what_the_options_say(tmp_path):
@@ -165,12 +161,12 @@ def test_a_task_outside_slurm_needs_an_index(tmp_path):
 # --- real sweeps on the local cluster ------------------------------------------------------------------------
 
 @pytest.fixture
-def sweeps(slurm_cluster):  # noqa: F811 - the imported fixture
+def sweeps(slurm_cluster):
     """Folders of sweeps submitted by a test; whatever the test did, none of their jobs outlives it."""
     made: list[Path] = []
     yield made
     for folder in made:
-        ids = [e["job_id"] for e in slurm.read_jobs(folder)["arrays"]]
+        ids = [e["job_id"] for e in read_jobs(folder)["arrays"]]
         if ids:
             subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
 
@@ -179,7 +175,7 @@ def submit(sweeps: list, out: Path, *flags: str) -> list[dict]:
     sweeps.append(out)
     run = cli("slurm", "submit", *TINY, "--partition", "debug", "--out", str(out), *flags)
     assert run.returncode == 0, run.stderr[-2000:]
-    return slurm.read_jobs(out)["arrays"]
+    return read_jobs(out)["arrays"]
 
 
 def wait_until_done(out: Path) -> None:
@@ -207,8 +203,8 @@ def sweep_ranks(out: Path) -> dict[str, list[psutil.Process]]:
     found: dict[str, list[psutil.Process]] = {}
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        # mpirun's and srun's command lines name bench.worker too: ranks are the python processes.
-        if "bench.worker" in cmd and Path(cmd[0]).name.startswith("python") and str(out) in cmd:
+        # mpirun's and srun's command lines name bench.ranks.worker too: ranks are the python processes.
+        if "bench.ranks.worker" in cmd and Path(cmd[0]).name.startswith("python") and str(out) in cmd:
             point = PointConfig.from_dict(json.loads(cmd[cmd.index("--point") + 1]))
             found.setdefault(point.point_id, []).append(p)
     return found
@@ -295,9 +291,9 @@ def test_a_failed_and_a_cancelled_task_are_collected_and_resume_fills_exactly_th
     resume = cli("slurm", "submit", "--resume", str(out), "--launcher", "srun")
     assert resume.returncode == 0, resume.stderr
     assert "2 of 4 points ok, 0 still queued or running, 2 to submit" in resume.stdout
-    again = [a for a in slurm.read_jobs(out)["arrays"] if a["round"] == 2]
+    again = [a for a in read_jobs(out)["arrays"] if a["round"] == 2]
     assert [(a["np"], a["indices"], a["point_ids"]) for a in again] == [(1, [1], [killed]), (2, [1], [cancelled])]
-    assert slurm.read_jobs(out)["options"]["array_limit"] == 1  # the stored options carry over
+    assert read_jobs(out)["options"]["array_limit"] == 1  # the stored options carry over
     wait_until_done(out)
 
     collect = cli("slurm", "collect", str(out))
@@ -318,4 +314,4 @@ def test_a_partition_that_slurm_rejects_is_one_line(sweeps, tmp_path):
     sweeps.append(out)
     run = cli("slurm", "submit", *TINY, "--out", str(out), "--partition", "no_such_partition")
     assert_one_line_error(run, "sbatch refused", "invalid partition")
-    assert slurm.read_jobs(out)["arrays"] == []
+    assert read_jobs(out)["arrays"] == []

@@ -2,7 +2,6 @@
 gives the single-process graph and quality at any P, the stages are points of a sweep, and the ring's memory per
 rank falls with P where replicate's does not."""
 import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
@@ -17,11 +16,11 @@ from alure.pipeline import graph_stage, neighbor_precision_sharded, refresh_stag
 from alure.refresh import compress
 from alure.stages import GRAPH_STRATEGIES
 from alure.train import train
-from bench.config import PointConfig, SweepConfig
 from bench.errors import UsageError
-from bench.summary import SUMMARY_COLUMNS
+from bench.plan.config import PointConfig, SweepConfig
+from bench.results.summary import SUMMARY_COLUMNS
+from tests.helpers import CLI
 
-CLI = [sys.executable, "-m", "bench.cli"]
 
 
 @pytest.fixture(scope="module")

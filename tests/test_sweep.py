@@ -1,55 +1,19 @@
 """Real sweeps through the CLI on real ranks: the records, the faults, resuming and interrupting."""
-import json
-import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pandas as pd
-import psutil
 import pytest
 
-from bench import lifetime
-from bench.summary import SUMMARY_COLUMNS
-from tests.conftest import SESSION
+from bench.results.summary import SUMMARY_COLUMNS
+from tests.helpers import CLI, TINY, rank_processes, records, wait_for
 
 pytestmark = pytest.mark.mpi
-CLI = [sys.executable, "-m", "bench.cli"]
-TINY = ["--preset", "tiny", "--warmup", "1"]
 
 
 def sweep(*args, timeout=240) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, "sweep", *TINY, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def records(out: Path) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "points").glob("*.json"))}
-
-
-def workers() -> list[psutil.Process]:
-    """Live rank processes of this test session's sweeps (other sessions on the machine have ranks too)."""
-    found = []
-    for p in lifetime.tagged_processes(lifetime.SESSION_VAR, SESSION):
-        try:
-            cmd = p.cmdline()
-        except psutil.Error:
-            continue
-        # mpirun's own command line names bench.worker too: ranks are the python processes.
-        if "bench.worker" in cmd and Path(cmd[0]).name.startswith("python"):
-            found.append(p)
-    return found
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def test_exchange_bytes_grow_with_p_for_sparse_gather_and_stay_flat_for_dense_reduce(tmp_path):
@@ -95,7 +59,7 @@ def test_a_killed_rank_is_recorded_as_failed_and_the_next_point_runs(tmp_path):
                              "--no-interleave",
                              "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        ranks = wait_for(lambda: len(workers()) == 2 and workers(), 60, "two ranks of the first point")
+        ranks = wait_for(lambda: len(rank_processes()) == 2 and rank_processes(), 60, "two ranks of the first point")
         time.sleep(3)  # into its training steps
         victim = next(p for p in ranks if p.environ().get("OMPI_COMM_WORLD_RANK") == "1")
         victim.send_signal(signal.SIGKILL)
@@ -116,7 +80,7 @@ def test_a_hung_point_times_out_and_leaves_no_process_behind(tmp_path):
     assert run.returncode == 1
     rec = records(out)["weak-dense-reduce-np1-r0"]
     assert rec["status"] == "timeout" and "6 s" in rec["reason"]
-    assert not workers()
+    assert not rank_processes()
 
 
 def test_sigterm_keeps_finished_points_and_resume_reruns_only_the_rest(tmp_path):
@@ -125,13 +89,13 @@ def test_sigterm_keeps_finished_points_and_resume_reruns_only_the_rest(tmp_path)
                              "--steps", "40", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     # The rank spends its first seconds importing torch and Horovod: a signal then lands inside the point.
-    wait_for(lambda: len(workers()) == 1, 60, "the first point's rank")
+    wait_for(lambda: len(rank_processes()) == 1, 60, "the first point's rank")
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr[-2000:]
     assert "--resume" in stdout and "Traceback" not in stderr
-    assert not workers(), "an interrupted sweep must not leave ranks running"
+    assert not rank_processes(), "an interrupted sweep must not leave ranks running"
     assert not records(out), "the interrupted point has no record; nothing half-written"
 
     first = subprocess.run([*CLI, "sweep", "--resume", str(out)], capture_output=True, text=True, timeout=240)

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from bench import transport
-from bench.launch import mpi_environment
+from bench.launch import transport
+from bench.launch.mpirun import mpi_environment, run_ranks
+from tests.helpers import CLI
 
 pytestmark = pytest.mark.mpi
 
@@ -27,7 +28,7 @@ def test_fallback_when_the_kernel_refuses_cma(tmp_path):
     # The probe's ranks run under a seccomp filter that fails process_vm_readv with EPERM (as Docker's default
     # profile does): the launcher must choose copy-in/copy-out, say so once, and record it.
     env = clean_env(tmp_path / "cache", **{transport.DENY_HOOK: "1"})
-    run = subprocess.run([sys.executable, "-m", "bench.cli", "env"], capture_output=True, text=True, env=env,
+    run = subprocess.run([*CLI, "env"], capture_output=True, text=True, env=env,
                          timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads(run.stdout)
@@ -43,7 +44,7 @@ def test_fallback_when_the_kernel_refuses_cma(tmp_path):
     assert len(cached) == 1
     # A real launch under the fallback runs and its rows say what ran.
     out = tmp_path / "comm"
-    run = subprocess.run([sys.executable, "-m", "bench.cli", "comm", "--backends", "mpi4py", "--ops", "allgather",
+    run = subprocess.run([*CLI, "comm", "--backends", "mpi4py", "--ops", "allgather",
                           "--min-bytes", "1M", "--max-bytes", "1M", "--warmup", "1", "--iters", "2", "--rounds", "1",
                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -58,13 +59,13 @@ def test_probe_runs_once_per_host_then_reads_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ALURE_BENCH_CACHE", str(tmp_path))
     monkeypatch.delenv(transport.DENY_HOOK, raising=False)
     monkeypatch.delenv(transport.VARIABLE, raising=False)
-    first = transport.choice()
+    first = transport.choice(run_ranks)
     assert first["source"] == "probe" and first["single_copy_mechanism"] in ("cma", "none")
     # What the probe found agrees with its own evidence: CMA chosen exactly when it worked.
     assert (first["single_copy_mechanism"] == "cma") == (first["cma_works"] is True), first
     files = list((tmp_path / "transport").glob("*.json"))
     assert [f.name for f in files] == [f"{first['host']}-ompi{first['open_mpi']}.json"]
-    second = transport.choice()
+    second = transport.choice(run_ranks)
     assert second["source"] == "cache" and second["probed_at"] == first["probed_at"]
     assert mpi_environment(2, base={})[transport.VARIABLE] == first["single_copy_mechanism"]
 
@@ -78,7 +79,7 @@ def test_a_mechanism_already_set_wins_without_a_probe(tmp_path, monkeypatch):
 
 def test_the_deny_hook_really_refuses_process_vm_readv():
     # The hook is a kernel filter, not a flag the probe reads: under it a process cannot even read itself.
-    code = ("import ctypes, os; from bench.transport import deny_cma, read_peer; "
+    code = ("import ctypes, os; from bench.launch.transport import deny_cma, read_peer; "
             "buf = ctypes.create_string_buffer(b'12345678'); "
             "print(read_peer(os.getpid(), ctypes.addressof(buf), 8)); deny_cma(); "
             "print(read_peer(os.getpid(), ctypes.addressof(buf), 8))")

@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.config import SweepConfig
 from bench.model.calibration import Calibration, FitQuality, fit_link, read_comm_rows
 from bench.model.profile import profile_from_records
 from bench.model.step import LocalFit, Model, this_machine
-from bench.results import atomic_write_json, read_records, write_record
 from bench.model.validation import SPLITS, format_validation, record_transport, validate
-from tests.test_costmodel import LINK, synthetic_rows
-from tests.test_predict import point_record
+from bench.plan.config import SweepConfig
+from bench.results.records import atomic_write_json, read_records, write_record
+from tests.synthetic import LINK, point_record, synthetic_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "results" / "reference"

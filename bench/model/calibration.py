@@ -74,7 +74,7 @@ def read_comm_rows(folder: str | Path) -> list[dict]:
                 raise UsageError(f"{place / 'comm.json'} is not valid JSON ({err.msg}): rerun alure-bench comm") \
                     from None
             found = data.get("rows", []) if isinstance(data, dict) else data
-            # A run's network (bench.comm's record: transport, the link as tc configured it) stands for its rows.
+            # A run's network (alure-bench comm's record: transport, the link as tc configured it) stands for its rows.
             network = (data.get("network") or {}) if isinstance(data, dict) else {}
             told = {"transport": network.get("transport"),
                     "link_rate_gbps": (network.get("link") or {}).get("rate_gbps"),

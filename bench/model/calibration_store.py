@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bench.errors import UsageError
+from bench.model.table_costs import DEFAULT_COSTS, ExchangeCosts
 
 CALIBRATIONS_ENV = "ALURE_BENCH_CALIBRATIONS"
 """Names the calibration folder (default: `default_folder()`)."""
@@ -40,7 +41,7 @@ class HostIdentity:
     """What a calibration is valid for."""
 
     cpu_model: str
-    """/proc/cpuinfo's model name (bench.environment.cpu_model)."""
+    """/proc/cpuinfo's model name (bench.launch.environment.cpu_model)."""
     cores: int
     """Cores this process may run on."""
     mpi_library: str
@@ -64,7 +65,7 @@ class HostIdentity:
 
 def this_host(transport: str) -> HostIdentity:
     """The identity of the host this process runs on, for ranks exchanging through `transport`."""
-    from bench.environment import cpu_model, mpi_library
+    from bench.launch.environment import cpu_model, mpi_library
     mpi = mpi_library()
     return HostIdentity(cpu_model=cpu_model(), cores=len(os.sched_getaffinity(0)),
                         mpi_library=mpi.get("library") or f"unknown ({mpi.get('error', 'no mpi4py')})",
@@ -78,7 +79,7 @@ def calibration_path(folder: Path, identity: HostIdentity) -> Path:
 def save_calibration(folder: Path, identity: HostIdentity, calibration, costs, comm_dir: Path | str,
                      arguments: dict) -> Path:
     """Write the calibration of `identity` (replacing an older one of the same host and transport)."""
-    from bench.results import atomic_write_json, ensure_writable
+    from bench.results.records import atomic_write_json, ensure_writable
     path = calibration_path(ensure_writable(Path(folder)), identity)
     atomic_write_json(path, {"kind": FILE_KIND, "version": FILE_VERSION,
                              "created": datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -104,7 +105,6 @@ def read_calibration(path: Path) -> dict:
 
 def find_costs(folder: Path, identity: HostIdentity):
     """(ExchangeCosts, path) of the calibration of exactly `identity` in `folder`; None where there is none."""
-    from bench.model.table_costs import ExchangeCosts
     path = calibration_path(folder, identity)
     if not path.is_file():
         return None
@@ -119,7 +119,6 @@ def find_costs(folder: Path, identity: HostIdentity):
 
 
 def builtin_note() -> str:
-    from bench.model.table_costs import DEFAULT_COSTS
     link = DEFAULT_COSTS.link
     return (f"the built-in DEFAULT_COSTS of bench/model/table_costs.py ({DEFAULT_COSTS.source}; a = "
             f"{link.alpha_s * 1e6:.0f} us, b = {link.beta_s_per_byte * 1e9:.2f} ns/B)")
@@ -128,7 +127,6 @@ def builtin_note() -> str:
 def costs_for_this_host(transport: str = "shared-memory", warn: bool = False):
     """The costs `auto` decides with on this host: its calibration for `transport`, else DEFAULT_COSTS; with `warn`,
     the fall-back is said in one line on stderr, naming what was looked for and what is used instead."""
-    from bench.model.table_costs import DEFAULT_COSTS
     folder = default_folder()
     identity = this_host(transport if transport in TRANSPORTS else "shared-memory")
     found = find_costs(folder, identity)
@@ -139,3 +137,21 @@ def costs_for_this_host(transport: str = "shared-memory", warn: bool = False):
               f"with {builtin_note()}; run `alure-bench calibrate` here to measure this host", file=sys.stderr,
               flush=True)
     return DEFAULT_COSTS
+
+
+COSTS_ENV = "ALURE_BENCH_COSTS"
+
+
+def load_costs(path: str | Path | None = None, transport: str = "shared-memory", warn: bool = False) -> ExchangeCosts:
+    """The costs `auto` decides with: `path`, else the file named by ALURE_BENCH_COSTS, else the calibration of
+    this host and `transport` (DEFAULT_COSTS, with a one-line warning if `warn`, without)."""
+    path = path or os.environ.get(COSTS_ENV)
+    if not path:
+        return costs_for_this_host(transport, warn)
+    try:
+        return ExchangeCosts.from_dict(json.loads(Path(path).read_text()))
+    except FileNotFoundError:
+        raise UsageError(f"{COSTS_ENV}={path}: no such file; write one with `alure-bench predict --out DIR` "
+                         f"(DIR/costs.json)") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UsageError(f"{path} is not a costs.json of alure-bench predict ({err}): rewrite it") from None

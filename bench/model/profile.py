@@ -168,8 +168,8 @@ def _geometry_cached(config_json: str, reference_batch: int) -> tuple[tuple[Tabl
 
 def profile_from_records(records: list[dict], environment: dict | None = None) -> Profile:
     """The Profile of a sweep: its workload from the np=1 points' config, its np=1 step from their phases."""
-    from bench.config import PointConfig
-    from bench.worker import workload_config
+    from bench.plan.config import PointConfig
+    from bench.plan.workload import workload_config
 
     base = [r for r in records if r["status"] == "ok" and r["np"] == 1]
     if not base:
@@ -199,12 +199,12 @@ def profile_from_records(records: list[dict], environment: dict | None = None) -
         reference_batch=batch, compute_ms=float(np.median(compute)), backward_ms=float(np.median(backward)),
         optimizer_ms=float(np.median(optimizer)),
         base_rss_mib=float(np.median([r["metrics"]["peak_rss_mib"] for r in base if r["batch_per_rank"] == batch])),
-        measured_cores=int(env.get("cores") or env.get("cpu_count") or _cores()),
+        measured_cores=int(env.get("cores") or _cores()),
         measured_threads=int(np.median([r.get("threads_per_rank") or 1 for r in base])),
         train_growth_mib=float(np.median([r["metrics"].get("rss_growth_mib") or 0.0 for r in base
                                           if r["batch_per_rank"] == batch])))
 
 
 def _cores() -> int:
-    from bench.launch import physical_cores
+    from bench.launch.mpirun import physical_cores
     return physical_cores()

@@ -50,7 +50,8 @@ class Machine:
         if self.memory_per_rank_bytes is not None and self.memory_per_rank_bytes <= 0:
             raise UsageError(f"memory per rank {self.memory_per_rank_bytes} must be positive")
 
-    def link(self, p: int) -> Link:
+    @property
+    def link(self) -> Link:
         """The ring's slowest link: the network's where one is given, else this machine's."""
         return self.network if self.network is not None else self.local
 
@@ -60,7 +61,7 @@ class Machine:
 
 def cpu_factor(p: int, machine: Machine, measured_threads: int) -> float:
     """How much longer a rank's CPU work takes at p ranks than the np=1 rank's did: its core share (ranks beyond the
-    node's cores time-share them, as bench.launch shares threads out) over the machine's speed-up."""
+    node's cores time-share them, as the launcher shares threads out) over the machine's speed-up."""
     on_node = min(p, machine.ranks_per_node)
     threads = max(1, machine.cores_per_node // on_node)
     sharing = max(1.0, on_node * threads / machine.cores_per_node)
@@ -119,7 +120,7 @@ class Model:
         link when one is given."""
         prof = self.profile
         optimizer = prof.optimizer_ms * 1e-3 / prof.gradient_bytes(prof.reference_batch)
-        return ExchangeCosts(link=(machine.link(2) if machine else self.calibration.link),
+        return ExchangeCosts(link=(machine.link if machine else self.calibration.link),
                              optimizer_s_per_byte=optimizer,
                              sparse_s_per_byte=self.local.s_per_byte["sparse-gather"],
                              dense_s_per_byte=self.local.s_per_byte["dense-reduce"],
@@ -138,7 +139,7 @@ class Model:
     def step(self, machine: Machine, p: int, mode: str, batch_per_rank: float) -> StepPrediction:
         prof = self.profile
         costs = self.costs(machine)
-        link = machine.link(p)
+        link = machine.link
         cpu = cpu_factor(p, machine, prof.measured_threads)
         work = prof.lookups(batch_per_rank) / prof.lookups(prof.reference_batch)
         compute = prof.compute_ms * 1e-3 * work * cpu
@@ -210,7 +211,7 @@ class Model:
         t = max(self.profile.tables, key=lambda t: t.rows)
         costs = self.costs(machine)
         cpu = cpu_factor(p, machine, self.profile.measured_threads)
-        link = machine.link(p)
+        link = machine.link
 
         def gap(density: float) -> float:  # dense - sparse: positive while sparse is cheaper
             rows = density * t.rows
@@ -272,7 +273,7 @@ def this_machine(calibration: Calibration, profile: Profile, ranks: int, memory_
 
 def build_model(sweep_dir: str | Path, comm_dir: str | Path, backend: str = "horovod") -> Model:
     """Calibrate everything from a sweep folder and a comm folder."""
-    from bench.results import read_records
+    from bench.results.records import read_records
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise UsageError(f"results folder {sweep_dir} not found: give a folder written by `alure-bench sweep`")

@@ -1,14 +1,10 @@
 """One embedding table's exchange in each mode: its time, its bytes, its memory; and `auto`'s choice."""
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from bench.config import FIXED_MODES
-from bench.errors import UsageError
+from bench.plan.config import FIXED_MODES
 from bench.model.collectives import Link, allgather_s, allreduce_s
 
 
@@ -137,7 +133,7 @@ def table_network_s(mode: str, p: int, rows: int, dim: int, rows_total: float, d
 
 def table_held_bytes(mode: str, p: int, rows: int, dim: int, rows_total: float, distinct_total: float,
                      union: float) -> float:
-    """What one table's exchange holds, as bench.exchange.ExchangeCounters counts it: the collectives' results and
+    """What one table's exchange holds, as bench.ranks.exchange.ExchangeCounters counts it: the collectives' results and
     the copies the mode makes (coalesced tensor, re-sparsified gradient). Nothing at p=1 (no exchange)."""
     if p <= 1:
         return 0.0
@@ -210,20 +206,3 @@ DEFAULT_COSTS = ExchangeCosts(
     sparse_as_dense_s_per_byte=DEFAULT_LOCAL_S_PER_BYTE["sparse-as-dense"],
     source="built-in: Horovod np=2 comm run and a default-preset sweep on the 2-core reference machine")
 """What `auto` decides with when ALURE_BENCH_COSTS names no costs.json (written by `alure-bench predict --out`)."""
-COSTS_ENV = "ALURE_BENCH_COSTS"
-
-
-def load_costs(path: str | Path | None = None, transport: str = "shared-memory", warn: bool = False) -> ExchangeCosts:
-    """The costs `auto` decides with: `path`, else the file named by ALURE_BENCH_COSTS, else the calibration of
-    this host and `transport` (bench.calibration_store; DEFAULT_COSTS, with a one-line warning if `warn`, without)."""
-    path = path or os.environ.get(COSTS_ENV)
-    if not path:
-        from bench.model.calibration_store import costs_for_this_host
-        return costs_for_this_host(transport, warn)
-    try:
-        return ExchangeCosts.from_dict(json.loads(Path(path).read_text()))
-    except FileNotFoundError:
-        raise UsageError(f"{COSTS_ENV}={path}: no such file; write one with `alure-bench predict --out DIR` "
-                         f"(DIR/costs.json)") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise UsageError(f"{path} is not a costs.json of alure-bench predict ({err}): rewrite it") from None

@@ -1,10 +1,10 @@
 """Rank program for tests/benchmarks/test_collectives.py: serve timed collective calls to the pytest process.
 
-    python collective_server.py HOST PORT BACKEND        (on every rank, launched by bench.launch.run_ranks)
+    python collective_server.py HOST PORT BACKEND        (on every rank, launched by bench.launch.mpirun.run_ranks)
 
 Each rank connects to the pytest process, says hello (its rank, the world size and the launch settings it sees:
 shared-memory mechanism, allocator, Horovod knobs) and obeys one JSON line at a time:
-  {"cmd": "prepare", "op": ..., "size": ...}  build that point's buffers (bench.comm_rank, as `alure-bench comm`
+  {"cmd": "prepare", "op": ..., "size": ...}  build that point's buffers (bench.ranks.comm_rank, as `alure-bench comm`
                                               does), make `warmup` untimed calls, answer {"bytes_moved": ...}
   {"cmd": "run", "calls": K}                  make K back-to-back calls of the prepared collective, answer {}
   {"cmd": "noop"}                             answer {} at once (the control round trip, nothing else)
@@ -15,8 +15,8 @@ import os
 import socket
 import sys
 
-from bench.comm_rank import BACKEND_CLASSES, geometry
-from bench.environment import launch_settings
+from bench.launch.environment import launch_settings
+from bench.ranks.comm_rank import BACKEND_CLASSES, geometry
 
 
 def main(host: str, port: int, backend_name: str) -> None:

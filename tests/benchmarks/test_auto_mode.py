@@ -1,6 +1,6 @@
 """Benchmark: the `auto` exchange mode against the better of the two fixed modes over a density sweep.
 
-One launch of real ranks (np=2, through bench/launch.py) trains the same workload three times side by side, one
+One launch of real ranks (np=2, through bench/launch/mpirun.py) trains the same workload three times side by side, one
 Trainer per mode (sparse-gather, dense-reduce, auto), step by step in turn, so the machine's noise falls on all three
 alike; the sampled negatives (the workload's density knob) sweep from a sliver of each item table to several times
 its rows. Per density it records each mode's median step time (slowest rank) and auto's ratio to the better fixed
@@ -46,7 +46,7 @@ def test_auto_is_within_5_percent_of_the_better_fixed_mode(benchmark):
 
 
 def launch() -> list[dict]:
-    from bench.launch import run_ranks
+    from bench.launch.mpirun import run_ranks
     spec = {"preset": PRESET, "negatives": list(NEGATIVES), "steps": STEPS, "warmup": WARMUP}
     run = run_ranks(NP, [sys.executable, str(Path(__file__).resolve()), json.dumps(spec)], timeout_s=1800,
                     env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
@@ -66,9 +66,9 @@ def rank_main(spec: dict) -> None:
     from alure.config import preset
     from alure.data import build_world
     from alure.train import Trainer
-    from bench.exchange import HorovodExchange
-    from bench.launch import threads_per_rank
-    from bench.worker import instrumented_step
+    from bench.ranks.exchange import HorovodExchange
+    from bench.launch.mpirun import threads_per_rank
+    from bench.ranks.worker import instrumented_step
 
     exchanges = {m: HorovodExchange(m) for m in MODES}
     auto = exchanges["auto"]

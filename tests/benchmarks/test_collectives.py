@@ -1,7 +1,7 @@
 """Collectives on 2 real ranks under mpirun, timed by pytest-benchmark itself.
 
 How it is timed, and why that is honest:
-- The two ranks are launched through bench.launch (run_ranks, in a background thread) and run
+- The two ranks are launched through bench.launch.mpirun (run_ranks, in a background thread) and run
   collective_server.py: each connects back to this pytest process over loopback TCP and waits for orders.
 - One benchmark round = this process tells both ranks "run K calls", the ranks make K back-to-back calls of the
   collective (the nccl-tests way: no barrier between calls, the collective itself keeps the ranks in step), and
@@ -28,8 +28,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.comm import busbw_factor, format_size
-from bench.launch import run_ranks
+from bench.launch.mpirun import run_ranks
+from bench.plan.comm_config import format_size
+from bench.results.scaling import busbw_factor
 from tests.benchmarks.mode import pick
 
 pytestmark = pytest.mark.mpi

@@ -1,7 +1,7 @@
 """Benchmark: the paper's dense path (dense-reduce) against Horovod-PyTorch's sparse_as_dense (sparse-as-dense) and
 sparse-gather, at np=2, with where the time goes.
 
-One launch of real ranks (through bench/launch.py) trains the same workload once per mode side by side, one Trainer
+One launch of real ranks (through bench/launch/mpirun.py) trains the same workload once per mode side by side, one Trainer
 per mode, step by step in turn, so the machine's noise falls on every mode alike; ratios come from this one run. Per
 mode: the median step time of the slowest rank with p10/p90, each phase's median (of the rank that set the pace in
 each step), and the ratio to sparse-as-dense. Quick mode: the tiny preset; full mode (ALURE_BENCH_FULL=1): the
@@ -46,7 +46,7 @@ def describe(result: dict) -> str:
 
 
 def launch() -> dict:
-    from bench.launch import run_ranks
+    from bench.launch.mpirun import run_ranks
     spec = {"preset": PRESET, "steps": STEPS, "warmup": WARMUP}
     run = run_ranks(NP, [sys.executable, str(Path(__file__).resolve()), json.dumps(spec)], timeout_s=3600,
                     env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
@@ -64,10 +64,10 @@ def rank_main(spec: dict) -> None:
     from alure.config import preset
     from alure.data import build_world
     from alure.train import Trainer
-    from bench.exchange import HorovodExchange
-    from bench.launch import threads_per_rank
-    from bench.scaling import PHASES
-    from bench.worker import instrumented_step
+    from bench.ranks.exchange import HorovodExchange
+    from bench.launch.mpirun import threads_per_rank
+    from bench.results.scaling import PHASES
+    from bench.ranks.worker import instrumented_step
 
     exchanges = {m: HorovodExchange(m) for m in MODES}
     first = exchanges[MODES[0]]

@@ -1,5 +1,5 @@
 """Benchmark: what the worker's memory probe costs against one training step. Per timed step the worker resets the
-kernel's high-water mark before and reads it after each of the five phases (bench.memory.PeakProbe); this times
+kernel's high-water mark before and reads it after each of the five phases (bench.ranks.memory.PeakProbe); this times
 those ten calls, interleaved with training steps of one rank (LocalExchange, no MPI) so noise falls on both alike.
 Quick mode: the tiny preset; full mode (ALURE_BENCH_FULL=1): the default preset the sweeps use, where the target is
 under 1% of a step (asserted in full mode only: a speed target is no pass/fail test on a noisy machine)."""
@@ -11,8 +11,8 @@ import torch
 from alure.config import preset
 from alure.exchange import LocalExchange
 from alure.train import Trainer
-from bench.memory import PeakProbe
-from bench.scaling import PHASES
+from bench.ranks.memory import PeakProbe
+from bench.results.scaling import PHASES
 from tests.benchmarks.mode import FULL, pick
 
 PRESET = pick("tiny", "default")

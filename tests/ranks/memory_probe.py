@@ -5,9 +5,9 @@ import sys
 
 import torch
 
-from bench.config import PointConfig
-from bench.exchange import HorovodExchange
-from bench.worker import measure
+from bench.plan.config import PointConfig
+from bench.ranks.exchange import HorovodExchange
+from bench.ranks.worker import measure
 
 spike_mib = int(sys.argv[1])
 exchange = HorovodExchange("sparse-gather")

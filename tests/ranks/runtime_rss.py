@@ -1,4 +1,4 @@
-"""Rank script: the resident memory of a rank before it builds anything (what bench.capacity.RUNTIME_MIB stands for):
+"""Rank script: the resident memory of a rank before it builds anything (what bench.plan.capacity.RUNTIME_MIB stands for):
 the suite's imports loaded and Horovod initialised."""
 import json
 
@@ -7,7 +7,7 @@ import mpi4py.MPI  # noqa: F401  (every rank program of the suite loads it, thro
 import numpy  # noqa: F401
 import torch  # noqa: F401
 
-from bench.memory import rss_mib
+from bench.ranks.memory import rss_mib
 
 hvd.init()
 print("RANK_RECORD " + json.dumps({"rank": hvd.rank(), "rss_mib": rss_mib()}), flush=True)

@@ -12,7 +12,7 @@ import torch
 
 from alure.config import tiny
 from alure.train import Trainer
-from bench.exchange import HorovodExchange
+from bench.ranks.exchange import HorovodExchange
 
 
 def train(mode: str, steps: int, out: Path, config) -> dict:

@@ -1,0 +1,291 @@
+"""`alure-bench comm` and `alure-bench crossover`: what the collectives cost here, and where sparse stops paying.
+
+comm: latency and bandwidth of allreduce, allgather and sparse-pair (the two allgathers of sparse-gather) over
+Horovod (as the harness configures it), raw MPI (mpi4py) and torch.distributed/gloo, sizes doubling from --min-bytes
+to --max-bytes, each backend in a launch of its own; plus this machine's memcpy bandwidth as the ceiling. Latency
+of an iteration is the slowest rank's (a barrier starts each iteration); figures follow nccl-tests (docs/design.md):
+algbw = S/t, busbw = algbw x `busbw_factor`, GB/s = 1e9 bytes/s. Each backend runs in --rounds launches in
+alternating order (A B C C B A), iterations pooled, and Horovod's allreduce busbw is printed as a fraction of raw MPI's
+per size (the target is 0.9 from 4 MiB up; sizes below it are named).
+
+crossover: with Horovod, time and bytes of sparse-gather (allgather of the uncoalesced gradient's indices and
+values, horovod's sparse_allreduce_async) against dense-reduce (to_dense + allreduce) of a V x d embedding gradient,
+over density (rows touched per rank / V) and process count; the crossover density per P is where the two times meet.
+
+The rank side lives in bench/ranks/comm_rank.py, the configs in bench/plan/comm_config.py, the launches in
+bench/launch/comm_launch.py, the rows and tables in bench/results/comm_rows.py; this module runs the two commands.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+from bench.errors import UsageError
+from bench.launch.comm_launch import (comm_launcher, comm_variants, environment_record, hang_timeout_s,
+                                      launch_order, launch_program, measure_backend, measure_memcpy)
+from bench.launch.hosts import (add_host_flags, check_fits, launcher_from_args, link_fractions, link_of_host,
+                                network_summary, shares_one_machine)
+from bench.launch.mpirun import HOROVOD_SETTINGS, is_oversubscribed, mpi_environment, physical_cores
+from bench.plan.capacity import add_oversubscribe_flag, check_local_ranks
+from bench.plan.comm_config import (CommConfig, CrossoverConfig, format_env_setting, parse_choices, parse_env_setting,
+                                    parse_numbers, parse_size)
+from bench.ranks.comm_rank import BACKENDS, OPS, split_sizes
+from bench.results.comm_rows import (CROSSOVER_FIELDS, EXTRA_FIELDS, ROW_FIELDS, busbw_ratios, comm_row,
+                                     crossover_density, crossover_rows, describe_crossover, format_comm_table,
+                                     format_compare_table, format_crossover_table, ratio_verdict, setting_ratios)
+from bench.results.records import atomic_write_json, default_out, ensure_writable, write_csv_atomic
+
+
+def results_dir(out: str | None, prefix: str) -> Path:
+    """The folder to write into (default: bench.results.records.default_out(prefix)), created and checked writable
+    now, before anything is measured."""
+    path = default_out(prefix) if out is None else Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path} is a file: pass a directory")
+    return ensure_writable(path)
+
+
+# --- comm -------------------------------------------------------------------------------------------------------
+
+
+def run_comm(cfg: CommConfig, out: Path) -> int:
+    started = datetime.now().astimezone()
+    t0 = time.perf_counter()
+    variants = dict(comm_variants(cfg))
+    env_record = environment_record(cfg.np, cfg.baseline_env, cfg.compare_env, comm_launcher(cfg))
+    if is_oversubscribed(cfg.np):
+        print(f"note: {cfg.np} ranks on {physical_cores()} cores: oversubscribed, flagged in every row", flush=True)
+    if cfg.compare_env is not None:
+        print(f"setting A: {format_env_setting(cfg.baseline_env)}\nsetting B: {format_env_setting(cfg.compare_env)}"
+              f"\n(launches of A and B interleaved, each on top of the suite's launch environment)", flush=True)
+    from bench.launch.environment import launch_settings
+    rows = [r | {"setting": ""} for r in measure_memcpy(cfg, launch_settings(dict(os.environ)))]
+    settings, launch_fields, failures, launches = {}, {}, [], []
+    pooled: dict[tuple, tuple] = {}  # (setting, backend, op, size) -> (bytes_moved, times, faults, busy per launch)
+    # Same backend under A and B side by side, so a B/A ratio compares launches minutes apart at most.
+    units = [(setting, backend) for backend in cfg.backends for setting in variants]
+    order = launch_order(tuple(units), cfg.rounds)
+    share = split_sizes(cfg.iters, cfg.rounds)
+    failed = lambda unit: any((f["setting"], f["backend"]) == unit for f in failures)  # noqa: E731
+    for k, (setting, backend) in enumerate(order):
+        if failed((setting, backend)):
+            continue
+        round_ = k // len(units)
+        label = f" under setting {setting}" if len(variants) > 1 else ""
+        print(f"measuring {backend}{label} on {cfg.np} ranks (round {round_ + 1}/{cfg.rounds}) ...",
+              file=sys.stderr, flush=True)
+        points, seen, launch = measure_backend(cfg, backend, share[round_], variants[setting])
+        launches.append({"backend": backend, "setting": setting, "round": round_ + 1,
+                         "seconds": round(launch.seconds, 2)})
+        if launch.error:
+            failures.append({"backend": backend, "setting": setting, "round": round_ + 1, "error": launch.error})
+            print(f"alure-bench comm: {backend}{label} failed: {launch.error}", file=sys.stderr)
+            continue
+        for (op, size), (moved, times, faults, busy) in points.items():
+            entry = pooled.setdefault((setting, backend, op, size), (moved, [], [], []))
+            entry[1].extend(times)
+            entry[2].append(faults)
+            entry[3].append(busy)
+        launch_fields[(setting, backend)] = launch.records[0].get("launch", {})
+        if backend == "horovod":
+            settings.setdefault(setting, seen)
+    over = is_oversubscribed(cfg.np)
+    for setting, backend in units:
+        if failed((setting, backend)):
+            continue  # a backend with a failed round has no complete rows
+        for op in cfg.ops:
+            for size in cfg.sizes:
+                moved, times, faults, busy = pooled[(setting, backend, op, size)]
+                rows.append(comm_row(backend, op, cfg.np, size, moved, times,
+                                     tensors=cfg.tensors if op == "allreduce" else 1, warmup=cfg.warmup,
+                                     rounds=cfg.rounds, oversubscribed=over,
+                                     launch=launch_fields[(setting, backend)], setting=setting,
+                                     minor_faults_per_call=statistics.fmean(faults),
+                                     caller_busy_fraction=statistics.fmean(busy)))
+    for setting, extra in variants.items():
+        if setting not in settings:  # Horovod not run: what it would have been launched with
+            settings[setting] = {k: v for k, v in mpi_environment(cfg.np, {**os.environ, **extra}).items()
+                                 if k.startswith("HOROVOD_")}
+
+    ratios = [q for op in cfg.ops for q in busbw_ratios(rows, op=op)]
+    for setting in variants:
+        for backend in ("memcpy", *cfg.backends):
+            for op in ("memcpy", *cfg.ops):
+                table = [r for r in rows if r["backend"] == backend and r["op"] == op
+                         and r["setting"] in (setting, "")]
+                if table and not (backend == "memcpy" and setting != "A"):
+                    show = ({q["size_bytes"]: q["busbw_ratio"] for q in busbw_ratios(rows, op=op, setting=setting)}
+                            if backend == "horovod" else None)
+                    print(format_comm_table(table, show) + "\n")
+    for setting in variants:
+        prefix = f"Setting {setting}: " if len(variants) > 1 else ""
+        fields = launch_fields.get((setting, cfg.backends[0]), {})
+        print(f"{prefix}shared memory {fields.get('single_copy_mechanism', '?')}, allocator "
+              f"{fields.get('allocator', '?')}; Horovod settings: "
+              f"{', '.join(f'{k}={v}' for k, v in settings[setting].items()) or 'none'}")
+    if "horovod" in cfg.backends and "mpi4py" in cfg.backends:
+        for op in cfg.ops:
+            these = [q for q in ratios if q["op"] == op]
+            if these:
+                print(ratio_verdict(these))
+    compared = []
+    if cfg.compare_env is not None:
+        for backend in cfg.backends:
+            for op in cfg.ops:
+                if not failed(("A", backend)) and not failed(("B", backend)):
+                    compared += setting_ratios(rows, backend, op)
+                    print("\n" + format_compare_table(rows, backend, op))
+    network = network_summary(comm_launcher(cfg), cfg.np, link_of_host(comm_launcher(cfg)))
+    if network["link"]:
+        print(link_fractions(rows, network["link"]))
+
+    seconds = round(time.perf_counter() - t0, 2)
+    result = {"kind": "comm", "started": started.isoformat(timespec="seconds"), "seconds": seconds,
+              "config": asdict(cfg) | {"sizes": cfg.sizes}, "cores": physical_cores(),
+              "horovod_settings": settings["A"], "harness_horovod_settings": dict(HOROVOD_SETTINGS),
+              "launches": launches, "horovod_vs_mpi4py": ratios, "failures": failures, "network": network,
+              "rows": rows}
+    if cfg.compare_env is not None:
+        result |= {"compare_horovod_settings": settings["B"], "b_over_a": compared}
+    atomic_write_json(out / "environment.json", env_record)
+    atomic_write_json(out / "comm.json", result)
+    write_csv_atomic(out / "comm.csv", rows, ROW_FIELDS + EXTRA_FIELDS)
+    print(f"wrote {out}/comm.json, comm.csv, environment.json ({seconds:.0f} s)")
+    return 1 if failures else 0
+
+
+# --- crossover --------------------------------------------------------------------------------------------------
+
+
+def run_crossover(cfg: CrossoverConfig, out: Path) -> int:
+    started = datetime.now().astimezone()
+    t0 = time.perf_counter()
+    env_record = environment_record(max(cfg.nps))
+    rows, crossovers, failures, settings = [], [], [], {}
+    for np in cfg.nps:
+        print(f"measuring sparse-gather vs dense-reduce on {np} ranks ...", file=sys.stderr, flush=True)
+        spec = {"program": "crossover", "rows": cfg.rows, "dim": cfg.dim, "densities": list(cfg.densities),
+                "lookups_per_row": cfg.lookups_per_row, "warmup": cfg.warmup, "iters": cfg.iters}
+        table_bytes = 4 * cfg.rows * cfg.dim
+        launch = launch_program(spec, np, hang_timeout_s(2 * table_bytes * np * len(cfg.densities)
+                                                     * (cfg.warmup + cfg.iters), 0))
+        if launch.error:
+            failures.append({"np": np, "error": launch.error})
+            print(f"alure-bench crossover: np={np} failed: {launch.error}", file=sys.stderr)
+            continue
+        settings = launch.records[0]["settings"]
+        these = crossover_rows(launch.records, np)
+        rows += these
+        print(format_crossover_table(these))
+        dens = sorted({r["density"] for r in these})
+        med = {(r["density"], r["mode"]): r["time_ms_median"] for r in these}
+        sparse = [med[(d, "sparse-gather")] for d in dens]
+        dense = [med[(d, "dense-reduce")] for d in dens]
+        x = crossover_density(dens, sparse, dense)
+        text = describe_crossover(dens, sparse, dense, cfg.rows)
+        crossovers.append({"np": np, "crossover_density": None if x is None else round(x, 6),
+                           "crossover_rows_per_rank": None if x is None else round(x * cfg.rows),
+                           "description": text})
+        print(f"crossover at np={np}: {text}\n")
+    seconds = round(time.perf_counter() - t0, 2)
+    result = {"kind": "crossover", "started": started.isoformat(timespec="seconds"), "seconds": seconds,
+              "config": asdict(cfg), "cores": physical_cores(), "horovod_settings": settings,
+              "harness_horovod_settings": dict(HOROVOD_SETTINGS), "crossovers": crossovers, "failures": failures,
+              "rows": rows}
+    atomic_write_json(out / "environment.json", env_record)
+    atomic_write_json(out / "crossover.json", result)
+    write_csv_atomic(out / "crossover.csv", rows, CROSSOVER_FIELDS)
+    print(f"wrote {out}/crossover.json, crossover.csv, environment.json ({seconds:.0f} s)")
+    return 1 if failures else 0
+
+
+# --- command line -----------------------------------------------------------------------------------------------
+
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"{what} {text!r} is not a whole number") from None
+
+
+def comm_main(args: argparse.Namespace) -> int:
+    cfg = CommConfig(np=_int(args.np, "--np"), backends=parse_choices(args.backends, BACKENDS, "backend"),
+                     ops=parse_choices(args.ops, OPS, "op"),
+                     min_bytes=parse_size(args.min_bytes, "--min-bytes"),
+                     max_bytes=parse_size(args.max_bytes, "--max-bytes"),
+                     warmup=_int(args.warmup, "--warmup"), iters=_int(args.iters, "--iters"),
+                     rounds=_int(args.rounds, "--rounds"), tensors=_int(args.tensors, "--tensors"),
+                     baseline_env=parse_env_setting(args.baseline_env, "--baseline-env") if args.baseline_env else {},
+                     compare_env=parse_env_setting(args.compare_env) if args.compare_env is not None else None,
+                     **host_layout(args))
+    if not cfg.hosts or shares_one_machine(list(cfg.hosts)):  # remote hosts' memory is not this machine's
+        check_local_ranks(cfg.np, 3 * cfg.max_bytes / 2**20, ranks_per_core=args.oversubscribe_limit)
+    return run_comm(cfg, results_dir(args.out, "comm"))
+
+
+def host_layout(args: argparse.Namespace) -> dict:
+    """CommConfig's hosts and ranks_per_host from --hosts / --ranks-per-host, checked against --np."""
+    launcher = launcher_from_args(args)
+    check_fits(launcher, [_int(args.np, "--np")])
+    return {"hosts": launcher.hosts, "ranks_per_host": launcher.ranks_per_host, "controller": launcher.controller}
+
+
+def crossover_main(args: argparse.Namespace) -> int:
+    cfg = CrossoverConfig(nps=parse_numbers(args.np, int, "--np"), rows=_int(args.rows, "--rows"),
+                          dim=_int(args.dim, "--dim"), densities=parse_numbers(args.densities, float, "--densities"),
+                          lookups_per_row=_int(args.lookups_per_row, "--lookups-per-row"),
+                          warmup=_int(args.warmup, "--warmup"), iters=_int(args.iters, "--iters"))
+    check_local_ranks(max(cfg.nps), 0, ranks_per_core=args.oversubscribe_limit)
+    return run_crossover(cfg, results_dir(args.out, "crossover"))
+
+
+def register(sub) -> None:
+    """`alure-bench comm` and `alure-bench crossover`."""
+    c = CommConfig.__dataclass_fields__
+    p = sub.add_parser("comm", help="latency and bandwidth of allreduce, allgather and sparse-pair over Horovod, "
+                                    "mpi4py and gloo, with memcpy as the ceiling",
+                       description=__doc__.split("\n\n")[1])
+    p.add_argument("--np", default="2", help="ranks per launch (default 2)")
+    p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {','.join(BACKENDS)}")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma list of {','.join(OPS)}")
+    p.add_argument("--min-bytes", default="1K", help="smallest size, e.g. 1K (sizes double up to --max-bytes)")
+    p.add_argument("--max-bytes", default="64M", help="largest size, e.g. 64M")
+    p.add_argument("--warmup", default=str(c["warmup"].default), help="untimed iterations per point")
+    p.add_argument("--iters", default=str(c["iters"].default), help="timed iterations per point")
+    p.add_argument("--rounds", default=str(c["rounds"].default),
+                   help="launches per backend in alternating order, iterations pooled (default 2)")
+    p.add_argument("--tensors", default="1", help="split each allreduce into this many tensors started together "
+                                                  "(to measure Horovod's tensor fusion; default 1)")
+    p.add_argument("--compare-env", default=None, metavar="'VAR=VALUE ...'",
+                   help="also run every backend with these variables set on top of the launch environment "
+                        "(setting B), launches interleaved with setting A, and print busbw B/A per size; e.g. "
+                        "'OMPI_MCA_btl_vader_single_copy_mechanism=none' or 'HOROVOD_CYCLE_TIME=1'")
+    p.add_argument("--baseline-env", default=None, metavar="'VAR=VALUE ...'",
+                   help="variables for setting A (default: the suite's launch environment as it is)")
+    p.add_argument("--out", default=None, help="results folder (default results/local/comm-<timestamp>/)")
+    add_oversubscribe_flag(p)
+    add_host_flags(p)
+    p.set_defaults(func=comm_main)
+
+    x = CrossoverConfig.__dataclass_fields__
+    q = sub.add_parser("crossover", help="sparse-gather vs dense-reduce over density and np with Horovod; the "
+                                         "crossover density per np",
+                       description=__doc__.split("\n\n")[2])
+    q.add_argument("--np", default="2", help="comma list of process counts (default 2)")
+    q.add_argument("--rows", default=str(x["rows"].default), help="V, rows of the embedding table")
+    q.add_argument("--dim", default=str(x["dim"].default), help="d, columns of the embedding table")
+    q.add_argument("--densities", default=",".join(f"{d:g}" for d in x["densities"].default),
+                   help="comma list of rows touched per rank / V")
+    q.add_argument("--lookups-per-row", default="1", help="entries per touched row in the uncoalesced gradient "
+                                                          "(default 1)")
+    q.add_argument("--warmup", default=str(x["warmup"].default), help="untimed iterations per density")
+    q.add_argument("--iters", default=str(x["iters"].default), help="timed iterations per density")
+    q.add_argument("--out", default=None, help="results folder (default results/local/crossover-<timestamp>/)")
+    add_oversubscribe_flag(q)
+    q.set_defaults(func=crossover_main)

@@ -1,0 +1,429 @@
+"""`alure-bench predict`: the cost model's predictions for thousands of ranks, from a sweep and a comm calibration.
+
+For each rank count (powers of two up to --max-np) and each mode (sparse-gather, dense-reduce, auto): the step time
+and its parts, weak and strong efficiency, memory per rank and whether it fits; the rank count at which sparse-gather
+runs out of memory; the crossover density; how the model reproduces the sweep's own points (in sample) and, with
+--validate, how it predicts points it was not fitted to (bench.model.validation). The links come from
+the comm calibration, or from --latency-us/--bandwidth-gbps (a cluster's data sheet: its network then stands for
+every link of the ring, a node's shared memory being no slower).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.cli.calibrate import format_calibration, link_check
+from bench.cli.sweep import int_list
+from bench.model.calibration import COMM_FILES, fit_links_by_transport, network_link, read_comm_rows
+from bench.model.step import Machine, Model, build_model, cpu_factor, this_machine
+from bench.plan.config import FIXED_MODES
+from bench.errors import UsageError
+from bench.results.records import atomic_write_json, atomic_write_text, default_out, ensure_writable
+from bench.results.scaling import efficiency
+
+DEFAULT_RESULTS = Path("results/reference")
+DEFAULT_CALIBRATION = Path("results/reference-comm")
+PREDICT_MODES = (*FIXED_MODES, "auto")
+TABLE_COLUMNS = ["np", "nodes", "mode", "weak_step_ms", "weak_efficiency", "strong_batch_per_rank",
+                 "strong_step_ms", "strong_efficiency", "memory_gib", "fits_memory", "exchange_held_mib",
+                 "dense_tables"]
+
+
+def rank_counts(max_np: int, extra: list[int] | None = None) -> list[int]:
+    """1, 2, 4, ... up to max_np (and max_np itself), plus any extra counts."""
+    if max_np < 1:
+        raise UsageError(f"--max-np {max_np} is below 1: give the largest rank count to predict, e.g. 4096")
+    counts = {1 << k for k in range(int(math.log2(max_np)) + 1)} | {max_np} | set(extra or [])
+    return sorted(c for c in counts if c >= 1)
+
+
+def prediction_table(model: Model, machine: Machine, nps: list[int], batch_per_rank: float,
+                     global_batch: int) -> pd.DataFrame:
+    """One row per (np, mode): weak and strong step times and efficiencies, memory per rank (weak)."""
+    group = model.profile.group_size
+    rows = []
+    for mode in PREDICT_MODES:
+        weak1 = model.step(machine, 1, mode, batch_per_rank).step_ms
+        strong1 = model.step(machine, 1, mode, global_batch).step_ms
+        for p in nps:
+            weak = model.step(machine, p, mode, batch_per_rank)
+            per_rank = global_batch / p
+            feasible = per_rank >= group  # a rank's batch is whole groups of in-batch negatives
+            strong = model.step(machine, p, mode, per_rank) if feasible else None
+            cap = machine.memory_per_rank_bytes
+            rows.append({
+                "np": p, "nodes": machine.nodes(p), "mode": mode,
+                "weak_step_ms": weak.step_ms, "weak_efficiency": efficiency("weak", weak1, weak.step_ms, p),
+                "strong_batch_per_rank": per_rank if feasible else np.nan,
+                "strong_step_ms": strong.step_ms if strong else np.nan,
+                "strong_efficiency": efficiency("strong", strong1, strong.step_ms, p) if strong else np.nan,
+                "memory_gib": weak.memory_bytes / 2**30,
+                "fits_memory": cap is None or weak.memory_bytes <= cap,
+                "exchange_held_mib": weak.exchange_bytes_held / 2**20, "dense_tables": weak.dense_tables,
+                "weak_compute_ms": weak.compute_ms, "weak_exchange_ms": weak.exchange_ms,
+                "weak_network_ms": weak.network_ms, "weak_hidden_ms": weak.hidden_ms})
+    return pd.DataFrame(rows)
+
+
+def measured_vs_predicted(model: Model, sweep_dir: str | Path, machine: Machine | None = None) -> pd.DataFrame:
+    """The sweep's own ok points (median over repeats) beside the model's step time for them on the machine that
+    measured them: columns scaling, mode, np, batch_per_rank, oversubscribed, measured_ms, predicted_ms, ratio."""
+    from bench.results.records import load
+    df = load(sweep_dir)
+    ok = df[df["status"] == "ok"]
+    if ok.empty:
+        raise UsageError(f"{sweep_dir} has no ok point to compare the model with")
+    machine = machine or this_machine(model.calibration, model.profile, int(ok["np"].max()))
+    rows = []
+    for (scaling, mode, p), g in ok.groupby(["scaling", "mode", "np"]):
+        if mode not in PREDICT_MODES:
+            continue
+        batch = float(g["batch_per_rank"].median())
+        predicted = model.step(machine, int(p), mode, batch).step_ms
+        measured = float(g["step_time_ms"].median())
+        rows.append({"scaling": scaling, "mode": mode, "np": int(p), "batch_per_rank": batch,
+                     "oversubscribed": bool(g["oversubscribed"].any()), "measured_ms": measured,
+                     "measured_p10_ms": float(g["step_time_ms_p10"].median()),
+                     "measured_p90_ms": float(g["step_time_ms_p90"].median()),
+                     "predicted_ms": predicted, "ratio": predicted / measured,
+                     "measured_peak_rss_mib": float(g["peak_rss_mib"].median()),
+                     "predicted_rss_mib": model.memory_bytes(machine, int(p), mode, batch) / 2**20})
+    return pd.DataFrame(rows)
+
+
+def crossover_table(model: Model, machine: Machine, nps: list[int]) -> pd.DataFrame:
+    return pd.DataFrame([{"np": p, "crossover_density": model.crossover_density(machine, p)} for p in nps if p > 1])
+
+
+def workload_density(model: Model) -> float:
+    """Distinct rows a rank's batch (and its negatives) touches over all rows of the item tables (the sweep's
+    gradient_density)."""
+    items = [t for t in model.profile.tables if t.name.endswith("items.weight")] or list(model.profile.tables)
+    batch = model.profile.reference_batch
+    return sum(t.distinct(batch, batch) for t in items) / sum(t.rows for t in items)
+
+
+# ---- text ----------------------------------------------------------------------------------------------------------
+
+def _fmt(v, digits=3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "NO"
+    if isinstance(v, (int, np.integer, str)):
+        return str(v)
+    return f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:.0f}"
+
+
+def _gbs(s_per_byte: float) -> str:
+    return f"{1 / s_per_byte / 1e9:.2f}" if s_per_byte > 0 else "inf"
+
+
+def format_table(df: pd.DataFrame) -> str:
+    cols = TABLE_COLUMNS
+    header = ["np", "nodes", "mode", "weak ms", "weak eff", "strong b", "strong ms", "strong eff", "mem GiB",
+              "fits", "held MiB", "dense tbl"]
+    body = [[_fmt(r[c]) for c in cols] for _, r in df[cols].iterrows()]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
+
+
+def format_check(check: pd.DataFrame) -> str:
+    t = check.assign(np=[f"{n}{'*' if o else ''}" for n, o in zip(check["np"], check["oversubscribed"])])
+    cols = ["scaling", "mode", "np", "batch_per_rank", "measured_ms", "predicted_ms", "ratio", "measured_peak_rss_mib",
+            "predicted_rss_mib"]
+    return t[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}")
+
+
+def summary_lines(model: Model, machine: Machine, table: pd.DataFrame, crossover: pd.DataFrame,
+                  batch_per_rank: float, global_batch: int, check: pd.DataFrame | None) -> list[str]:
+    cal, q, link = model.calibration, model.calibration.quality, model.calibration.link
+    lines = [
+        f"calibration ({cal.backend}, {cal.source}): a = {link.alpha_s * 1e6:.1f} us, "
+        f"b = {link.beta_s_per_byte * 1e9:.3f} ns/B ({_gbs(link.beta_s_per_byte)} GB/s), "
+        f"g = {link.gamma_s_per_byte * 1e9:.3f} ns/B",
+        f"fit: {q.rows} allreduce/allgather rows at np {','.join(map(str, q.nps))}; R^2 {q.r2:.3f}, "
+        f"median |error| {q.median_rel_error:.0%}, rms {q.rms_rel_error:.0%}, max {q.max_rel_error:.0%}"
+        + (f"; held-out sparse-pair rows: median |error| {q.holdout_median_rel_error:.0%}"
+           if q.holdout_median_rel_error is not None else ""),
+        "CPU work around the collectives (fitted to the sweep's multi-rank points): "
+        + ", ".join(f"{m} {model.local.s_per_byte[m] * 1e9:.3f} ns/B"
+                    + (f" ({model.local.points[m]} points, rms {model.local.rms_rel_error[m]:.0%})"
+                       if model.local.points.get(m) else " (built-in default)") for m in model.local.s_per_byte)
+        + "".join(f"; {m} {v * 1e9:.3f} ns/B more per byte of all ranks' sparse gradients ({model.local.points[m]} "
+                  f"points, rms {model.local.rms_rel_error[m]:.0%})" for m, v in model.local.extra_s_per_byte.items()),
+        f"workload: {model.profile.preset}, {len(model.profile.tables)} sparse tables, "
+        f"{model.profile.table_bytes() / 2**20:.0f} MiB dense, {model.profile.dense_param_bytes / 2**20:.2f} MiB other "
+        f"parameters; np=1 step {model.profile.compute_ms + model.profile.optimizer_ms:.0f} ms at batch "
+        f"{model.profile.reference_batch}; rows touched per rank {workload_density(model):.4f} of the item tables",
+        f"machine: {machine.ranks_per_node} ranks and {machine.cores_per_node} cores per node, "
+        + (f"network a = {machine.network.alpha_s * 1e6:.2f} us, {8 / machine.network.beta_s_per_byte / 1e9:.0f} Gb/s, "
+           f"g = {machine.network.gamma_s_per_byte * 1e9:.3f} ns/B" if machine.network
+           else "this machine's links at every scale")
+        + (f", {machine.memory_per_rank_bytes / 2**30:.1f} GiB per rank" if machine.memory_per_rank_bytes else "")
+        + f", CPU speed-up {machine.cpu_speedup:g}, overlap {machine.overlap:g}",
+        f"weak: {batch_per_rank:g} samples per rank; strong: global batch {global_batch}",
+    ]
+    oom = model.oom_rank_count(machine, "sparse-gather", batch_per_rank)
+    cap = machine.memory_per_rank_bytes
+    lines.append(f"sparse-gather (weak) runs out of memory at np = {oom}" if oom else
+                 "sparse-gather (weak) fits in memory at every rank count up to 16M" if cap else
+                 "no memory per rank given: no out-of-memory rank count")
+    if not crossover.empty:
+        parts = [f"np {int(r.np)}: " + ("none (sparse cheaper at any density)" if pd.isna(r.crossover_density)
+                                        else "none (dense cheaper at any density)" if r.crossover_density == 0
+                                        else f"{r.crossover_density:.3g}") for r in crossover.itertuples()]
+        lines.append("crossover density (dense-reduce cheaper above it, largest table): " + ", ".join(parts))
+    if check is not None and not check.empty:
+        worst = check.loc[(check["ratio"] - 1).abs().idxmax()]
+        lines.append(f"the sweep's own {len(check)} points (in sample: the model was fitted to them): predicted / "
+                     f"measured median {check['ratio'].median():.2f}, "
+                     f"worst {worst['ratio']:.2f} ({worst['scaling']} {worst['mode']} np={worst['np']})")
+    return lines
+
+
+# ---- plots ---------------------------------------------------------------------------------------------------------
+
+def write_plots(table: pd.DataFrame, crossover: pd.DataFrame, machine: Machine, out: Path,
+                check: pd.DataFrame | None = None, density: float | None = None) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.results.plots import MODE_COLORS
+
+    written = []
+
+    def np_axes(ax, title: str, ylabel: str | None = None, ylog: bool = True) -> None:
+        """The look every predicted-against-np panel shares: log2 np, optionally log y, grid and legend."""
+        ax.set_xscale("log", base=2)
+        if ylog:
+            ax.set_yscale("log")
+        ax.set_xlabel("MPI processes (np)")
+        if ylabel:
+            ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, kind in zip(axes, ("weak", "strong")):
+        for mode, g in table.groupby("mode"):
+            ax.plot(g["np"], g[f"{kind}_efficiency"], "o-", color=MODE_COLORS.get(mode), label=mode, markersize=3)
+        ax.axhline(1.0, color="k", ls="--", lw=1, label="ideal")
+        np_axes(ax, f"predicted {kind} scaling efficiency", ylog=False)
+    axes[0].set_ylabel("efficiency")
+    save(fig, "predicted-efficiency.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, g in table.groupby("mode"):
+        ax.plot(g["np"], g["memory_gib"], "o-", color=MODE_COLORS.get(mode), label=mode, markersize=3)
+    if machine.memory_per_rank_bytes:
+        ax.axhline(machine.memory_per_rank_bytes / 2**30, color="k", ls=":", label="memory per rank")
+    np_axes(ax, "predicted memory per rank", "GiB per rank (weak)")
+    save(fig, "predicted-memory.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, g in table.groupby("mode"):
+        ax.plot(g["np"], g["weak_compute_ms"], ":", color="gray")
+        ax.plot(g["np"], g["weak_exchange_ms"] - g["weak_hidden_ms"], "o-", color=MODE_COLORS.get(mode),
+                label=f"{mode} exchange", markersize=3)
+    ax.plot([], [], ":", color="gray", label="compute")
+    np_axes(ax, "predicted breakdown: compute vs exchange", "ms per step (weak)")
+    save(fig, "predicted-breakdown.png")
+
+    if not crossover.empty:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        c = crossover.dropna()
+        ax.plot(c["np"], c["crossover_density"], "o-", color="black", label="crossover (model)")
+        if density:
+            ax.axhline(density, color="tab:green", ls="--", label="this workload's density")
+        np_axes(ax, "sparse-gather below, dense-reduce above", "rows touched per rank / V")
+        save(fig, "predicted-crossover.png")
+
+    if check is not None and not check.empty:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for mode, g in check.groupby("mode"):
+            ax.errorbar(g["measured_ms"], g["predicted_ms"],
+                        xerr=[g["measured_ms"] - g["measured_p10_ms"], g["measured_p90_ms"] - g["measured_ms"]],
+                        fmt="o", color=MODE_COLORS.get(mode), label=mode)
+        both = check[["measured_ms", "predicted_ms"]]
+        lo, hi = both.min().min() * 0.7, both.max().max() * 1.3
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="predicted = measured")
+        ax.fill_between([lo, hi], [lo * 0.75, hi * 0.75], [lo * 1.25, hi * 1.25], color="gray", alpha=0.15,
+                        label="within 25%")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("measured ms per step")
+        ax.set_ylabel("predicted ms per step")
+        ax.set_title("the sweep's points")
+        ax.legend(fontsize=8)
+        save(fig, "predicted-vs-measured.png")
+    return written
+
+
+# ---- command -------------------------------------------------------------------------------------------------------
+
+def machine_from_args(args: argparse.Namespace, model: Model, environment: dict) -> Machine:
+    if (args.latency_us is None) != (args.bandwidth_gbps is None):
+        raise UsageError("give both --latency-us and --bandwidth-gbps (the cluster's network), or neither")
+    network = None
+    if args.latency_us is not None:
+        # Reducing is CPU work: a faster CPU reduces faster; moving bytes is the network's.
+        network = network_link(args.latency_us, args.bandwidth_gbps,
+                               model.calibration.link.gamma_s_per_byte / args.cpu_speedup)
+    cores_here = model.profile.measured_cores
+    rpn = args.ranks_per_node or cores_here
+    cores = args.cores_per_node or (rpn if network else cores_here)
+    memory = args.memory_per_rank_gib * 2**30 if args.memory_per_rank_gib else None
+    if memory is None and environment.get("memory_mib"):
+        memory = environment["memory_mib"] * 2**20 / rpn
+    return Machine(local=model.calibration.link, network=network, ranks_per_node=rpn, cores_per_node=cores,
+                   memory_per_rank_bytes=memory, cpu_speedup=args.cpu_speedup, overlap=args.overlap)
+
+
+STRONG_FACTOR = 32
+"""Default strong-scaling global batch: this many times the weak per-rank batch (rank counts that would leave a rank
+less than one group of samples are left blank)."""
+
+
+def default_global_batch(model: Model, batch_per_rank: int) -> int:
+    return int(batch_per_rank) * STRONG_FACTOR
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    results, calibration = Path(args.results), Path(args.calibration)
+    for path, flag, what in ((results, "--results", "alure-bench sweep"),
+                             (calibration, "--calibration", "alure-bench comm")):
+        if not path.is_dir():
+            raise UsageError(f"{flag} {path} is not a folder: give a folder written by `{what}`")
+    model = build_model(results, calibration, args.backend)
+    env_path = results / "environment.json"
+    environment = json.loads(env_path.read_text()) if env_path.exists() else {}
+    machine = machine_from_args(args, model, environment)
+    nps = rank_counts(args.max_np, args.nps)
+    batch = args.batch_per_rank or model.profile.reference_batch
+    group = model.profile.group_size
+    global_batch = args.global_batch or default_global_batch(model, batch)
+    if batch < 1 or global_batch < group:
+        raise UsageError(f"--batch-per-rank {batch} and --global-batch {global_batch} must be at least one group "
+                         f"({group} samples)")
+    table = prediction_table(model, machine, nps, batch, global_batch)
+    crossover = crossover_table(model, machine, nps)
+    check = measured_vs_predicted(model, results)
+    out = ensure_writable(Path(args.out) if args.out else default_out("predict"))
+    comm_rows = read_comm_rows(calibration)
+    per_transport = fit_links_by_transport(comm_rows, args.backend, source=str(calibration))
+    text = "\n".join([format_table(table), "",
+                      *summary_lines(model, machine, table, crossover, batch, global_batch, check),
+                      *(f"calibration per transport, {format_calibration(c)}" for c in per_transport.values()),
+                      *filter(None, (link_check(c, comm_rows) for c in per_transport.values())), "",
+                      "the sweep's own points on the machine that measured them (in sample):", format_check(check)])
+    validation = None
+    if args.validate:
+        from bench.model.validation import format_validation, validate
+        from bench.results.records import read_records
+        records, rows = read_records(results), list(comm_rows)
+        for folder in args.validate_with or []:
+            more_records, more_rows = sweeps_and_comm_under(Path(folder))
+            records, rows = records + more_records, rows + more_rows
+        validation = validate(records, rows, backend=args.backend, environment=environment)
+        text += "\n\n" + format_validation(validation)
+        validation.points.to_csv(out / "validation.csv", index=False)
+        validation.summary.to_csv(out / "validation-summary.csv", index=False)
+    print(text)
+    table.to_csv(out / "prediction.csv", index=False)
+    check.to_csv(out / "measured-vs-predicted.csv", index=False)
+    crossover.to_csv(out / "crossover.csv", index=False)
+    atomic_write_json(out / "costs.json", model.costs_for(machine).as_dict())
+    atomic_write_json(out / "prediction.json", {
+        "arguments": {k: v for k, v in vars(args).items() if k != "func"}, "results": str(results),
+        "calibration": model.calibration.as_dict(), "local_work": asdict(model.local),
+        "profile": model.profile.as_dict(), "machine": asdict(machine), "batch_per_rank": batch,
+        "global_batch": global_batch,
+        "oom_rank_count_sparse_gather": model.oom_rank_count(machine, "sparse-gather", batch),
+        "cpu_factor": {p: cpu_factor(p, machine, model.profile.measured_threads) for p in nps},
+        "table": table.to_dict(orient="records"), "crossover": crossover.to_dict(orient="records"),
+        "measured_vs_predicted": check.to_dict(orient="records"),
+        "calibration_per_transport": {t: c.as_dict() for t, c in per_transport.items()},
+        "validation": None if validation is None else {
+            "summary": validation.summary.to_dict(orient="records"), "fits": validation.fits,
+            "not_run": validation.not_run, "points": validation.points.to_dict(orient="records")}})
+    atomic_write_text(out / "prediction.txt", text + "\n")
+    plots = write_plots(table, crossover, machine, out, check, workload_density(model))
+    print(f"wrote {out}/: prediction.csv, prediction.json, prediction.txt, costs.json, crossover.csv, "
+          f"measured-vs-predicted.csv, {'validation.csv, validation-summary.csv, ' if validation else ''}"
+          f"{', '.join(plots)}")
+    return 0
+
+
+def sweeps_and_comm_under(folder: Path) -> tuple[list[dict], list[dict]]:
+    """Every sweep's records under `folder` (each folder holding a sweep.json) and every comm row under it: e.g. the
+    emulated cluster's results (slurm/reference_cluster.sh), a sweep and comm runs per link rate."""
+    from bench.results.records import read_records
+    sweeps = sorted(p.parent for p in folder.rglob("sweep.json")) if folder.is_dir() else []
+    if not sweeps:
+        raise UsageError(f"--validate-with {folder}: no sweep folder (one with sweep.json) under it; give a folder "
+                         f"written by `alure-bench sweep` or slurm/reference_cluster.sh")
+    records = [r for sweep in sweeps for r in read_records(sweep)]
+    has_comm = any(p.name in COMM_FILES for p in folder.rglob("comm.*"))
+    return records, read_comm_rows(folder) if has_comm else []
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
+def register(sub) -> None:
+    p = sub.add_parser("predict", help="cost-model predictions for up to thousands of ranks: step time, weak and "
+                                       "strong efficiency, memory, out-of-memory rank count, crossover density",
+                       description=__doc__.split("\n\n")[1])
+    p.add_argument("--results", default=str(DEFAULT_RESULTS), metavar="DIR",
+                   help=f"sweep folder: compute, workload and the points to check against (default {DEFAULT_RESULTS})")
+    p.add_argument("--calibration", default=str(DEFAULT_CALIBRATION), metavar="DIR",
+                   help=f"alure-bench comm folder the links are fitted to (default {DEFAULT_CALIBRATION})")
+    p.add_argument("--backend", default="horovod", help="comm backend to calibrate from (default horovod)")
+    p.add_argument("--latency-us", type=_positive_float, help="network latency, microseconds (with --bandwidth-gbps)")
+    p.add_argument("--bandwidth-gbps", type=_positive_float, help="network bandwidth, Gb/s (with --latency-us)")
+    p.add_argument("--ranks-per-node", type=int, help="MPI ranks per node (default: this machine's cores)")
+    p.add_argument("--cores-per-node", type=int, help="cores per node (default: ranks per node with a network, "
+                                                      "this machine's cores without)")
+    p.add_argument("--memory-per-rank-gib", type=_positive_float, help="memory per rank, GiB (default: the "
+                                                                       "measured machine's memory / ranks per node)")
+    p.add_argument("--cpu-speedup", type=_positive_float, default=1.0,
+                   help="how much faster a rank computes there than here (default 1)")
+    p.add_argument("--overlap", type=_positive_float, default=0.0,
+                   help="share of the backward pass that hides exchange time, 0..1 (default 0: CPU-bound)")
+    p.add_argument("--max-np", type=int, default=4096, help="largest rank count (default 4096)")
+    p.add_argument("--nps", type=int_list, help="extra rank counts, e.g. 400,1200")
+    p.add_argument("--batch-per-rank", type=int, help="weak scaling's per-rank batch (default: the sweep's np=1)")
+    p.add_argument("--global-batch", type=int, help=f"strong scaling's global batch (default: {STRONG_FACTOR} x the "
+                                                    f"per-rank batch)")
+    p.add_argument("--validate", action="store_true",
+                   help="also fit on part of the points and predict the rest (np<=2 -> np>=3, weak -> strong, one "
+                        "host -> several hosts): median and maximum error per mode (bench.model.validation)")
+    p.add_argument("--validate-with", action="append", metavar="DIR",
+                   help="with --validate: a folder of more sweeps and comm runs whose points are held out too, e.g. "
+                        "results/reference-cluster (repeatable)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default results/local/predict-<time>)")
+    p.set_defaults(func=cmd_predict)

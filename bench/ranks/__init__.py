@@ -1,0 +1,2 @@
+"""What runs under mpirun on every rank: the training worker, the pipeline-stage worker, the collective
+micro-benchmark rank, the Horovod gradient exchange and the memory probe (cli -> plan -> launch -> ranks -> results)."""

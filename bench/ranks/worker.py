@@ -1,0 +1,188 @@
+"""The per-rank worker: build this rank's shard of the workload, warm up, run timed steps phase by phase, and
+let rank 0 build the point's record (bench.ranks.point_program hands it back). Launched on every rank by the sweep
+as `python -m bench.ranks.worker`."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+from bench.launch.hosts import link_as_configured, network_of_ranks, shares_one_machine
+from bench.launch.mpirun import is_oversubscribed, physical_cores
+from bench.plan.config import PointConfig
+from bench.plan.workload import batch_sizes, preset_batch, workload_config
+from bench.ranks import point_program
+from bench.ranks.memory import MIB, PeakProbe, apply_training_mem_limit, peak_rss_mib, rss_mib, vm_data_bytes
+from bench.results.records import SCHEMA_VERSION
+from bench.results.scaling import PHASES, rank_skew, slowest_rank_per_step, spread, throughput_samples_per_s
+
+
+class StepMeasurement(NamedTuple):
+    """One instrumented training step of one rank."""
+
+    ms: dict
+    """Milliseconds per phase."""
+    moved: dict
+    """What the exchange moved and made: bench.ranks.exchange.ExchangeCounters, plus bytes_sent/_held/_received."""
+    density: dict | None
+    """The gradient density, if asked for."""
+    peak_mib: dict
+    """Peak resident set during each phase (the kernel's high-water mark, reset as the phase starts); empty
+    without a probe."""
+    probe_ms: float
+    """What the memory probe's resets and reads cost in this step (outside every phase's clock)."""
+    data_bytes: int | None
+    """The data segment (VmData, what RLIMIT_DATA caps) as the step ends. The launcher's allocator serves every
+    allocation from the heap and keeps up to 256 MiB of freed top (bench.launch.mpirun.ALLOCATORS), so this is the step's
+    peak unless more than that was freed at the top of the heap."""
+
+
+def instrumented_step(trainer, exchange, measure_density: bool = False,
+                      probe: PeakProbe | None = None) -> StepMeasurement:
+    """One training step, phase by phase as `Trainer.train_step` runs it, with a clock around each phase and, with a
+    probe, the memory high-water mark reset before and read after each phase (outside the clocks)."""
+    exchange.counters.reset()
+    ms, peak, probe_s = {}, {}, 0.0
+
+    def timed(phase, run):
+        nonlocal probe_s
+        if probe is not None:
+            t = time.perf_counter()
+            probe.reset()
+            probe_s += time.perf_counter() - t
+        t = time.perf_counter()
+        out = run()
+        ms[phase] = (time.perf_counter() - t) * 1000
+        if probe is not None:
+            t = time.perf_counter()
+            peak[phase] = probe.peak_mib()
+            probe_s += time.perf_counter() - t
+        return out
+
+    batch = timed("data", trainer.next_batch)
+    loss = timed("forward", lambda: trainer.forward(batch))
+    timed("backward", lambda: trainer.backward(loss))
+    # Counting touched rows costs a coalesce: kept out of every phase (the exchange runs on meanwhile, so callers ask
+    # for it on a warm-up step only).
+    density = trainer.gradient_density() if measure_density else None
+    timed("exchange_wait", trainer.synchronize)
+    timed("optimizer", trainer.step)
+    counters = exchange.counters
+    moved = {**counters.as_dict(), "bytes_sent": counters.bytes_sent, "bytes_held": counters.bytes_held,
+             "bytes_received": counters.bytes_received(exchange.size)}
+    return StepMeasurement({p: ms[p] for p in PHASES}, moved, density, peak, probe_s * 1000, vm_data_bytes())
+
+
+def measure(point: PointConfig, exchange) -> dict:
+    """Run the point on this rank; return this rank's raw measurements."""
+    import torch
+    from alure.train import Trainer
+
+    torch.set_num_threads(point.threads_per_rank)  # the same at every np: see RunSettings.threads_per_rank
+    trainer = Trainer(workload_config(point), exchange)
+    build_peak = peak_rss_mib()  # the kernel's mark since the process began: imports, world, model
+    probe = PeakProbe()  # returns freed heap and resets the mark: from here on, peaks are the training's own
+    baseline_rss = rss_mib()  # after the model is built: growth beyond it is the training's own
+    # Cap (if asked) and count the data segment from the same base, after the probe's trim: what training adds.
+    data_base = vm_data_bytes()
+    apply_training_mem_limit(point.train_mem_limit_mib, data_base)
+    density, warmup = None, []
+    for i in range(point.warmup_steps):
+        warmup.append(instrumented_step(trainer, exchange, measure_density=i == point.warmup_steps - 1))
+        density = warmup[-1].density or density
+    warmup_peak = probe.peak_mib()
+    steps = [instrumented_step(trainer, exchange, measure_density=density is None and i == 0, probe=probe)
+             for i in range(point.steps)]
+    probe.close()
+    density = density or steps[0].density
+    phase_ms = {p: [s.ms[p] for s in steps] for p in PHASES}
+    moved = {k: float(np.median([s.moved[k] for s in steps])) for k in steps[0].moved}
+    phase_peak = {p: max(s.peak_mib[p] for s in steps) for p in PHASES}
+    train_peak = max(phase_peak.values())
+    data_ends = [s.data_bytes for s in warmup + steps if s.data_bytes is not None]
+    return {
+        "rank": exchange.rank, "host": socket.gethostname(), "pid": os.getpid(), "host_cores": physical_cores(),
+        "step_time_ms": [sum(s.ms.values()) for s in steps], "phase_ms": phase_ms,
+        "baseline_rss_mib": baseline_rss,
+        # the largest of the windows the probe saw: build, warm-up and every timed phase (the kernel's own lifetime
+        # mark is reset by the probe)
+        "peak_rss_mib": max(build_peak, warmup_peak, train_peak),
+        "build_peak_rss_mib": build_peak, "warmup_peak_rss_mib": warmup_peak,
+        "train_peak_rss_mib": train_peak, "phase_peak_rss_mib": phase_peak,
+        "rss_growth_mib": train_peak - baseline_rss,
+        # The cap of --train-mem-limit applies from before the warm-up: so does this growth (None without VmData).
+        "data_growth_mib": (max(data_ends) - data_base) / MIB if data_ends and data_base is not None else None,
+        "memory_probe": probe.method, "memory_probe_ms": [s.probe_ms for s in steps],
+        "exchange": moved,  # medians over timed steps of bench.ranks.exchange.ExchangeCounters, per rank per step
+        "exchange_bytes_held": moved["bytes_held"], "exchange_bytes_sent": moved["bytes_sent"],
+        "exchange_bytes_received": moved["bytes_received"],
+        "gradient_density": density["items"], "gradient_density_tables": density,
+    }
+
+
+EXCHANGE_METRICS = ("allgather_calls", "allreduce_calls", "allgather_bytes_held", "allreduce_bytes_held",
+                    "allgather_rows_sent", "allgather_rows_held", "allreduce_ring_bytes", "densify_bytes",
+                    "coalesced_bytes", "resparsified_bytes")
+"""Counters of bench.ranks.exchange.ExchangeCounters a record's metrics carry (the largest rank's median per step)."""
+
+
+def build_record(point: PointConfig, ranks: list[dict], wall_seconds: float, started_at: str) -> dict:
+    """Rank 0's record of an ok point, from every rank's measurements."""
+    ranks = sorted(ranks, key=lambda r: r["rank"])
+    step_ms = np.array([r["step_time_ms"] for r in ranks])  # [ranks, steps]
+    slowest = slowest_rank_per_step(step_ms)
+    slowest_rank = step_ms.argmax(axis=0)
+    stats = spread(slowest)
+    per_rank, global_batch = batch_sizes(point, preset_batch(point))
+    # The breakdown follows the rank that set the pace in each step, so the phases add up to the step time.
+    phase_ms = {p: float(np.median([ranks[r]["phase_ms"][p][s] for s, r in enumerate(slowest_rank)]))
+                for p in PHASES}
+    metrics = {
+        "step_time_ms": stats["median"], "step_time_ms_p10": stats["p10"], "step_time_ms_p90": stats["p90"],
+        "throughput_samples_per_s": throughput_samples_per_s(global_batch, stats["median"]),
+        "rank_skew": rank_skew(step_ms), "phase_ms": phase_ms,
+        **{k: max(r[k] for r in ranks) for k in ("peak_rss_mib", "rss_growth_mib", "build_peak_rss_mib",
+                                                 "train_peak_rss_mib", "exchange_bytes_held", "exchange_bytes_sent",
+                                                 "exchange_bytes_received", "gradient_density")},
+        "phase_peak_rss_mib": {p: max(r["phase_peak_rss_mib"][p] for r in ranks) for p in PHASES},
+        "data_growth_mib": max((r["data_growth_mib"] for r in ranks if r.get("data_growth_mib") is not None),
+                               default=None),
+        "memory_probe": "; ".join(sorted({r["memory_probe"] for r in ranks})),
+        "memory_probe_ms": float(np.median([r["memory_probe_ms"] for r in ranks])),
+        **{k: max(r["exchange"][k] for r in ranks) for k in EXCHANGE_METRICS},
+    }
+    network = network_of_ranks(ranks)
+    # Emulated hosts (slurm/cluster.sh) are namespaces of this one machine: their ranks time-share its cores.
+    shared = network["transport"] == "tcp" and shares_one_machine(network["hosts"])
+    return {
+        "schema_version": SCHEMA_VERSION, "point_id": point.point_id, "point": point.as_dict(), "status": "ok",
+        "reason": None, "started_at": started_at, "wall_seconds": wall_seconds,
+        "oversubscribed": hosts_oversubscribed(ranks) or (shared and is_oversubscribed(point.np)), "np": point.np,
+        "threads_per_rank": point.threads_per_rank,
+        "batch_per_rank": per_rank, "global_batch": global_batch,
+        **network,  # hosts, ranks_per_host, transport
+        "horovod_controller": os.environ.get("HOROVOD_CONTROLLER", "mpi"),
+        # This host's egress as tc has it (the emulated cluster shapes every host alike); only between hosts.
+        "link": link_as_configured() if network["transport"] == "tcp" else None,
+        "step_time_ms_slowest_rank": slowest.tolist(), "metrics": metrics, "ranks": ranks,
+    }
+
+
+def hosts_oversubscribed(ranks: list[dict]) -> bool:
+    """More ranks on some host than that host has cores (counted per host, so multi-node runs are judged right)."""
+    per_host: dict[str, list[dict]] = {}
+    for r in ranks:
+        per_host.setdefault(r["host"], []).append(r)
+    return any(len(rs) > rs[0]["host_cores"] for rs in per_host.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    return point_program.main("python -m bench.ranks.worker", measure, build_record, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

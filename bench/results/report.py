@@ -1,0 +1,161 @@
+"""A sweep folder's derived files: summary.csv, report.md and the plots, rebuilt from the point records alone."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from bench.plan.config import stage_label
+from bench.results.plots import breakdown_plot, efficiency_plot, memory_plot, stages_plot
+from bench.results.records import atomic_write_text, load
+
+POINT_KEY = ["scaling", "mode", "np"]
+
+
+def point_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per point (scaling, mode, np; also preset and threads where a folder mixes them): its ok repeats,
+    the median step time over them with its 95% interval, the efficiency of that median with its interval, and the
+    medians of throughput, peak memory and bytes held."""
+    mixed = [c for c in ("preset", "threads_per_rank") if df[c].nunique() > 1]
+    rows = []
+    for key, g in df.groupby(POINT_KEY + mixed, sort=True):
+        ok = g[g["status"] == "ok"]
+        first = ok.iloc[0] if not ok.empty else g.iloc[0]
+        rows.append({**dict(zip(POINT_KEY + mixed, key)), "oversubscribed": bool(g["oversubscribed"].any()),
+                     "ok": f"{len(ok)}/{len(g)}", "step_time_ms": first["point_step_time_ms"],
+                     "step_ci_low": first["step_time_ms_ci_low"], "step_ci_high": first["step_time_ms_ci_high"],
+                     "efficiency": first["point_efficiency"], "eff_ci_low": first["efficiency_ci_low"],
+                     "eff_ci_high": first["efficiency_ci_high"],
+                     "throughput_samples_per_s": ok["throughput_samples_per_s"].median(),
+                     "peak_rss_mib": ok["peak_rss_mib"].median(),
+                     "exchange_held_mib": _mib(ok["exchange_bytes_held"].median())})
+    return pd.DataFrame(rows)
+
+
+def efficiency_table(df: pd.DataFrame) -> str:
+    """The table a person reads at the end of a sweep: one row per training point with the 95% intervals of its
+    step time and efficiency, then the points of the other stages in a table of their own; oversubscribed np marked
+    *, failures with their reason."""
+    train, stages = df[df["stage"] == "train"], df[df["stage"] != "train"]
+    tables, notes = [], []
+    if not train.empty:
+        tables.append(_train_table(train))
+        notes.append("step_time_ms and efficiency: median over the ok repeats [95% bootstrap interval]")
+        if (train.loc[train["status"] == "ok", "repeats_ok"] == 1).any():
+            notes.append("a point with one ok repeat has an interval of its steps' noise only, not of the noise "
+                         "between runs: use --repeats 5 for figures to quote")
+    if not stages.empty:
+        tables.append(stage_table(stages))
+    if not tables:
+        return "no points"
+    if df["oversubscribed"].any():
+        notes.append("* oversubscribed: more ranks than cores; timings include time-sharing of cores")
+    for _, row in df[df["status"] != "ok"].iterrows():
+        what = f"{row['scaling']} {row['mode']}" if row["stage"] == "train" else \
+            stage_label(row["stage"], row["graph_strategy"])
+        notes.append(f"{what} np={row['np']} r{row['repeat']}: {row['status']}: {row['reason']}")
+    return "\n\n".join(tables) + "\n" + "\n".join(notes)
+
+
+def _train_table(df: pd.DataFrame) -> str:
+    t = point_table(df)
+    t["np"] = [f"{n}{'*' if o else ''}" for n, o in zip(t["np"], t["oversubscribed"])]
+    t["step_time_ms"] = [_with_interval(v, lo, hi, "{:.1f}") for v, lo, hi in
+                         zip(t["step_time_ms"], t["step_ci_low"], t["step_ci_high"])]
+    t["efficiency"] = [_with_interval(v, lo, hi, "{:.2f}") for v, lo, hi in
+                       zip(t["efficiency"], t["eff_ci_low"], t["eff_ci_high"])]
+    t = t.drop(columns=["oversubscribed", "step_ci_low", "step_ci_high", "eff_ci_low", "eff_ci_high"])
+    return t.to_string(index=False, float_format=_numbers, na_rep="-")
+
+
+def _with_interval(value, low, high, fmt: str) -> str:
+    if pd.isna(value):
+        return "-"
+    return fmt.format(value) + (f" [{fmt.format(low)}, {fmt.format(high)}]" if not pd.isna(low) else "")
+
+
+def _with_np_marks(df: pd.DataFrame) -> pd.DataFrame:
+    return df.assign(np=[f"{n}{'*' if o else ''}" for n, o in zip(df["np"], df["oversubscribed"])])
+
+
+def _numbers(v: float) -> str:
+    return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+
+
+STAGE_COLUMNS = ["stage", "np", "repeat", "status", "stage_ms", "stage_ms_p10", "stage_ms_p90", "efficiency",
+                 "efficiency_p10", "efficiency_p90", "stage_peak_mib", "sent_mib", "received_mib"]
+
+
+def stage_table(df: pd.DataFrame) -> str:
+    """Points of refresh, graph and retrieval: the whole stage's time, strong efficiency with its band, the
+    stage's own peak memory per rank and what its collectives moved per rank."""
+    t = _with_np_marks(df)
+    t["stage"] = [stage_label(s, g) for s, g in zip(t["stage"], t["graph_strategy"])]
+    t = t.rename(columns={"step_time_ms": "stage_ms", "step_time_ms_p10": "stage_ms_p10",
+                          "step_time_ms_p90": "stage_ms_p90", "rss_growth_mib": "stage_peak_mib"})
+    t["sent_mib"] = t["exchange_bytes_sent"].map(_mib)
+    t["received_mib"] = t["exchange_bytes_received"].map(_mib)
+    return t[STAGE_COLUMNS].to_string(index=False, float_format=_numbers, na_rep="-")
+
+
+STAGES_TEXT = ("Stages refresh, graph and retrieval: the whole stage over the preset's users, strong scaling (the "
+               "users split over the ranks); stage_ms is the median over timed repetitions of the slowest rank's "
+               "time (p10/p90 band), efficiency T1/(P TP) against np=1 of the same stage and graph strategy, with "
+               "its band at the p90/p10 time; stage_peak_mib: the largest rank's resident high-water mark during "
+               "the stage above its resident set when the stage began; sent/received: what the stage's "
+               "collectives and ring transfers moved per rank.")
+
+
+def _mib(v) -> float:
+    return v / 2**20
+
+
+def _threads(df: pd.DataFrame) -> str:
+    threads = sorted({int(t) for t in df["threads_per_rank"].dropna()})
+    return "here " + " and ".join(map(str, threads)) + (" thread" if threads == [1] else " threads") + " per rank" \
+        if threads else "none recorded"
+
+
+def _order(sweep_dir: Path) -> str:
+    path = sweep_dir / "sweep.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    if config.get("interleave", False):
+        return "ran interleaved: round r measured every point once, in a seeded shuffled order"
+    return "ran back to back, point by point" if config else "ran in an unrecorded order"
+
+
+def write_report(sweep_dir: str | Path) -> pd.DataFrame:
+    """Rebuild summary.csv, report.md and the PNGs of a sweep folder; return the summary table."""
+    sweep_dir = Path(sweep_dir)
+    df = load(sweep_dir)
+    atomic_write_text(sweep_dir / "summary.csv", df.to_csv(index=False))
+    train = df[df["stage"] == "train"]
+    efficiency_plot(train, sweep_dir / "efficiency.png")
+    breakdown_plot(train, sweep_dir / "breakdown.png")
+    memory_plot(train, sweep_dir / "memory.png")
+    has_stages = (df["stage"] != "train").any()
+    if has_stages:
+        stages_plot(df, sweep_dir / "stages.png")
+    env_path = sweep_dir / "environment.json"
+    env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    lines = [f"# Sweep {sweep_dir.name}", "",
+             f"Machine: {env.get('cpu_model', '?')}, {env.get('cores', '?')} cores, "
+             f"{env.get('memory_mib', '?')} MiB; torch {env.get('torch', '?')}, "
+             f"Horovod {env.get('horovod', {}).get('version', '?')}; "
+             f"{env.get('mpi', {}).get('library', '?')}; commit {(env.get('git') or {}).get('commit') or '?'}"
+             f"{' (dirty)' if (env.get('git') or {}).get('dirty') else ''}.", "",
+             "Step time: per repeat, the median over timed steps of the slowest rank's step; per point, the median "
+             "over its repeats, with a 95% bootstrap confidence interval (repeats resampled, then the steps within "
+             "each, so the interval covers the noise between runs as well as between steps). Efficiency (weak "
+             "T1/TP, strong T1/(P TP)) divides a point only by the np=1 point of the same scaling, mode, preset and "
+             "torch threads per rank "
+             f"({_threads(df)}); its interval comes from the same bootstrap draws of both. Repeats "
+             f"{_order(sweep_dir)}. Exchange held: bytes of the gradient exchange results each rank holds per step. "
+             "Every repeat's figures are in summary.csv.", "",
+             *([STAGES_TEXT, ""] if has_stages else []),
+             "```", efficiency_table(df), "```", "",
+             "![efficiency](efficiency.png)", "", "![breakdown](breakdown.png)", "", "![memory](memory.png)", "",
+             *(["![stages](stages.png)", ""] if has_stages else [])]
+    atomic_write_text(sweep_dir / "report.md", "\n".join(lines))
+    return df

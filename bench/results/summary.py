@@ -1,0 +1,107 @@
+"""Point records -> the summary table (summary.csv): one row per point, efficiency against np=1."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from alure.stages import STAGES
+from bench.results.scaling import PHASES, bootstrap_step_time, efficiency, interval
+
+SUMMARY_COLUMNS = ["scaling", "mode", "np", "repeat", "status", "step_time_ms", "step_time_ms_p10",
+                   "step_time_ms_p90", "throughput_samples_per_s", "efficiency", "peak_rss_mib",
+                   "exchange_bytes_held", "oversubscribed"]
+"""The names the results layout promises; other parts (notebook, Slurm collect, cost model) rely on them."""
+INTERVAL_COLUMNS = ["repeats_ok", "point_step_time_ms", "step_time_ms_ci_low", "step_time_ms_ci_high",
+                    "point_efficiency", "efficiency_ci_low", "efficiency_ci_high"]
+"""Per point (all ok repeats of one scaling, mode, np, preset and threads), on each of its rows: the median over
+repeats of the step time and its 95% bootstrap interval, and the efficiency of that median with its interval."""
+BASELINE_KEY = ["stage", "graph_strategy", "scaling", "mode", "preset", "threads_per_rank"]
+"""What a point and the np=1 point it is divided by must share."""
+EXTRA_COLUMNS = ["preset", "reason", "rss_growth_mib", "exchange_bytes_sent", "exchange_bytes_received",
+                 "rank_skew", "gradient_density", "batch_per_rank", "global_batch", "threads_per_rank",
+                 "allgather_calls", "allreduce_calls", "allgather_bytes_held", "allreduce_bytes_held", "hosts",
+                 "wall_seconds",
+                 *[f"{p}_ms" for p in PHASES],
+                 "stage", "graph_strategy", "efficiency_p10", "efficiency_p90", "sendrecv_calls", "memory_probe",
+                 *INTERVAL_COLUMNS, "data_growth_mib"]
+"""stage: train (step_time_ms is a training step) or refresh, graph, retrieval (step_time_ms is the whole stage,
+strong scaling of the preset's users, throughput in users/s); graph_strategy: replicate or ring for the graph
+stage. efficiency_p10/p90: the efficiency at the point's p90/p10 time, the np=1 median kept: its noise band.
+data_growth_mib: what training (warm-up included) added to the data segment, the quantity --train-mem-limit caps."""
+
+
+def record_row(record: dict) -> dict:
+    point = record["point"]
+    metrics = record.get("metrics") or {}
+    row = {"scaling": point["scaling"], "mode": point["mode"], "np": point["np"], "repeat": point["repeat"],
+           "status": record["status"], "oversubscribed": bool(record.get("oversubscribed")),
+           "preset": point["preset"], "reason": record.get("reason"),
+           "batch_per_rank": record.get("batch_per_rank"), "global_batch": record.get("global_batch"),
+           "threads_per_rank": record.get("threads_per_rank") or point.get("threads_per_rank"),
+           "hosts": ",".join(record.get("hosts") or []), "wall_seconds": record.get("wall_seconds"),
+           # Records from before stages existed are training points.
+           "stage": point.get("stage", "train"), "graph_strategy": point.get("graph_strategy", ""),
+           "memory_probe": metrics.get("memory_probe")}
+    for key in ("step_time_ms", "step_time_ms_p10", "step_time_ms_p90", "throughput_samples_per_s",
+                "peak_rss_mib", "rss_growth_mib", "exchange_bytes_held", "exchange_bytes_sent",
+                "exchange_bytes_received", "rank_skew", "gradient_density", "allgather_calls", "allreduce_calls",
+                "allgather_bytes_held", "allreduce_bytes_held", "sendrecv_calls", "data_growth_mib"):
+        row[key] = metrics.get(key, np.nan)
+    for phase in PHASES:
+        row[f"{phase}_ms"] = (metrics.get("phase_ms") or {}).get(phase, np.nan)
+    return row
+
+
+def add_efficiency(df: pd.DataFrame) -> pd.DataFrame:
+    """Efficiency of each ok point against the median np=1 time of the same stage, strategy, scaling kind, mode,
+    preset and threads per rank (never against a baseline run another way); and at the point's own p90 and p10
+    times (its noise band)."""
+    df = df.copy()
+    for column in ("efficiency", "efficiency_p10", "efficiency_p90"):
+        df[column] = np.nan
+    ok = df["status"] == "ok"
+    base = df[ok & (df["np"] == 1)].groupby(BASELINE_KEY)["step_time_ms"].median()
+    for i, row in df[ok].iterrows():
+        t1 = base.get(tuple(row[BASELINE_KEY]))
+        if t1 is not None and not np.isnan(t1):
+            for column, time in (("efficiency", "step_time_ms"), ("efficiency_p10", "step_time_ms_p90"),
+                                 ("efficiency_p90", "step_time_ms_p10")):
+                df.at[i, column] = efficiency(row["scaling"], t1, row[time], int(row["np"]))
+    return df
+
+
+def add_intervals(df: pd.DataFrame, steps: list, seed: int = 0) -> pd.DataFrame:
+    """The INTERVAL_COLUMNS of every ok point. `steps[i]` is row i's per-step times (slowest rank). The bootstrap is
+    seeded, so a report rebuilt from the same records shows the same intervals."""
+    df = df.copy()
+    for column in INTERVAL_COLUMNS:
+        df[column] = np.nan
+    ok = (df["status"] == "ok") & np.array([bool(s) for s in steps], dtype=bool)
+    key = BASELINE_KEY
+    rng = np.random.default_rng(seed)
+    points = {point: rows for point, rows in df[ok].groupby(key + ["np"])}
+    draws = {point: bootstrap_step_time([steps[i] for i in rows.index], rng) for point, rows in points.items()}
+    for point, rows in points.items():
+        median = float(rows["step_time_ms"].median())
+        df.loc[rows.index, ["repeats_ok", "point_step_time_ms", "step_time_ms_ci_low", "step_time_ms_ci_high"]] = \
+            [len(rows), median, *interval(draws[point])]
+        baseline = (*point[:-1], 1)
+        if baseline in points:
+            scaling, np_ = point[key.index("scaling")], int(point[-1])
+            t1 = float(points[baseline]["step_time_ms"].median())
+            df.loc[rows.index, ["point_efficiency", "efficiency_ci_low", "efficiency_ci_high"]] = \
+                [efficiency(scaling, t1, median, np_), *interval(efficiency(scaling, draws[baseline], draws[point],
+                                                                             np_))]
+    return df
+
+
+def summarize(records: list[dict]) -> pd.DataFrame:
+    """The summary table: the columns docs/design.md names first, then the extras, sorted by scaling, mode, np, repeat."""
+    df = pd.DataFrame([record_row(r) for r in records], columns=[c for c in SUMMARY_COLUMNS if c != "efficiency"]
+                      + [c for c in EXTRA_COLUMNS if c not in INTERVAL_COLUMNS])
+    df = add_efficiency(df)
+    df = add_intervals(df, [r.get("step_time_ms_slowest_rank") or [] for r in records])
+    df = df[SUMMARY_COLUMNS + EXTRA_COLUMNS]
+    order = df["stage"].map({s: i for i, s in enumerate(STAGES)})
+    return df.assign(_order=order).sort_values(["_order", "graph_strategy", "scaling", "mode", "np", "repeat"],
+                                               ignore_index=True).drop(columns="_order")

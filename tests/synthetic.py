@@ -1,0 +1,83 @@
+"""Made-up results written by the harness's own writers (bench.ranks.worker.build_record,
+bench.results.comm_rows.comm_row): sweeps and comm runs whose timings follow a known model, for the cost-model,
+predict, validation, compare and notebook tests. They take seconds, where real ranks take minutes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from bench.model.collectives import Link, allgather_s, allreduce_s
+from bench.plan.config import PointConfig, SweepConfig
+from bench.ranks.exchange import ExchangeCounters
+from bench.results.comm_rows import comm_row
+from bench.results.records import atomic_write_json, write_record
+from bench.results.scaling import PHASES
+
+LINK = Link(alpha_s=20e-6, beta_s_per_byte=1e-9, gamma_s_per_byte=0.25e-9)
+SHM = Link(alpha_s=20e-6, beta_s_per_byte=1e-9, gamma_s_per_byte=0.5e-9)
+
+
+def synthetic_rows(link: Link, nps=(2, 4), noise=0.0, seed=0, sizes=range(10, 27, 2), transport=None) -> list[dict]:
+    """comm rows (bench.results.comm_rows.comm_row) whose latencies follow the model exactly, or with multiplicative
+    noise; sizes are powers of two; `transport` is written into every row when given."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in nps:
+        for size in (1 << k for k in sizes):
+            for op, seconds in (("allreduce", allreduce_s(size, p, link)), ("allgather", allgather_s(size, p, link)),
+                                ("sparse-pair", allgather_s(size, p, link) + (p - 1) * link.alpha_s)):
+                t = seconds * (1 + noise * rng.standard_normal())
+                rows.append(comm_row("horovod", op, p, size, size, [t] * 3, tensors=1, warmup=1, oversubscribed=False)
+                            | ({"transport": transport} if transport else {}))
+    for size in (1 << 20, 1 << 24):
+        rows.append(comm_row("memcpy", "memcpy", 1, size, size, [size * 1e-10] * 3, tensors=1, warmup=1,
+                             oversubscribed=False))
+    return rows
+
+
+def point_record(point: PointConfig, step_ms: float, rss_mib: float = 400.0, held: float = 0.0) -> dict:
+    """A point's record as the worker writes it, for made-up per-rank measurements."""
+    from bench.ranks.worker import build_record
+    steps = 5
+    phases = {"data": 0.05, "forward": 0.3, "backward": 0.45, "exchange_wait": 0.1 if point.np > 1 else 0.0,
+              "optimizer": 0.1}
+    scale = step_ms / sum(phases.values())
+    ranks = []
+    for r in range(point.np):
+        jitter = [1.0 + 0.05 * ((s + r) % 3 - 1) for s in range(steps)]
+        phase_ms = {p: [phases[p] * scale * j for j in jitter] for p in PHASES}
+        exchange = {**ExchangeCounters().as_dict(), "allgather_bytes_held": held, "bytes_received": 0}
+        ranks.append({"rank": r, "host": "test", "pid": 1000 + r, "host_cores": 2,
+                      "step_time_ms": [sum(phase_ms[p][s] for p in PHASES) for s in range(steps)],
+                      "phase_ms": phase_ms, "baseline_rss_mib": rss_mib - 20, "peak_rss_mib": rss_mib,
+                      "rss_growth_mib": 20.0, "build_peak_rss_mib": rss_mib - 10, "train_peak_rss_mib": rss_mib,
+                      "phase_peak_rss_mib": dict.fromkeys(PHASES, rss_mib), "memory_probe": "vmhwm-reset",
+                      "memory_probe_ms": [0.1] * steps, "exchange": exchange, "exchange_bytes_held": held,
+                      "exchange_bytes_sent": held / max(1, point.np), "exchange_bytes_received": 0.0,
+                      "gradient_density": 0.05, "gradient_density_tables": {"items": 0.05}})
+    return build_record(point, ranks, 10.0, "2025-01-01T00:00:00+00:00")
+
+
+def make_sweep(folder: Path, nps=(1, 2, 4), slowdown: dict | None = None, failed: set | None = None) -> Path:
+    """A tiny-preset sweep folder: weak and strong, both modes, made-up step times that grow with np (dense-reduce
+    more), optionally some points slower by a factor or failed."""
+    config = SweepConfig(name="test", preset="tiny", nps=list(nps), steps=5, global_batch=64)
+    atomic_write_json(folder / "sweep.json", config.as_dict())
+    atomic_write_json(folder / "environment.json", {"cores": 2, "memory_mib": 8192, "cpu_model": "test"})
+    for point in config.plan():
+        key = (point.scaling, point.mode, point.np)
+        if failed and key in failed:
+            from bench.plan.sweep import failure_record
+            write_record(folder, failure_record(point, "oom", "rank 1: MemoryError", 1.0, "2025-01-01"))
+            continue
+        base = 40.0 if point.scaling == "weak" else 40.0 / point.np
+        grow = {"sparse-gather": 6.0, "dense-reduce": 12.0}[point.mode] * (point.np - 1)
+        step = (base + grow) * (slowdown or {}).get(key, 1.0)
+        write_record(folder, point_record(point, step, 400 + 5 * point.np, 1e5 * point.np))
+    return folder
+
+
+def make_comm(folder: Path) -> Path:
+    atomic_write_json(folder / "comm.json", {"kind": "comm", "rows": synthetic_rows(LINK, nps=(2,))})
+    return folder
