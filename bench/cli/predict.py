@@ -79,7 +79,7 @@ def summary_lines(model: Model, machine: Machine, table: pd.DataFrame, crossover
         + ", ".join(f"{m} {model.local.s_per_byte[m] * 1e9:.3f} ns/B"
                     + (f" ({model.local.points[m]} points, rms {model.local.rms_rel_error[m]:.0%})"
                        if model.local.points.get(m) else " (built-in default)") for m in model.local.s_per_byte)
-        + "".join(f"; {m} {v * 1e9:.3f} ns/B more per byte of all ranks' sparse gradients ({model.local.points[m]} "
+        + "".join(f"; {m} {v * 1e9:.3f} ns/B more per byte of the rank's own sparse gradient ({model.local.points[m]} "
                   f"points, rms {model.local.rms_rel_error[m]:.0%})" for m, v in model.local.extra_s_per_byte.items()),
         f"workload: {model.profile.preset}, {len(model.profile.tables)} sparse tables, "
         f"{model.profile.table_bytes() / 2**20:.0f} MiB dense, {model.profile.dense_param_bytes / 2**20:.2f} MiB other "

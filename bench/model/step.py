@@ -102,9 +102,10 @@ class LocalFit:
     rms_rel_error: dict
     """Mode -> rms relative error of the fitted model's step time over those points."""
     extra_s_per_byte: dict = field(default_factory=dict)
-    """Mode -> CPU work beyond what table_costs charges it, seconds per byte of all P ranks' sparse gradients:
-    coalesced-gather's coalescing (its tables are charged sparse-gather's cost per gathered byte) and auto's counting
-    of rows and its per-step decision (charged nothing else); fitted after the modes above."""
+    """Mode -> CPU work beyond what table_costs charges it, seconds per byte of the rank's own sparse gradient:
+    coalesced-gather's coalescing of its own rows (its tables are charged sparse-gather's cost per gathered byte) and
+    auto's counting of its rows for the per-step decision; work on a rank's own rows, so it does not grow with P.
+    Fitted after the modes above."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,8 +167,8 @@ class Model:
         exchange += dense_params
         network += dense_params
         held += prof.dense_param_bytes if p > 1 else 0.0
-        if p > 1:  # what a mode does beyond its tables' costs, scaling with the rows the ranks hand over
-            exchange += self.local.extra_s_per_byte.get(mode, 0.0) * cpu * p * prof.gradient_bytes(batch_per_rank)
+        if p > 1:  # what a mode does to the rank's own rows beyond its tables' costs
+            exchange += self.local.extra_s_per_byte.get(mode, 0.0) * cpu * prof.gradient_bytes(batch_per_rank)
         # Exchange overlaps the backward pass (Horovod starts a gradient's collective as soon as it is ready); the
         # optimizer's share of `exchange` cannot, it runs after synchronize.
         hidden = min(machine.overlap * prof.backward_ms * 1e-3 * work * cpu, network) if p > 1 else 0.0
@@ -233,7 +234,7 @@ def fit_local_work(records: list[dict], profile: Profile, calibration: Calibrati
     """Each mode's CPU work around its collectives, seconds per byte, by least squares in relative error over the
     sweep's ok multi-rank points of that mode: what the step model leaves unexplained, against the bytes the work
     scales with (gathered bytes; table bytes). Then, on top of those, coalesced-gather's and auto's own work
-    (`LocalFit.extra_s_per_byte`) against the bytes of all ranks' sparse gradients."""
+    (`LocalFit.extra_s_per_byte`) against the bytes of the rank's own sparse gradient."""
     s_per_byte, used, rms = {}, {}, {}
 
     def fit(model: Model, mode: str, scale) -> float | None:
@@ -261,7 +262,8 @@ def fit_local_work(records: list[dict], profile: Profile, calibration: Calibrati
         lam = fit(zero, mode, scale)
         s_per_byte[mode] = DEFAULT_LOCAL_S_PER_BYTE[mode] if lam is None else lam
     fitted = Model(profile, calibration, LocalFit(s_per_byte=dict(s_per_byte), points={}, rms_rel_error={}))
-    extra = {mode: lam for mode in ("coalesced-gather", "auto") if (lam := fit(fitted, mode, gathered)) is not None}
+    own = lambda p, batch: profile.gradient_bytes(batch)  # noqa: E731
+    extra = {mode: lam for mode in ("coalesced-gather", "auto") if (lam := fit(fitted, mode, own)) is not None}
     return LocalFit(s_per_byte=s_per_byte, points=used, rms_rel_error=rms, extra_s_per_byte=extra)
 
 
