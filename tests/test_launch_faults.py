@@ -191,8 +191,10 @@ def test_sigterm_at_launch_leaves_no_process(tmp_path):
 def test_ctrl_c_mid_point_keeps_finished_records_and_leaves_no_process(tmp_path):
     session = own_session("mid-point")
     out = tmp_path / "r"
-    # np=1 runs first and ends at its timeout (a finished record); the interrupt comes while np=2 trains.
-    proc = start(session, "run", *TINY, *FOREVER, "--timeout", "15", "--np", "2", "--with-baseline",
+    # np=1 runs first and ends at its timeout (a finished record); the interrupt comes while np=2 trains. The
+    # timeout leaves np=2's ranks time to start and load torch before it ends their point too (15 s did not, once,
+    # on the 2-core machine with other work on it).
+    proc = start(session, "run", *TINY, *FOREVER, "--timeout", "30", "--np", "2", "--with-baseline",
                  "--out", str(out))
     wait_until_training(session, 2)
     proc.send_signal(signal.SIGINT)
