@@ -118,17 +118,8 @@ def _cores() -> int:
     return physical_cores()
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is below 1")
-    return value
-
-
 def register(sub) -> None:
+    from bench.plan.capacity import positive_int
     from bench.ranks.comm_rank import BACKENDS
     p = sub.add_parser("calibrate", help="measure this host's collectives (comm at --nps ranks), fit a, b, g per "
                                          "transport and file them for the auto mode",
@@ -138,9 +129,9 @@ def register(sub) -> None:
                    help="the backend to fit (default horovod: what the exchange modes run on)")
     p.add_argument("--min-bytes", default="1K", help="smallest size (default 1K)")
     p.add_argument("--max-bytes", default="64M", help="largest size (default 64M)")
-    p.add_argument("--warmup", type=_count, default=5, help="untimed iterations per point (default 5)")
-    p.add_argument("--iters", type=_count, default=30, help="timed iterations per point (default 30)")
-    p.add_argument("--rounds", type=_count, default=2, help="launches per rank count, iterations pooled (default 2)")
+    p.add_argument("--warmup", type=positive_int, default=5, help="untimed iterations per point (default 5)")
+    p.add_argument("--iters", type=positive_int, default=30, help="timed iterations per point (default 30)")
+    p.add_argument("--rounds", type=positive_int, default=2, help="launches per rank count, iterations pooled (default 2)")
     p.add_argument("--results", metavar="SWEEP", help="a sweep folder to fit the CPU costs around the collectives "
                                                       "from (default: the built-in ones)")
     p.add_argument("--out", metavar="DIR", help="calibration folder (default $ALURE_BENCH_CALIBRATIONS, else "
