@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -17,15 +18,15 @@ import psutil
 
 from bench.launch import lifetime
 from bench.launch.mpirun import run_ranks
-from bench.launch.rank_output import json_after
+from bench.ranks.handback import collect
 
 CLI = [sys.executable, "-m", "bench.cli"]
 """`alure-bench` as this interpreter runs it."""
 TINY = ["--preset", "tiny", "--warmup", "1"]
 """The quickest sweep a test can ask for (add --steps and the rest)."""
 RANK_SCRIPTS = Path(__file__).parent / "ranks"
-RECORD_MARKER = "RANK_RECORD "
-"""What a rank script prints before its one JSON record (see tests/ranks/)."""
+HANDBACK_VAR = "RANK_HANDBACK_DIR"
+"""Names the folder a rank script hands its record back into (bench.ranks.handback; see tests/ranks/)."""
 
 SESSION = f"pytest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 """This test session's tag: tests/conftest.py puts it in the environment, so every process the session starts
@@ -69,14 +70,15 @@ def records(out: Path) -> dict[str, dict]:
 
 
 def launch(np: int, script: str, *args: str, timeout_s: float = 120, env: dict | None = None) -> list[dict]:
-    """Run tests/ranks/<script>.py on `np` ranks; return the JSON line each rank printed, in rank order."""
-    run = run_ranks(np, [sys.executable, str(RANK_SCRIPTS / f"{script}.py"), *args], timeout_s=timeout_s,
-                    env={**os.environ, **(env or {})})
+    """Run tests/ranks/<script>.py on `np` ranks; return what each rank handed back, in rank order."""
+    with tempfile.TemporaryDirectory(prefix="handback-") as folder:
+        run = run_ranks(np, [sys.executable, str(RANK_SCRIPTS / f"{script}.py"), *args], timeout_s=timeout_s,
+                        env={**os.environ, **(env or {}), HANDBACK_VAR: folder})
+        handed = collect(folder)
     assert not run.timed_out, f"{script} on {np} ranks ran past {timeout_s} s\n{run.stderr[-3000:]}"
     assert run.returncode == 0, f"{script} on {np} ranks exited {run.returncode}\n{run.stderr[-3000:]}"
-    found = json_after(run.stdout, RECORD_MARKER)
-    assert len(found) == np, f"expected one record per rank, got {len(found)}\n{run.stdout[-3000:]}"
-    return sorted(found, key=lambda r: r["rank"])
+    assert [h["rank"] for h in handed] == list(range(np)), f"expected one record per rank, got {handed}"
+    return [h["result"] for h in handed]
 
 
 # --- the processes a session started ----------------------------------------------------------------------------

@@ -2,18 +2,20 @@
 clocks, byte counters, as the sweep worker runs them) with blocks of the bare `Trainer.train_step` loop, on the
 same ranks in the same run, so drift and noise fall on both alike. Run on every rank:
 
-    mpirun -np 2 python -m bench.ranks.overhead --preset default --blocks 10 --steps-per-block 5
+    mpirun -np 2 python -m bench.ranks.overhead --results DIR --preset default --blocks 10 --steps-per-block 5
+
+Rank 0 hands the block means and their ratio back into DIR (bench.ranks.handback).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 import numpy as np
 
 from bench.launch.mpirun import threads_per_rank
+from bench.ranks.handback import hand_back
 from bench.ranks.worker import instrumented_step
 
 
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.ranks.exchange import HorovodExchange
 
     parser = argparse.ArgumentParser(prog="python -m bench.ranks.overhead")
+    parser.add_argument("--results", required=True, help="the folder to hand the result back into")
     parser.add_argument("--preset", default="default")
     parser.add_argument("--mode", default="dense-reduce")
     parser.add_argument("--blocks", type=int, default=10)
@@ -57,11 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     harness, bare = block_means(trainer, exchange, args.blocks, args.steps_per_block)
     if exchange.rank == 0:
         ratios = np.array(harness) / np.array(bare)
-        print("OVERHEAD " + json.dumps({"np": exchange.size, "preset": args.preset, "mode": args.mode,
-                          "harness_ms": harness, "bare_ms": bare,
-                          "overhead_ratio_median": float(np.median(ratios)),
-                          "overhead_ratio_p10": float(np.percentile(ratios, 10)),
-                          "overhead_ratio_p90": float(np.percentile(ratios, 90))}), flush=True)
+        hand_back(args.results, 0, {"np": exchange.size, "preset": args.preset, "mode": args.mode,
+                                    "harness_ms": harness, "bare_ms": bare,
+                                    "overhead_ratio_median": float(np.median(ratios)),
+                                    "overhead_ratio_p10": float(np.percentile(ratios, 10)),
+                                    "overhead_ratio_p90": float(np.percentile(ratios, 90))})
     exchange.shutdown()
     return 0
 

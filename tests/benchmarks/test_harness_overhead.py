@@ -2,21 +2,26 @@
 sweep worker's phase clocks and byte counters) with blocks of the bare Trainer.train_step loop on the same 2 real
 ranks in one run, and reports the ratio of their block medians (slowest rank). The target is under 2%: asserted
 in full mode only (ALURE_BENCH_FULL=1), since a speed target is no pass/fail test on a noisy machine."""
+import tempfile
+
 import pytest
 
 from bench.launch.mpirun import run_ranks
-from bench.launch.rank_output import json_after, python_module_argv
+from bench.launch.rank_output import python_module_argv
+from bench.ranks.handback import collect
 from tests.benchmarks.mode import FULL, pick
 
 TARGET = 1.02
 
 
 def measure() -> dict:
-    argv = python_module_argv("bench.ranks.overhead", "--preset", pick("tiny", "default"),
-                              "--blocks", str(pick(4, 12)), "--steps-per-block", str(pick(5, 8)))
-    run = run_ranks(2, argv, timeout_s=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    return json_after(run.stdout, "OVERHEAD ")[0]
+    with tempfile.TemporaryDirectory(prefix="overhead-") as folder:
+        argv = python_module_argv("bench.ranks.overhead", "--results", folder, "--preset", pick("tiny", "default"),
+                                  "--blocks", str(pick(4, 12)), "--steps-per-block", str(pick(5, 8)))
+        run = run_ranks(2, argv, timeout_s=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        (rank0,) = collect(folder)
+    return rank0["result"]
 
 
 @pytest.mark.mpi

@@ -1,7 +1,7 @@
 """Rank script: refresh, graph (both strategies) and retrieval of the tiny workload from saved weights, sharded over
 the ranks through Horovod (and mpi4py for the ring). Rank 0 saves the gathered graph of each strategy; every rank
 reports the quality metrics and what its collectives moved. Args: WEIGHTS OUT_DIR."""
-import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from alure.model import UserEncoder
 from alure.pipeline import graph_stage, neighbor_precision_sharded, refresh_stage, retrieval_stage
 from alure.stages import GRAPH_STRATEGIES
 from bench.ranks.exchange import HorovodExchange
+from bench.ranks.handback import hand_back
 from bench.ranks.stage_worker import CountingExchange, StageCounters
 
 weights, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -36,5 +37,5 @@ for strategy in GRAPH_STRATEGIES:
     record[strategy] = {"recall": recall, "precision": neighbor_precision_sharded(graph, world.community, exchange),
                         "users": [graph.users.start, graph.users.stop], "allgather_calls": moved.allgather_calls,
                         "sendrecv_calls": moved.sendrecv_calls, "bytes_received": moved.bytes_received}
-print("RANK_RECORD " + json.dumps(record), flush=True)
+hand_back(os.environ["RANK_HANDBACK_DIR"], exchange.rank, record)
 horovod.shutdown()

@@ -1,7 +1,6 @@
 """Rank script: train the tiny workload a few steps in each of the given exchange modes in turn, each from the same
 seed (with HOROVOD_TIMELINE=DYNAMIC, Horovod's timeline recorded to a file per mode); save this rank's weights per
 mode and report what each exchange did. Args: MODES (comma-separated) STEPS OUT_DIR [SAMPLED_NEGATIVES]."""
-import json
 import os
 import sys
 from dataclasses import replace
@@ -13,6 +12,7 @@ import torch
 from alure.config import tiny
 from alure.train import Trainer
 from bench.ranks.exchange import HorovodExchange
+from bench.ranks.handback import hand_back
 
 
 def train(mode: str, steps: int, out: Path, config) -> dict:
@@ -58,8 +58,5 @@ negatives = int(sys.argv[4]) if len(sys.argv) > 4 else None
 torch.set_num_threads(1)
 config = tiny() if negatives is None else replace(tiny(), sampled_negatives=negatives)
 runs = {mode: train(mode, steps, out, config) for mode in modes}
-# A record this long would interleave with the other ranks' on a shared stdout: it goes to a file of its own.
-path = out / f"record-{hvd.size()}-{hvd.rank()}.json"
-path.write_text(json.dumps({"rank": hvd.rank(), "modes": runs}))
-print("RANK_RECORD " + json.dumps({"rank": hvd.rank(), "path": str(path)}))
+hand_back(os.environ["RANK_HANDBACK_DIR"], hvd.rank(), {"rank": hvd.rank(), "modes": runs})
 hvd.shutdown()
