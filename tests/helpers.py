@@ -5,6 +5,7 @@ process it starts carries the session's tag, so other sessions on the machine ar
 Test files import from here (tests/conftest.py too, for its fixtures); no test file imports another."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import psutil
@@ -38,6 +40,19 @@ def cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None,
     """Run `alure-bench args` to its end (`env`: variables on top of this process's)."""
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def cli_here(*args: str) -> subprocess.CompletedProcess:
+    """`alure-bench args` run inside this process, with cli()'s result: for commands that fail on their input
+    before they launch anything, where starting an interpreter would be most of the test's time."""
+    from bench.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:  # argparse's own errors
+            code = exit_.code
+    return subprocess.CompletedProcess([*CLI, *args], code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(run: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -4,60 +4,63 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_one_line_error, cli
+from tests.helpers import assert_one_line_error, cli, cli_here
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
 def test_unknown_flag():
+    # through a process of its own, as a user runs it; the others run the command in this process (quicker)
     assert_one_line_error(cli("sweep", "--npz", "1,2"), "unrecognized arguments")
 
 
 def test_impossible_rank_count():
-    assert_one_line_error(cli("sweep", "--nps", "0,1"), "positive whole numbers")
-    assert_one_line_error(cli("sweep", "--nps", "1,two"), "comma-separated list")
+    assert_one_line_error(cli_here("sweep", "--nps", "0,1"), "positive whole numbers")
+    assert_one_line_error(cli_here("sweep", "--nps", "1,two"), "comma-separated list")
 
 
 def test_uneven_strong_split():
-    assert_one_line_error(cli("sweep", "--nps", "1,3", "--global-batch", "64"), "divisible")
+    assert_one_line_error(cli_here("sweep", "--nps", "1,3", "--global-batch", "64"), "divisible")
 
 
 def test_malformed_config_file(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[sweep\nnps = 1")
-    assert_one_line_error(cli("sweep", "--config", str(bad)), "not valid TOML", str(bad))
+    assert_one_line_error(cli_here("sweep", "--config", str(bad)), "not valid TOML", str(bad))
     wrong = tmp_path / "wrong.toml"
     wrong.write_text('[sweep]\nmodes = ["sparse-gather", "bogus"]\n')
-    assert_one_line_error(cli("sweep", "--config", str(wrong)), "modes must be")
+    assert_one_line_error(cli_here("sweep", "--config", str(wrong)), "modes must be")
 
 
 def test_unknown_preset_and_workload_field():
-    assert_one_line_error(cli("sweep", "--preset", "huge"), "huge")
-    assert_one_line_error(cli("sweep", "--preset", "tiny", "--set", "no_such_field=3"), "no_such_field")
+    assert_one_line_error(cli_here("sweep", "--preset", "huge"), "huge")
+    assert_one_line_error(cli_here("sweep", "--preset", "tiny", "--set", "no_such_field=3"), "no_such_field")
 
 
 def test_unwritable_results_folder(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    assert_one_line_error(cli("sweep", "--preset", "tiny", "--out", str(blocker / "sub")), "not writable", "--out")
+    assert_one_line_error(cli_here("sweep", "--preset", "tiny", "--out", str(blocker / "sub")), "not writable", "--out")
 
 
 def test_resume_of_a_folder_that_is_no_sweep(tmp_path):
-    assert_one_line_error(cli("sweep", "--resume", str(tmp_path)), "--resume takes a folder")
+    assert_one_line_error(cli_here("sweep", "--resume", str(tmp_path)), "--resume takes a folder")
 
 
 def test_a_sweep_folder_is_not_overwritten(tmp_path):
     (tmp_path / "points").mkdir()
     (tmp_path / "points" / "x.json").write_text("{}")
-    assert_one_line_error(cli("sweep", "--preset", "tiny", "--out", str(tmp_path)), "--resume")
+    assert_one_line_error(cli_here("sweep", "--preset", "tiny", "--out", str(tmp_path)), "--resume")
 
 
 def test_results_from_an_older_version(tmp_path):
     (tmp_path / "points").mkdir()
     (tmp_path / "points" / "weak-dense-reduce-np1-r0.json").write_text(json.dumps({"schema_version": 0}))
-    assert_one_line_error(cli("report", str(tmp_path)), "schema version 0", "reads 1")
+    assert_one_line_error(cli_here("report", str(tmp_path)), "schema version 0", "reads 1")
 
 
 def test_report_of_a_missing_folder(tmp_path):
-    assert_one_line_error(cli("report", str(tmp_path / "nope")), "not a folder")
+    assert_one_line_error(cli_here("report", str(tmp_path / "nope")), "not a folder")
 
 
 # --- a bug of the suite is not bad input ---------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import pytest
 
 from bench.results.compare import compare
 from bench.results.records import load
-from tests.helpers import assert_one_line_error, cli
+from tests.helpers import assert_one_line_error, cli, cli_here
 from tests.synthetic import make_sweep
 
 
@@ -52,6 +52,6 @@ def test_a_point_that_now_fails_is_a_regression_and_missing_points_are_listed(ba
 
 
 def test_compare_bad_input_is_one_line(baseline, tmp_path):
-    assert_one_line_error(cli("compare", str(baseline), str(tmp_path / "none")), "not a folder")
-    assert_one_line_error(cli("compare", str(baseline), str(baseline), "--threshold", "-1"), "--threshold")
-    assert_one_line_error(cli("compare", str(baseline)), "usage:")
+    assert_one_line_error(cli_here("compare", str(baseline), str(tmp_path / "none")), "not a folder")
+    assert_one_line_error(cli_here("compare", str(baseline), str(baseline), "--threshold", "-1"), "--threshold")
+    assert_one_line_error(cli_here("compare", str(baseline)), "usage:")

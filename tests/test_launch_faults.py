@@ -38,9 +38,11 @@ def start(session: str, *args: str) -> subprocess.Popen:
 
 
 def assert_nothing_left(session: str, since: float) -> None:
-    """No process started within `session` (command, mpirun or rank) is alive AFTER_S after `since`."""
-    time.sleep(max(0.0, since + AFTER_S - time.monotonic()))
-    left = session_processes(session)
+    """No process started within `session` (command, mpirun or rank) is alive AFTER_S after `since`. Polled: once
+    none is left, none can appear (every process of the session descends from one carrying its tag)."""
+    deadline = since + AFTER_S
+    while (left := session_processes(session)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert not left, f"{len(left)} process(es) outlived the command by {AFTER_S:g} s:\n{describe(left)}"
 
 

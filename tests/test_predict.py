@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from bench.plan.config import FIXED_MODES
-from tests.helpers import assert_one_line_error, cli
+from tests.helpers import assert_one_line_error, cli, cli_here
 from tests.synthetic import LINK, make_comm, make_sweep
 
 
@@ -66,14 +66,14 @@ def test_predict_for_a_cluster_from_its_data_sheet(folders, tmp_path):
 
 def test_predict_bad_input_is_one_line(folders, tmp_path):
     sweep, comm = folders
-    assert_one_line_error(cli("predict", "--results", str(tmp_path / "none"), "--calibration", str(comm)),
+    assert_one_line_error(cli_here("predict", "--results", str(tmp_path / "none"), "--calibration", str(comm)),
                           "--results", "alure-bench sweep")
-    assert_one_line_error(cli("predict", "--results", str(sweep), "--calibration", str(tmp_path)), "alure-bench comm")
-    assert_one_line_error(cli("predict", "--results", str(sweep), "--calibration", str(comm), "--latency-us", "2"),
+    assert_one_line_error(cli_here("predict", "--results", str(sweep), "--calibration", str(tmp_path)), "alure-bench comm")
+    assert_one_line_error(cli_here("predict", "--results", str(sweep), "--calibration", str(comm), "--latency-us", "2"),
                           "--bandwidth-gbps")
-    assert_one_line_error(cli("predict", "--results", str(sweep), "--calibration", str(comm), "--backend", "gloo"),
+    assert_one_line_error(cli_here("predict", "--results", str(sweep), "--calibration", str(comm), "--backend", "gloo"),
                           "--backend")
-    assert_one_line_error(cli("predict", "--results", str(sweep), "--calibration", str(comm), "--overlap", "2"),
+    assert_one_line_error(cli_here("predict", "--results", str(sweep), "--calibration", str(comm), "--overlap", "2"),
                           "overlap")
     no_base = make_sweep(tmp_path / "nobase", nps=(2,))
-    assert_one_line_error(cli("predict", "--results", str(no_base), "--calibration", str(comm)), "np=1")
+    assert_one_line_error(cli_here("predict", "--results", str(no_base), "--calibration", str(comm)), "np=1")

@@ -26,7 +26,7 @@ from bench.slurm.arrays import (TIME_MARGIN_S, SlurmOptions, array_spec, expand_
                                 point_for_task)
 from bench.slurm.jobs import active_points, read_jobs
 from bench.slurm.scheduler import parse_sbatch_output, parse_scontrol_jobs, task_states
-from tests.helpers import CLI, assert_one_line_error, cli
+from tests.helpers import CLI, assert_one_line_error, cli, cli_here
 
 TINY = ["--preset", "tiny", "--warmup", "1", "--steps", "3", "--modes", "dense-reduce", "--scalings", "weak"]
 WAIT_S = 300  # a whole tiny sweep takes 30-60 s here; a loaded machine is slower
@@ -128,23 +128,23 @@ def test_submit_without_sbatch_on_path_is_one_line_and_starts_nothing(tmp_path):
 ])
 def test_bad_slurm_options_are_one_line(tmp_path, flags, fragment):
     out = tmp_path / "bad"
-    assert_one_line_error(cli("slurm", "render", *TINY, "--out", str(out), *flags), fragment)
+    assert_one_line_error(cli_here("slurm", "render", *TINY, "--out", str(out), *flags), fragment)
     assert not out.exists(), "a refused option must leave no half-made sweep folder"
 
 
 def test_a_folder_that_is_no_sweep_is_one_line(tmp_path):
     for args in (["status", str(tmp_path)], ["collect", str(tmp_path)], ["submit", "--resume", str(tmp_path)],
                  ["task", "--sweep", str(tmp_path), "--np", "1", "--index", "0"]):
-        assert_one_line_error(cli("slurm", *args), "not a sweep folder")
+        assert_one_line_error(cli_here("slurm", *args), "not a sweep folder")
 
 
 def test_a_template_without_the_task_command_is_refused(tmp_path):
     template = tmp_path / "mine.sbatch"
     template.write_text("#!/bin/bash\n{{sbatch_options}}\nsrun hostname\n")
-    assert_one_line_error(cli("slurm", "render", *TINY, "--out", str(tmp_path / "t"), "--template", str(template)),
+    assert_one_line_error(cli_here("slurm", "render", *TINY, "--out", str(tmp_path / "t"), "--template", str(template)),
                           "lacks {{task_command}}")
     template.write_text("#!/bin/bash\n{{sbatch_options}}\n{{modules}}\n{{task_command}}\n")
-    assert_one_line_error(cli("slurm", "render", *TINY, "--out", str(tmp_path / "t"), "--template", str(template)),
+    assert_one_line_error(cli_here("slurm", "render", *TINY, "--out", str(tmp_path / "t"), "--template", str(template)),
                           "unknown mark(s) {{modules}}")
 
 
@@ -155,7 +155,7 @@ def test_a_task_outside_slurm_needs_an_index(tmp_path):
     run = subprocess.run([*CLI, "slurm", "task", "--sweep", str(out), "--np", "1"], capture_output=True, text=True,
                          env=env, timeout=60)
     assert_one_line_error(run, "SLURM_ARRAY_TASK_ID", "--index")
-    assert_one_line_error(cli("slurm", "task", "--sweep", str(out), "--np", "2", "--index", "1"), "out of range")
+    assert_one_line_error(cli_here("slurm", "task", "--sweep", str(out), "--np", "2", "--index", "1"), "out of range")
 
 
 # --- real sweeps on the local cluster ------------------------------------------------------------------------
@@ -306,7 +306,7 @@ def test_a_failed_and_a_cancelled_task_are_collected_and_resume_fills_exactly_th
     nothing = cli("slurm", "submit", "--resume", str(out))
     assert nothing.returncode == 0 and "nothing to submit" in nothing.stdout
     # A new submit into a folder with submitted arrays would lose track of them: refused.
-    assert_one_line_error(cli("slurm", "submit", *TINY, "--out", str(out)), "already has submitted arrays",
+    assert_one_line_error(cli_here("slurm", "submit", *TINY, "--out", str(out)), "already has submitted arrays",
                           "--resume")
 
 
