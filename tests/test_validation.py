@@ -2,7 +2,8 @@
 
 On a synthetic sweep made from a known model (with noise) the held-out points come back within a few percent, and a
 sweep whose np >= 3 points carry a cost the model lacks is caught. On the committed reference it is run and its
-errors printed; the 25% target on the median error of every split and mode is checked there too.
+errors printed; the 25% target on the median step-time error of every split and mode, and 15% on every point's peak
+memory, are checked there too.
 """
 import json
 import subprocess
@@ -151,6 +152,13 @@ def test_out_of_sample_median_error_within_25_percent_on_the_reference():
     v = reference_validation()
     assert set(v.fits) == {s.name for s in SPLITS}, v.not_run  # the cluster's points are predicted too
     assert (v.summary["median_abs_rel_error"] <= 0.25).all(), format_validation(v)
+
+
+def test_out_of_sample_peak_memory_within_15_percent_of_every_point_on_the_reference():
+    """Every held-out point of every mode and split (np 1-4 on one host, the cluster's hosts): the predicted peak
+    resident set per rank within 15% of the measured one."""
+    v = reference_validation()
+    assert (v.summary["max_abs_peak_error"] <= 0.15).all(), format_validation(v)
 
 
 def test_the_link_fitted_between_emulated_hosts_is_the_link_tc_shaped():

@@ -81,6 +81,8 @@ def summary_lines(model: Model, machine: Machine, table: pd.DataFrame, crossover
                        if model.local.points.get(m) else " (built-in default)") for m in model.local.s_per_byte)
         + "".join(f"; {m} {v * 1e9:.3f} ns/B more per byte of the rank's own sparse gradient ({model.local.points[m]} "
                   f"points, rms {model.local.rms_rel_error[m]:.0%})" for m, v in model.local.extra_s_per_byte.items()),
+        *(f"memory beyond the counted tensors (fitted to the sweep's multi-rank points): {m} {v:.2f} copies of the "
+          f"tables' dense size resident" for m, v in model.local.retained_table_copies.items()),
         f"workload: {model.profile.preset}, {len(model.profile.tables)} sparse tables, "
         f"{model.profile.table_bytes() / 2**20:.0f} MiB dense, {model.profile.dense_param_bytes / 2**20:.2f} MiB other "
         f"parameters; np=1 step {model.profile.compute_ms + model.profile.optimizer_ms:.0f} ms at batch "

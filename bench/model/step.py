@@ -106,6 +106,11 @@ class LocalFit:
     coalesced-gather's coalescing of its own rows (its tables are charged sparse-gather's cost per gathered byte) and
     auto's counting of its rows for the per-step decision; work on a rank's own rows, so it does not grow with P.
     Fitted after the modes above."""
+    retained_table_copies: dict = field(default_factory=dict)
+    """Mode -> resident memory beyond the tensors the memory model counts, in copies of the sparse tables' dense
+    size (bytes per table byte), the median over the multi-rank points. Fitted for sparse-as-dense only, the one mode
+    that makes its V x d copies afresh every step: the launch's reuse allocator (bench.launch.mpirun.ALLOCATORS)
+    keeps freed memory resident, and the heap a rank holds ends above its live tensors (docs/costmodel.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +180,8 @@ class Model:
         step = compute + exchange - hidden
         # The np=1 peak at the reference batch, with training's own growth scaled to this batch's lookups.
         memory = ((prof.base_rss_mib + prof.train_growth_mib * (work - 1)) * 2**20 + table_memory
-                  + (EXCHANGE_COPIES * prof.dense_param_bytes if p > 1 else 0.0))
+                  + (EXCHANGE_COPIES * prof.dense_param_bytes if p > 1 else 0.0)
+                  + (self.local.retained_table_copies.get(mode, 0.0) * prof.table_bytes() if p > 1 else 0.0))
         return StepPrediction(p=p, mode=mode, batch_per_rank=batch_per_rank, compute_ms=compute * 1e3,
                               exchange_ms=exchange * 1e3, network_ms=network * 1e3, hidden_ms=hidden * 1e3,
                               step_ms=step * 1e3, memory_bytes=memory, exchange_bytes_held=held,
@@ -234,7 +240,8 @@ def fit_local_work(records: list[dict], profile: Profile, calibration: Calibrati
     """Each mode's CPU work around its collectives, seconds per byte, by least squares in relative error over the
     sweep's ok multi-rank points of that mode: what the step model leaves unexplained, against the bytes the work
     scales with (gathered bytes; table bytes). Then, on top of those, coalesced-gather's and auto's own work
-    (`LocalFit.extra_s_per_byte`) against the bytes of the rank's own sparse gradient."""
+    (`LocalFit.extra_s_per_byte`) against the bytes of the rank's own sparse gradient. Last, sparse-as-dense's
+    resident memory beyond its counted tensors (`LocalFit.retained_table_copies`)."""
     s_per_byte, used, rms = {}, {}, {}
 
     def fit(model: Model, mode: str, scale) -> float | None:
@@ -264,7 +271,15 @@ def fit_local_work(records: list[dict], profile: Profile, calibration: Calibrati
     fitted = Model(profile, calibration, LocalFit(s_per_byte=dict(s_per_byte), points={}, rms_rel_error={}))
     own = lambda p, batch: profile.gradient_bytes(batch)  # noqa: E731
     extra = {mode: lam for mode in ("coalesced-gather", "auto") if (lam := fit(fitted, mode, own)) is not None}
-    return LocalFit(s_per_byte=s_per_byte, points=used, rms_rel_error=rms, extra_s_per_byte=extra)
+    retained = {}
+    for mode in ("sparse-as-dense",):
+        over = [(r["metrics"]["peak_rss_mib"] * 2**20 - fitted.step(machine, r["np"], mode, r["batch_per_rank"])
+                 .memory_bytes) / profile.table_bytes()
+                for r in records if r["status"] == "ok" and r["np"] > 1 and r["point"]["mode"] == mode]
+        if over:  # a median: one rank's heap moves by a table's size from one repeat to the next
+            retained[mode] = max(0.0, float(np.median(over)))
+    return LocalFit(s_per_byte=s_per_byte, points=used, rms_rel_error=rms, extra_s_per_byte=extra,
+                    retained_table_copies=retained)
 
 
 def this_machine(calibration: Calibration, profile: Profile, ranks: int, memory_per_rank_bytes=None) -> Machine:

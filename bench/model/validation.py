@@ -132,7 +132,8 @@ def run_split(split: Split, records: list[dict], comm_rows: list[dict], backend:
            "link": {"alpha_us": calibration.link.alpha_s * 1e6, "beta_ns_per_byte": calibration.link.beta_s_per_byte
                     * 1e9, "gamma_ns_per_byte": calibration.link.gamma_s_per_byte * 1e9},
            "local_s_per_byte": dict(model.local.s_per_byte), "local_points": dict(model.local.points),
-           "extra_s_per_byte": dict(model.local.extra_s_per_byte)}
+           "extra_s_per_byte": dict(model.local.extra_s_per_byte),
+           "retained_table_copies": dict(model.local.retained_table_copies)}
     if network is not None:
         fit["network_link"] = {"alpha_us": network.link.alpha_s * 1e6,
                                "beta_ns_per_byte": network.link.beta_s_per_byte * 1e9,
