@@ -109,6 +109,32 @@ def test_points_on_several_hosts_are_predicted_over_the_tcp_link():
     assert not v.not_run
 
 
+def test_points_over_two_link_rates_are_each_predicted_over_their_own_link():
+    # Weak points over a slow link, strong points over a link 4x faster: each link is fitted to the TCP comm rows
+    # recorded at its rate (as `comm` writes link_rate_gbps), and each point is predicted over its own. The sweep is
+    # generated over the one-host link: both sets are predicted slower than measured, the slow link's far more.
+    links = {1.0: replace(LINK, beta_s_per_byte=16 * LINK.beta_s_per_byte), 4.0: replace(LINK, beta_s_per_byte=4 *
+                                                                                           LINK.beta_s_per_byte)}
+    records = synthetic_sweep(noise=0.0)
+    moved = [dict(r, transport="tcp", link={"rate_gbps": 1.0 if r["point"]["scaling"] == "weak" else 4.0})
+             for r in records if r["np"] >= 2]
+    rows = comm_rows()
+    for rate, link in links.items():
+        rows += [row | {"link_rate_gbps": rate} for row in synthetic_rows(link, nps=(2, 4), sizes=range(10, 27),
+                                                                         transport="tcp")]
+    v = validate(records + moved, rows, splits=[s for s in SPLITS if s.name == "one host -> hosts"],
+                 environment=ENVIRONMENT)
+    fitted = v.fits["one host -> hosts"]["network_links"]
+    assert set(fitted) == set(links)
+    for rate, link in links.items():
+        assert fitted[rate]["beta_ns_per_byte"] == pytest.approx(link.beta_s_per_byte * 1e9, rel=0.05)
+    by_link = v.summary.set_index(["link", "mode"])["median_abs_rel_error"]
+    assert {link for link, _ in by_link.index} == {"1 Gb/s", "4 Gb/s"}
+    for mode in {m for _, m in by_link.index}:
+        assert by_link[("1 Gb/s", mode)] > by_link[("4 Gb/s", mode)], format_validation(v)
+    assert (v.points["rel_error"] > 0).all(), format_validation(v)
+
+
 def test_predict_validate_prints_and_writes_the_out_of_sample_errors(tmp_path):
     sweep = tmp_path / "sweep"
     config = SweepConfig(name="synthetic", preset="tiny", nps=[1, 2, 3, 4], steps=5, global_batch=96, repeats=2)

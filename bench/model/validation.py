@@ -3,9 +3,10 @@
 A split names what the model is fitted on and what it must predict:
     np<=2 -> np>=3        sweep points and comm rows at np <= 2 on one host; predicts np >= 3 on one host
     weak -> strong        the weak points (and every one-host comm row); predicts the strong points
-    one host -> hosts     the one-host points and shared-memory comm rows, with the link fitted to the TCP comm rows;
-                          predicts the points whose ranks ran on several hosts
-Per mode: the median and the largest |predicted / measured - 1| over the held-out points (medians over repeats).
+    one host -> hosts     the one-host points and shared-memory comm rows, with each link between hosts fitted to the
+                          TCP comm rows recorded at its rate; predicts the points whose ranks ran on several hosts
+Per mode (and link): the median and the largest |predicted / measured - 1| over the held-out points (medians over
+repeats).
 A split that has nothing to fit on or nothing to predict is reported as not run, saying why.
 """
 from __future__ import annotations
@@ -32,6 +33,14 @@ def record_transport(record: dict) -> str:
     return "shared-memory"
 
 
+def record_link_gbps(record: dict) -> float | None:
+    """The rate of the link between a point's hosts as tc configured it (recorded with the point); None on one host
+    or where the record does not say."""
+    if record_transport(record) != "tcp":
+        return None
+    return (record.get("link") or {}).get("rate_gbps")
+
+
 def _one_host(record: dict) -> bool:
     return record_transport(record) != "tcp"
 
@@ -56,10 +65,10 @@ SPLITS = (
           comm=lambda row: True, test=lambda r: r["point"]["scaling"] == "strong" and _one_host(r)),
     Split("one host -> hosts", train=_one_host, comm=lambda row: True, test=lambda r: not _one_host(r)),
 )
-POINT_COLUMNS = ["split", "scaling", "mode", "np", "transport", "batch_per_rank", "oversubscribed", "repeats",
+POINT_COLUMNS = ["split", "scaling", "mode", "np", "transport", "link_gbps", "batch_per_rank", "oversubscribed", "repeats",
                  "measured_ms", "predicted_ms", "rel_error", "measured_peak_mib", "predicted_peak_mib",
                  "peak_rel_error"]
-SUMMARY_COLUMNS = ["split", "mode", "points", "nps", "median_abs_rel_error", "max_abs_rel_error",
+SUMMARY_COLUMNS = ["split", "link", "mode", "points", "nps", "median_abs_rel_error", "max_abs_rel_error",
                    "median_abs_peak_error", "max_abs_peak_error"]
 
 
@@ -70,29 +79,32 @@ class Validation:
     points: pd.DataFrame
     """POINT_COLUMNS: one row per held-out (split, scaling, mode, np, batch)."""
     summary: pd.DataFrame
-    """SUMMARY_COLUMNS: per split and mode."""
+    """SUMMARY_COLUMNS: per split, link between hosts ('' on one host) and mode."""
     fits: dict
     """Split -> what the model was fitted on: sweep points, comm rows and their np, the fitted link."""
     not_run: dict
     """Split -> why it did not run."""
 
 
-def held_out_points(model: Model, machine: Machine, records: list[dict], split: str) -> list[dict]:
-    """Each held-out (scaling, mode, np, batch) point: the median of its repeats beside the model's step time, and
-    its peak resident set per rank (`peak_rss_mib`, the largest rank's) beside the model's memory."""
+def held_out_points(model: Model, machines: dict, records: list[dict], split: str) -> list[dict]:
+    """Each held-out (scaling, mode, np, batch, link) point: the median of its repeats beside the model's step time
+    on the machine of its link (`machines`: link rate -> Machine, None for one host), and its peak resident set per
+    rank (`peak_rss_mib`, the largest rank's) beside the model's memory."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        key = (r["point"]["scaling"], r["point"]["mode"], r["np"], r["batch_per_rank"], record_transport(r))
+        key = (r["point"]["scaling"], r["point"]["mode"], r["np"], r["batch_per_rank"], record_transport(r),
+               record_link_gbps(r))
         groups.setdefault(key, []).append(r)
     rows = []
-    for (scaling, mode, p, batch, transport), group in sorted(groups.items()):
+    for (scaling, mode, p, batch, transport, link), group in sorted(groups.items(), key=lambda kv: str(kv[0])):
         measured = float(np.median([r["metrics"]["step_time_ms"] for r in group]))
         try:
-            predicted = model.step(machine, p, mode, batch)
+            predicted = model.step(machines[link], p, mode, batch)
         except ValueError:  # a mode the model does not price
             continue
         peak = float(np.median([r["metrics"]["peak_rss_mib"] for r in group]))
         rows.append({"split": split, "scaling": scaling, "mode": mode, "np": p, "transport": transport,
+                     "link_gbps": link,
                      "batch_per_rank": batch, "oversubscribed": any(r.get("oversubscribed") for r in group),
                      "repeats": len(group), "measured_ms": measured, "predicted_ms": predicted.step_ms,
                      "rel_error": predicted.step_ms / measured - 1, "measured_peak_mib": peak,
@@ -117,16 +129,18 @@ def run_split(split: Split, records: list[dict], comm_rows: list[dict], backend:
     machine = this_machine(calibration, profile, max(r["np"] for r in ok))
     # The CPU work around the collectives is fitted where the training points ran: on one host.
     model = Model(profile, calibration, fit_local_work(train, profile, calibration, machine))
-    network = None
-    if any(record_transport(r) == "tcp" for r in test):
-        if not any(row_transport(row) == "tcp" and row["backend"] == backend for row in comm_rows):
-            raise UsageError("no TCP comm rows to fit the link between hosts on: add an `alure-bench comm` run across "
-                             "hosts to the calibration folder")
-        # Every emulated host shares this machine's cores (ranks_per_node: all of them); the TCP link between them
-        # is fitted to the TCP comm rows alone, and the held-out points are predicted over it.
-        network = fit_link(comm_rows, backend, source="TCP comm rows", transport="tcp")
-        machine = Machine(local=calibration.link, network=network.link, ranks_per_node=machine.ranks_per_node,
-                          cores_per_node=machine.cores_per_node)
+    machines, networks = {None: machine}, {}
+    for rate in sorted({record_link_gbps(r) for r in test if record_transport(r) == "tcp"}, key=str):
+        rows = [row for row in comm_rows if row_transport(row) == "tcp" and row.get("link_rate_gbps") == rate]
+        rate_name = "a link of unrecorded rate" if rate is None else f"{rate:g} Gb/s"
+        if not any(row["backend"] == backend for row in rows):
+            raise UsageError(f"no TCP comm rows at {rate_name} to fit the link between hosts on: add an `alure-bench "
+                             f"comm` run across hosts at that rate to the calibration folder")
+        # Every emulated host shares this machine's cores (ranks_per_node: all of them); each link between them is
+        # fitted to the TCP comm rows recorded at its rate alone, and the points over it are predicted with it.
+        networks[rate] = fit_link(rows, backend, source=f"TCP comm rows at {rate_name}", transport="tcp")
+        machines[rate] = Machine(local=calibration.link, network=networks[rate].link,
+                                 ranks_per_node=machine.ranks_per_node, cores_per_node=machine.cores_per_node)
     fit = {"sweep_points": len(train), "sweep_nps": sorted({r["np"] for r in train}),
            "comm_rows": calibration.quality.rows, "comm_nps": list(calibration.quality.nps),
            "link": {"alpha_us": calibration.link.alpha_s * 1e6, "beta_ns_per_byte": calibration.link.beta_s_per_byte
@@ -134,14 +148,13 @@ def run_split(split: Split, records: list[dict], comm_rows: list[dict], backend:
            "local_s_per_byte": dict(model.local.s_per_byte), "local_points": dict(model.local.points),
            "extra_s_per_byte": dict(model.local.extra_s_per_byte),
            "retained_table_copies": dict(model.local.retained_table_copies)}
-    if network is not None:
-        fit["network_link"] = {"alpha_us": network.link.alpha_s * 1e6,
-                               "beta_ns_per_byte": network.link.beta_s_per_byte * 1e9,
-                               "gamma_ns_per_byte": network.link.gamma_s_per_byte * 1e9,
-                               "comm_rows": network.quality.rows, "comm_nps": list(network.quality.nps),
-                               "r2": network.quality.r2, "median_rel_error": network.quality.median_rel_error,
-                               "within_burst_rows": network.quality.within_burst_rows}
-    return held_out_points(model, machine, test, split.name), fit
+    fit["network_links"] = {rate: {"alpha_us": n.link.alpha_s * 1e6, "beta_ns_per_byte": n.link.beta_s_per_byte * 1e9,
+                                   "gamma_ns_per_byte": n.link.gamma_s_per_byte * 1e9, "comm_rows": n.quality.rows,
+                                   "comm_nps": list(n.quality.nps), "r2": n.quality.r2,
+                                   "median_rel_error": n.quality.median_rel_error,
+                                   "within_burst_rows": n.quality.within_burst_rows}
+                            for rate, n in networks.items()}
+    return held_out_points(model, machines, test, split.name), fit
 
 
 def validate(records: list[dict], comm_rows: list[dict], splits=SPLITS, backend: str = "horovod",
@@ -162,9 +175,11 @@ def validate(records: list[dict], comm_rows: list[dict], splits=SPLITS, backend:
 
 def summarize_errors(points: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    for (split, mode), g in points.groupby(["split", "mode"], sort=False):
+    link = points["link_gbps"].map(lambda g: "" if pd.isna(g) else f"{g:g} Gb/s")
+    for (split, link_name, mode), g in points.groupby([points["split"], link, points["mode"]], sort=False):
         err, peak_err = g["rel_error"].abs(), g["peak_rel_error"].abs()
-        rows.append({"split": split, "mode": mode, "points": len(g), "nps": ",".join(map(str, sorted(set(g["np"])))),
+        rows.append({"split": split, "link": link_name, "mode": mode, "points": len(g),
+                     "nps": ",".join(map(str, sorted(set(g["np"])))),
                      "median_abs_rel_error": float(err.median()), "max_abs_rel_error": float(err.max()),
                      "median_abs_peak_error": float(peak_err.median()), "max_abs_peak_error": float(peak_err.max())})
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
@@ -177,23 +192,23 @@ def format_validation(v: Validation) -> str:
         lines.append(f"  {split}: fitted on {fit['sweep_points']} sweep points at np "
                      f"{','.join(map(str, fit['sweep_nps']))} and {fit['comm_rows']} comm rows at np "
                      f"{','.join(map(str, fit['comm_nps']))}")
-        if "network_link" in fit:
-            n = fit["network_link"]
-            lines.append(f"    the link between hosts, fitted to {n['comm_rows']} TCP comm rows at np "
-                         f"{','.join(map(str, n['comm_nps']))}: a = {n['alpha_us']:.1f} us, b = "
-                         f"{n['beta_ns_per_byte']:.3f} ns/B ({8 / n['beta_ns_per_byte']:.3g} Gb/s), g = "
-                         f"{n['gamma_ns_per_byte']:.3f} ns/B; R^2 {n['r2']:.3f}, median |error| "
-                         f"{n['median_rel_error']:.0%} ({n['within_burst_rows']} rows within the shaper's burst left "
-                         f"out)")
+        for rate, n in fit["network_links"].items():
+            lines.append(f"    the link between hosts {'' if rate is None else f'configured at {rate:g} Gb/s '}"
+                         f"fitted to {n['comm_rows']} TCP comm rows at np {','.join(map(str, n['comm_nps']))}: a = "
+                         f"{n['alpha_us']:.1f} us, b = {n['beta_ns_per_byte']:.3f} ns/B "
+                         f"({8 / n['beta_ns_per_byte']:.3g} Gb/s), g = {n['gamma_ns_per_byte']:.3f} ns/B; R^2 "
+                         f"{n['r2']:.3f}, median |error| {n['median_rel_error']:.0%} ({n['within_burst_rows']} rows "
+                         f"within the shaper's burst left out)")
         for r in v.summary[v.summary["split"] == split].itertuples():
-            lines.append(f"    {r.mode:>16}: {r.points} points at np {r.nps}: step time median "
+            over = f" over {r.link}" if r.link else ""
+            lines.append(f"    {r.mode:>16}{over}: {r.points} points at np {r.nps}: step time median "
                          f"{r.median_abs_rel_error:.0%}, max {r.max_abs_rel_error:.0%}; peak memory median "
                          f"{r.median_abs_peak_error:.0%}, max {r.max_abs_peak_error:.0%}")
     for split, why in v.not_run.items():
         lines.append(f"  {split}: not run ({why})")
     if not v.points.empty:
         t = v.points.assign(np=[f"{n}{'*' if o else ''}" for n, o in zip(v.points["np"], v.points["oversubscribed"])])
-        lines += ["", t[["split", "scaling", "mode", "np", "transport", "measured_ms", "predicted_ms", "rel_error",
-                         "measured_peak_mib", "predicted_peak_mib", "peak_rel_error"]]
+        lines += ["", t[["split", "scaling", "mode", "np", "transport", "link_gbps", "measured_ms", "predicted_ms",
+                         "rel_error", "measured_peak_mib", "predicted_peak_mib", "peak_rel_error"]]
                   .to_string(index=False, float_format=lambda x: f"{x:.3g}")]
     return "\n".join(lines)
