@@ -109,17 +109,19 @@ kill_all() {
 
 # tc rate -> bits per second (tc's units: bit, kbit, mbit, gbit, tbit; bps etc. are bytes)
 rate_bits() {
-    local r=${1,,} n unit
+    # %.0f, not %d: Debian's awk (mawk) prints %d through a 32-bit int, so 3gbit came out as 2147483647 bits/s.
+    local r=${1,,} n unit scale
     [[ "$r" =~ ^([0-9]+(\.[0-9]+)?)([a-z]*)$ ]] || return 1
     n=${BASH_REMATCH[1]} unit=${BASH_REMATCH[3]}
     case "$unit" in
-        ""|bit) awk -v n="$n" 'BEGIN{printf "%d", n}' ;;
-        kbit) awk -v n="$n" 'BEGIN{printf "%d", n*1e3}' ;;
-        mbit) awk -v n="$n" 'BEGIN{printf "%d", n*1e6}' ;;
-        gbit) awk -v n="$n" 'BEGIN{printf "%d", n*1e9}' ;;
-        tbit) awk -v n="$n" 'BEGIN{printf "%d", n*1e12}' ;;
+        ""|bit) scale=1 ;;
+        kbit) scale=1e3 ;;
+        mbit) scale=1e6 ;;
+        gbit) scale=1e9 ;;
+        tbit) scale=1e12 ;;
         *) return 1 ;;
     esac
+    awk -v n="$n" -v s="$scale" 'BEGIN{printf "%.0f", n * s}'
 }
 
 # --- start -------------------------------------------------------------------------------------------------------

@@ -131,6 +131,14 @@ def test_the_launcher_goes_through_the_agent_and_confines_tcp_to_the_subnet():
 
 # --- the cluster itself ---------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("rate, bits", [("100mbit", 10**8), ("1gbit", 10**9), ("3gbit", 3 * 10**9),
+                                        ("2.5gbit", 25 * 10**8), ("10gbit", 10**10)])
+def test_link_rates_above_2_gbit_are_read_whole(rate, bits):
+    # The default burst is computed from this; Debian's awk once wrapped 3gbit to 2^31 - 1 bits/s.
+    script = f"source <(sed -n '/^rate_bits() {{/,/^}}/p' {REPO / 'slurm' / 'cluster.sh'}); rate_bits {rate}"
+    assert subprocess.run(["bash", "-c", script], capture_output=True, text=True).stdout == str(bits)
+
+
 def test_start_and_stop_leave_no_namespace_veth_process_or_file(can_emulate):
     before = root_links()
     start = cluster_cmd("start", "--hosts", "3", "--link-rate", "100mbit")
