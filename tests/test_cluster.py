@@ -226,7 +226,8 @@ def test_a_two_host_point_records_its_hosts_transport_and_link(cluster, tmp_path
 @pytest.mark.mpi
 def test_a_rank_killed_on_the_second_host_fails_its_point_and_the_sweep_goes_on(cluster, tmp_path):
     out = tmp_path / "kill"
-    proc = subprocess.Popen([*CLI, "sweep", *TINY, *HOSTS, "--nps", "2", "--modes", "dense-reduce", "--steps", "600",
+    # 250 steps outlast the kill 3 s after node2's rank starts; the next point runs them all, so no more.
+    proc = subprocess.Popen([*CLI, "sweep", *TINY, *HOSTS, "--nps", "2", "--modes", "dense-reduce", "--steps", "250",
                              "--no-interleave",
                              "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
