@@ -17,7 +17,7 @@ import pytest
 from bench.model.calibration import Calibration, FitQuality, fit_link, read_comm_rows
 from bench.model.profile import profile_from_records
 from bench.model.step import LocalFit, Model, this_machine
-from bench.model.validation import SPLITS, format_validation, record_transport, validate
+from bench.model.validation import SPLITS, format_validation, record_transport, tag_sweep, validate
 from bench.plan.config import SweepConfig
 from bench.results.records import atomic_write_json, read_records, write_record
 from tests.synthetic import LINK, point_record, synthetic_rows
@@ -30,14 +30,14 @@ ENVIRONMENT = {"cores": 2, "memory_mib": 8192, "cpu_model": "test"}
 TRUE_LOCAL = {"sparse-gather": 1e-9, "dense-reduce": 2e-9}
 
 
-def synthetic_sweep(extra_per_rank: float = 0.0, noise: float = 0.02, seed: int = 0) -> list[dict]:
+def synthetic_sweep(extra_per_rank: float = 0.0, noise: float = 0.02, seed: int = 0, np1_ms: float = 40.0) -> list[dict]:
     """Records of a tiny-preset sweep (np 1-4, weak and strong, both modes, 2 repeats) whose step times a known Model
     gives, times (1 + noise x normal); np >= 3 points also take `extra_per_rank` x (np - 2) more: a cost the model
-    does not have."""
+    does not have. The weak np=1 step is `np1_ms`."""
     rng = np.random.default_rng(seed)
     config = SweepConfig(name="synthetic", preset="tiny", nps=[1, 2, 3, 4], steps=5, global_batch=96, repeats=2)
     plan = config.plan()
-    base = [point_record(p, 40.0) for p in plan if p.np == 1 and p.scaling == "weak"]
+    base = [point_record(p, np1_ms) for p in plan if p.np == 1 and p.scaling == "weak"]
     profile = profile_from_records(base, ENVIRONMENT)
     quality = FitQuality(rows=0, nps=(), r2=1.0, rms_rel_error=0, max_rel_error=0, median_rel_error=0,
                          holdout_rows=0, holdout_median_rel_error=None)
@@ -81,6 +81,18 @@ def test_held_out_points_of_a_known_model_come_back_within_a_few_percent():
     exact = validate(synthetic_sweep(noise=0.0), comm_rows(), environment=ENVIRONMENT)
     for mode, value in TRUE_LOCAL.items():
         assert exact.fits["np<=2 -> np>=3"]["local_s_per_byte"][mode] == pytest.approx(value, rel=0.01)
+
+
+def test_each_sweep_is_predicted_from_its_own_np1_points():
+    # The same workload recorded twice, the second recording's compute 30% faster (a shared machine on another
+    # day): tagged with their sweeps, each sweep's strong points are predicted from its own weak np=1 points.
+    slow, fast = synthetic_sweep(noise=0.0), synthetic_sweep(noise=0.0, np1_ms=28.0)
+    split = [s for s in SPLITS if s.name == "weak -> strong"]
+    own = validate(tag_sweep(slow, "slow") + tag_sweep(fast, "fast"), comm_rows(), splits=split,
+                   environment=ENVIRONMENT)
+    assert (own.points.groupby("mode").size() == 8).all()  # each sweep's 4 strong points, apart
+    # (from one profile of both sweeps' np=1 steps pooled, the strong points of both came out 17-20% off)
+    assert (own.summary["max_abs_rel_error"] < 0.05).all(), format_validation(own)
 
 
 def test_a_cost_the_model_lacks_shows_in_the_held_out_points():
@@ -160,8 +172,9 @@ def test_predict_validate_prints_and_writes_the_out_of_sample_errors(tmp_path):
 def reference_validation():
     """The committed one-host reference and the emulated cluster's sweep, with their comm runs."""
     environment = json.loads((REFERENCE / "environment.json").read_text())
-    records = read_records(REFERENCE) + [r for sweep in sorted(REFERENCE_CLUSTER.rglob("sweep.json"))
-                                         for r in read_records(sweep.parent)]
+    records = tag_sweep(read_records(REFERENCE), REFERENCE) + [
+        r for sweep in sorted(REFERENCE_CLUSTER.rglob("sweep.json")) for r in tag_sweep(read_records(sweep.parent),
+                                                                                      sweep.parent)]
     v = validate(records, read_comm_rows(REFERENCE_COMM) + read_comm_rows(REFERENCE_CLUSTER), environment=environment)
     print(format_validation(v))
     return v

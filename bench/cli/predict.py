@@ -258,9 +258,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
                       "the sweep's own points on the machine that measured them (in sample):", format_check(check)])
     validation = None
     if args.validate:
-        from bench.model.validation import format_validation, validate
+        from bench.model.validation import format_validation, tag_sweep, validate
         from bench.results.records import read_records
-        records, rows = read_records(results), list(comm_rows)
+        records, rows = tag_sweep(read_records(results), results), list(comm_rows)
         for folder in args.validate_with or []:
             more_records, more_rows = sweeps_and_comm_under(Path(folder))
             records, rows = records + more_records, rows + more_rows
@@ -297,12 +297,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def sweeps_and_comm_under(folder: Path) -> tuple[list[dict], list[dict]]:
     """Every sweep's records under `folder` (each folder holding a sweep.json) and every comm row under it: e.g. the
     emulated cluster's results (slurm/reference_cluster.sh), a sweep and comm runs per link rate."""
+    from bench.model.validation import tag_sweep
     from bench.results.records import read_records
     sweeps = sorted(p.parent for p in folder.rglob("sweep.json")) if folder.is_dir() else []
     if not sweeps:
         raise UsageError(f"--validate-with {folder}: no sweep folder (one with sweep.json) under it; give a folder "
                          f"written by `alure-bench sweep` or slurm/reference_cluster.sh")
-    records = [r for sweep in sweeps for r in read_records(sweep)]
+    records = [r for sweep in sweeps for r in tag_sweep(read_records(sweep), sweep)]
     has_comm = any(p.name in COMM_FILES for p in folder.rglob("comm.*"))
     return records, read_comm_rows(folder) if has_comm else []
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -236,12 +237,15 @@ class Model:
         return hi
 
 
-def fit_local_work(records: list[dict], profile: Profile, calibration: Calibration, machine: Machine) -> LocalFit:
+def fit_local_work(records: list[dict], profile: Profile, calibration: Calibration, machine: Machine,
+                   profile_of: Callable[[dict], Profile] | None = None) -> LocalFit:
     """Each mode's CPU work around its collectives, seconds per byte, by least squares in relative error over the
     sweep's ok multi-rank points of that mode: what the step model leaves unexplained, against the bytes the work
     scales with (gathered bytes; table bytes). Then, on top of those, coalesced-gather's and auto's own work
     (`LocalFit.extra_s_per_byte`) against the bytes of the rank's own sparse gradient. Last, sparse-as-dense's
-    resident memory beyond its counted tensors (`LocalFit.retained_table_copies`)."""
+    resident memory beyond its counted tensors (`LocalFit.retained_table_copies`). `profile_of` gives a record the
+    profile of its own sweep's np=1 points (default: `profile` for every record)."""
+    profile_for = profile_of or (lambda r: profile)
     s_per_byte, used, rms = {}, {}, {}
 
     def fit(model: Model, mode: str, scale) -> float | None:
@@ -251,7 +255,7 @@ def fit_local_work(records: list[dict], profile: Profile, calibration: Calibrati
             p, batch = r["np"], r["batch_per_rank"]
             measured = r["metrics"]["step_time_ms"] * 1e-3
             xs.append(cpu_factor(p, machine, profile.measured_threads) * scale(p, batch))
-            ys.append(measured - model.step(machine, p, mode, batch).step_ms * 1e-3)
+            ys.append(measured - replace(model, profile=profile_for(r)).step(machine, p, mode, batch).step_ms * 1e-3)
             ts.append(measured)
         used[mode] = len(xs)
         if not xs:
@@ -273,8 +277,8 @@ def fit_local_work(records: list[dict], profile: Profile, calibration: Calibrati
     extra = {mode: lam for mode in ("coalesced-gather", "auto") if (lam := fit(fitted, mode, own)) is not None}
     retained = {}
     for mode in ("sparse-as-dense",):
-        over = [(r["metrics"]["peak_rss_mib"] * 2**20 - fitted.step(machine, r["np"], mode, r["batch_per_rank"])
-                 .memory_bytes) / profile.table_bytes()
+        over = [(r["metrics"]["peak_rss_mib"] * 2**20 - replace(fitted, profile=profile_for(r))
+                 .step(machine, r["np"], mode, r["batch_per_rank"]).memory_bytes) / profile.table_bytes()
                 for r in records if r["status"] == "ok" and r["np"] > 1 and r["point"]["mode"] == mode]
         if over:  # a median: one rank's heap moves by a table's size from one repeat to the next
             retained[mode] = max(0.0, float(np.median(over)))

@@ -6,7 +6,9 @@ A split names what the model is fitted on and what it must predict:
     one host -> hosts     the one-host points and shared-memory comm rows, with each link between hosts fitted to the
                           TCP comm rows recorded at its rate; predicts the points whose ranks ran on several hosts
 Per mode (and link): the median and the largest |predicted / measured - 1| over the held-out points (medians over
-repeats).
+repeats). Each sweep's points are predicted from its own np=1 points where the split trains on them (records tagged
+with `SWEEP_KEY`): like an efficiency, a prediction divides by the baseline measured in the same run, since on a
+shared machine a whole recording can run faster or slower than another.
 A split that has nothing to fit on or nothing to predict is reported as not run, saying why.
 """
 from __future__ import annotations
@@ -23,6 +25,15 @@ from bench.model.profile import profile_from_records
 
 from bench.model.step import fit_local_work, Machine, Model, this_machine
 from bench.errors import UsageError
+
+
+SWEEP_KEY = "sweep_dir"
+"""The key that tags a record with the sweep folder it came from (`tag_sweep`); untagged records are one sweep."""
+
+
+def tag_sweep(records: list[dict], folder) -> list[dict]:
+    """The records of the sweep in `folder`, each tagged with it, for validate()."""
+    return [dict(r, **{SWEEP_KEY: str(folder)}) for r in records]
 
 
 def record_transport(record: dict) -> str:
@@ -86,20 +97,21 @@ class Validation:
     """Split -> why it did not run."""
 
 
-def held_out_points(model: Model, machines: dict, records: list[dict], split: str) -> list[dict]:
-    """Each held-out (scaling, mode, np, batch, link) point: the median of its repeats beside the model's step time
-    on the machine of its link (`machines`: link rate -> Machine, None for one host), and its peak resident set per
-    rank (`peak_rss_mib`, the largest rank's) beside the model's memory."""
+def held_out_points(models: dict, machines: dict, records: list[dict], split: str) -> list[dict]:
+    """Each held-out (sweep, scaling, mode, np, batch, link) point: the median of its repeats beside the step time
+    of its sweep's model (`models`: sweep -> Model) on the machine of its link (`machines`: link rate -> Machine,
+    None for one host), and its peak resident set per rank (`peak_rss_mib`, the largest rank's) beside the model's
+    memory."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        key = (r["point"]["scaling"], r["point"]["mode"], r["np"], r["batch_per_rank"], record_transport(r),
-               record_link_gbps(r))
+        key = (r.get(SWEEP_KEY, ""), r["point"]["scaling"], r["point"]["mode"], r["np"], r["batch_per_rank"],
+               record_transport(r), record_link_gbps(r))
         groups.setdefault(key, []).append(r)
     rows = []
-    for (scaling, mode, p, batch, transport, link), group in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    for (sweep, scaling, mode, p, batch, transport, link), group in sorted(groups.items(), key=lambda kv: str(kv[0])):
         measured = float(np.median([r["metrics"]["step_time_ms"] for r in group]))
         try:
-            predicted = model.step(machines[link], p, mode, batch)
+            predicted = models[sweep].step(machines[link], p, mode, batch)
         except ValueError:  # a mode the model does not price
             continue
         peak = float(np.median([r["metrics"]["peak_rss_mib"] for r in group]))
@@ -126,9 +138,19 @@ def run_split(split: Split, records: list[dict], comm_rows: list[dict], backend:
                   or (row_transport(row) == "shared-memory" and split.comm(row))]
     calibration = fit_link(local_rows, backend, source=f"comm rows of {split.name}", transport="shared-memory")
     profile = profile_from_records(train, environment)
+    # Each sweep's own np=1 profile where the split trains on its np=1 points; else the pooled one.
+    profiles = {}
+    for sweep in {r.get(SWEEP_KEY, "") for r in ok}:
+        own = [r for r in train if r.get(SWEEP_KEY, "") == sweep]
+        if any(r["np"] == 1 for r in own):
+            profiles[sweep] = profile_from_records(own, environment)
     machine = this_machine(calibration, profile, max(r["np"] for r in ok))
     # The CPU work around the collectives is fitted where the training points ran: on one host.
-    model = Model(profile, calibration, fit_local_work(train, profile, calibration, machine))
+    local = fit_local_work(train, profile, calibration, machine,
+                           profile_of=lambda r: profiles.get(r.get(SWEEP_KEY, ""), profile))
+    models = {sweep: Model(profiles.get(sweep, profile), calibration, local)
+              for sweep in {r.get(SWEEP_KEY, "") for r in ok}}
+    model = Model(profile, calibration, local)
     machines, networks = {None: machine}, {}
     for rate in sorted({record_link_gbps(r) for r in test if record_transport(r) == "tcp"}, key=str):
         rows = [row for row in comm_rows if row_transport(row) == "tcp" and row.get("link_rate_gbps") == rate]
@@ -154,7 +176,7 @@ def run_split(split: Split, records: list[dict], comm_rows: list[dict], backend:
                                    "median_rel_error": n.quality.median_rel_error,
                                    "within_burst_rows": n.quality.within_burst_rows}
                             for rate, n in networks.items()}
-    return held_out_points(model, machines, test, split.name), fit
+    return held_out_points(models, machines, test, split.name), fit
 
 
 def validate(records: list[dict], comm_rows: list[dict], splits=SPLITS, backend: str = "horovod",
