@@ -2,9 +2,9 @@
 # Record results/reference-cluster/: the suite on the emulated cluster of slurm/cluster.sh, one rank per host, at
 # two link rates. Run from the repository on a quiet machine, as root, after `make setup`:
 #
-#   bash slurm/reference_cluster.sh [--rates 1gbit,10gbit] [--modes M1,M2] [OUT]   # OUT: results/reference-cluster
+#   bash slurm/reference_cluster.sh [--rates 1gbit,3gbit] [--modes M1,M2] [OUT]   # OUT: results/reference-cluster
 #
-# For each link rate (default 1gbit and 10gbit), on 4 emulated hosts:
+# For each link rate (default 1gbit and 3gbit), on 4 emulated hosts:
 #   - a sweep at np 1, 2 and 4 (np 1: node1 alone, the efficiency baseline; np 2: node1-node2; np 4: node1-node4),
 #     weak and strong scaling, every exchange mode the suite has (bench.plan.config.MODES; --modes picks some), 3
 #     interleaved repeats;
@@ -12,15 +12,20 @@
 #     sparse-pair, 1 KiB to 16 MiB.
 # Output: OUT/<rate>/sweep/ (summary.csv, report.md, plots, records), OUT/<rate>/comm-np2/ and comm-np4/.
 # 4 hosts time-share this machine's 2 cores: np 4 is oversubscribed and flagged as everywhere else.
+# Why 3gbit and not 10gbit: a rate only says something if TCP between the namespaces can fill it. On the 2-core
+# reference machine it fills 3 Gbit/s (Open MPI allreduce/allgather at 0.92-0.96 of it from 4 MiB, np=2) but not
+# 10 Gbit/s, where the copies through two kernels' stacks on the ranks' own cores cap it at 0.45-0.84
+# (results/collectives/tcp-10gbit; docs/collectives.md). Give --rates for another machine.
 # The cluster is stopped at the end, also when a step fails or the script is interrupted.
 #
-# Estimated run time on the 2-core reference machine: ~95 points per rate at 10-35 s each (a dense-reduce step moves
-# 79 MiB per rank, ~0.7-1 s at 1 Gbit/s) plus ~5 min of comm per rate: about 45 minutes per rate.
+# Estimated run time on the 2-core reference machine: 90 points per rate at 10-80 s each (a dense-reduce or
+# sparse-as-dense step moves 79 MiB per rank, ~0.7-1 s at 1 Gbit/s, ~2 s on 4 hosts) plus ~5 min of comm per rate:
+# the committed recording took 73 minutes (1gbit 43, 3gbit 30).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$HERE")"
-RATES=(1gbit 10gbit)
+RATES=(1gbit 3gbit)
 MODES=""
 while [[ "${1:-}" == --rates || "${1:-}" == --modes ]]; do
     [[ -n "${2:-}" ]] || { echo "reference_cluster.sh: $1 needs a comma list, e.g. $1 ${1/--rates/1gbit}" >&2; exit 2; }
