@@ -30,7 +30,8 @@ ENVIRONMENT = {"cores": 2, "memory_mib": 8192, "cpu_model": "test"}
 TRUE_LOCAL = {"sparse-gather": 1e-9, "dense-reduce": 2e-9}
 
 
-def synthetic_sweep(extra_per_rank: float = 0.0, noise: float = 0.02, seed: int = 0, np1_ms: float = 40.0) -> list[dict]:
+def synthetic_sweep(extra_per_rank: float = 0.0, noise: float = 0.02, seed: int = 0,
+                    np1_ms: float = 40.0) -> list[dict]:
     """Records of a tiny-preset sweep (np 1-4, weak and strong, both modes, 2 repeats) whose step times a known Model
     gives, times (1 + noise x normal); np >= 3 points also take `extra_per_rank` x (np - 2) more: a cost the model
     does not have. The weak np=1 step is `np1_ms`."""

@@ -76,7 +76,8 @@ SPLITS = (
           comm=lambda row: True, test=lambda r: r["point"]["scaling"] == "strong" and _one_host(r)),
     Split("one host -> hosts", train=_one_host, comm=lambda row: True, test=lambda r: not _one_host(r)),
 )
-POINT_COLUMNS = ["split", "scaling", "mode", "np", "transport", "link_gbps", "batch_per_rank", "oversubscribed", "repeats",
+POINT_COLUMNS = ["split", "scaling", "mode", "np", "transport", "link_gbps", "batch_per_rank", "oversubscribed",
+                 "repeats",
                  "measured_ms", "predicted_ms", "rel_error", "measured_peak_mib", "predicted_peak_mib",
                  "peak_rel_error"]
 SUMMARY_COLUMNS = ["split", "link", "mode", "points", "nps", "median_abs_rel_error", "max_abs_rel_error",
@@ -150,7 +151,6 @@ def run_split(split: Split, records: list[dict], comm_rows: list[dict], backend:
                            profile_of=lambda r: profiles.get(r.get(SWEEP_KEY, ""), profile))
     models = {sweep: Model(profiles.get(sweep, profile), calibration, local)
               for sweep in {r.get(SWEEP_KEY, "") for r in ok}}
-    model = Model(profile, calibration, local)
     machines, networks = {None: machine}, {}
     for rate in sorted({record_link_gbps(r) for r in test if record_transport(r) == "tcp"}, key=str):
         rows = [row for row in comm_rows if row_transport(row) == "tcp" and row.get("link_rate_gbps") == rate]
@@ -167,15 +167,16 @@ def run_split(split: Split, records: list[dict], comm_rows: list[dict], backend:
            "comm_rows": calibration.quality.rows, "comm_nps": list(calibration.quality.nps),
            "link": {"alpha_us": calibration.link.alpha_s * 1e6, "beta_ns_per_byte": calibration.link.beta_s_per_byte
                     * 1e9, "gamma_ns_per_byte": calibration.link.gamma_s_per_byte * 1e9},
-           "local_s_per_byte": dict(model.local.s_per_byte), "local_points": dict(model.local.points),
-           "extra_s_per_byte": dict(model.local.extra_s_per_byte),
-           "retained_table_copies": dict(model.local.retained_table_copies)}
-    fit["network_links"] = {rate: {"alpha_us": n.link.alpha_s * 1e6, "beta_ns_per_byte": n.link.beta_s_per_byte * 1e9,
-                                   "gamma_ns_per_byte": n.link.gamma_s_per_byte * 1e9, "comm_rows": n.quality.rows,
-                                   "comm_nps": list(n.quality.nps), "r2": n.quality.r2,
-                                   "median_rel_error": n.quality.median_rel_error,
-                                   "within_burst_rows": n.quality.within_burst_rows}
-                            for rate, n in networks.items()}
+           "local_s_per_byte": dict(local.s_per_byte), "local_points": dict(local.points),
+           "extra_s_per_byte": dict(local.extra_s_per_byte),
+           "retained_table_copies": dict(local.retained_table_copies),
+           "network_links": {rate: {"alpha_us": n.link.alpha_s * 1e6,
+                                    "beta_ns_per_byte": n.link.beta_s_per_byte * 1e9,
+                                    "gamma_ns_per_byte": n.link.gamma_s_per_byte * 1e9, "comm_rows": n.quality.rows,
+                                    "comm_nps": list(n.quality.nps), "r2": n.quality.r2,
+                                    "median_rel_error": n.quality.median_rel_error,
+                                    "within_burst_rows": n.quality.within_burst_rows}
+                             for rate, n in networks.items()}}
     return held_out_points(models, machines, test, split.name), fit
 
 
