@@ -77,8 +77,7 @@ SPLITS = (
     Split("one host -> hosts", train=_one_host, comm=lambda row: True, test=lambda r: not _one_host(r)),
 )
 POINT_COLUMNS = ["split", "scaling", "mode", "np", "transport", "link_gbps", "batch_per_rank", "oversubscribed",
-                 "repeats",
-                 "measured_ms", "predicted_ms", "rel_error", "measured_peak_mib", "predicted_peak_mib",
+                 "repeats", "measured_ms", "predicted_ms", "rel_error", "measured_peak_mib", "predicted_peak_mib",
                  "peak_rel_error"]
 SUMMARY_COLUMNS = ["split", "link", "mode", "points", "nps", "median_abs_rel_error", "max_abs_rel_error",
                    "median_abs_peak_error", "max_abs_peak_error"]
