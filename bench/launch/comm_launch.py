@@ -11,7 +11,7 @@ from pathlib import Path
 from bench.launch.gloo_rendezvous import free_port
 from bench.launch.hosts import hosts_launcher
 from bench.launch.mpirun import LOCAL, Launcher, run_ranks
-from bench.launch.rank_output import python_module_argv
+from bench.launch.rank_program import python_module_argv
 from bench.plan.comm_config import CommConfig
 from bench.ranks.comm_rank import geometry, memcpy_call, timed
 from bench.ranks.handback import collect, failures

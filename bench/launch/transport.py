@@ -96,7 +96,7 @@ def choice(run_ranks) -> dict:
 def probe(host: str, version: str, run_ranks, denied: bool = False, timeout_s: float = 60) -> dict:
     """Run the two-rank check with CMA forced (through `run_ranks`, see `choice`); `none` unless every rank read its
     peer and the data came through with no complaint from Open MPI."""
-    from bench.launch.rank_output import python_module_argv
+    from bench.launch.rank_program import python_module_argv
     from bench.ranks.handback import collect
     from bench.results.records import utc_now
     env = dict(os.environ, **{VARIABLE: "cma"})

@@ -17,7 +17,7 @@ from bench.errors import UsageError
 from bench.launch.environment import capture_environment, launch_environment
 from bench.launch.interrupts import Interrupted, signals_interrupt
 from bench.launch.mpirun import LOCAL, Launcher, is_oversubscribed, run_ranks
-from bench.launch.rank_output import python_module_argv
+from bench.launch.rank_program import python_module_argv
 from bench.plan.config import PointConfig, SweepConfig
 from bench.ranks.handback import collect, failures
 from bench.ranks.memory import looks_like_oom

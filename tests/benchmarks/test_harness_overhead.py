@@ -7,7 +7,7 @@ import tempfile
 import pytest
 
 from bench.launch.mpirun import run_ranks
-from bench.launch.rank_output import python_module_argv
+from bench.launch.rank_program import python_module_argv
 from bench.ranks.handback import collect
 from tests.benchmarks.mode import FULL, pick
 
