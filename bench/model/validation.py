@@ -139,8 +139,9 @@ def run_split(split: Split, records: list[dict], comm_rows: list[dict], backend:
     calibration = fit_link(local_rows, backend, source=f"comm rows of {split.name}", transport="shared-memory")
     profile = profile_from_records(train, environment)
     # Each sweep's own np=1 profile where the split trains on its np=1 points; else the pooled one.
+    sweeps = {r.get(SWEEP_KEY, "") for r in ok}
     profiles = {}
-    for sweep in {r.get(SWEEP_KEY, "") for r in ok}:
+    for sweep in sweeps:
         own = [r for r in train if r.get(SWEEP_KEY, "") == sweep]
         if any(r["np"] == 1 for r in own):
             profiles[sweep] = profile_from_records(own, environment)
@@ -148,8 +149,7 @@ def run_split(split: Split, records: list[dict], comm_rows: list[dict], backend:
     # The CPU work around the collectives is fitted where the training points ran: on one host.
     local = fit_local_work(train, profile, calibration, machine,
                            profile_of=lambda r: profiles.get(r.get(SWEEP_KEY, ""), profile))
-    models = {sweep: Model(profiles.get(sweep, profile), calibration, local)
-              for sweep in {r.get(SWEEP_KEY, "") for r in ok}}
+    models = {sweep: Model(profiles.get(sweep, profile), calibration, local) for sweep in sweeps}
     machines, networks = {None: machine}, {}
     for rate in sorted({record_link_gbps(r) for r in test if record_transport(r) == "tcp"}, key=str):
         rows = [row for row in comm_rows if row_transport(row) == "tcp" and row.get("link_rate_gbps") == rate]
