@@ -126,8 +126,8 @@ def test_points_over_two_link_rates_are_each_predicted_over_their_own_link():
     # Weak points over a slow link, strong points over a link 4x faster: each link is fitted to the TCP comm rows
     # recorded at its rate (as `comm` writes link_rate_gbps), and each point is predicted over its own. The sweep is
     # generated over the one-host link: both sets are predicted slower than measured, the slow link's far more.
-    links = {1.0: replace(LINK, beta_s_per_byte=16 * LINK.beta_s_per_byte), 4.0: replace(LINK, beta_s_per_byte=4 *
-                                                                                           LINK.beta_s_per_byte)}
+    links = {1.0: replace(LINK, beta_s_per_byte=16 * LINK.beta_s_per_byte),
+             4.0: replace(LINK, beta_s_per_byte=4 * LINK.beta_s_per_byte)}
     records = synthetic_sweep(noise=0.0)
     moved = [dict(r, transport="tcp", link={"rate_gbps": 1.0 if r["point"]["scaling"] == "weak" else 4.0})
              for r in records if r["np"] >= 2]
