@@ -2,13 +2,16 @@
 input refused in one line."""
 import csv
 import json
+import os
 import subprocess
+import sys
 
 import pytest
 
 from bench import cli
 from bench.errors import UsageError
 from bench.launch.comm_launch import launch_order
+from bench.launch.environment import transparent_hugepages
 from bench.launch.mpirun import ALLOCATORS, DEFAULT_ALLOCATOR, HOROVOD_SETTINGS, mpi_environment
 from bench.launch.transport import VARIABLE
 from bench.plan.comm_config import parse_env_setting, parse_size
@@ -135,6 +138,36 @@ def test_allocator_setting_reaches_the_ranks_and_a_bad_one_is_refused():
     assert not any(k.startswith("MALLOC_") for k in plain)
     with pytest.raises(UsageError, match="not an allocator setting"):
         mpi_environment(2, base={"ALURE_BENCH_ALLOCATOR": "hoard"})
+
+
+HEAP_HUGE_KIB = """
+import re
+heap = bytearray(64 << 20)  # zero-filled: every page touched
+print(re.search(r"AnonHugePages:\\s+(\\d+)", open("/proc/self/smaps_rollup").read()).group(1))
+"""
+
+
+def heap_huge_kib(allocator: str) -> int:
+    """KiB of a process's memory in transparent huge pages after it allocates 64 MiB under a launch's allocator."""
+    env = mpi_environment(2, base={"PATH": os.environ["PATH"], "ALURE_BENCH_ALLOCATOR": allocator})
+    return int(subprocess.run([sys.executable, "-c", HEAP_HUGE_KIB], env=env, capture_output=True, text=True,
+                              check=True).stdout)
+
+
+def test_the_default_heap_gets_huge_pages_where_the_kernel_grants_them():
+    mode = transparent_hugepages()["enabled"]
+    if mode not in ("always", "madvise"):
+        pytest.skip(f"the kernel's transparent huge page mode is {mode}: nothing to grant")
+    assert heap_huge_kib(DEFAULT_ALLOCATOR) >= 32 << 10
+    if mode == "madvise":  # only the allocator's request can have made them
+        assert heap_huge_kib("glibc-reuse") == 0
+
+
+def test_transparent_hugepage_modes_are_read_from_the_kernels_files(tmp_path):
+    (tmp_path / "enabled").write_text("always [madvise] never\n")
+    (tmp_path / "defrag").write_text("always defer defer+madvise [madvise] never\n")
+    assert transparent_hugepages(tmp_path) == {"enabled": "madvise", "defrag": "madvise"}
+    assert transparent_hugepages(tmp_path / "absent") == {"enabled": None, "defrag": None}
 
 
 def test_horovod_settings_reach_every_launch_unless_already_set():

@@ -110,6 +110,22 @@ def shared_memory_record() -> dict:
     return transport.choice(run_ranks)
 
 
+THP_SETTINGS = Path("/sys/kernel/mm/transparent_hugepage")
+
+
+def transparent_hugepages(settings: Path = THP_SETTINGS) -> dict:
+    """The kernel's transparent huge page modes ('always', 'madvise' or 'never': the bracketed choice of each file),
+    each None where the kernel has no THP: the launch's allocator asks for huge pages, which only 'always' and 'madvise'
+    grant."""
+    def mode(name: str) -> str | None:
+        try:
+            text = (settings / name).read_text()
+        except OSError:
+            return None
+        return text[text.index("[") + 1:text.index("]")] if "[" in text else text.strip()
+    return {"enabled": mode("enabled"), "defrag": mode("defrag")}
+
+
 def capture_environment() -> dict:
     """The environment record of docs/design.md "Results" (environment.json)."""
     import torch
@@ -128,6 +144,7 @@ def capture_environment() -> dict:
         "git": git_state(),
         "variables": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
         "shared_memory": shared_memory_record(),
+        "transparent_hugepages": transparent_hugepages(),
         "launch_settings": launch_settings(_local_launch()),
         "emulated_cluster": emulated_cluster_record(),
     }
