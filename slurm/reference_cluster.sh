@@ -20,7 +20,7 @@
 #
 # Estimated run time on the 2-core reference machine: 90 points per rate at 10-80 s each (a dense-reduce or
 # sparse-as-dense step moves 79 MiB per rank, ~0.7-1 s at 1 Gbit/s, ~2 s on 4 hosts) plus ~5 min of comm per rate:
-# the committed recording took 73 minutes (1gbit 43, 3gbit 30).
+# the committed recording took 71 minutes (1gbit 41, 3gbit 29).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
