@@ -33,6 +33,8 @@ interleaved `alure-bench comm` runs on the 2-core reference machine; every comm 
 
 ALLOCATOR_VARIABLE = "ALURE_BENCH_ALLOCATOR"
 """Names the ranks' allocator setting (one of ALLOCATORS); default DEFAULT_ALLOCATOR."""
+GLIBC_REUSE = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+"""glibc's malloc told to keep freed memory for reuse: the base of two allocator settings (why: below)."""
 ALLOCATORS: dict[str, dict[str, str]] = {
     # glibc as it comes: allocations from 32 MiB up (less, until the dynamic threshold has grown) are mmap'ed and
     # unmapped on free, so a tensor allocated per call (Horovod's allgather output, a sparse gradient) faults in
@@ -41,13 +43,12 @@ ALLOCATORS: dict[str, dict[str, str]] = {
     # glibc keeping freed memory for reuse: no mmap, one arena (Horovod allocates outputs on its background
     # thread, whose arenas cannot hold a chunk above 64 MiB), and up to 256 MiB of free memory kept at the top of
     # the heap instead of being returned at once. A 64 MiB output per call then costs no fault.
-    "glibc-reuse": {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(256 << 20)},
+    "glibc-reuse": GLIBC_REUSE,
     # The same, with the heap asking the kernel for transparent huge pages (madvise; a kernel whose THP mode is
     # `never` ignores it, and environment.json records the mode). Shared-memory copies and the step's large
     # tensors then touch one page table entry per 2 MiB instead of per 4 KiB: 1.1-1.7x faster Horovod collectives
     # from 2 MiB, up to 4x for MPI's allgather, on the 2-core reference machine (docs/collectives.md).
-    "glibc-reuse-thp": {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
-                        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+    "glibc-reuse-thp": {**GLIBC_REUSE, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
 }
 DEFAULT_ALLOCATOR = "glibc-reuse-thp"
 """What launches use unless ALURE_BENCH_ALLOCATOR says otherwise: the mode comparison must not be an allocator
