@@ -40,8 +40,8 @@ HEAD_NS="${PREFIX}head"
 STATE="$DIR/state.json"
 SLURM_PACKAGES=(slurmctld slurmd slurm-client munge)
 
-die() { echo "$PROG: error: $*" >&2; exit 1; }
-say() { echo "$PROG: $*"; }
+# shellcheck source=slurm/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # die, say, running, live_pid, stop_daemon
 trap 'die "unexpected failure at line $LINENO ($BASH_COMMAND); run: bash $0 stop, then rerun with bash -x"' ERR
 set -E
 
@@ -89,8 +89,6 @@ processes_in_namespaces() {
     done
     return 0
 }
-
-running() { local st; st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) && [[ -n "$st" && "$st" != Z ]]; }
 
 kill_all() {
     local pids=("$@") pid i alive

@@ -20,28 +20,9 @@ AGENT="$HERE/cluster_agent.sh"
 WAIT_S="${ALURE_SLURM_WAIT:-30}"
 PARTITION=emu
 
-die() { echo "$PROG: error: $*" >&2; exit 1; }
-say() { echo "$PROG: $*"; }
+# shellcheck source=slurm/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # die, say, running, live_pid, stop_daemon
 
-running() { local st; st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) && [[ -n "$st" && "$st" != Z ]]; }
-live_pid() {
-    local file=$1 name=$2 pid
-    [[ -s "$file" ]] || return 1
-    pid=$(tr -dc '0-9' <"$file")
-    [[ -n "$pid" ]] && running "$pid" || return 1
-    [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$name" ]] || return 1
-    echo "$pid"
-}
-stop_daemon() {
-    local file=$1 name=$2 pid i
-    if pid=$(live_pid "$file" "$name"); then
-        kill -TERM "$pid" 2>/dev/null || true
-        for ((i = 0; i < 100; i++)); do running "$pid" || break; sleep 0.05; done
-        running "$pid" && kill -KILL "$pid" 2>/dev/null
-    fi
-    rm -f "$file"
-    return 0
-}
 # Like ssh, the agent joins its words for a shell: quote each one.
 on_head() { timeout "${TIMEOUT:-10}" bash "$AGENT" head "$(printf '%q ' "$@")"; }
 

@@ -31,8 +31,8 @@ CTLD_PID="$RUN_DIR/slurmctld.pid"
 SLURMD_PID="$RUN_DIR/slurmd.pid"
 MUNGED_PID="$RUN_DIR/munged.pid"
 
-die() { echo "$PROG: error: $*" >&2; exit 1; }
-say() { echo "$PROG: $*"; }
+# shellcheck source=slurm/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # die, say, running, live_pid, stop_daemon
 # Anything unforeseen still ends in one line rather than a cascade of follow-on failures.
 trap 'die "unexpected failure at line $LINENO ($BASH_COMMAND); rerun with: bash -x $0 ${CMD:-}"' ERR
 set -E
@@ -65,21 +65,6 @@ node_state() {
 slurmd_up() { timeout 5 scontrol show slurmd >/dev/null 2>&1; }
 
 healthy() { [[ "$(node_state)" =~ ^(idle|mixed|allocated)$ ]] && slurmd_up; }
-
-# True while a process runs. A zombie counts as gone: the daemons are reparented to PID 1, which
-# here (gVisor) reaps them only every ~2 s, so waiting for /proc/PID to vanish cost ~2 s per daemon.
-running() { local st; st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) && [[ -n "$st" && "$st" != Z ]]; }
-
-# Pid from a pid file, printed only if that process runs and is the named program:
-# a stale pid file must never make us signal an unrelated process that reused the pid.
-live_pid() {
-    local file=$1 name=$2 pid
-    [[ -s "$file" ]] || return 1
-    pid=$(tr -dc '0-9' <"$file")
-    [[ -n "$pid" ]] && running "$pid" || return 1
-    [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$name" ]] || return 1
-    echo "$pid"
-}
 
 munge_works() { command -v munge >/dev/null 2>&1 && munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 
@@ -183,21 +168,6 @@ PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
     chmod 0644 "$tmp"
     mv -f "$tmp" "$CONF"
-}
-
-# Stop one daemon by its pid file: TERM, wait up to 10 s, then KILL.
-stop_daemon() {
-    local file=$1 name=$2 pid i
-    if pid=$(live_pid "$file" "$name"); then
-        kill -TERM "$pid" 2>/dev/null || true
-        for ((i = 0; i < 200; i++)); do
-            running "$pid" || break
-            sleep 0.05
-        done
-        if running "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi
-        say "stopped $name (pid $pid)"
-    fi
-    rm -f "$file"
 }
 
 # slurm.conf is machine-wide: if it names pid files outside $DIR, a cluster started with another
