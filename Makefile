@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup bench test clean
+.PHONY: setup bench test check clean
 
 setup:
 	bash scripts/setup.sh
@@ -19,6 +19,12 @@ test: setup
 	status=0; ALURE_REQUIRE_SLURM=$$req $(PY) -m pytest || status=$$?; \
 	bash slurm/local_cluster.sh stop >/dev/null 2>&1 || true; \
 	bash slurm/cluster.sh stop >/dev/null 2>&1 || true; exit $$status
+
+# The quick loop: the linter and the tests that need no MPI ranks, no Slurm and no long runs (no root needed once
+# set up). .ci/run runs it before make test.
+check: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not mpi and not slurm and not slow" -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) build *.egg-info
