@@ -1,6 +1,7 @@
 import pytest
 
-from bench.launch.mpirun import is_oversubscribed, mpi_environment, mpirun_command, threads_per_rank
+from bench.host import is_oversubscribed, threads_per_rank
+from bench.launch.mpirun import mpi_environment, mpirun_command
 
 
 def test_oversubscription_is_flagged_beyond_the_cores():

@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass
 
 from bench.errors import UsageError
-from bench.launch import lifetime
-
-from bench.launch import transport
+# physical_cores and is_oversubscribed are imported from here by the modules that predate bench.host.
+from bench.host import is_oversubscribed, physical_cores  # noqa: F401
+from bench.launch import lifetime, transport
 
 
 HOROVOD_SETTINGS: dict[str, str] = {
@@ -53,21 +53,6 @@ ALLOCATORS: dict[str, dict[str, str]] = {
 DEFAULT_ALLOCATOR = "glibc-reuse-thp"
 """What launches use unless ALURE_BENCH_ALLOCATOR says otherwise: the mode comparison must not be an allocator
 comparison (docs/collectives.md)."""
-
-
-def physical_cores() -> int:
-    """Cores a rank can run on without sharing (hyperthreads count as the OS shows them)."""
-    return len(os.sched_getaffinity(0))
-
-
-def is_oversubscribed(np: int, cores: int | None = None) -> bool:
-    """More ranks than cores: still runnable, but flagged in every table and plot."""
-    return np > (cores or physical_cores())
-
-
-def threads_per_rank(np: int, cores: int | None = None) -> int:
-    """Torch intra-op threads per rank: the cores shared out, at least one."""
-    return max(1, (cores or physical_cores()) // np)
 
 
 def mpi_environment(np: int, base: dict[str, str] | None = None, *, single_host: bool = True) -> dict[str, str]:

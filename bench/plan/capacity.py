@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 
 from bench.errors import UsageError
-from bench.launch.mpirun import physical_cores
+from bench.host import physical_cores
 
 MIB = 2**20
 DEFAULT_RANKS_PER_CORE = 8

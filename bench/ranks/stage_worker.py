@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from bench.launch.mpirun import physical_cores, threads_per_rank
+from bench.host import physical_cores, threads_per_rank
 from bench.plan.config import PointConfig
 from bench.plan.workload import workload_config
 from bench.ranks import point_program

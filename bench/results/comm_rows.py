@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from bench.launch.mpirun import is_oversubscribed, physical_cores
+from bench.host import is_oversubscribed, physical_cores
 from bench.plan.comm_config import format_size
 from bench.results.scaling import busbw_factor, slowest_rank_per_step, spread
 

@@ -1,0 +1,20 @@
+"""Facts of the host a command runs on, which every layer may use: how many cores it has, and whether a rank count
+oversubscribes them. Nothing here launches or imports anything of the project."""
+from __future__ import annotations
+
+import os
+
+
+def physical_cores() -> int:
+    """Cores a rank can run on without sharing (hyperthreads count as the OS shows them)."""
+    return len(os.sched_getaffinity(0))
+
+
+def is_oversubscribed(np: int, cores: int | None = None) -> bool:
+    """More ranks than cores: still runnable, but flagged in every table and plot."""
+    return np > (cores or physical_cores())
+
+
+def threads_per_rank(np: int, cores: int | None = None) -> int:
+    """Torch intra-op threads per rank: the cores shared out, at least one."""
+    return max(1, (cores or physical_cores()) // np)
