@@ -15,7 +15,8 @@ from dataclasses import replace
 from alure.stages import DEFAULT_GRAPH_STRATEGY, GRAPH_STRATEGIES
 from bench.errors import UsageError
 from bench.launch.hosts import add_host_flags, check_fits, launcher_from_args, shares_one_machine
-from bench.launch.mpirun import LOCAL, Launcher, run_ranks, threads_per_rank
+from bench.host import threads_per_rank
+from bench.launch.mpirun import LOCAL, Launcher, run_ranks
 from bench.launch.rank_program import python_module_argv
 from bench.plan.capacity import add_oversubscribe_flag, check_launch, rank_floor_mib, this_host
 from bench.plan.config import MODES

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 
 from bench.errors import UsageError
-# physical_cores and is_oversubscribed are imported from here by the modules that predate bench.host.
-from bench.host import is_oversubscribed, physical_cores  # noqa: F401
+# The host facts are imported from here by the modules that predate bench.host; they move to it one by one.
+from bench.host import is_oversubscribed, physical_cores, threads_per_rank  # noqa: F401
 from bench.launch import lifetime, transport
 
 

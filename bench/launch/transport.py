@@ -21,6 +21,7 @@ fallback runs for real; its answer is cached under a key of its own.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import platform
@@ -48,8 +49,10 @@ def cache_dir() -> Path:
     return Path(root) / "transport"
 
 
+@functools.cache
 def open_mpi_version() -> str | None:
-    """'4.1.4' from `mpirun --version`; None when there is no mpirun."""
+    """'4.1.4' from `mpirun --version`; None when there is no mpirun. Read once per process: every launch keys
+    the transport cache by it, and the installed MPI does not change under a running command."""
     try:
         out = subprocess.run(["mpirun", "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from bench.launch.mpirun import threads_per_rank
+from bench.host import threads_per_rank
 from bench.ranks.handback import hand_back
 from bench.ranks.worker import instrumented_step
 

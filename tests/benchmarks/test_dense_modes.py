@@ -65,7 +65,7 @@ def rank_main(spec: dict) -> None:
     from alure.data import build_world
     from alure.train import Trainer
     from bench.ranks.exchange import HorovodExchange
-    from bench.launch.mpirun import threads_per_rank
+    from bench.host import threads_per_rank
     from bench.results.scaling import PHASES
     from bench.ranks.worker import instrumented_step
 
