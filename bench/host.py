@@ -18,3 +18,11 @@ def is_oversubscribed(np: int, cores: int | None = None) -> bool:
 def threads_per_rank(np: int, cores: int | None = None) -> int:
     """Torch intra-op threads per rank: the cores shared out, at least one."""
     return max(1, (cores or physical_cores()) // np)
+
+
+def hosts_oversubscribed(ranks: list[dict]) -> bool:
+    """More ranks on some host than that host has cores (counted per host, so multi-node runs are judged right)."""
+    per_host: dict[str, list[dict]] = {}
+    for r in ranks:
+        per_host.setdefault(r["host"], []).append(r)
+    return any(len(rs) > rs[0]["host_cores"] for rs in per_host.values())

@@ -58,8 +58,16 @@ class PeakProbe:
             self.close()
             self.method = f"rss-sampled: high-water mark reset refused ({err})"
 
-    def reset(self) -> None:
-        """Start a new window: the mark drops to the resident set of now."""
+    @property
+    def resets(self) -> bool:
+        """True where the kernel resets the mark (method vmhwm-reset); False where peaks are sampled."""
+        return self._clear is not None
+
+    def reset(self, release_heap: bool = False) -> None:
+        """Start a new window: the mark drops to the resident set of now (with `release_heap`, after the heap's
+        free pages went back to the kernel, so the window does not start on memory the last one freed)."""
+        if release_heap:
+            release_free_heap()
         if self._clear is not None:
             os.write(self._clear, b"5")
 

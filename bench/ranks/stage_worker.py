@@ -11,7 +11,6 @@ Launched by the sweep as `python -m bench.ranks.stage_worker`.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 import sys
@@ -20,55 +19,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from bench.host import physical_cores, threads_per_rank
+from bench.host import hosts_oversubscribed, physical_cores, threads_per_rank
 from bench.plan.config import PointConfig
 from bench.plan.workload import workload_config
 from bench.ranks import point_program
-from bench.ranks.memory import peak_rss_mib
-from bench.ranks.worker import hosts_oversubscribed
+from bench.ranks.memory import PeakProbe, rss_mib
 from bench.results.records import SCHEMA_VERSION
 from bench.results.scaling import rank_skew, slowest_rank_per_step, spread
-
-STATUS = "/proc/self/status"
-
-
-# ---- the stage's own peak memory ---------------------------------------------------------------------------------
-
-def _status_kib(field: str) -> int:
-    with open(STATUS) as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"{field} not in {STATUS}")
-
-
-def release_free_heap() -> None:
-    """Give the heap's free memory back to the kernel (glibc's malloc_trim). Without it, what the warm-up freed
-    stays resident (glibc raises its mmap threshold after freeing a large block and keeps later ones on the heap),
-    the next repetition reuses it, and the stage's own peak reads as nothing."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: its allocator keeps its own counsel
-        pass
-
-
-def reset_peak() -> float | None:
-    """Return free heap memory to the kernel, reset the kernel's resident high-water mark (VmHWM) to the current
-    resident set, and return that in MiB; None where the kernel refuses (not Linux, or /proc/self/clear_refs not
-    writable)."""
-    release_free_heap()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_kib("VmRSS") / 1024
-    except OSError:
-        return None
-
-
-def peak_since_reset_mib() -> float:
-    """The resident high-water mark since the last reset (VmHWM), MiB."""
-    return _status_kib("VmHWM") / 1024
-
 
 # ---- what the stage's collectives moved ----------------------------------------------------------------------------
 
@@ -176,26 +133,26 @@ def measure_stage(point: PointConfig, exchange) -> dict:
         exchange.barrier()
         run()
     times_ms, peaks, growths, moved = [], [], [], []
-    probe = "VmHWM reset before each repetition"
+    probe = PeakProbe()
     for _ in range(point.stage_steps):
         exchange.barrier()
         counting.counters = StageCounters()
-        before = reset_peak()
+        # The heap's free memory goes back first: what the warm-up freed would otherwise stay resident, the next
+        # repetition would reuse it, and the stage's own peak would read as nothing.
+        probe.reset(release_heap=True)
+        before = rss_mib()
         start = time.perf_counter()
         run()
         times_ms.append((time.perf_counter() - start) * 1000)
-        if before is None:  # the kernel refused the reset: the lifetime peak is all there is, and says so
-            probe = "ru_maxrss (lifetime; the high-water mark could not be reset)"
-            peaks.append(peak_rss_mib())
-            growths.append(float("nan"))
-        else:
-            peaks.append(peak_since_reset_mib())
-            growths.append(peaks[-1] - before)
+        peaks.append(probe.peak_mib())
+        # Sampled (the kernel refused the reset), the peak is the resident set at the end: no growth to speak of.
+        growths.append(peaks[-1] - before if probe.resets else float("nan"))
         moved.append(asdict(counting.counters))
+    probe.close()
     return {
         "rank": exchange.rank, "host": socket.gethostname(), "pid": os.getpid(), "host_cores": physical_cores(),
         "step_time_ms": times_ms, "peak_rss_mib": max(peaks), "rss_growth_mib": max(growths),
-        "stage_peak_mib": peaks, "stage_growth_mib": growths, "memory_probe": probe,
+        "stage_peak_mib": peaks, "stage_growth_mib": growths, "memory_probe": probe.method,
         "exchange": {k: max(m[k] for m in moved) for k in moved[0]},
     }
 

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from bench.launch.hosts import link_as_configured, network_of_ranks, shares_one_machine
-from bench.launch.mpirun import is_oversubscribed, physical_cores
+from bench.host import hosts_oversubscribed, is_oversubscribed, physical_cores
 from bench.plan.config import PointConfig
 from bench.plan.workload import batch_sizes, preset_batch, workload_config
 from bench.ranks import point_program
@@ -170,14 +170,6 @@ def build_record(point: PointConfig, ranks: list[dict], wall_seconds: float, sta
         "link": link_as_configured() if network["transport"] == "tcp" else None,
         "step_time_ms_slowest_rank": slowest.tolist(), "metrics": metrics, "ranks": ranks,
     }
-
-
-def hosts_oversubscribed(ranks: list[dict]) -> bool:
-    """More ranks on some host than that host has cores (counted per host, so multi-node runs are judged right)."""
-    per_host: dict[str, list[dict]] = {}
-    for r in ranks:
-        per_host.setdefault(r["host"], []).append(r)
-    return any(len(rs) > rs[0]["host_cores"] for rs in per_host.values())
 
 
 def main(argv: list[str] | None = None) -> int:
