@@ -11,6 +11,7 @@ AD_SOURCE = "ad_clicks"
 """The source whose items are the ads: its history feeds the graph signal, its future is what retrieval must find."""
 
 REFRESH_DTYPES = ("fp16", "int8")
+SHARD_ROWS = ("residue", "range")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -105,6 +106,12 @@ class WorkloadConfig:
     """Latest events per user (over all sources) that form its realtime activity."""
     realtime_weight: float = 0.7
     """Share of the realtime score in the merged graph + realtime ranking."""
+    shard_rows: str = "residue"
+    """How a runtime that shards tables row-wise splits a table of V rows over P ranks (the model itself never reads
+    it): 'residue' (row i on rank i % P, which spreads Zipf-hot rows over the ranks) or 'range' (row i on rank
+    i // ceil(V/P), as TorchRec does)."""
+    shard_dedup: bool = False
+    """A sharding runtime sends each distinct id once per owner and step (True), or every lookup (False)."""
 
     def __post_init__(self):
         _require(self.users >= 2, f"users must be >= 2 (got {self.users}); a graph needs neighbours")
@@ -142,6 +149,8 @@ class WorkloadConfig:
                  f"refresh_dtype must be one of {REFRESH_DTYPES} (got {self.refresh_dtype!r})")
         _require(1 <= self.top_k <= self.ads, f"top_k must be in 1..ads (got {self.top_k} of {self.ads} ads)")
         _require(self.realtime_events >= 1, f"realtime_events must be >= 1 (got {self.realtime_events})")
+        _require(self.shard_rows in SHARD_ROWS,
+                 f"shard_rows must be one of {SHARD_ROWS} (got {self.shard_rows!r})")
         _require(0 <= self.realtime_weight <= 1, f"realtime_weight must be in [0, 1] (got {self.realtime_weight})")
 
     @property
