@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from bench.plan.config import MODES
+from bench.plan.config import MODES, SHARDED_MODES
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -133,8 +133,9 @@ class HorovodExchange:
     """The `alure.exchange.Exchange` seam over Horovod, in one of `MODES`."""
 
     def __init__(self, mode: str):
-        if mode not in MODES:
-            raise ValueError(f"unknown exchange mode {mode!r}: use one of {', '.join(MODES)}")
+        if mode not in MODES or mode in SHARDED_MODES:
+            raise ValueError(f"{mode!r} is not a data-parallel mode: use one of {', '.join(MODES)} "
+                             f"(bench.ranks.sharded.exchange_for makes the sharded ones)")
         import horovod.torch as hvd
         hvd.init()
         self._hvd = hvd

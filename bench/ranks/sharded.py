@@ -124,7 +124,8 @@ class ShardedExchange(HorovodExchange):
     def __init__(self, mode: str, config):
         if mode not in SHARDED_MODES:
             raise ValueError(f"{mode!r} is not a sharded mode: use one of {', '.join(SHARDED_MODES)}")
-        super().__init__(mode)
+        super().__init__("sparse-gather")  # the dense parameters' exchange (the tables never reach Horovod's)
+        self.mode = mode
         self.config = config
         self.shards: list[ShardedTable] = []
         """The tables this exchange made, in the order the model made them (the same on every rank)."""

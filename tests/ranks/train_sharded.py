@@ -30,12 +30,16 @@ def full_tables(model) -> dict:
     return state
 
 
-def lookups(trainer, batch, dedup: bool) -> dict:
-    """Per table: every lookup of this step (or its distinct ids) from the batch, and their owners."""
+def lookups(batch, config) -> dict:
+    """Per sparse table: the ids this step looks up, read off the batch (sequence tokens, targets and negatives;
+    the codes table's row of each RQ level and code), every lookup or (shard_dedup) the distinct ones."""
     out = {}
-    for name, ids in trainer.model.table_lookups(batch).items():
-        flat = torch.cat([i.reshape(-1) for i in ids])
-        out[name] = (torch.unique(flat) if dedup else flat).tolist()
+    for name in batch.sequences:
+        parts = [batch.sequences[name].items, batch.targets[name], batch.negatives[name]]
+        ids = torch.cat([p.ids.reshape(-1) for p in parts])
+        codes = torch.cat([(p.codes + torch.arange(p.codes.shape[1]) * config.rq_codes).reshape(-1) for p in parts])
+        for table, looked_up in (("items", ids), ("codes", codes)):
+            out[f"sources.{name}.{table}"] = (torch.unique(looked_up) if config.shard_dedup else looked_up).tolist()
     return out
 
 
@@ -46,15 +50,16 @@ def train(mode: str, steps: int, out: Path, config) -> dict:
     for _ in range(steps):
         exchange.counters.reset()
         batch = trainer.next_batch()
-        asked.append(lookups(trainer, batch, config.shard_dedup))
+        asked.append(lookups(batch, config))
         loss = trainer.forward(batch)
         trainer.backward(loss)
         trainer.synchronize()
         trainer.step()
         counters.append(exchange.counters.as_dict())
     torch.save(full_tables(trainer.model), out / f"{mode}-rank{exchange.rank}.pt")
-    owned = {name: m.owned.tolist() for name, m in trainer.model.named_modules() if isinstance(m, ShardedTable)}
-    return {"rank": exchange.rank, "size": exchange.size, "counters": counters, "lookups": asked, "owned": owned,
+    shards = {name: m for name, m in trainer.model.named_modules() if isinstance(m, ShardedTable)}
+    return {"rank": exchange.rank, "size": exchange.size, "counters": counters, "lookups": asked, "dim": config.dim,
+            "rows": {name: m.spec.rows for name, m in shards.items()},
             "sharding": getattr(exchange, "sharding", None)}
 
 
