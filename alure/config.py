@@ -223,7 +223,23 @@ def paper_small() -> WorkloadConfig:
     )
 
 
-PRESETS = {"tiny": tiny, "default": default, "large": large, "paper": paper, "paper-small": paper_small}
+def sharded() -> WorkloadConfig:
+    """Where sharding must win: 1,200,000 item rows of width 32 (about 150 MiB of rows and as much Adagrad state)
+    outweigh everything else a rank holds, so replicated they must fit whole on every rank, while a row-wise shard is
+    1/P of them; the rest is small enough that a step takes well under a second."""
+    return WorkloadConfig(
+        users=2000, communities=20, topics=50, content_dim=8, rq_codebooks=2, rq_codes=32,
+        sources=(
+            SourceConfig(name=AD_SOURCE, items=200_000, mean_length=12, max_length=32),
+            SourceConfig(name="post_views", items=600_000, mean_length=24, max_length=32),
+            SourceConfig(name="video_watches", items=400_000, mean_length=16, max_length=32),
+        ),
+        dim=32, heads=2, layers=1, batch_size=32, group_size=8, sampled_negatives=256, steps=20, knn_k=10,
+        graph_chunk=256,
+    )
+
+
+PRESETS = {"tiny": tiny, "default": default, "large": large, "paper": paper, "paper-small": paper_small, "sharded": sharded}
 
 
 def preset(name: str) -> WorkloadConfig:

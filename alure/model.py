@@ -51,8 +51,9 @@ class TableSpec:
         blocks they lie in and never holds the whole table."""
         out = torch.empty(len(ids), self.dim)
         blocks = torch.div(ids, INIT_BLOCK_ROWS, rounding_mode="floor")
-        for block in torch.unique(blocks).tolist():
-            at = (blocks == block).nonzero().squeeze(1)
+        order = torch.argsort(blocks, stable=True)
+        present, counts = torch.unique_consecutive(blocks[order], return_counts=True)
+        for block, at in zip(present.tolist(), order.split(counts.tolist())):
             first = block * INIT_BLOCK_ROWS
             generator = torch.Generator().manual_seed(int(np.random.SeedSequence(
                 [self.seed, zlib.crc32(self.name.encode()), block]).generate_state(1)[0]))

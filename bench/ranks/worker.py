@@ -116,6 +116,9 @@ def measure(point: PointConfig, exchange) -> dict:
         "rss_growth_mib": train_peak - baseline_rss,
         # The cap of --train-mem-limit applies from before the warm-up: so does this growth (None without VmData).
         "data_growth_mib": (max(data_ends) - data_base) / MIB if data_ends and data_base is not None else None,
+        # The whole data segment (what --mem-limit caps) at its largest step end: the run's peak when the heap is
+        # never handed back (bench.cli.shard_demo launches so).
+        "peak_data_mib": max(data_ends) / MIB if data_ends else None,
         "memory_probe": probe.method, "memory_probe_ms": [s.probe_ms for s in steps],
         "exchange": moved,  # medians over timed steps of bench.ranks.exchange.ExchangeCounters, per rank per step
         "exchange_bytes_held": moved["bytes_held"], "exchange_bytes_sent": moved["bytes_sent"],
@@ -156,6 +159,8 @@ def build_record(point: PointConfig, ranks: list[dict], wall_seconds: float, sta
         "phase_peak_rss_mib": {p: max(r["phase_peak_rss_mib"][p] for r in ranks) for p in PHASES},
         "data_growth_mib": max((r["data_growth_mib"] for r in ranks if r.get("data_growth_mib") is not None),
                                default=None),
+        "peak_data_mib": max((r["peak_data_mib"] for r in ranks if r.get("peak_data_mib") is not None),
+                             default=None),
         "memory_probe": "; ".join(sorted({r["memory_probe"] for r in ranks})),
         "memory_probe_ms": float(np.median([r["memory_probe_ms"] for r in ranks])),
         **{k: max(r["exchange"][k] for r in ranks) for k in EXCHANGE_METRICS},
