@@ -89,7 +89,9 @@ class Trainer:
         """Share of rows with a nonzero gradient, per embedding table and over all item tables.
 
         Read the gradients as they are: between backward and synchronize they are this rank's own; after
-        synchronize they are the exchanged ones (the union over ranks, sparse or densified).
+        synchronize they are the exchanged ones (the union over ranks, sparse or densified). A table sharded over
+        ranks counts the rows this rank holds, whose gradient the backward already brought from every rank (0 where
+        it holds none).
         Keys: '<source>/items', '<source>/codes', and 'items' for all item tables together.
         """
         density, touched, rows = {}, 0, 0
@@ -97,10 +99,10 @@ class Trainer:
             for table in ("items", "codes"):
                 weight = getattr(encoder, table).weight
                 hit = rows_touched(weight.grad)
-                density[f"{name}/{table}"] = hit / weight.shape[0]
+                density[f"{name}/{table}"] = hit / weight.shape[0] if weight.shape[0] else 0.0
                 if table == "items":
                     touched, rows = touched + hit, rows + weight.shape[0]
-        density["items"] = touched / rows
+        density["items"] = touched / rows if rows else 0.0
         return density
 
 
