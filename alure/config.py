@@ -11,7 +11,7 @@ AD_SOURCE = "ad_clicks"
 """The source whose items are the ads: its history feeds the graph signal, its future is what retrieval must find."""
 
 REFRESH_DTYPES = ("fp16", "int8")
-SHARD_ROWS = ("residue", "range")
+SHARD_ROWS = ("range", "residue")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -106,10 +106,11 @@ class WorkloadConfig:
     """Latest events per user (over all sources) that form its realtime activity."""
     realtime_weight: float = 0.7
     """Share of the realtime score in the merged graph + realtime ranking."""
-    shard_rows: str = "residue"
+    shard_rows: str = "range"
     """How a runtime that shards tables row-wise splits a table of V rows over P ranks (the model itself never reads
-    it): 'residue' (row i on rank i % P, which spreads Zipf-hot rows over the ranks) or 'range' (row i on rank
-    i // ceil(V/P), as TorchRec does)."""
+    it): 'range' (row i on rank i // ceil(V/P), as TorchRec does; the default: the world spreads popular items over
+    the id space, so ranges split the lookups as evenly as residues do or more, see docs/sharding.md) or 'residue'
+    (row i on rank i % P, which spreads rows that are hot together when hot ids are adjacent)."""
     shard_dedup: bool = False
     """A sharding runtime sends each distinct id once per owner and step (True), or every lookup (False)."""
 

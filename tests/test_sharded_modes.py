@@ -10,8 +10,8 @@ from tests.helpers import launch
 pytestmark = pytest.mark.mpi
 STEPS = 3
 MODES = ("sparse-gather", "row-wise", "table-wise")
-RUNS = {2: (), 3: ("shard_rows=range", "shard_dedup=true")}
-"""One launch per P: residue rows, every lookup sent (the defaults) at P=2; range rows, distinct ids at P=3 (3 ranks
+RUNS = {2: (), 3: ("shard_rows=residue", "shard_dedup=true")}
+"""One launch per P: range rows, every lookup sent (the defaults) at P=2; residue rows, distinct ids at P=3 (3 ranks
 share 2 cores here: slower, as correct)."""
 
 

@@ -1,7 +1,7 @@
 """Sharded embedding tables: the model-parallel exchange modes, over Horovod's all-to-all.
 
-- row-wise: every sparse table's rows are split over the ranks, by residue (row i on rank i % P, the default: it
-  spreads Zipf-hot rows) or by range (row i on rank i // ceil(V/P), as TorchRec); the workload's `shard_rows`.
+- row-wise: every sparse table's rows are split over the ranks, by range (row i on rank i // ceil(V/P), as TorchRec;
+  the default) or by residue (row i on rank i % P); the workload's `shard_rows`.
 - table-wise: whole tables placed on ranks, greedily by rows x lookups per step (largest first, each to the rank
   with the least so far), as DLRM and TorchRec's table-wise sharding place them.
 
