@@ -11,6 +11,7 @@ AD_SOURCE = "ad_clicks"
 """The source whose items are the ads: its history feeds the graph signal, its future is what retrieval must find."""
 
 REFRESH_DTYPES = ("fp16", "int8")
+SHARD_ROWS = ("range", "residue")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -105,6 +106,13 @@ class WorkloadConfig:
     """Latest events per user (over all sources) that form its realtime activity."""
     realtime_weight: float = 0.7
     """Share of the realtime score in the merged graph + realtime ranking."""
+    shard_rows: str = "range"
+    """How a runtime that shards tables row-wise splits a table of V rows over P ranks (the model itself never reads
+    it): 'range' (row i on rank i // ceil(V/P), as TorchRec does; the default: the world spreads popular items over
+    the id space, so ranges split the lookups as evenly as residues do or more, see docs/sharding.md) or 'residue'
+    (row i on rank i % P, which spreads rows that are hot together when hot ids are adjacent)."""
+    shard_dedup: bool = False
+    """A sharding runtime sends each distinct id once per owner and step (True), or every lookup (False)."""
 
     def __post_init__(self):
         _require(self.users >= 2, f"users must be >= 2 (got {self.users}); a graph needs neighbours")
@@ -142,6 +150,8 @@ class WorkloadConfig:
                  f"refresh_dtype must be one of {REFRESH_DTYPES} (got {self.refresh_dtype!r})")
         _require(1 <= self.top_k <= self.ads, f"top_k must be in 1..ads (got {self.top_k} of {self.ads} ads)")
         _require(self.realtime_events >= 1, f"realtime_events must be >= 1 (got {self.realtime_events})")
+        _require(self.shard_rows in SHARD_ROWS,
+                 f"shard_rows must be one of {SHARD_ROWS} (got {self.shard_rows!r})")
         _require(0 <= self.realtime_weight <= 1, f"realtime_weight must be in [0, 1] (got {self.realtime_weight})")
 
     @property
@@ -214,7 +224,23 @@ def paper_small() -> WorkloadConfig:
     )
 
 
-PRESETS = {"tiny": tiny, "default": default, "large": large, "paper": paper, "paper-small": paper_small}
+def sharded() -> WorkloadConfig:
+    """Where sharding must win: 1,200,000 item rows of width 32 (about 150 MiB of rows and as much Adagrad state)
+    outweigh everything else a rank holds, so replicated they must fit whole on every rank, while a row-wise shard is
+    1/P of them; the rest is small enough that a step takes well under a second."""
+    return WorkloadConfig(
+        users=2000, communities=20, topics=50, content_dim=8, rq_codebooks=2, rq_codes=32,
+        sources=(
+            SourceConfig(name=AD_SOURCE, items=200_000, mean_length=12, max_length=32),
+            SourceConfig(name="post_views", items=600_000, mean_length=24, max_length=32),
+            SourceConfig(name="video_watches", items=400_000, mean_length=16, max_length=32),
+        ),
+        dim=32, heads=2, layers=1, batch_size=32, group_size=8, sampled_negatives=256, steps=20, knn_k=10,
+        graph_chunk=256,
+    )
+
+
+PRESETS = {"tiny": tiny, "default": default, "large": large, "paper": paper, "paper-small": paper_small, "sharded": sharded}
 
 
 def preset(name: str) -> WorkloadConfig:

@@ -22,6 +22,18 @@ class Exchange(Protocol):
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> torch.optim.Optimizer:
         """Return an optimizer whose gradients are exchanged across ranks (averaged) before they are applied."""
 
+    def embedding_lookup(self, spec) -> torch.nn.Module | None:
+        """Offered each sparse embedding table (an alure.model.TableSpec) as the model is built, before the table is
+        made. A runtime that keeps a table's rows on several ranks returns the module that does its lookups: an
+        `nn.Embedding` whose weight holds the rows this rank keeps (`spec.initial_rows` of them), called with ids
+        like the whole table. None: the whole table, as usual."""
+
+    def prepare_lookups(self, lookups: dict[str, list[torch.Tensor]]) -> None:
+        """Called at the start of each training forward, only when `embedding_lookup` made some table, with
+        every id each table will look up in this step (module path -> id tensors, in the order of lookup;
+        `UserEncoder.table_lookups`): the moment a runtime whose rows live on other ranks fetches them all at
+        once."""
+
     def start_step(self, batch) -> None:
         """Called in the data phase with this rank's batch, before any gradient exists: the moment a runtime that
         chooses per step how to exchange gradients can agree on it with the other ranks. Most do nothing."""
@@ -86,6 +98,12 @@ class LocalExchange:
 
     def wrap_optimizer(self, optimizer, model):
         return optimizer
+
+    def embedding_lookup(self, spec):
+        return None
+
+    def prepare_lookups(self, lookups):
+        pass
 
     def start_step(self, batch):
         pass

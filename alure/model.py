@@ -10,8 +10,11 @@ batch it needs a dense tokens x tokens mask, which costs what padding costs.
 from __future__ import annotations
 
 import math
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +26,59 @@ TEMPERATURE = 0.1
 """Softmax temperature of the contrastive loss over cosine similarities."""
 INIT_STD = 0.1
 """Initial spread of embedding rows."""
+INIT_BLOCK_ROWS = 4096
+"""Rows of a sparse table drawn from one generator (TableSpec.initial_rows)."""
+SPARSE_TABLES = ("items", "codes")
+"""Each source encoder's embedding tables with sparse gradients (the ones a runtime may exchange or shard)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TableSpec:
+    """A sparse embedding table before it is made: what a runtime that shards tables needs to make its part."""
+
+    name: str
+    """The table's module path in the model, e.g. 'sources.post_views.items'."""
+    rows: int
+    """Rows of the whole table."""
+    dim: int
+    """Width of a row."""
+    seed: int
+    """The workload's seed: with the name it fixes every row's initial value."""
+
+    def initial_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The initial values of rows `ids` (any order), the same whoever asks for which rows: rows are drawn in
+        blocks of INIT_BLOCK_ROWS, each from its own generator, so a rank that keeps some rows draws only the
+        blocks they lie in and never holds the whole table."""
+        out = torch.empty(len(ids), self.dim)
+        blocks = torch.div(ids, INIT_BLOCK_ROWS, rounding_mode="floor")
+        order = torch.argsort(blocks, stable=True)
+        present, counts = torch.unique_consecutive(blocks[order], return_counts=True)
+        for block, at in zip(present.tolist(), order.split(counts.tolist())):
+            first = block * INIT_BLOCK_ROWS
+            generator = torch.Generator().manual_seed(int(np.random.SeedSequence(
+                [self.seed, zlib.crc32(self.name.encode()), block]).generate_state(1)[0]))
+            values = torch.randn(min(INIT_BLOCK_ROWS, self.rows - first), self.dim, generator=generator)
+            out[at] = values[ids[at] - first] * INIT_STD
+        return out
+
+    def build(self) -> nn.Embedding:
+        """The whole table, replicated: every row at its initial value, sparse gradients."""
+        # Made from its rows, so the global generator is not drawn from: a shard (made the same way) leaves it where
+        # the whole table does, and the parameters made next start alike in every mode.
+        if torch.empty(0).is_meta:  # a model made on the meta device, for its shapes alone (bench's cost model)
+            return nn.Embedding(self.rows, self.dim, sparse=True, _weight=torch.empty(self.rows, self.dim))
+        return nn.Embedding(self.rows, self.dim, sparse=True, _weight=self.initial_rows(torch.arange(self.rows)))
+
+
+TableOffer = Callable[[TableSpec], "nn.Module | None"]
+"""Offered each sparse table before it is made; returns the module that does its lookups (an nn.Embedding of the
+rows this rank keeps), or None for the whole table (`TableSpec.build`)."""
+
+
+def sparse_table(spec: TableSpec, offer: TableOffer | None) -> nn.Module:
+    """The table `offer` makes of `spec`, or else the whole table."""
+    made = offer(spec) if offer is not None else None
+    return made if made is not None else spec.build()
 
 
 class TimestampEncoder(nn.Module):
@@ -115,30 +171,38 @@ class Block(nn.Module):
 class SourceEncoder(nn.Module):
     """One activity source's sequence -> one vector per sample."""
 
-    def __init__(self, source: SourceConfig, config: WorkloadConfig):
+    def __init__(self, source: SourceConfig, config: WorkloadConfig, offer: TableOffer | None = None):
         super().__init__()
         dim = config.dim
         # The huge table: a step touches few rows, so its gradient is sparse. Tied: it also scores candidates.
-        self.items = nn.Embedding(source.items, dim, sparse=True)
+        self.items = sparse_table(TableSpec(f"sources.{source.name}.items", source.items, dim, config.seed), offer)
         # All RQ levels in one small table (level l's code c is row l * rq_codes + c); nearly every row is hit
         # each step, so this gradient is sparse in format but dense in fact: the other kind of table.
-        self.codes = nn.Embedding(config.rq_codebooks * config.rq_codes, dim, sparse=True)
+        self.codes = sparse_table(TableSpec(f"sources.{source.name}.codes", config.rq_codebooks * config.rq_codes,
+                                            dim, config.seed), offer)
         self.register_buffer("code_offset", torch.arange(config.rq_codebooks) * config.rq_codes, persistent=False)
         self.content = nn.Linear(config.content_dim, dim)
         self.actions = nn.Embedding(source.actions, dim)
         self.time = TimestampEncoder(dim)
         self.blocks = nn.ModuleList(Block(dim, config.heads) for _ in range(config.layers))
         self.norm = nn.LayerNorm(dim)
-        for table in (self.items, self.codes, self.actions):
-            nn.init.normal_(table.weight, std=INIT_STD)
+        nn.init.normal_(self.actions.weight, std=INIT_STD)
 
     def embed_items(self, items: Items) -> torch.Tensor:
         """An item's vector from its id, RQ codes and content: for input tokens and for scored candidates alike."""
-        return self.items(items.ids) + self.codes(items.codes + self.code_offset).sum(1) + self.content(items.content)
+        return self.items(items.ids) + self.codes(self.code_rows(items)).sum(1) + self.content(items.content)
+
+    def code_rows(self, items: Items) -> torch.Tensor:
+        """(items, levels) rows of the codes table that `items` look up."""
+        return items.codes + self.code_offset
+
+    def input_tokens(self, seq: PackedSequences) -> torch.Tensor:
+        """The packed token index of each position in the order the encoder embeds them (grouped by length)."""
+        return LengthGroups.of(seq.lengths).token_order
 
     def forward(self, seq: PackedSequences) -> torch.Tensor:
         groups = LengthGroups.of(seq.lengths)
-        token = groups.token_order  # embed the tokens directly in regrouped order
+        token = groups.token_order  # embed the tokens directly in regrouped order (`input_tokens`)
         sample = torch.repeat_interleave(torch.arange(len(seq.lengths)), seq.lengths)[token]
         x = (self.embed_items(seq.items.select(token)) + self.actions(seq.actions[token])
              + self.time(seq.times[token], seq.now[sample]))
@@ -150,16 +214,29 @@ class SourceEncoder(nn.Module):
 
 
 class UserEncoder(nn.Module):
-    """One encoder per activity source, fused into one L2-normalised user embedding."""
+    """One encoder per activity source, fused into one L2-normalised user embedding. `offer` (e.g.
+    alure.exchange.Exchange.embedding_lookup) is offered each sparse table before it is made."""
 
-    def __init__(self, config: WorkloadConfig):
+    def __init__(self, config: WorkloadConfig, offer: TableOffer | None = None):
         super().__init__()
-        self.sources = nn.ModuleDict({s.name: SourceEncoder(s, config) for s in config.sources})
+        self.sources = nn.ModuleDict({s.name: SourceEncoder(s, config, offer) for s in config.sources})
         self.fuse = nn.Linear(len(config.sources) * config.dim, config.dim)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         parts = [encoder(batch.sequences[name]) for name, encoder in self.sources.items()]
         return F.normalize(self.fuse(torch.cat(parts, dim=1)), dim=1)
+
+    def table_lookups(self, batch: Batch) -> dict[str, list[torch.Tensor]]:
+        """The ids each sparse table looks up in one training step on `batch` (forward, then
+        `next_engagement_loss`), in the order they look them up: per source, the input tokens in the encoder's
+        order, the targets, the negatives; keyed by the table's module path."""
+        out = {}
+        for name, encoder in self.sources.items():
+            seq = batch.sequences[name]
+            looked_up = [seq.items.select(encoder.input_tokens(seq)), batch.targets[name], batch.negatives[name]]
+            out[f"sources.{name}.items"] = [items.ids for items in looked_up]
+            out[f"sources.{name}.codes"] = [encoder.code_rows(items) for items in looked_up]
+        return out
 
 
 def next_engagement_loss(model: UserEncoder, users: torch.Tensor, batch: Batch, group_size: int) -> torch.Tensor:

@@ -24,7 +24,16 @@ class Trainer:
         self.exchange = exchange
         self.world = world if world is not None else build_world(config)
         torch.manual_seed(config.seed)  # the same initial weights on every rank, even before the broadcast
-        self.model = UserEncoder(config)
+        made = []
+
+        def offer(spec):  # a runtime that shards tables makes them: only the rows this rank keeps
+            table = exchange.embedding_lookup(spec)
+            if table is not None:
+                made.append(spec.name)
+            return table
+        self.model = UserEncoder(config, offer)
+        self.remote_tables = tuple(made)
+        """The tables the exchange made (their rows are fetched each step by `prepare_lookups`)."""
         # One optimizer over all parameters, so one DistributedOptimizer wraps it; Adagrad takes sparse gradients.
         optimizer = torch.optim.Adagrad(parameter_groups(self.model), lr=config.learning_rate)
         # Say it explicitly: the sparse gradients come from torch's own embedding backward and Horovod's gathers,
@@ -45,7 +54,9 @@ class Trainer:
         return batch
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        """Phase 'forward': the loss of this rank's samples."""
+        """Phase 'forward': the loss of this rank's samples (sharded tables fetch their rows first)."""
+        if self.remote_tables:
+            self.exchange.prepare_lookups(self.model.table_lookups(batch))
         return next_engagement_loss(self.model, self.model(batch), batch, self.config.group_size)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -78,7 +89,9 @@ class Trainer:
         """Share of rows with a nonzero gradient, per embedding table and over all item tables.
 
         Read the gradients as they are: between backward and synchronize they are this rank's own; after
-        synchronize they are the exchanged ones (the union over ranks, sparse or densified).
+        synchronize they are the exchanged ones (the union over ranks, sparse or densified). A table sharded over
+        ranks counts the rows this rank holds, whose gradient the backward already brought from every rank (0 where
+        it holds none).
         Keys: '<source>/items', '<source>/codes', and 'items' for all item tables together.
         """
         density, touched, rows = {}, 0, 0
@@ -86,10 +99,10 @@ class Trainer:
             for table in ("items", "codes"):
                 weight = getattr(encoder, table).weight
                 hit = rows_touched(weight.grad)
-                density[f"{name}/{table}"] = hit / weight.shape[0]
+                density[f"{name}/{table}"] = hit / weight.shape[0] if weight.shape[0] else 0.0
                 if table == "items":
                     touched, rows = touched + hit, rows + weight.shape[0]
-        density["items"] = touched / rows
+        density["items"] = touched / rows if rows else 0.0
         return density
 
 

@@ -15,7 +15,7 @@ from bench.launch.environment import transparent_hugepages
 from bench.launch.mpirun import ALLOCATORS, DEFAULT_ALLOCATOR, HOROVOD_SETTINGS, mpi_environment
 from bench.launch.transport import VARIABLE
 from bench.plan.comm_config import parse_env_setting, parse_size
-from bench.ranks.comm_rank import geometry, split_sizes
+from bench.ranks.comm_rank import OPS, alltoall_splits, geometry, split_sizes
 from bench.results.comm_rows import (LAUNCH_FIELDS, ROW_FIELDS, busbw_ratios, comm_row, crossover_density,
                                      crossover_rows, describe_crossover, ratio_verdict, setting_ratios)
 from bench.results.scaling import busbw_factor
@@ -31,6 +31,7 @@ def test_busbw_factors_follow_nccl_tests():
     assert busbw_factor("allgather", 2) == 0.5          # (P-1)/P
     assert busbw_factor("allgather", 4) == 0.75
     assert busbw_factor("sparse-pair", 8) == 0.875      # two allgathers
+    assert busbw_factor("alltoall", 4) == busbw_factor("alltoall-zipf", 4) == 0.75  # (P-1)/P of a rank's bytes leave
     assert busbw_factor("memcpy", 1) == 1.0
     with pytest.raises(ValueError):
         busbw_factor("broadcast", 2)
@@ -66,6 +67,12 @@ def test_geometry_of_each_op():
     assert sp.per_rank == 128                                    # 65536 / (4 x 64 x 2)
     assert sp.bytes_moved == 128 * 2 * (8 + 4 * 64)              # values plus the int64 indices
     assert split_sizes(10, 3) == [4, 3, 3] and split_sizes(2, 5) == [1, 1]
+    a2a = geometry("alltoall", 4096, 3)
+    assert (a2a.per_rank, a2a.bytes_moved) == (1024, 4096)      # S is what each rank sends, itself included
+    assert alltoall_splits("alltoall", 1024, 3) == [342, 341, 341]
+    skewed = alltoall_splits("alltoall-zipf", 1024, 3)         # 1 : 1/2 : 1/3 of the bytes, rank 0 the hot owner
+    assert sum(skewed) == 1024 and skewed == sorted(skewed, reverse=True) and skewed[2] == 186
+    assert min(alltoall_splits("alltoall-zipf", 4, 4)) >= 1      # every rank gets something, even at tiny sizes
 
 
 def test_crossover_on_hand_computed_values():
@@ -188,8 +195,8 @@ def test_comm_on_two_ranks_end_to_end(tmp_path):
     result = json.loads((out / "comm.json").read_text())
     rows = result["rows"]
     expected = {("memcpy", "memcpy", s) for s in (1024, 2048, 4096)} | {
-        (b, op, s) for b in ("horovod", "mpi4py", "gloo") for op in ("allreduce", "allgather", "sparse-pair")
-        for s in (1024, 2048, 4096)}
+        (b, op, s) for b in ("horovod", "mpi4py", "gloo") for op in OPS for s in (1024, 2048, 4096)}
+    assert {"alltoall", "alltoall-zipf"} <= set(OPS)
     assert {(r["backend"], r["op"], r["size_bytes"]) for r in rows} == expected
     for r in rows:
         assert all(r[k] is not None for k in ROW_FIELDS), r

@@ -7,10 +7,13 @@ from collections import defaultdict
 import pytest
 import torch
 
-from bench.plan.config import FIXED_MODES, MODES
+from bench.plan.config import REPLICATED_MODES
 from tests.helpers import launch
 
 pytestmark = pytest.mark.mpi
+MODES = (*REPLICATED_MODES, "auto")
+"""The data-parallel modes (the sharded ones: tests/test_sharded_modes.py)."""
+FIXED_MODES = REPLICATED_MODES
 STEPS = 4
 TABLE = "sources.post_views.items.weight"
 

@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 
-from bench.plan.config import FIXED_MODES
+from bench.plan.config import REPLICATED_MODES
 from tests.helpers import assert_one_line_error, cli, cli_here
 from tests.synthetic import LINK, make_comm, make_sweep
 
@@ -26,7 +26,7 @@ def test_predict_writes_the_table_summary_and_plots(folders, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     table = pd.read_csv(out / "prediction.csv")
     assert sorted(table["np"].unique()) == [1 << k for k in range(13)]
-    assert set(table["mode"]) == {*FIXED_MODES, "auto"}  # every mode the suite measures is priced
+    assert set(table["mode"]) == {*REPLICATED_MODES, "auto"}  # every replicated mode is priced (sharded: not yet)
     one = table[table["np"] == 1]
     assert (one["weak_efficiency"] == 1).all() and (one["strong_efficiency"] == 1).all()
     # auto is never predicted slower than the better fixed mode (it picks per table)

@@ -46,8 +46,9 @@ def single_process(config, world, model):
     return whole, recall, neighbor_precision_sharded(graph, world.community, exchange)
 
 
-def assert_same_neighbours(neighbors, similarity, reference):
-    """Exact k-NN: the same similarities, and the same neighbour sets wherever no tie straddles the k-th place."""
+def assert_same_neighbours(neighbors, similarity, reference) -> int:
+    """Exact k-NN: the same similarities, and the same neighbour sets wherever no tie straddles the k-th place.
+    Returns how many neighbours a tie swapped (each may move neighbour precision by 1 / (users x 10))."""
     assert np.allclose(similarity, reference.similarity, atol=1e-6)
     same = (np.sort(neighbors, axis=1) == np.sort(reference.neighbors, axis=1)).all(axis=1)
     for u in np.flatnonzero(~same):
@@ -60,6 +61,7 @@ def assert_same_neighbours(neighbors, similarity, reference):
             np.allclose(reference.similarity[u][theirs], kth, atol=1e-6), \
             f"user {u}: other neighbours, not a tie at the k-th place"
     assert same.mean() > 0.99
+    return int(sum((~np.isin(neighbors[u], reference.neighbors[u])).sum() for u in np.flatnonzero(~same)))
 
 
 def test_ring_shift_passes_a_block_to_the_next_rank():
@@ -87,10 +89,11 @@ def test_sharded_stages_give_the_single_process_graph_and_quality_at_np_1_2_3(tr
         ranks = mpi_launch(np_, "stages", str(tmp_path / "weights.pt"), str(tmp_path), timeout_s=180)
         for strategy in GRAPH_STRATEGIES:
             saved = np.load(tmp_path / f"{strategy}-np{np_}.npz")
-            assert_same_neighbours(saved["neighbors"], saved["similarity"], reference)
+            swapped = assert_same_neighbours(saved["neighbors"], saved["similarity"], reference)
             for r in ranks:
                 got = r[strategy]
-                assert got["precision"] == pytest.approx(precision, abs=1e-6)
+                # a neighbour swapped by a tie at the k-th place may come from another community
+                assert got["precision"] == pytest.approx(precision, abs=1e-6 + swapped / (config.users * 10))
                 assert got["recall"] == pytest.approx(recall, abs=1e-6)
             # Each rank searched only its own block of users, and the strategy's own transfers carried the keys.
             assert [r[strategy]["users"] for r in ranks] == \

@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "bench.cli.predict",
     "bench.cli.compare",
     "bench.cli.oom_demo",
+    "bench.cli.shard_demo",
 )
 
 

@@ -1,6 +1,7 @@
 """`alure-bench comm` and `alure-bench crossover`: what the collectives cost here, and where sparse stops paying.
 
-comm: latency and bandwidth of allreduce, allgather and sparse-pair (the two allgathers of sparse-gather) over
+comm: latency and bandwidth of allreduce, allgather, sparse-pair (the two allgathers of sparse-gather) and alltoall
+(the sharded modes' exchange; equal and Zipf-skewed splits, alltoall-zipf) over
 Horovod (as the harness configures it), raw MPI (mpi4py) and torch.distributed/gloo, sizes doubling from --min-bytes
 to --max-bytes, each backend in a launch of its own; plus this machine's memcpy bandwidth as the ceiling. Latency
 of an iteration is the slowest rank's (a barrier starts each iteration); figures follow nccl-tests (docs/design.md):
@@ -248,8 +249,8 @@ def crossover_main(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     """`alure-bench comm` and `alure-bench crossover`."""
     c = CommConfig.__dataclass_fields__
-    p = sub.add_parser("comm", help="latency and bandwidth of allreduce, allgather and sparse-pair over Horovod, "
-                                    "mpi4py and gloo, with memcpy as the ceiling",
+    p = sub.add_parser("comm", help="latency and bandwidth of allreduce, allgather, sparse-pair and alltoall over "
+                                    "Horovod, mpi4py and gloo, with memcpy as the ceiling",
                        description=__doc__.split("\n\n")[1])
     p.add_argument("--np", default="2", help="ranks per launch (default 2)")
     p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {','.join(BACKENDS)}")

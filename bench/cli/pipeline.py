@@ -19,7 +19,7 @@ from bench.host import threads_per_rank
 from bench.launch.mpirun import LOCAL, Launcher, run_ranks
 from bench.launch.rank_program import python_module_argv
 from bench.plan.capacity import add_oversubscribe_flag, check_launch, rank_floor_mib, this_host
-from bench.plan.config import MODES
+from bench.plan.config import MODES, SHARDED_MODES
 from bench.ranks.handback import collect, failures, hand_back, hand_back_failure, launched_rank
 
 
@@ -116,7 +116,9 @@ def register(sub) -> None:
                                         "and print its quality and stage times")
     p.add_argument("--np", type=int, default=1, help="MPI processes (1: one plain process, no MPI)")
     p.add_argument("--preset", default="default", help="workload preset: tiny, default or large")
-    p.add_argument("--mode", default="dense-reduce", choices=MODES, help="gradient exchange when np > 1")
+    # The later stages read the tables whole (refresh embeds every user): the data-parallel modes only.
+    p.add_argument("--mode", default="dense-reduce", choices=[m for m in MODES if m not in SHARDED_MODES],
+                   help="gradient exchange when np > 1")
     p.add_argument("--graph-strategy", default=DEFAULT_GRAPH_STRATEGY, choices=GRAPH_STRATEGIES,
                    help="exact k-NN across ranks: ring passes embedding blocks between neighbours (memory per rank "
                         "falls with np), replicate allgathers them all (same graph either way)")

@@ -11,10 +11,10 @@ import pandas as pd
 
 from bench.errors import UsageError
 from bench.model.step import Machine, Model, this_machine
-from bench.plan.config import FIXED_MODES
+from bench.plan.config import REPLICATED_MODES
 from bench.results.scaling import efficiency
 
-PREDICT_MODES = (*FIXED_MODES, "auto")
+PREDICT_MODES = (*REPLICATED_MODES, "auto")
 TABLE_COLUMNS = ["np", "nodes", "mode", "weak_step_ms", "weak_efficiency", "strong_batch_per_rank",
                  "strong_step_ms", "strong_efficiency", "memory_gib", "fits_memory", "exchange_held_mib",
                  "dense_tables"]

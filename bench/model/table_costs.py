@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from bench.plan.config import FIXED_MODES
+from bench.plan.config import REPLICATED_MODES
 from bench.model.collectives import Link, allgather_s, allreduce_s
 
 
@@ -25,8 +25,8 @@ one 200,000 x 64 table at 1 thread, about 20 ms for 51 MB on this machine while 
 not included. coalesced-gather uses sparse-gather's cost per gathered byte."""
 AUTO_CHOICES = ("sparse-gather", "coalesced-gather", "dense-reduce")
 """What `auto` chooses among, per table and step."""
-MODELLED_MODES = FIXED_MODES
-"""Every fixed mode the suite measures, each priced by `table_exchange_s`."""
+MODELLED_MODES = REPLICATED_MODES
+"""Every replicated mode the suite measures, each priced by `table_exchange_s` (the sharded ones are not modelled yet)."""
 DENSE_MODES = ("dense-reduce", "sparse-as-dense")
 """Modes that allreduce a table's densified gradient."""
 

@@ -12,12 +12,17 @@ from alure.stages import GRAPH_STRATEGIES, STAGES
 from bench.errors import UsageError
 
 SCALINGS = ("weak", "strong")
-MODES = ("sparse-gather", "coalesced-gather", "dense-reduce", "sparse-as-dense", "auto")
-"""Embedding-gradient exchange modes (bench.ranks.exchange implements them): sparse-gather allgathers each rank's rows as
-they are; coalesced-gather sums a rank's duplicate rows first; dense-reduce densifies into a kept buffer, allreduces
-it and updates densely (the paper's path); sparse-as-dense is Horovod-PyTorch's own sparse_as_dense=True (a control);
-auto chooses among the first three per table and step."""
-FIXED_MODES = MODES[:4]
+REPLICATED_MODES = ("sparse-gather", "coalesced-gather", "dense-reduce", "sparse-as-dense")
+"""Data-parallel modes: every rank holds every table whole; sparse-gather allgathers each rank's rows as they are;
+coalesced-gather sums a rank's duplicate rows first; dense-reduce densifies into a kept buffer, allreduces it and
+updates densely (the paper's path); sparse-as-dense is Horovod-PyTorch's own sparse_as_dense=True (a control)
+(bench.ranks.exchange). The cost model prices these."""
+SHARDED_MODES = ("row-wise", "table-wise")
+"""Model-parallel modes (bench.ranks.sharded): each rank holds a share of the tables' rows (row-wise) or whole tables
+(table-wise); ids, rows and their gradients travel by all-to-all."""
+MODES = (*REPLICATED_MODES, "auto", *SHARDED_MODES)
+"""Embedding-table exchange modes; auto chooses among the first three replicated ones per table and step."""
+FIXED_MODES = (*REPLICATED_MODES, *SHARDED_MODES)
 """Every mode that exchanges one way only."""
 DEFAULT_SWEEP_MODES = ("sparse-gather", "dense-reduce")
 """What a sweep measures unless told otherwise: the two modes the suite compares (keeps `make bench` quick)."""

@@ -13,6 +13,10 @@ How a nominal size S becomes buffers (`geometry`):
 - sparse-pair: what sparse-gather sends for a d-column embedding gradient: an allgather of int64 row indices and one
   of float32 values, with rows chosen so the gathered values total S; the bytes counted for bandwidth are the
   values plus the indices actually gathered (`bytes_moved`).
+- alltoall: what the sharded modes send: each rank sends S bytes of float32 in all, S/P to every rank (itself
+  included), as one all-to-all with splits (Horovod `alltoall`, MPI `Alltoallv`, gloo `all_to_all_single`).
+- alltoall-zipf: the same S per rank, split over the destinations by a Zipf law (rank k gets a share
+  proportional to 1/(k+1)^ZIPF_SPLIT_EXPONENT, alike from every sender): the owner of hot rows receives most.
 """
 from __future__ import annotations
 
@@ -25,10 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-OPS = ("allreduce", "allgather", "sparse-pair")
+OPS = ("allreduce", "allgather", "sparse-pair", "alltoall", "alltoall-zipf")
 BACKENDS = ("horovod", "mpi4py", "gloo")
 SPARSE_DIM = 64
 """Columns of the embedding table whose gradient sparse-pair stands for."""
+ZIPF_SPLIT_EXPONENT = 1.0
+"""alltoall-zipf: how skewed the splits are (the exponent of ids' popularity in the default workload is near it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,9 +59,23 @@ def geometry(op: str, size_bytes: int, np: int, dim: int = SPARSE_DIM) -> Geomet
     if op == "sparse-pair":
         rows = max(1, size_bytes // (4 * dim * np))
         return Geometry(rows, rows * np * (8 + 4 * dim))
+    if op in ("alltoall", "alltoall-zipf"):
+        n = max(np, size_bytes // 4)
+        return Geometry(n, 4 * n)
     if op == "memcpy":
         return Geometry(size_bytes, size_bytes)
     raise ValueError(f"unknown op {op!r}")
+
+
+def alltoall_splits(op: str, n: int, np: int) -> list[int]:
+    """float32 elements a rank sends to each rank (n in all): equal, or (alltoall-zipf) Zipf-skewed towards rank
+    0, at least one to every rank."""
+    if op == "alltoall":
+        return split_sizes(n, np)
+    weights = [1 / (k + 1) ** ZIPF_SPLIT_EXPONENT for k in range(np)]
+    splits = [max(1, int(n * w / sum(weights))) for w in weights]
+    splits[0] += n - sum(splits)
+    return splits
 
 
 def timed(call: Callable[[], object], barrier: Callable[[], object], warmup: int, iters: int) -> list[float]:
@@ -119,6 +139,10 @@ class HorovodBackend:
         if op == "sparse-pair":
             grad = sparse_gradient(torch, self.rank, geo.per_rank, geo.per_rank * self.size, dim)
             return lambda: self.sparse_allreduce_async(grad, tag, hvd.Sum)()
+        if op in ("alltoall", "alltoall-zipf"):
+            send = torch.zeros(geo.per_rank)
+            splits = torch.tensor(alltoall_splits(op, geo.per_rank, self.size), dtype=torch.int32)
+            return lambda: hvd.alltoall(send, splits=splits, name=tag)  # as the sharded modes call it
         raise ValueError(f"unknown op {op!r}")
 
     def settings(self) -> dict:
@@ -180,6 +204,14 @@ class Mpi4pyBackend:
                 comm.Allgather(idx, idx_out)
                 comm.Allgather(val, val_out)
             return call
+        if op in ("alltoall", "alltoall-zipf"):
+            counts = alltoall_splits(op, geo.per_rank, self.size)
+            received = [counts[self.rank]] * self.size
+            send = page_aligned(np.zeros, geo.per_rank, np.float32)
+            out = page_aligned(np.empty, sum(received), np.float32)
+            send_spec = [send, (counts, np.cumsum([0, *counts[:-1]]).tolist()), MPI.FLOAT]
+            recv_spec = [out, (received, np.cumsum([0, *received[:-1]]).tolist()), MPI.FLOAT]
+            return lambda: comm.Alltoallv(send_spec, recv_spec)
         raise ValueError(f"unknown op {op!r}")
 
     def settings(self) -> dict:
@@ -234,6 +266,11 @@ class GlooBackend:
                 dist.all_gather_single(idx_out, idx)
                 dist.all_gather_single(val_out, val)
             return call
+        if op in ("alltoall", "alltoall-zipf"):
+            counts = alltoall_splits(op, geo.per_rank, self.size)
+            received = [counts[self.rank]] * self.size
+            send, out = torch.zeros(geo.per_rank), torch.empty(sum(received))
+            return lambda: dist.all_to_all_single(out, send, output_split_sizes=received, input_split_sizes=counts)
         raise ValueError(f"unknown op {op!r}")
 
     def settings(self) -> dict:

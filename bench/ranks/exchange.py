@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from bench.plan.config import MODES
+from bench.plan.config import MODES, SHARDED_MODES
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -69,6 +69,32 @@ class ExchangeCounters:
     resparsified_bytes: int = 0
     """sparse-as-dense's gradients rebuilt sparse after the allreduce (Horovod's `to_sparse()`, added into p.grad):
     read from p.grad afterwards. Horovod's to_sparse() result it was added from is as large and freed right after."""
+    alltoall_calls: int = 0
+    """All-to-all collectives (row-wise, table-wise: ids and rows in the forward, gradients in the backward)."""
+    alltoall_bytes_sent: int = 0
+    """Bytes this rank's all-to-alls sent to other ranks (ids, rows and gradients; its part for itself is a copy)."""
+    alltoall_bytes_received: int = 0
+    """Bytes this rank's all-to-alls received from other ranks."""
+    alltoall_ids_bytes_sent: int = 0
+    """Of alltoall_bytes_sent: the ids this rank asked other ranks for (8 bytes each)."""
+    alltoall_ids_bytes_received: int = 0
+    """Of alltoall_bytes_received: the ids other ranks asked this rank for."""
+    alltoall_rows_bytes_sent: int = 0
+    """Of alltoall_bytes_sent: the embedding rows this rank looked up for other ranks."""
+    alltoall_rows_bytes_received: int = 0
+    """Of alltoall_bytes_received: the embedding rows other ranks looked up for this rank."""
+    alltoall_grad_bytes_sent: int = 0
+    """Of alltoall_bytes_sent: the gradients of the received rows, back to their owners."""
+    alltoall_grad_bytes_received: int = 0
+    """Of alltoall_bytes_received: the gradients other ranks sent back for the rows this rank owns."""
+    alltoall_lookups_served: int = 0
+    """Ids this rank looked up in its shard for every rank, itself included (the work the splits give it)."""
+    alltoall_buffer_bytes: int = 0
+    """Bytes of the tensors the all-to-alls returned on this rank (its own part included)."""
+    table_bytes: int = 0
+    """Bytes of the sparse tables' rows this rank holds (whole tables when replicated, its shard when sharded)."""
+    table_state_bytes: int = 0
+    """Bytes of the optimizer state of those rows."""
 
     def reset(self) -> None:
         for name in self.__slots__:
@@ -77,30 +103,39 @@ class ExchangeCounters:
     @property
     def bytes_sent(self) -> int:
         """Bytes of this rank's tensors handed to collectives."""
-        return self.allgather_bytes_sent + self.allreduce_bytes_sent
+        return self.allgather_bytes_sent + self.allreduce_bytes_sent + self.alltoall_bytes_sent
 
     @property
     def bytes_held(self) -> int:
         """Bytes of every tensor the exchange made and holds: the collectives' results and the copies the mode makes
         (the coalesced and re-sparsified gradients; the dense copies are the allreduced tensors themselves)."""
-        return self.allgather_bytes_held + self.allreduce_bytes_held + self.coalesced_bytes + self.resparsified_bytes
+        return (self.allgather_bytes_held + self.allreduce_bytes_held + self.coalesced_bytes + self.resparsified_bytes
+                + self.alltoall_buffer_bytes)
 
     def bytes_received(self, size: int) -> int:
         """Bytes of the results that came from other ranks: the peers' part of a gather, all of a reduction."""
         if size == 1:
             return 0
-        return (self.allgather_bytes_held - self.allgather_bytes_sent) + self.allreduce_bytes_held
+        return ((self.allgather_bytes_held - self.allgather_bytes_sent) + self.allreduce_bytes_held
+                + self.alltoall_bytes_received)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def count_tables(self, tables, optimizer) -> None:
+        """Fill table_bytes and table_state_bytes from the tables' weights and their optimizer state."""
+        self.table_bytes = sum(tensor_bytes(p) for p in tables)
+        self.table_state_bytes = sum(tensor_bytes(v) for p in tables for v in optimizer.state.get(p, {}).values()
+                                     if isinstance(v, torch.Tensor) and v.dim() > 0)
 
 
 class HorovodExchange:
     """The `alure.exchange.Exchange` seam over Horovod, in one of `MODES`."""
 
     def __init__(self, mode: str):
-        if mode not in MODES:
-            raise ValueError(f"unknown exchange mode {mode!r}: use one of {', '.join(MODES)}")
+        if mode not in MODES or mode in SHARDED_MODES:
+            raise ValueError(f"{mode!r} is not a data-parallel mode: use one of {', '.join(MODES)} "
+                             f"(bench.ranks.sharded.exchange_for makes the sharded ones)")
         import horovod.torch as hvd
         hvd.init()
         self._hvd = hvd
@@ -197,6 +232,12 @@ class HorovodExchange:
             return out
         return reduced, None
 
+    def embedding_lookup(self, spec):
+        return None  # every table whole (bench.ranks.sharded makes shards)
+
+    def prepare_lookups(self, lookups):
+        pass
+
     def start_step(self, batch):
         """auto: count the rows each table's gradient will get from this batch, gather every rank's counts and memory
         budget, and choose per table."""
@@ -228,6 +269,7 @@ class HorovodExchange:
 
     def synchronize(self, optimizer):
         optimizer.synchronize()
+        self.counters.count_tables(self.tables, optimizer)
         if self.mode == "sparse-as-dense" and self.size > 1:
             for p in self.tables:  # Horovod rebuilt these sparse from the reduced dense tensor
                 if p.grad is not None and p.grad.is_sparse:

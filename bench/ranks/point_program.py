@@ -1,5 +1,5 @@
 """What the two rank programs of a sweep point share (bench.ranks.worker: timed training steps;
-bench.ranks.stage_worker: a whole pipeline stage): the command line, the Horovod exchange, every rank's measurements
+bench.ranks.stage_worker: a whole pipeline stage): the command line, the exchange (bench.ranks.sharded.exchange_for), every rank's measurements
 gathered to rank 0, which builds the point's record, and the hand-back of the outcome (bench.ranks.handback)."""
 from __future__ import annotations
 
@@ -37,8 +37,9 @@ def main(prog: str, measure: Measure, build_record: BuildRecord, argv: list[str]
     start = time.perf_counter()
     rank = launched_rank()
     try:
-        from bench.ranks.exchange import HorovodExchange
-        exchange = HorovodExchange(point.mode)
+        from bench.plan.workload import workload_config
+        from bench.ranks.sharded import exchange_for
+        exchange = exchange_for(point.mode, workload_config(point))
         rank = exchange.rank
         if exchange.size != point.np:
             raise RuntimeError(f"launched with {exchange.size} ranks for a point of np={point.np}")

@@ -116,17 +116,25 @@ def measure(point: PointConfig, exchange) -> dict:
         "rss_growth_mib": train_peak - baseline_rss,
         # The cap of --train-mem-limit applies from before the warm-up: so does this growth (None without VmData).
         "data_growth_mib": (max(data_ends) - data_base) / MIB if data_ends and data_base is not None else None,
+        # The whole data segment (what --mem-limit caps) at its largest step end: the run's peak when the heap is
+        # never handed back (bench.cli.shard_demo launches so).
+        "peak_data_mib": max(data_ends) / MIB if data_ends else None,
         "memory_probe": probe.method, "memory_probe_ms": [s.probe_ms for s in steps],
         "exchange": moved,  # medians over timed steps of bench.ranks.exchange.ExchangeCounters, per rank per step
         "exchange_bytes_held": moved["bytes_held"], "exchange_bytes_sent": moved["bytes_sent"],
         "exchange_bytes_received": moved["bytes_received"],
         "gradient_density": density["items"], "gradient_density_tables": density,
+        "sharding": getattr(exchange, "sharding", None),  # sharded modes: how the tables were split
     }
 
 
 EXCHANGE_METRICS = ("allgather_calls", "allreduce_calls", "allgather_bytes_held", "allreduce_bytes_held",
                     "allgather_rows_sent", "allgather_rows_held", "allreduce_ring_bytes", "densify_bytes",
-                    "coalesced_bytes", "resparsified_bytes")
+                    "coalesced_bytes", "resparsified_bytes", "alltoall_calls", "alltoall_bytes_sent",
+                    "alltoall_bytes_received", "alltoall_ids_bytes_sent", "alltoall_ids_bytes_received",
+                    "alltoall_rows_bytes_sent", "alltoall_rows_bytes_received", "alltoall_grad_bytes_sent",
+                    "alltoall_grad_bytes_received", "alltoall_lookups_served", "alltoall_buffer_bytes",
+                    "table_bytes", "table_state_bytes")
 """Counters of bench.ranks.exchange.ExchangeCounters a record's metrics carry (the largest rank's median per step)."""
 
 
@@ -151,9 +159,12 @@ def build_record(point: PointConfig, ranks: list[dict], wall_seconds: float, sta
         "phase_peak_rss_mib": {p: max(r["phase_peak_rss_mib"][p] for r in ranks) for p in PHASES},
         "data_growth_mib": max((r["data_growth_mib"] for r in ranks if r.get("data_growth_mib") is not None),
                                default=None),
+        "peak_data_mib": max((r["peak_data_mib"] for r in ranks if r.get("peak_data_mib") is not None),
+                             default=None),
         "memory_probe": "; ".join(sorted({r["memory_probe"] for r in ranks})),
         "memory_probe_ms": float(np.median([r["memory_probe_ms"] for r in ranks])),
         **{k: max(r["exchange"][k] for r in ranks) for k in EXCHANGE_METRICS},
+        "alltoall_imbalance": receive_imbalance([r["exchange"]["alltoall_lookups_served"] for r in ranks]),
     }
     network = network_of_ranks(ranks)
     # Emulated hosts (slurm/cluster.sh) are namespaces of this one machine: their ranks time-share its cores.
@@ -169,7 +180,15 @@ def build_record(point: PointConfig, ranks: list[dict], wall_seconds: float, sta
         # This host's egress as tc has it (the emulated cluster shapes every host alike); only between hosts.
         "link": link_as_configured() if network["transport"] == "tcp" else None,
         "step_time_ms_slowest_rank": slowest.tolist(), "metrics": metrics, "ranks": ranks,
+        "sharding": ranks[0].get("sharding"),
     }
+
+
+def receive_imbalance(served: list[float]) -> float | None:
+    """Max over mean of the lookups each rank served per step (its median): the all-to-all splits' imbalance, 1.0
+    when even; None when no all-to-all ran."""
+    mean = float(np.mean(served))
+    return float(max(served)) / mean if mean > 0 else None
 
 
 def main(argv: list[str] | None = None) -> int:

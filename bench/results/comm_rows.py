@@ -140,8 +140,11 @@ def format_comm_table(rows: list[dict], ratios: dict[int, float] | None = None, 
 def ratio_verdict(ratios: list[dict]) -> str:
     """The plain sentence about Horovod vs raw MPI for one op from RATIO_FROM_BYTES up (judged on the medians)."""
     op = ratios[0]["op"] if ratios else "allreduce"
-    target = RATIO_TARGETS[op]
+    target = RATIO_TARGETS.get(op)
     big = [r for r in ratios if r["size_bytes"] >= RATIO_FROM_BYTES]
+    if target is None:  # all-to-all: measured, no target set
+        parts = ", ".join(f"{format_size(r['size_bytes'])} {r['busbw_ratio']:.2f}" for r in big or ratios)
+        return f"Horovod/MPI (mpi4py) {op} busbw, same run, from median latencies: {parts} (no target set)"
     if not big:
         return (f"Horovod/MPI {op} busbw: no size >= {format_size(RATIO_FROM_BYTES)} with both backends "
                 f"in this run")

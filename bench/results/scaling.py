@@ -66,10 +66,10 @@ def throughput_samples_per_s(global_batch: int, step_ms: float) -> float:
 
 def busbw_factor(op: str, np_: int) -> float:
     """nccl-tests: busbw = algbw x factor, the bandwidth a ring's busiest link sees: 2(P-1)/P for allreduce,
-    (P-1)/P for allgather (and sparse-pair, which is two allgathers), 1 for memcpy (one copy, no peers)."""
+    (P-1)/P for allgather (and sparse-pair, which is two allgathers) and all-to-all, 1 for memcpy (one copy, no peers)."""
     if op == "allreduce":
         return 2.0 * (np_ - 1) / np_
-    if op in ("allgather", "sparse-pair"):
+    if op in ("allgather", "sparse-pair", "alltoall", "alltoall-zipf"):  # all-to-all: (P-1)/P of a rank's bytes leave
         return (np_ - 1) / np_
     if op == "memcpy":
         return 1.0
