@@ -350,21 +350,18 @@ def test_a_rank_that_cannot_hand_back_for_a_full_disk_stops_the_sweep_without_a_
 @pytest.mark.parametrize("outcome, retries, status, attempts", [
     ("crash-measuring", 3, "failed", 1),       # measured something: a result, never retried
     ("hang-before-measuring", 2, "timeout", 1),  # a timeout is a result too
-    ("fail-before-measuring", 1, "failed", 2),   # a failed launch, every time: retried until the retries run out
-])
+])  # a launch failing every time, retried until the retries run out: the Slurm task's test below
 def test_only_a_launch_that_failed_before_any_rank_measured_is_retried(tmp_path, monkeypatch, outcome, retries,
                                                                          status, attempts):
     folder = sweep_folder(tmp_path)
     argvs = launch_instead(monkeypatch, *[outcome] * (retries + 1))
     # The hang ends by its timeout; the others must never meet theirs, on a loaded machine too.
-    point = PointConfig(preset="tiny", np=1, steps=1, warmup_steps=0, timeout_s=3 if "hang" in outcome else 120)
+    point = PointConfig(preset="tiny", np=1, steps=1, warmup_steps=0, timeout_s=1 if "hang" in outcome else 120)
     record, _ = sweep_module.run_point(point, folder, retries=retries, out=io.StringIO())
     assert (record["status"], len(record["attempts"]), len(argvs)) == (status, attempts, attempts), record
     assert read_record(folder / "points" / f"{point.point_id}.json") == record
     if outcome == "crash-measuring":
         assert "signal 9" in record["reason"]
-    if outcome == "fail-before-measuring":
-        assert all("the transport did not come up" in a["reason"] for a in record["attempts"])
     nothing_launched_left()
 
 
@@ -376,12 +373,12 @@ def test_a_slurm_task_retries_as_a_local_sweep_does_and_stops_on_a_machine_fault
     assert run_task(folder, 1, 0, "mpirun", out=said) == 1
     record = records(folder)["weak-sparse-gather-np1-r0"]
     assert [a["status"] for a in record["attempts"]] == ["failed", "failed"] and "2 attempts" in said.getvalue()
+    assert all("RuntimeError: the transport did not come up" in a["reason"] for a in record["attempts"])
     assert task_note(folder, "weak-sparse-gather-np1-r0")["outcome"] == "failed"
 
-    def disk_full(sweep_dir, record):
-        raise MachineFault(sweep_dir / "points" / f"{record['point_id']}.json", errno.ENOSPC)
-    launch_instead(monkeypatch, "fail-before-measuring")
-    monkeypatch.setattr(sweep_module, "write_record", disk_full)
+    def disk_full(point, sweep_dir, launcher):
+        raise MachineFault(sweep_dir / "handback" / point.point_id / "rank0.json", errno.ENOSPC)
+    monkeypatch.setattr(sweep_module, "launch_point", disk_full)
     one_fault_line(cli_here("slurm", "task", "--sweep", str(folder), "--np", "1", "--index", "0"), "no space",
                    f"then `alure-bench slurm submit --resume {folder}` measures the point again")
     assert task_note(folder, "weak-sparse-gather-np1-r0")["outcome"].startswith("stopped by a fault of the machine")

@@ -120,6 +120,7 @@ def launch_point(point: PointConfig, sweep_dir: Path, launcher: Launcher = LOCAL
     """Launch the point once on its ranks. A rank that could not hand back because of the machine raises that
     MachineFault here (the point then has no record: `--resume` measures it again)."""
     started_at = utc_now()
+    require_folder(sweep_dir)  # before anything below could make a removed folder again
     # In the sweep's folder: the one place every host of a multi-host launch (or Slurm task) writes to.
     handback = Path(sweep_dir) / "handback" / point.point_id
     shutil.rmtree(handback, ignore_errors=True)
@@ -153,7 +154,11 @@ def run_point(point: PointConfig, sweep_dir: Path, launcher: Launcher = LOCAL, *
     A launch that failed before any rank began to measure is tried again, after a pause, up to `retries` times
     (each retry said on `out`); the record keeps every attempt (`attempts`) and its log every attempt's output."""
     require_folder(sweep_dir)
-    point_path(sweep_dir, point.point_id).unlink(missing_ok=True)  # an old record must never pass for this run's
+    old = point_path(sweep_dir, point.point_id)
+    try:
+        old.unlink(missing_ok=True)  # an old record must never pass for this run's
+    except OSError as err:
+        raise (MachineFault.from_os_error(err, old) or err) from err
     log_path = Path(sweep_dir) / "logs" / f"{point.point_id}.log"
     attempts, logs, seconds = [], [], 0.0
     for n in range(1, retries + 2):
