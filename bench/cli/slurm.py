@@ -12,7 +12,7 @@ from pathlib import Path
 from bench.cli.sweep import SHARED_FLAGS, add_plan_flags, sweep_config_from_args
 from bench.errors import UsageError
 from bench.plan.capacity import check_sweep, positive_int, slurm_partition
-from bench.plan.sweep import start_sweep
+from bench.plan.sweep import check_room, start_sweep
 from bench.results.records import point_path, read_record
 from bench.results.records import default_out
 from bench.results.report import efficiency_table, write_report
@@ -118,6 +118,7 @@ def _resume(args: argparse.Namespace) -> int:
     if not chosen:
         print("nothing to submit")
         return 0
+    check_room(config, sweep_dir, [p for p, _ in todo if p.point_id in chosen])
     round_no = next_round(jobs)
     rendered = render_arrays(config, options, sweep_dir, plan_arrays(config, only=chosen))
     scripts = write_scripts(sweep_dir, rendered, round_no)
@@ -212,7 +213,8 @@ def _add_option_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Slurm options (kept in <sweep>/slurm/jobs.json; --resume reuses them unless given)")
     g.add_argument("--partition", help="partition of every array (default: the cluster's or the template's)")
     g.add_argument("--account", help="account to charge (default: yours, or the template's)")
-    g.add_argument("--time", help="time limit of every task, e.g. 30 or 1:00:00 (default: point timeout + 5 min)")
+    g.add_argument("--time", help="time limit of every task, e.g. 30 or 1:00:00 (default: point timeout + 5 min per "
+                                 "launch attempt, see --retries)")
     g.add_argument("--nodes", type=positive_int, help="nodes per array (at most np); default: as --ranks-per-node "
                                                        "needs, or Slurm's choice")
     g.add_argument("--ranks-per-node", type=positive_int, metavar="N", help="MPI ranks per node")

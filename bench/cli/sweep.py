@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from dataclasses import replace
 from pathlib import Path
 
-from bench.errors import UsageError
+from bench.errors import MachineFault, UsageError
 from bench.launch.hosts import (add_host_flags, check_fits, launcher_from_args, load_layout, save_layout,
                                 shares_one_machine)
 from bench.launch.interrupts import INTERRUPTED_EXIT_CODE, signals_ignored
@@ -46,7 +47,7 @@ def _override(text: str) -> tuple[str, object]:
 SHARED_FLAGS = {"preset": "preset", "steps": "steps", "warmup": "warmup_steps", "timeout": "timeout_s",
                 "mem_limit": "mem_limit_mib", "threads": "threads_per_rank", "seed": "seed",
                 "batch_per_rank": "batch_per_rank", "global_batch": "global_batch",
-                "train_mem_limit": "train_mem_limit_mib"}
+                "train_mem_limit": "train_mem_limit_mib", "retries": "retries"}
 
 
 def add_shared_flags(p: argparse.ArgumentParser) -> None:
@@ -63,6 +64,9 @@ def add_shared_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-per-rank", type=int, help="per-rank batch of weak points (default: the preset's)")
     p.add_argument("--global-batch", type=int, help="global batch of strong points (default: the preset's)")
+    p.add_argument("--retries", type=int, metavar="N",
+                   help="launch a point again (after a pause) when its launch failed before any rank began to "
+                        "measure, up to N times (default 0); a crash, oom or timeout is never retried")
     add_oversubscribe_flag(p)
     p.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
                    help="override a workload config field, e.g. --set sampled_negatives=4096 (repeatable)")
@@ -122,6 +126,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.resume:
         sweep_dir = Path(args.resume)
         config = load_sweep_config(sweep_dir)
+        if args.retries is not None:  # how often to relaunch changes no measurement: the one flag --resume takes
+            config = replace(config, retries=args.retries)
         launcher = load_layout(sweep_dir)
     else:
         config = sweep_config_from_args(args)
@@ -172,15 +178,22 @@ def run_locked(config: SweepConfig, sweep_dir: Path, *, resume: bool, launcher: 
             start_sweep(config, sweep_dir)
             save_layout(sweep_dir, launcher)
         try:
-            run_sweep(config, sweep_dir, resume=resume, launcher=launcher)
-        except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP (bench.launch.interrupts)
-            with signals_ignored():  # the report of what finished is written whole
-                if any((sweep_dir / "points").glob("*.json")):
-                    write_report(sweep_dir)
-            print(f"interrupted: finished points are kept in {sweep_dir}; continue with "
-                  f"`alure-bench sweep --resume {sweep_dir}`")
-            return None
-        return write_report(sweep_dir)
+            try:
+                run_sweep(config, sweep_dir, resume=resume, launcher=launcher)
+            except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP (bench.launch.interrupts)
+                with signals_ignored():  # the report of what finished is written whole
+                    if any((sweep_dir / "points").glob("*.json")):
+                        write_report(sweep_dir)
+                print(f"interrupted: finished points are kept in {sweep_dir}; continue with "
+                      f"`{resume_command(sweep_dir)}`")
+                return None
+            return write_report(sweep_dir)
+        except MachineFault as fault:  # the folder is started: every point recorded so far is kept
+            raise fault.then(f"continue with `{resume_command(sweep_dir)}`")
+
+
+def resume_command(sweep_dir: Path) -> str:
+    return f"alure-bench sweep --resume {shlex.quote(str(sweep_dir))}"
 
 
 def cmd_report(args: argparse.Namespace) -> int:

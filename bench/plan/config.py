@@ -176,6 +176,11 @@ class SweepConfig(RunSettings):
     preset's users (the gradient exchange mode plays no part in them)."""
     graph_strategies: list[str] = field(default_factory=lambda: list(GRAPH_STRATEGIES))
     """k-NN strategies the graph stage is measured with, side by side."""
+    retries: int = 0
+    """Launches again, after a short pause, of a point whose launch failed before any rank began to measure
+    (mpirun, its daemons or the transport failed to start; bench.ranks.handback.mark_measuring); a point that
+    failed once measuring (a crash, oom, a timeout) is a result and never retried. Every attempt is in the
+    record."""
 
     def __post_init__(self):
         for name, allowed in (("scalings", SCALINGS), ("modes", MODES), ("stages", STAGES),
@@ -188,6 +193,8 @@ class SweepConfig(RunSettings):
             raise UsageError(f"nps must be positive whole numbers (got {self.nps})")
         if self.repeats < 1:
             raise UsageError(f"repeats must be at least 1 (got {self.repeats})")
+        if self.retries < 0:
+            raise UsageError(f"retries must not be negative (got {self.retries}): 0 launches every point once")
         self.nps = sorted(set(self.nps))
         self.plan()  # every point must be valid before anything runs (RunSettings' checks run there too)
 

@@ -2,28 +2,34 @@
 
 A point whose rank crashes, runs out of memory or hangs past its timeout gets a record with status failed, oom
 or timeout and the reason; the next point runs. Ctrl-C or SIGTERM stops the sweep between or during points,
-keeping every finished record. `resume` reruns only the points with no ok record.
+keeping every finished record. `resume` reruns only the points with no ok record. A launch that failed before any
+rank began to measure is tried again up to `retries` times. A fault of the machine around the results (a full disk,
+a read-only file system, the folder removed) stops the sweep with a MachineFault, every record already written
+intact; a folder too full for one point is refused before anything launches.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench.errors import UsageError
+from bench.errors import MachineFault, UsageError
 from bench.launch.environment import capture_environment, launch_environment
 from bench.launch.interrupts import Interrupted, signals_interrupt
 from bench.launch.mpirun import LOCAL, Launcher, is_oversubscribed, run_ranks
 from bench.launch.rank_program import python_module_argv
 from bench.plan.config import PointConfig, SweepConfig
-from bench.ranks.handback import collect, failures
+from bench.ranks.handback import collect, failures, machine_fault_in, measured_ranks
 from bench.ranks.memory import looks_like_oom
 from bench.ranks.point_program import point_argv
-from bench.results.records import (SCHEMA_VERSION, atomic_write_json, atomic_write_text, ensure_writable, point_path,
-                                   read_record, utc_now, write_record)
+from bench.results.records import (REPORT_BYTES, SCHEMA_VERSION, atomic_write_json, atomic_write_text, ensure_writable,
+                                   free_bytes, point_path, read_record, room_for_point, utc_now, write_record)
 
 SWEEP_FILE = "sweep.json"
 
@@ -51,8 +57,15 @@ def classify_failure(timed_out: bool, returncode: int | None, stderr: str, timeo
     signalled = re.search(r"exited on signal (\d+) \(([^)]*)\)", stderr)
     if signalled:
         return "failed", f"a rank exited on signal {signalled.group(1)} ({signalled.group(2)})"
-    last = [line for line in stderr.splitlines() if line.strip() and not set(line.strip()) <= set("-")]
-    return "failed", f"exit code {returncode}: " + (last[-1].strip() if last else "no error output")[:300]
+    lines = [line.strip() for line in stderr.splitlines() if line.strip() and not set(line.strip()) <= set("-")]
+    # A rank's exception (before mpirun's own notice, which ends every failed launch alike) says most.
+    raised = [line for line in lines if PYTHON_EXCEPTION.match(line)]
+    said = raised[-1] if raised else lines[-1] if lines else "no error output"
+    return "failed", f"exit code {returncode}: {said[:300]}"
+
+
+PYTHON_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt): ")
+"""The last line of a Python traceback: `FileNotFoundError: [Errno 2] ...`."""
 
 
 def _first_line_matching(text: str, predicate) -> str:
@@ -73,33 +86,100 @@ def worker_module(point: PointConfig) -> str:
     return "bench.ranks.worker" if point.stage == "train" else "bench.ranks.stage_worker"
 
 
-def run_point(point: PointConfig, sweep_dir: Path, launcher: Launcher = LOCAL) -> tuple[dict, float]:
-    """Measure one point on local ranks; always returns (and has written) its record, with the launch's wall
-    time."""
-    point_path(sweep_dir, point.point_id).unlink(missing_ok=True)  # an old record must never pass for this run's
+RETRY_PAUSE_S = 5.0
+"""Pause before the first retry of a failed launch; the n-th retry waits n times as long (a link or a daemon
+coming back takes seconds)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One launch of a point."""
+
+    record: dict
+    """The point's record from this launch (rank 0's, or a failure record), not yet written."""
+    seconds: float
+    """The launch's wall time."""
+    log: str
+    """The launch's command line and everything its ranks printed."""
+    measuring: bool
+    """Whether any rank began to measure (bench.ranks.handback.mark_measuring): if not, a failure was the launch's,
+    which `retries` may try again."""
+
+    @property
+    def retryable(self) -> bool:
+        return self.record["status"] == "failed" and not self.measuring
+
+
+def require_folder(sweep_dir: Path) -> None:
+    """The sweep's folder is still there (a command may run for hours; someone may remove it meanwhile)."""
+    if not os.path.isfile(Path(sweep_dir) / SWEEP_FILE):  # isfile never raises, even on a stale NFS handle
+        raise MachineFault.folder_gone(sweep_dir)
+
+
+def launch_point(point: PointConfig, sweep_dir: Path, launcher: Launcher = LOCAL) -> Attempt:
+    """Launch the point once on its ranks. A rank that could not hand back because of the machine raises that
+    MachineFault here (the point then has no record: `--resume` measures it again)."""
     started_at = utc_now()
+    require_folder(sweep_dir)  # before anything below could make a removed folder again
     # In the sweep's folder: the one place every host of a multi-host launch (or Slurm task) writes to.
     handback = Path(sweep_dir) / "handback" / point.point_id
     shutil.rmtree(handback, ignore_errors=True)
-    handback.mkdir(parents=True)
+    ensure_writable(handback)
     argv = python_module_argv(worker_module(point), *point_argv(point, str(handback)))
     try:
         run = run_ranks(point.np, argv, timeout_s=point.timeout_s, launcher=launcher)
         handed = collect(handback)
+        measuring = bool(measured_ranks(handback))
     finally:
         # handback/ itself stays: Slurm tasks of one sweep run points side by side, and removing it under another
         # task's mkdir would fail that task.
         shutil.rmtree(handback, ignore_errors=True)
-    atomic_write_text(Path(sweep_dir) / "logs" / f"{point.point_id}.log",
-                      f"$ {' '.join(argv)}\n--- stdout\n{run.stdout}\n--- stderr\n{run.stderr}")
+    fault = machine_fault_in(run.stderr)
+    if fault is not None:
+        fault.folder = Path(sweep_dir)  # the rank's folder is gone by now: free space in the sweep's
+        raise fault
+    require_folder(sweep_dir)
+    log = f"$ {' '.join(argv)}\n--- stdout\n{run.stdout}\n--- stderr\n{run.stderr}"
     rank0 = next((h for h in handed if h["rank"] == 0), None)
     if run.returncode == 0 and not run.timed_out and rank0 and rank0["status"] == "ok" and rank0["result"]:
-        write_record(sweep_dir, rank0["result"])
-        return rank0["result"], run.seconds
+        return Attempt(rank0["result"], run.seconds, log, True)
     status, reason = classify_failure(run.timed_out, run.returncode, run.stderr, point.timeout_s, failures(handed))
-    record = failure_record(point, status, reason, run.seconds, started_at, launcher)
+    return Attempt(failure_record(point, status, reason, run.seconds, started_at, launcher), run.seconds, log,
+                   measuring)
+
+
+def run_point(point: PointConfig, sweep_dir: Path, launcher: Launcher = LOCAL, *, retries: int = 0,
+              out=None) -> tuple[dict, float]:
+    """Measure one point; always returns (and has written) its record, with the wall time of all its attempts.
+    A launch that failed before any rank began to measure is tried again, after a pause, up to `retries` times
+    (each retry said on `out`); the record keeps every attempt (`attempts`) and its log every attempt's output."""
+    require_folder(sweep_dir)
+    old = point_path(sweep_dir, point.point_id)
+    try:
+        old.unlink(missing_ok=True)  # an old record must never pass for this run's
+    except OSError as err:
+        raise (MachineFault.from_os_error(err, old) or err) from err
+    log_path = Path(sweep_dir) / "logs" / f"{point.point_id}.log"
+    attempts, logs, seconds = [], [], 0.0
+    for n in range(1, retries + 2):
+        attempt = launch_point(point, sweep_dir, launcher)
+        record, seconds = attempt.record, seconds + attempt.seconds
+        attempts.append({"attempt": n, "status": record["status"], "reason": record["reason"],
+                         "started_at": record["started_at"], "wall_seconds": attempt.seconds})
+        logs.append(attempt.log)
+        atomic_write_text(log_path, logs[0] if n == 1 else
+                          "\n".join(f"=== attempt {i} of this point\n{text}" for i, text in enumerate(logs, 1)))
+        if not attempt.retryable or n > retries:
+            break
+        pause = RETRY_PAUSE_S * n
+        if out is not None:
+            print(f"  {point.label()}: the launch failed before any rank began to measure ({record['reason']}); "
+                  f"attempt {n + 1} of {retries + 1} in {pause:g} s", file=out, flush=True)
+        time.sleep(pause)
+        seconds += pause
+    record["attempts"] = attempts
     write_record(sweep_dir, record)
-    return record, run.seconds
+    return record, seconds
 
 
 def existing_ok(sweep_dir: Path, point: PointConfig) -> bool:
@@ -107,7 +187,39 @@ def existing_ok(sweep_dir: Path, point: PointConfig) -> bool:
     return path.exists() and read_record(path)["status"] == "ok"
 
 
-def progress_line(done: int, total: int, point: PointConfig, record: dict, seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """A duration as a person reads it: 0:42, 12:05, 1:02:03."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class Progress:
+    """Elapsed time of a plan of points and an estimate of what remains, from the points measured so far: a point
+    is expected to take what the measured points of its process count took on average (more ranks, longer
+    launches), or all measured points' average where none of its np ran yet."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.seconds_by_np: dict[int, list[float]] = {}
+
+    def measured(self, point: PointConfig, seconds: float) -> None:
+        self.seconds_by_np.setdefault(point.np, []).append(seconds)
+
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.start
+
+    def eta_s(self, remaining: list[PointConfig]) -> float | None:
+        """Seconds the `remaining` points are expected to take; None before any point was measured."""
+        every = [s for seconds in self.seconds_by_np.values() for s in seconds]
+        if not every:
+            return None
+        mean = {np: sum(s) / len(s) for np, s in self.seconds_by_np.items()}
+        return sum(mean.get(p.np, sum(every) / len(every)) for p in remaining)
+
+
+def progress_line(done: int, total: int, point: PointConfig, record: dict, seconds: float,
+                  elapsed_s: float | None = None, eta_s: float | None = None) -> str:
     width = 20
     bar = "#" * (width * done // total) + "-" * (width - width * done // total)
     what = point.label("*" if is_oversubscribed(point.np) else "")
@@ -115,7 +227,40 @@ def progress_line(done: int, total: int, point: PointConfig, record: dict, secon
         outcome = f"ok {record['metrics']['step_time_ms']:.1f} ms/{'step' if point.stage == 'train' else 'stage'}"
     else:
         outcome = f"{record['status'].upper()}: {record['reason']}"
-    return f"[{bar}] {done}/{total} {what}: {outcome} ({seconds:.0f} s)"
+    attempts = len(record.get("attempts") or [None])
+    took = f"{seconds:.0f} s" + (f", {attempts} attempts" if attempts > 1 else "")
+    timing = ""
+    if elapsed_s is not None:
+        timing = f"; elapsed {clock(elapsed_s)}" + (f", ETA {clock(eta_s)}" if eta_s is not None and done < total
+                                                     else "")
+    return f"[{bar}] {done}/{total} {what}: {outcome} ({took}){timing}"
+
+
+def room_needed(point: PointConfig, retries: int = 0) -> int:
+    """Bytes the point needs in the results folder while it runs and is recorded (bench.results.records)."""
+    timed = point.steps if point.stage == "train" else point.stage_steps
+    return room_for_point(point.np, timed, attempts=retries + 1)
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def check_room(config: SweepConfig, sweep_dir: Path, points: list[PointConfig], out=None) -> None:
+    """Refuse (a MachineFault, before anything is launched) a folder whose file system cannot take even one of
+    `points`; with `out`, note where it may fill before the last of them and the report are written."""
+    if not points:
+        return
+    free = free_bytes(sweep_dir)
+    need = max(room_needed(p, config.retries) for p in points)
+    if free < need:
+        raise MachineFault(sweep_dir, errno.ENOSPC, detail=f"{_size(free)} free, and a point of this sweep needs "
+                                                             f"about {_size(need)} for its record and log")
+    whole = sum(room_needed(p) for p in points) + REPORT_BYTES
+    if out is not None and free < whole:
+        print(f"note: {sweep_dir} has {_size(free)} free, and the {len(points)} points and the report need about "
+              f"{_size(whole)}: it may fill before the end (the sweep then stops with the --resume command)",
+              file=out)
 
 
 def start_sweep(config: SweepConfig, sweep_dir: Path) -> None:
@@ -123,6 +268,7 @@ def start_sweep(config: SweepConfig, sweep_dir: Path) -> None:
     ensure_writable(sweep_dir)
     if (sweep_dir / "points").is_dir() and any((sweep_dir / "points").glob("*.json")):
         raise UsageError(f"{sweep_dir} already holds a sweep: add --resume to continue it, or choose a new --out")
+    check_room(config, sweep_dir, config.plan())
     (sweep_dir / "points").mkdir(exist_ok=True)
     atomic_write_json(sweep_dir / SWEEP_FILE, config.as_dict())
     atomic_write_json(sweep_dir / "environment.json",
@@ -139,23 +285,28 @@ def load_sweep_config(sweep_dir: Path) -> SweepConfig:
         raise UsageError(f"{path} is not valid JSON ({err.msg}): restore it or start a new sweep") from None
 
 
-def run_sweep(config: SweepConfig, sweep_dir: Path, *, resume: bool = False, out=sys.stdout,
+def run_sweep(config: SweepConfig, sweep_dir: Path, *, resume: bool = False, out=None,
               launcher: Launcher = LOCAL) -> list[dict]:
-    """Run every point of the plan (with `resume`, only those without an ok record); return all records."""
+    """Run every point of the plan (with `resume`, only those without an ok record), saying how it goes on `out`
+    (default: stdout as it is at the call); return all records."""
+    out = out or sys.stdout
     plan = config.plan()
     todo = [p for p in plan if not (resume and existing_ok(sweep_dir, p))]
     if resume:
         print(f"resuming {sweep_dir}: {len(plan) - len(todo)} of {len(plan)} points already ok", file=out)
         ensure_writable(sweep_dir)
+    check_room(config, sweep_dir, todo, out)
     oversubscribed = sorted({p.np for p in todo if is_oversubscribed(p.np)})
     if oversubscribed:
         print(f"note: np {oversubscribed} exceed this machine's cores: oversubscribed (marked *), flagged in "
               f"every table and plot", file=out)
-    start = time.perf_counter()
+    progress = Progress()
     with sigterm_interrupts():
         for i, point in enumerate(todo, 1):
-            record, seconds = run_point(point, sweep_dir, launcher)
-            print(progress_line(i, len(todo), point, record, seconds), file=out, flush=True)
-    print(f"{len(todo)} points in {time.perf_counter() - start:.0f} s", file=out)
+            record, seconds = run_point(point, sweep_dir, launcher, retries=config.retries, out=out)
+            progress.measured(point, seconds)
+            print(progress_line(i, len(todo), point, record, seconds, progress.elapsed_s(),
+                                progress.eta_s(todo[i:])), file=out, flush=True)
+    print(f"{len(todo)} points in {clock(progress.elapsed_s())}", file=out)
     return [read_record(point_path(sweep_dir, p.point_id)) for p in plan
             if point_path(sweep_dir, p.point_id).exists()]

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 from bench.plan.config import PointConfig
-from bench.ranks.handback import hand_back, hand_back_failure, launched_rank
+from bench.ranks.handback import hand_back, hand_back_failure, launched_rank, mark_measuring
 from bench.ranks.memory import apply_mem_limit
 from bench.results.records import utc_now
 
@@ -43,6 +43,7 @@ def main(prog: str, measure: Measure, build_record: BuildRecord, argv: list[str]
         rank = exchange.rank
         if exchange.size != point.np:
             raise RuntimeError(f"launched with {exchange.size} ranks for a point of np={point.np}")
+        mark_measuring(args.results, rank)  # the launch is up: a failure from here on is the point's result
         ranks = exchange.allgather_object(measure(point, exchange))
         record = build_record(point, ranks, time.perf_counter() - start, started_at) if rank == 0 else None
         hand_back(args.results, rank, record)

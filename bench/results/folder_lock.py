@@ -9,6 +9,7 @@ On NFS, Linux turns flock into a POSIX record lock the server arbitrates, so the
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -18,7 +19,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.errors import UsageError
+from bench.errors import MachineFault, UsageError
 from bench.results.records import utc_now
 
 LOCK_FILE = ".alure-bench.lock"
@@ -52,19 +53,28 @@ def exclusive_writer(folder: str | Path):
     try:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(_command_line()),
               "since": utc_now()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        except OSError as err:
+            raise (MachineFault.from_os_error(err, path) or err) from err
         yield
     finally:
         # Unlink while still holding the lock: a writer that opened the old file sees it replaced and retries
-        # (`_acquire`), so two writers can never hold locks on two different files.
-        path.unlink(missing_ok=True)
+        # (`_acquire`), so two writers can never hold locks on two different files. A file system gone read-only
+        # or failing may refuse the unlink: the lock still ends with the descriptor, and the fault that brought
+        # us here must not be hidden by a second one.
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
         os.close(fd)
 
 
 def _acquire(path: Path) -> int:
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            raise (MachineFault.from_os_error(err, path) or err) from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from bench.errors import UsageError
+from bench.errors import MachineFault, UsageError
 
 if TYPE_CHECKING:  # rank programs write through this module: they need not load pandas
     import pandas as pd
@@ -50,24 +51,33 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` so that a reader sees the old file or the new one, never half of one."""
+def atomic_write_text(path: str | Path, text: str, *, parents: bool = True) -> None:
+    """Write `text` so that a reader sees the old file or the new one, never half of one, and no temporary file
+    stays behind. `parents`: create the missing folders above it (False: only its own folder, inside one that
+    must exist, so that a results folder removed under a running command is not silently made again). A failure
+    of the machine (no space, quota, read-only, I/O error) is a MachineFault naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=parents, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            with contextlib.suppress(OSError):  # a read-only or failing file system may refuse even this
+                os.unlink(tmp)
+        fault = MachineFault.from_os_error(err, path)
+        if fault is not None:
+            raise fault from err
         raise
 
 
-def atomic_write_json(path: str | Path, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+def atomic_write_json(path: str | Path, data, *, parents: bool = True) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", parents=parents)
 
 
 def write_csv_atomic(path: Path, rows: list[dict], fields: tuple[str, ...]) -> None:
@@ -88,9 +98,53 @@ def ensure_writable(folder: str | Path) -> Path:
         probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test.", delete=True)
         probe.close()
     except OSError as err:
+        fault = MachineFault.from_os_error(err, folder)
+        if fault is not None:
+            raise fault from None
         raise UsageError(f"results folder {folder} is not writable ({err.strerror}): choose another with --out "
                          f"or fix its permissions") from None
     return folder
+
+
+def free_bytes(folder: str | Path) -> int:
+    """What an unprivileged writer may still put on the file system of `folder` (statvfs: available blocks)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError as err:
+        fault = MachineFault.from_os_error(err, folder)
+        if fault is not None:
+            raise fault from None
+        raise
+    return st.f_bavail * st.f_frsize
+
+
+# What a point needs on disk while it runs (`room_for_point`): rounded up from the records and logs of the committed
+# sweeps (docs/faults.md says how), so that a sweep refuses a folder where not even one point would fit.
+RECORD_BASE_BYTES = 4096
+"""A point record's part that does not grow with np: the point's config, its metrics, the launch's description."""
+RECORD_RANK_BYTES = 2048
+"""What each rank adds to the record besides its per-step lists (its memory, exchange counters, host)."""
+RECORD_RANK_STEP_BYTES = 256
+"""What each rank adds per timed step (its step and phase times, the memory probe's cost)."""
+LOG_RANK_BYTES = 8192
+"""Allowance per rank and launch attempt for the point's log: a failed launch's holds mpirun's notice and each
+rank's traceback."""
+BLOCK_BYTES = 4096
+"""The smallest space a file takes on common file systems (ext4, xfs, tmpfs pages)."""
+REPORT_BYTES = 2**20
+"""Allowance for summary.csv, report.md and the plots a sweep writes at its end."""
+
+
+def _blocks(size: int) -> int:
+    return -(-size // BLOCK_BYTES) * BLOCK_BYTES
+
+
+def room_for_point(np: int, timed_steps: int, attempts: int = 1) -> int:
+    """Bytes a point of `np` ranks and `timed_steps` timed steps (or stage repetitions) needs while it runs and is
+    recorded: rank 0's record handed back, one small file and one start marker per other rank, then the record
+    and the log (rewritten whole after each attempt, so briefly twice)."""
+    record = RECORD_BASE_BYTES + np * (RECORD_RANK_BYTES + timed_steps * RECORD_RANK_STEP_BYTES)
+    return _blocks(record) + 2 * np * BLOCK_BYTES + 2 * _blocks(attempts * np * LOG_RANK_BYTES)
 
 
 def point_path(sweep_dir: Path, point_id: str) -> Path:

@@ -66,7 +66,8 @@ class SlurmOptions:
         return Path(self.template) if self.template else DEFAULT_TEMPLATE
 
     def time_for(self, config: SweepConfig) -> str:
-        return self.time_limit or format_time_limit(config.timeout_s + TIME_MARGIN_S)
+        # Each retry is a launch that failed before measuring, plus its pause: within one more margin.
+        return self.time_limit or format_time_limit(config.timeout_s + TIME_MARGIN_S * (1 + config.retries))
 
     def layout(self, np: int) -> tuple[int, int]:
         """(nodes, ranks per node) of the np-rank array; 0 leaves it to Slurm."""

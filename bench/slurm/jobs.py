@@ -12,12 +12,13 @@ into the sweep's folder exactly as a local sweep does. The sweep folder is the o
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
 
-from bench.errors import UsageError
+from bench.errors import MachineFault, UsageError
 from bench.launch.hosts import allocation_launcher
 from bench.plan.config import PointConfig, SweepConfig
 from bench.plan.sweep import (SWEEP_FILE, SweepInterrupted, existing_ok, load_sweep_config, progress_line, run_point,
@@ -164,22 +165,32 @@ def submit_scripts(sweep_dir: Path, jobs: dict, options: SlurmOptions, scripts: 
 
 # --- inside an array task -----------------------------------------------------------------------------------
 
-def run_task(sweep_dir: Path, np: int, index: int, launcher: str, out=sys.stdout) -> int:
-    """Measure the point of array task `index` of the np-rank array, with ranks started inside the allocation.
-    Exit code: 0 ok, 1 a failed/oom/timeout record, 143 stopped by Slurm (scancel, time limit) with no record."""
+def run_task(sweep_dir: Path, np: int, index: int, launcher: str, out=None) -> int:
+    """Measure the point of array task `index` of the np-rank array, with ranks started inside the allocation,
+    launched again as a local sweep would (the sweep's `retries`). Exit code: 0 ok, 1 a failed/oom/timeout record,
+    143 stopped by Slurm (scancel, time limit) with no record; a fault of the machine raises its MachineFault (the
+    CLI's one line, exit 2), the point left without a record."""
+    out = out or sys.stdout
     if launcher not in LAUNCHERS:
         raise UsageError(f"unknown launcher {launcher!r}: use mpirun or srun")
     config = require_sweep(sweep_dir)
     point = point_for_task(config, np, index)
     started_at = utc_now()
-    write_task_note(sweep_dir, point, index, "running", started_at)
+    resubmit = f"`alure-bench slurm submit --resume {sweep_dir}` measures the point again"
     try:
+        write_task_note(sweep_dir, point, index, "running", started_at)
         with sigterm_interrupts():
-            record, seconds = run_point(point, sweep_dir, allocation_launcher(launcher))
+            record, seconds = run_point(point, sweep_dir, allocation_launcher(launcher), retries=config.retries,
+                                        out=out)
     except (SweepInterrupted, KeyboardInterrupt) as err:
         write_task_note(sweep_dir, point, index, f"was stopped ({err or 'interrupt'})", started_at)
         print(f"{point.label()}: stopped ({err or 'interrupt'}); no record written", file=out, flush=True)
         return 143
+    except MachineFault as fault:
+        # The point has no record (collect lists it as missing); say why where the machine still lets us.
+        with contextlib.suppress(MachineFault, OSError):
+            write_task_note(sweep_dir, point, index, f"stopped by a fault of the machine ({fault})", started_at)
+        raise fault.then(resubmit)
     write_task_note(sweep_dir, point, index, record["status"], started_at)
     print(progress_line(1, 1, point, record, seconds), file=out, flush=True)
     return 0 if record["status"] == "ok" else 1
