@@ -18,6 +18,7 @@ At np=1 Horovod registers no hooks and exchanges nothing: every mode is the bare
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -69,6 +70,10 @@ class ExchangeCounters:
     resparsified_bytes: int = 0
     """sparse-as-dense's gradients rebuilt sparse after the allreduce (Horovod's `to_sparse()`, added into p.grad):
     read from p.grad afterwards. Horovod's to_sparse() result it was added from is as large and freed right after."""
+    work_ms: float = 0.0
+    """Time spent in the exchange's own code outside exchange_wait: the gradient hooks inside backward (bookkeeping,
+    coalesce, dense-reduce's buffer zero and index_add, Horovod's to_dense and enqueue) and auto's agreement in the
+    data phase. What runs inside synchronize (Horovod's to_sparse, collecting results) is exchange_wait already."""
 
     def reset(self) -> None:
         for name in self.__slots__:
@@ -134,6 +139,13 @@ class HorovodExchange:
         counters = self.counters
 
         def exchange(p):
+            started = time.perf_counter()
+            try:
+                return start(p)
+            finally:
+                counters.work_ms += (time.perf_counter() - started) * 1000
+
+        def start(p):
             grad = p.grad
             how = self.table_mode.get(p) if grad is not None and grad.is_sparse else None
             if how == "dense-reduce":
@@ -202,6 +214,11 @@ class HorovodExchange:
         budget, and choose per table."""
         if self.mode != "auto" or self.size == 1:
             return
+        started = time.perf_counter()
+        self._choose_modes(batch)
+        self.counters.work_ms += (time.perf_counter() - started) * 1000
+
+    def _choose_modes(self, batch):
         from bench.launch.mpirun import physical_cores
         from bench.model.profile import table_lookups
         from bench.model.table_costs import choose_mode
