@@ -196,4 +196,5 @@ def test_a_real_tiny_sweep_co_runs_without_collectives_and_its_factors_multiply_
     assert set(POP_COLUMNS) <= set(summary.columns)
     report = (out / "report.md").read_text()
     assert "## Where efficiency goes" in report and "exchange_eff" in report and "uncalibrated host" in report
+    assert "mode corun: the co-run baseline" in report
     assert (out / "pop.png").stat().st_size > 0

@@ -51,6 +51,9 @@ def efficiency_table(df: pd.DataFrame) -> str:
         tables.append(stage_table(stages))
     if not tables:
         return "no points"
+    if df["corun"].any():
+        notes.append("mode corun: the co-run baseline, P independent np=1 trainings run at once with no exchange "
+                     "(docs/efficiency.md); it has no efficiency of its own")
     if df["oversubscribed"].any():
         notes.append("* oversubscribed: more ranks than cores; timings include time-sharing of cores")
     for _, row in df[df["status"] != "ok"].iterrows():
