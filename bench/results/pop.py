@@ -85,14 +85,8 @@ def add_pop(df: pd.DataFrame, records: list[dict], baseline_key: list[str], seed
         scaling, np_ = rows["scaling"].iloc[0], int(key[-1])
         t1 = float(base["step_time_ms"].median())
         counterpart = corun_rows.get(tuple(rows.iloc[0][COUNTERPART_KEY]))
-        if np_ == 1:
-            tc_rows, tc = pd.Series([t1] * len(rows), index=rows.index), t1
-        elif counterpart is not None:
-            tc = float(counterpart["useful_ms_mean"].median())
-            tc_rows = pd.Series([tc] * len(rows), index=rows.index)
-        else:
-            tc_rows, tc = pd.Series([np.nan] * len(rows), index=rows.index), np.nan
-        each = pop_factors(scaling, np_, t1, rows["step_time_ms"], tc_rows, rows["useful_ms_mean"],
+        tc = t1 if np_ == 1 else float(counterpart["useful_ms_mean"].median()) if counterpart is not None else np.nan
+        each = pop_factors(scaling, np_, t1, rows["step_time_ms"], tc, rows["useful_ms_mean"],
                            rows["useful_ms_max"])
         for factor in FACTORS:
             df.loc[rows.index, factor] = each[factor]
