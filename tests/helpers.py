@@ -24,8 +24,9 @@ from bench.ranks.handback import collect
 
 CLI = [sys.executable, "-m", "bench.cli"]
 """`alure-bench` as this interpreter runs it."""
-TINY = ["--preset", "tiny", "--warmup", "1"]
-"""The quickest sweep a test can ask for (add --steps and the rest)."""
+TINY = ["--preset", "tiny", "--warmup", "1", "--no-corun"]
+"""The quickest sweep a test can ask for (add --steps and the rest); without the co-run baseline points, which
+tests/test_efficiency.py runs."""
 RANK_SCRIPTS = Path(__file__).parent / "ranks"
 HANDBACK_VAR = "RANK_HANDBACK_DIR"
 """Names the folder a rank script hands its record back into (bench.ranks.handback; see tests/ranks/)."""

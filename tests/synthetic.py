@@ -50,7 +50,7 @@ def point_record(point: PointConfig, step_ms: float, rss_mib: float = 400.0, hel
         exchange = {**ExchangeCounters().as_dict(), "allgather_bytes_held": held, "bytes_received": 0}
         ranks.append({"rank": r, "host": "test", "pid": 1000 + r, "host_cores": 2,
                       "step_time_ms": [sum(phase_ms[p][s] for p in PHASES) for s in range(steps)],
-                      "phase_ms": phase_ms, "baseline_rss_mib": rss_mib - 20, "peak_rss_mib": rss_mib,
+                      "phase_ms": phase_ms, "work_ms": [0.0] * steps, "baseline_rss_mib": rss_mib - 20, "peak_rss_mib": rss_mib,
                       "rss_growth_mib": 20.0, "build_peak_rss_mib": rss_mib - 10, "train_peak_rss_mib": rss_mib,
                       "phase_peak_rss_mib": dict.fromkeys(PHASES, rss_mib), "memory_probe": "vmhwm-reset",
                       "memory_probe_ms": [0.1] * steps, "exchange": exchange, "exchange_bytes_held": held,
@@ -62,7 +62,7 @@ def point_record(point: PointConfig, step_ms: float, rss_mib: float = 400.0, hel
 def make_sweep(folder: Path, nps=(1, 2, 4), slowdown: dict | None = None, failed: set | None = None) -> Path:
     """A tiny-preset sweep folder: weak and strong, both modes, made-up step times that grow with np (dense-reduce
     more), optionally some points slower by a factor or failed."""
-    config = SweepConfig(name="test", preset="tiny", nps=list(nps), steps=5, global_batch=64)
+    config = SweepConfig(name="test", preset="tiny", nps=list(nps), steps=5, global_batch=64, corun=False)
     atomic_write_json(folder / "sweep.json", config.as_dict())
     atomic_write_json(folder / "environment.json", {"cores": 2, "memory_mib": 8192, "cpu_model": "test"})
     for point in config.plan():

@@ -7,9 +7,11 @@ from bench.plan.config import PointConfig, SweepConfig
 
 def test_the_default_plan_covers_scaling_mode_and_np():
     plan = SweepConfig().plan()
-    assert len(plan) == 8
-    assert {(p.scaling, p.mode, p.np) for p in plan} == {
+    assert len(plan) == 10
+    assert {(p.scaling, p.mode, p.np) for p in plan if not p.corun} == {
         (s, m, n) for s in ("weak", "strong") for m in ("sparse-gather", "dense-reduce") for n in (1, 2)}
+    # and a co-run baseline per scaling kind at np=2 (docs/efficiency.md)
+    assert sorted(p.point_id for p in plan if p.corun) == ["corun-strong-np2-r0", "corun-weak-np2-r0"]
     assert [p.np for p in plan] == sorted(p.np for p in plan), "np=1 first: a partial sweep keeps its baselines"
 
 
@@ -53,13 +55,13 @@ def test_point_ids_are_stable_file_names():
 def test_repeats_interleave_in_seeded_rounds_with_the_baselines_first():
     config = SweepConfig(nps=[1, 2, 3], repeats=3)
     plan = config.plan()
-    points = {(p.scaling, p.mode, p.np) for p in plan}
+    points = {(p.scaling, p.mode, p.np, p.corun) for p in plan}
     per_round = len(points)
     for r in range(3):
         round_ = plan[r * per_round:(r + 1) * per_round]
-        assert {p.repeat for p in round_} == {r} and {(p.scaling, p.mode, p.np) for p in round_} == points
+        assert {p.repeat for p in round_} == {r} and {(p.scaling, p.mode, p.np, p.corun) for p in round_} == points
     assert [p.np for p in plan[:4]] == [1] * 4, "round 0 measures every np=1 baseline first"
-    orders = [[(p.scaling, p.mode, p.np) for p in plan[r * per_round:(r + 1) * per_round]] for r in range(3)]
+    orders = [[(p.scaling, p.mode, p.np, p.corun) for p in plan[r * per_round:(r + 1) * per_round]] for r in range(3)]
     assert orders[1] != orders[2], "each round has its own shuffled order"
     assert plan == SweepConfig(nps=[1, 2, 3], repeats=3).plan(), "the order is seeded"
     assert plan != SweepConfig(nps=[1, 2, 3], repeats=3, seed=1).plan()

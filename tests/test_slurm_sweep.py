@@ -28,14 +28,15 @@ from bench.slurm.jobs import active_points, read_jobs
 from bench.slurm.scheduler import parse_sbatch_output, parse_scontrol_jobs, task_states
 from tests.helpers import CLI, assert_one_line_error, cli, cli_here
 
-TINY = ["--preset", "tiny", "--warmup", "1", "--steps", "3", "--modes", "dense-reduce", "--scalings", "weak"]
+TINY = ["--preset", "tiny", "--warmup", "1", "--steps", "3", "--modes", "dense-reduce", "--scalings", "weak",
+        "--no-corun"]
 WAIT_S = 300  # a whole tiny sweep takes 30-60 s here; a loaded machine is slower
 
 
 # --- arrays, scripts and Slurm's answers ---------------------------------------------------------------------
 
 def test_one_array_per_np_and_a_task_index_means_the_same_point_everywhere():
-    config = SweepConfig(preset="tiny", nps=[1, 2, 4], modes=["dense-reduce"], repeats=2)
+    config = SweepConfig(preset="tiny", nps=[1, 2, 4], modes=["dense-reduce"], repeats=2, corun=False)
     arrays = plan_arrays(config)
     assert [(a.np, a.indices) for a in arrays] == [(1, (0, 1, 2, 3)), (2, (0, 1, 2, 3)), (4, (0, 1, 2, 3))]
     for a in arrays:

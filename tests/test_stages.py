@@ -111,7 +111,7 @@ def test_sharded_stages_give_the_single_process_graph_and_quality_at_np_1_2_3(tr
 
 def test_stage_points_are_planned_per_np_after_the_training_points():
     config = SweepConfig(stages=["train", "graph", "refresh"], nps=[1, 2], scalings=["weak"],
-                         modes=["dense-reduce"], interleave=False)
+                         modes=["dense-reduce"], interleave=False, corun=False)
     assert [p.point_id for p in config.plan()] == [
         "weak-dense-reduce-np1-r0", "refresh-np1-r0", "graph-replicate-np1-r0", "graph-ring-np1-r0",
         "weak-dense-reduce-np2-r0", "refresh-np2-r0", "graph-replicate-np2-r0", "graph-ring-np2-r0"]
@@ -121,7 +121,7 @@ def test_stage_points_are_planned_per_np_after_the_training_points():
         "strong-dense-reduce-np1-r0"]
     # Interleaved (the default), every stage point is in each round, np=1 first in the first round.
     plan = SweepConfig(stages=["train", "graph"], nps=[1, 2], scalings=["weak"], modes=["dense-reduce"],
-                       repeats=2).plan()
+                       repeats=2, corun=False).plan()
     assert sorted(p.point_id for p in plan[:3]) == ["graph-replicate-np1-r0", "graph-ring-np1-r0",
                                                     "weak-dense-reduce-np1-r0"]
     assert [p.repeat for p in plan] == [0] * 6 + [1] * 6

@@ -37,7 +37,8 @@ def synthetic_sweep(extra_per_rank: float = 0.0, noise: float = 0.02, seed: int 
     gives, times (1 + noise x normal); np >= 3 points also take `extra_per_rank` x (np - 2) more: a cost the model
     does not have. The weak np=1 step is `np1_ms`."""
     rng = np.random.default_rng(seed)
-    config = SweepConfig(name="synthetic", preset="tiny", nps=[1, 2, 3, 4], steps=5, global_batch=96, repeats=2)
+    config = SweepConfig(name="synthetic", preset="tiny", nps=[1, 2, 3, 4], steps=5, global_batch=96, repeats=2,
+                         corun=False)
     plan = config.plan()
     base = [point_record(p, np1_ms) for p in plan if p.np == 1 and p.scaling == "weak"]
     profile = profile_from_records(base, ENVIRONMENT)
@@ -151,7 +152,8 @@ def test_points_over_two_link_rates_are_each_predicted_over_their_own_link():
 
 def test_predict_validate_prints_and_writes_the_out_of_sample_errors(tmp_path):
     sweep = tmp_path / "sweep"
-    config = SweepConfig(name="synthetic", preset="tiny", nps=[1, 2, 3, 4], steps=5, global_batch=96, repeats=2)
+    config = SweepConfig(name="synthetic", preset="tiny", nps=[1, 2, 3, 4], steps=5, global_batch=96, repeats=2,
+                         corun=False)
     atomic_write_json(sweep / "sweep.json", config.as_dict())
     atomic_write_json(sweep / "environment.json", ENVIRONMENT)
     for r in synthetic_sweep():

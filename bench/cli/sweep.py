@@ -68,6 +68,9 @@ def add_shared_flags(p: argparse.ArgumentParser) -> None:
                    help="launch a point again (after a pause) when its launch failed before any rank began to "
                         "measure, up to N times (default 0); a crash, oom or timeout is never retried")
     add_oversubscribe_flag(p)
+    p.add_argument("--no-corun", dest="corun", action="store_false", default=None,
+                   help="leave out the co-run baseline points of a sweep (P independent np=1 trainings at each "
+                        "np > 1, the machine's own share of the efficiency: docs/efficiency.md); run adds none")
     p.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
                    help="override a workload config field, e.g. --set sampled_negatives=4096 (repeatable)")
 
@@ -98,12 +101,12 @@ def sweep_config_from_args(args: argparse.Namespace, **fixed) -> SweepConfig:
     config = SweepConfig.from_toml(args.config) if getattr(args, "config", None) else SweepConfig()
     changes = {field: getattr(args, flag) for flag, field in SHARED_FLAGS.items() if getattr(args, flag) is not None}
     for flag in ("nps", "modes", "scalings", "repeats", "name", "interleave", "stages", "graph_strategies",
-                 "stage_steps"):
+                 "stage_steps", "corun"):
         if getattr(args, flag, None) is not None:
             changes[flag] = getattr(args, flag)
     if args.overrides:
         changes["workload"] = {**config.workload, **dict(args.overrides)}
-    config = replace(config, **changes, **fixed)
+    config = replace(config, **(changes | fixed))
     _check_workload(config)
     return config
 
@@ -148,7 +151,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """One point: a one-point sweep, so its record and report are those of any sweep."""
     config = sweep_config_from_args(args, nps=sorted({1, args.np}) if args.with_baseline else [args.np],
-                                    modes=[args.mode], scalings=[args.scaling], name="run")
+                                    modes=[args.mode], scalings=[args.scaling], name="run", corun=False)
     launcher = launcher_from_args(args)
     check_launchable(config, launcher, "--np", args.oversubscribe_limit)
     sweep_dir = Path(args.out) if args.out else default_out("run")

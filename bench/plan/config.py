@@ -113,6 +113,10 @@ class PointConfig(RunSettings):
     """The pipeline stage timed: train (a training step), refresh, graph or retrieval (the whole stage)."""
     graph_strategy: str = ""
     """For stage graph: how ranks share the embeddings, replicate or ring; empty for the other stages."""
+    corun: bool = False
+    """The co-run baseline of np ranks (bench.ranks.corun): np independent np=1 trainings started together on the
+    same cores, no exchange and no Horovod; their step time against the lone np=1 point is what sharing the machine
+    costs (docs/efficiency.md). The mode plays no part in it."""
 
     def __post_init__(self):
         RunSettings.__post_init__(self)  # zero-argument super() does not work in a slots dataclass
@@ -134,10 +138,15 @@ class PointConfig(RunSettings):
         if self.scaling == "strong" and self.global_batch and self.global_batch % self.np:
             raise UsageError(f"strong scaling splits the global batch {self.global_batch} over {self.np} ranks "
                              f"unevenly: choose a global batch divisible by every np")
+        if self.corun and (self.stage != "train" or self.np < 2):
+            raise UsageError(f"a co-run baseline runs training steps on np >= 2 processes (got stage {self.stage}, "
+                             f"np={self.np}): the lone np=1 point is its own baseline")
 
     @property
     def point_id(self) -> str:
         """Stable file name of the point's record (a train point's is what it was before stages existed)."""
+        if self.corun:
+            return f"corun-{self.scaling}-np{self.np}-r{self.repeat}"
         if self.stage != "train":
             return f"{self.stage}{'-' + self.graph_strategy if self.graph_strategy else ''}-np{self.np}-r{self.repeat}"
         return f"{self.scaling}-{self.mode}-np{self.np}-r{self.repeat}"
@@ -146,6 +155,7 @@ class PointConfig(RunSettings):
         """What a person reads of the point: 'weak sparse-gather np=2 r0', 'graph ring np=4 r1' (`np_mark`, e.g. '*'
         for oversubscribed, right after the process count)."""
         what = f"{self.scaling} {self.mode}" if self.stage == "train" else stage_label(self.stage, self.graph_strategy)
+        what = f"{self.scaling} co-run" if self.corun else what
         return f"{what} np={self.np}{np_mark} r{self.repeat}"
 
     @classmethod
@@ -181,6 +191,9 @@ class SweepConfig(RunSettings):
     (mpirun, its daemons or the transport failed to start; bench.ranks.handback.mark_measuring); a point that
     failed once measuring (a crash, oom, a timeout) is a result and never retried. Every attempt is in the
     record."""
+    corun: bool = True
+    """With training points: at every np > 1, per scaling kind, a co-run baseline point (PointConfig.corun), so the
+    efficiency splits into the machine's own share and the rest (docs/efficiency.md)."""
 
     def __post_init__(self):
         for name, allowed in (("scalings", SCALINGS), ("modes", MODES), ("stages", STAGES),
@@ -219,6 +232,9 @@ class SweepConfig(RunSettings):
         if "train" in self.stages:
             points += [PointConfig(scaling=s, mode=m, np=n, repeat=r, **self.shared())
                        for s, m in itertools.product(self.scalings, self.modes)]
+            if self.corun and n > 1:
+                points += [PointConfig(scaling=s, mode=self.modes[0], np=n, repeat=r, corun=True, **self.shared())
+                           for s in self.scalings]
         for stage in (s for s in STAGES if s != "train" and s in self.stages):
             strategies = self.graph_strategies if stage == "graph" else [""]
             points += [PointConfig(stage=stage, graph_strategy=g, scaling="strong", mode=self.modes[0], np=n,

@@ -82,7 +82,10 @@ def failure_record(point: PointConfig, status: str, reason: str, wall_seconds: f
 
 
 def worker_module(point: PointConfig) -> str:
-    """The rank program of a point: training steps, or a whole pipeline stage."""
+    """The rank program of a point: training steps, the co-run baseline's independent trainings, or a whole pipeline
+    stage."""
+    if point.corun:
+        return "bench.ranks.corun"
     return "bench.ranks.worker" if point.stage == "train" else "bench.ranks.stage_worker"
 
 

@@ -18,6 +18,7 @@ At np=1 Horovod registers no hooks and exchanges nothing: every mode is the bare
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -95,6 +96,10 @@ class ExchangeCounters:
     """Bytes of the sparse tables' rows this rank holds (whole tables when replicated, its shard when sharded)."""
     table_state_bytes: int = 0
     """Bytes of the optimizer state of those rows."""
+    work_ms: float = 0.0
+    """Time spent in the exchange's own code outside exchange_wait: the gradient hooks inside backward (bookkeeping,
+    coalesce, dense-reduce's buffer zero and index_add, Horovod's to_dense and enqueue) and auto's agreement in the
+    data phase. What runs inside synchronize (Horovod's to_sparse, collecting results) is exchange_wait already."""
 
     def reset(self) -> None:
         for name in self.__slots__:
@@ -169,6 +174,13 @@ class HorovodExchange:
         counters = self.counters
 
         def exchange(p):
+            started = time.perf_counter()
+            try:
+                return start(p)
+            finally:
+                counters.work_ms += (time.perf_counter() - started) * 1000
+
+        def start(p):
             grad = p.grad
             how = self.table_mode.get(p) if grad is not None and grad.is_sparse else None
             if how == "dense-reduce":
@@ -243,6 +255,11 @@ class HorovodExchange:
         budget, and choose per table."""
         if self.mode != "auto" or self.size == 1:
             return
+        started = time.perf_counter()
+        self._choose_modes(batch)
+        self.counters.work_ms += (time.perf_counter() - started) * 1000
+
+    def _choose_modes(self, batch):
         from bench.launch.mpirun import physical_cores
         from bench.model.profile import table_lookups
         from bench.model.table_costs import choose_mode

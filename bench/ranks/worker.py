@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -18,7 +19,8 @@ from bench.plan.workload import batch_sizes, preset_batch, workload_config
 from bench.ranks import point_program
 from bench.ranks.memory import MIB, PeakProbe, apply_training_mem_limit, peak_rss_mib, rss_mib, vm_data_bytes
 from bench.results.records import SCHEMA_VERSION
-from bench.results.scaling import PHASES, rank_skew, slowest_rank_per_step, spread, throughput_samples_per_s
+from bench.results.scaling import (PHASES, rank_skew, slowest_rank_per_step, spread, throughput_samples_per_s,
+                                   useful_metrics)
 
 
 class StepMeasurement(NamedTuple):
@@ -77,8 +79,9 @@ def instrumented_step(trainer, exchange, measure_density: bool = False,
     return StepMeasurement({p: ms[p] for p in PHASES}, moved, density, peak, probe_s * 1000, vm_data_bytes())
 
 
-def measure(point: PointConfig, exchange) -> dict:
-    """Run the point on this rank; return this rank's raw measurements."""
+def measure(point: PointConfig, exchange, before_timed_steps: Callable[[], None] | None = None) -> dict:
+    """Run the point on this rank; return this rank's raw measurements. `before_timed_steps` runs after the
+    warm-up, outside every clock (the co-run baseline lines its processes up there)."""
     import torch
     from alure.train import Trainer
 
@@ -95,8 +98,12 @@ def measure(point: PointConfig, exchange) -> dict:
         warmup.append(instrumented_step(trainer, exchange, measure_density=i == point.warmup_steps - 1))
         density = warmup[-1].density or density
     warmup_peak = probe.peak_mib()
+    if before_timed_steps is not None:
+        before_timed_steps()
+    timed_start = time.time()
     steps = [instrumented_step(trainer, exchange, measure_density=density is None and i == 0, probe=probe)
              for i in range(point.steps)]
+    timed_end = time.time()
     probe.close()
     density = density or steps[0].density
     phase_ms = {p: [s.ms[p] for s in steps] for p in PHASES}
@@ -107,6 +114,8 @@ def measure(point: PointConfig, exchange) -> dict:
     return {
         "rank": exchange.rank, "host": socket.gethostname(), "pid": os.getpid(), "host_cores": physical_cores(),
         "step_time_ms": [sum(s.ms.values()) for s in steps], "phase_ms": phase_ms,
+        "work_ms": [s.moved["work_ms"] for s in steps],  # the exchange's own work per step, outside exchange_wait
+        "timed_start_unix": timed_start, "timed_end_unix": timed_end,
         "baseline_rss_mib": baseline_rss,
         # the largest of the windows the probe saw: build, warm-up and every timed phase (the kernel's own lifetime
         # mark is reset by the probe)
@@ -130,11 +139,11 @@ def measure(point: PointConfig, exchange) -> dict:
 
 EXCHANGE_METRICS = ("allgather_calls", "allreduce_calls", "allgather_bytes_held", "allreduce_bytes_held",
                     "allgather_rows_sent", "allgather_rows_held", "allreduce_ring_bytes", "densify_bytes",
-                    "coalesced_bytes", "resparsified_bytes", "alltoall_calls", "alltoall_bytes_sent",
-                    "alltoall_bytes_received", "alltoall_ids_bytes_sent", "alltoall_ids_bytes_received",
-                    "alltoall_rows_bytes_sent", "alltoall_rows_bytes_received", "alltoall_grad_bytes_sent",
-                    "alltoall_grad_bytes_received", "alltoall_lookups_served", "alltoall_buffer_bytes",
-                    "table_bytes", "table_state_bytes")
+                    "coalesced_bytes", "resparsified_bytes", "allreduce_bytes_sent", "alltoall_calls",
+                    "alltoall_bytes_sent", "alltoall_bytes_received", "alltoall_ids_bytes_sent",
+                    "alltoall_ids_bytes_received", "alltoall_rows_bytes_sent", "alltoall_rows_bytes_received",
+                    "alltoall_grad_bytes_sent", "alltoall_grad_bytes_received", "alltoall_lookups_served",
+                    "alltoall_buffer_bytes", "table_bytes", "table_state_bytes", "work_ms")
 """Counters of bench.ranks.exchange.ExchangeCounters a record's metrics carry (the largest rank's median per step)."""
 
 
@@ -163,10 +172,16 @@ def build_record(point: PointConfig, ranks: list[dict], wall_seconds: float, sta
                              default=None),
         "memory_probe": "; ".join(sorted({r["memory_probe"] for r in ranks})),
         "memory_probe_ms": float(np.median([r["memory_probe_ms"] for r in ranks])),
-        **{k: max(r["exchange"][k] for r in ranks) for k in EXCHANGE_METRICS},
-        "alltoall_imbalance": receive_imbalance([r["exchange"]["alltoall_lookups_served"] for r in ranks]),
+        # Counters a mode does not issue count 0.
+        **{k: max(r["exchange"].get(k, 0) for r in ranks) for k in EXCHANGE_METRICS},
+        "alltoall_imbalance": receive_imbalance([r["exchange"].get("alltoall_lookups_served", 0) for r in ranks]),
+        **useful_metrics(ranks),
     }
     network = network_of_ranks(ranks)
+    # What the pace-setting rank spent on the exchange: its wait plus the exchange's own work in the other phases.
+    exchange_ms = float(np.median([ranks[r]["phase_ms"]["exchange_wait"][s] + ranks[r]["work_ms"][s]
+                                   for s, r in enumerate(slowest_rank)]))
+    metrics |= price_exchange(point, metrics, exchange_ms, network["transport"])
     # Emulated hosts (slurm/cluster.sh) are namespaces of this one machine: their ranks time-share its cores.
     shared = network["transport"] == "tcp" and shares_one_machine(network["hosts"])
     return {
@@ -189,6 +204,16 @@ def receive_imbalance(served: list[float]) -> float | None:
     when even; None when no all-to-all ran."""
     mean = float(np.mean(served))
     return float(max(served)) / mean if mean > 0 else None
+
+
+def price_exchange(point: PointConfig, counters: dict, exchange_ms: float, transport: str) -> dict:
+    """exchange_ideal_ms and exchange_efficiency of the point (bench.model.exchange_price); where nothing is
+    exchanged (np=1, the co-run baseline) the ideal is 0 and no model is consulted."""
+    from bench.model.exchange_price import exchange_price, host_collective_model
+    if point.np == 1 or point.corun:
+        return {"exchange_ideal_ms": 0.0, "exchange_ms": exchange_ms, "exchange_efficiency": None,
+                "exchange_priced": None, "exchange_model": None}
+    return exchange_price(counters, point.np, exchange_ms, host_collective_model(transport))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,8 @@ import pandas as pd
 
 from bench.plan.config import stage_label
 from bench.results.plots import breakdown_plot, efficiency_plot, memory_plot, stages_plot
+from bench.results.pop import FACTORS
+from bench.results.pop_plot import pop_plot
 from bench.results.records import atomic_write_text, load
 
 POINT_KEY = ["scaling", "mode", "np"]
@@ -49,6 +51,9 @@ def efficiency_table(df: pd.DataFrame) -> str:
         tables.append(stage_table(stages))
     if not tables:
         return "no points"
+    if df["corun"].any():
+        notes.append("mode corun: the co-run baseline, P independent np=1 trainings run at once with no exchange "
+                     "(docs/efficiency.md); it has no efficiency of its own")
     if df["oversubscribed"].any():
         notes.append("* oversubscribed: more ranks than cores; timings include time-sharing of cores")
     for _, row in df[df["status"] != "ok"].iterrows():
@@ -107,6 +112,41 @@ STAGES_TEXT = ("Stages refresh, graph and retrieval: the whole stage over the pr
                "collectives and ring transfers moved per rank.")
 
 
+POP_TEXT = ("Where efficiency goes (docs/efficiency.md): efficiency = corun_share x load_balance x "
+            "communication_efficiency x computational_scaling, each per point (median over ok repeats) with its 95% "
+            "bootstrap interval. corun_share: the lone np=1 step time against a rank of P independent np=1 "
+            "processes run together (the co-run baseline); load_balance: mean / max useful time over ranks; "
+            "communication_efficiency: max useful time / step time; computational_scaling: co-run useful time / "
+            "mean useful time at P. Useful time = data + forward + backward + optimizer - work_ms (the exchange's own "
+            "work). exchange_ms: exchange wait + work_ms of the pace-setting rank; exchange_ideal_ms: the collectives "
+            "its counters saw, priced with the collective model below; exchange_eff = ideal / exchange_ms.")
+
+
+def pop_table(df: pd.DataFrame) -> str | None:
+    """One row per training point with factors or a priced exchange: the four factors [95% interval] and the
+    exchange's ideal against its measured time; None where no point has either."""
+    ok = df[(df["status"] == "ok") & (df["stage"] == "train") & ~df["corun"].astype(bool)]
+    ok = ok[ok["point_load_balance"].notna() | ok["exchange_ideal_ms"].notna()]
+    if ok.empty:
+        return None
+    columns = ["oversubscribed", "point_efficiency", "exchange_ms", "exchange_ideal_ms", "exchange_efficiency",
+               *[c for f in FACTORS for c in (f"point_{f}", f"{f}_ci_low", f"{f}_ci_high")]]
+    medians = ["exchange_ms", "exchange_ideal_ms", "exchange_efficiency"]
+    t = ok.groupby(POINT_KEY).agg({c: "median" if c in medians else "first" for c in columns}).reset_index()
+    out = _with_np_marks(t)[POINT_KEY + ["point_efficiency"]].rename(columns={"point_efficiency": "efficiency"})
+    for factor in FACTORS:
+        out[factor] = [_with_interval(v, lo, hi, "{:.2f}") for v, lo, hi in
+                       zip(t[f"point_{factor}"], t[f"{factor}_ci_low"], t[f"{factor}_ci_high"])]
+    out["exchange_ms"], out["exchange_ideal_ms"] = t["exchange_ms"], t["exchange_ideal_ms"]
+    out["exchange_eff"] = t["exchange_efficiency"]
+    return out.to_string(index=False, float_format=_numbers, na_rep="-")
+
+
+def collective_models(df: pd.DataFrame) -> list[str]:
+    """What priced the points' exchanges: each collective model named once."""
+    return sorted(set(df["exchange_model"].dropna()))
+
+
 def _mib(v) -> float:
     return v / 2**20
 
@@ -130,13 +170,15 @@ def write_report(sweep_dir: str | Path) -> pd.DataFrame:
     sweep_dir = Path(sweep_dir)
     df = load(sweep_dir)
     atomic_write_text(sweep_dir / "summary.csv", df.to_csv(index=False))
-    train = df[df["stage"] == "train"]
+    train = df[(df["stage"] == "train") & ~df["corun"].astype(bool)]  # the co-run baseline has its own plot
     efficiency_plot(train, sweep_dir / "efficiency.png")
     breakdown_plot(train, sweep_dir / "breakdown.png")
     memory_plot(train, sweep_dir / "memory.png")
     has_stages = (df["stage"] != "train").any()
     if has_stages:
         stages_plot(df, sweep_dir / "stages.png")
+    has_pop = pop_plot(df, sweep_dir / "pop.png")
+    pop = pop_table(df)
     env_path = sweep_dir / "environment.json"
     env = json.loads(env_path.read_text()) if env_path.exists() else {}
     lines = [f"# Sweep {sweep_dir.name}", "",
@@ -156,6 +198,10 @@ def write_report(sweep_dir: str | Path) -> pd.DataFrame:
              *([STAGES_TEXT, ""] if has_stages else []),
              "```", efficiency_table(df), "```", "",
              "![efficiency](efficiency.png)", "", "![breakdown](breakdown.png)", "", "![memory](memory.png)", "",
-             *(["![stages](stages.png)", ""] if has_stages else [])]
+             *(["![stages](stages.png)", ""] if has_stages else []),
+             *(["## Where efficiency goes", "", POP_TEXT, "",
+                "Collective model: " + ("; ".join(collective_models(df)) or "none (no multi-rank point)") + ".", "",
+                "```", pop, "```", ""] if pop else []),
+             *(["![efficiency breakdown](pop.png)", ""] if has_pop else [])]
     atomic_write_text(sweep_dir / "report.md", "\n".join(lines))
     return df

@@ -6,6 +6,9 @@ import numpy as np
 
 PHASES = ("data", "forward", "backward", "exchange_wait", "optimizer")
 """The phases of one training step, in order; their times add up to the step time."""
+USEFUL_PHASES = ("data", "forward", "backward", "optimizer")
+"""The phases whose time is useful work (bench.results.pop), once the exchange's own work inside them (work_ms) is
+taken out."""
 
 
 def slowest_rank_per_step(step_ms: np.ndarray) -> np.ndarray:
@@ -74,3 +77,16 @@ def busbw_factor(op: str, np_: int) -> float:
     if op == "memcpy":
         return 1.0
     raise ValueError(f"no bus-bandwidth factor for op {op!r}")
+
+
+def useful_ms(rank: dict) -> np.ndarray:
+    """One rank's useful time per timed step: its useful phases minus the exchange's own work in them."""
+    phases = sum(np.asarray(rank["phase_ms"][p], dtype=float) for p in USEFUL_PHASES)
+    return phases - np.asarray(rank["work_ms"], dtype=float)
+
+
+def useful_metrics(ranks: list[dict]) -> dict:
+    """A record's useful-time metrics: each rank's median over steps, their mean and their largest."""
+    per_rank = [float(np.median(useful_ms(r))) for r in ranks]
+    return {"useful_ms_per_rank": per_rank, "useful_ms_mean": float(np.mean(per_rank)),
+            "useful_ms_max": float(np.max(per_rank))}

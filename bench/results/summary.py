@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 
 from alure.stages import STAGES
+from bench.results.pop import POP_COLUMNS, add_pop
 from bench.results.scaling import PHASES, bootstrap_step_time, efficiency, interval
 
 SUMMARY_COLUMNS = ["scaling", "mode", "np", "repeat", "status", "step_time_ms", "step_time_ms_p10",
@@ -23,17 +24,27 @@ EXTRA_COLUMNS = ["preset", "reason", "rss_growth_mib", "exchange_bytes_sent", "e
                  "wall_seconds",
                  *[f"{p}_ms" for p in PHASES],
                  "stage", "graph_strategy", "efficiency_p10", "efficiency_p90", "sendrecv_calls", "memory_probe",
-                 *INTERVAL_COLUMNS, "data_growth_mib"]
+                 *INTERVAL_COLUMNS, "data_growth_mib",
+                 "corun", "work_ms", "useful_ms_mean", "useful_ms_max", "exchange_ms", "exchange_ideal_ms",
+                 "exchange_efficiency", "exchange_model", *POP_COLUMNS]
 """stage: train (step_time_ms is a training step) or refresh, graph, retrieval (step_time_ms is the whole stage,
 strong scaling of the preset's users, throughput in users/s); graph_strategy: replicate or ring for the graph
 stage. efficiency_p10/p90: the efficiency at the point's p90/p10 time, the np=1 median kept: its noise band.
-data_growth_mib: what training (warm-up included) added to the data segment, the quantity --train-mem-limit caps."""
+data_growth_mib: what training (warm-up included) added to the data segment, the quantity --train-mem-limit caps.
+corun: a co-run baseline row (its mode reads "corun"). work_ms: the exchange's own work per step outside
+exchange_wait; useful_ms_mean/_max: useful time per rank per step (data + forward + backward + optimizer - work_ms),
+mean and largest over ranks; exchange_ms: the pace-setting rank's exchange_wait + work_ms; exchange_ideal_ms: its
+collectives priced by the collective model named in exchange_model ("uncalibrated: ..." for the built-in defaults);
+exchange_efficiency = ideal / exchange_ms. The POP factors and their intervals: bench.results.pop,
+docs/efficiency.md."""
 
 
 def record_row(record: dict) -> dict:
     point = record["point"]
     metrics = record.get("metrics") or {}
-    row = {"scaling": point["scaling"], "mode": point["mode"], "np": point["np"], "repeat": point["repeat"],
+    corun = bool(point.get("corun"))
+    row = {"scaling": point["scaling"], "mode": "corun" if corun else point["mode"], "np": point["np"],
+           "repeat": point["repeat"], "corun": corun,
            "status": record["status"], "oversubscribed": bool(record.get("oversubscribed")),
            "preset": point["preset"], "reason": record.get("reason"),
            "batch_per_rank": record.get("batch_per_rank"), "global_batch": record.get("global_batch"),
@@ -45,8 +56,13 @@ def record_row(record: dict) -> dict:
     for key in ("step_time_ms", "step_time_ms_p10", "step_time_ms_p90", "throughput_samples_per_s",
                 "peak_rss_mib", "rss_growth_mib", "exchange_bytes_held", "exchange_bytes_sent",
                 "exchange_bytes_received", "rank_skew", "gradient_density", "allgather_calls", "allreduce_calls",
-                "allgather_bytes_held", "allreduce_bytes_held", "sendrecv_calls", "data_growth_mib"):
-        row[key] = metrics.get(key, np.nan)
+                "allgather_bytes_held", "allreduce_bytes_held", "sendrecv_calls", "data_growth_mib", "work_ms",
+                "useful_ms_mean", "useful_ms_max", "exchange_ms", "exchange_ideal_ms", "exchange_efficiency"):
+        value = metrics.get(key)
+        row[key] = np.nan if value is None else value
+    model = metrics.get("exchange_model")
+    row["exchange_model"] = (f"{model['source']}{', ' + model['created'] if model.get('created') else ''}"
+                             if model else None)
     for phase in PHASES:
         row[f"{phase}_ms"] = (metrics.get("phase_ms") or {}).get(phase, np.nan)
     return row
@@ -101,6 +117,7 @@ def summarize(records: list[dict]) -> pd.DataFrame:
                       + [c for c in EXTRA_COLUMNS if c not in INTERVAL_COLUMNS])
     df = add_efficiency(df)
     df = add_intervals(df, [r.get("step_time_ms_slowest_rank") or [] for r in records])
+    df = add_pop(df, records, BASELINE_KEY)
     df = df[SUMMARY_COLUMNS + EXTRA_COLUMNS]
     order = df["stage"].map({s: i for i, s in enumerate(STAGES)})
     return df.assign(_order=order).sort_values(["_order", "graph_strategy", "scaling", "mode", "np", "repeat"],
