@@ -1,9 +1,11 @@
 """`alure-bench compare A B`: per-point ratios with their noise band, and the exit code a CI gate reads."""
+import numpy as np
 import pandas as pd
 import pytest
 
-from bench.results.compare import compare
+from bench.results.compare import compare, format_table, point_label
 from bench.results.records import load
+from bench.results.summary import summarize
 from tests.helpers import assert_one_line_error, cli, cli_here
 from tests.synthetic import make_sweep
 
@@ -55,3 +57,37 @@ def test_compare_bad_input_is_one_line(baseline, tmp_path):
     assert_one_line_error(cli_here("compare", str(baseline), str(tmp_path / "none")), "not a folder")
     assert_one_line_error(cli_here("compare", str(baseline), str(baseline), "--threshold", "-1"), "--threshold")
     assert_one_line_error(cli_here("compare", str(baseline)), "usage:")
+
+
+def _summary(points: dict) -> pd.DataFrame:
+    """A summary of made-up records: {(stage, graph_strategy, threads_per_rank): step ms} at strong sparse-gather
+    np=2, three repeats each (the scaling and mode a sweep gives its stage points)."""
+    records = []
+    for (stage, strategy, threads), ms in points.items():
+        for r in range(3):
+            steps = [ms * (1 + 0.01 * ((s + r) % 3 - 1)) for s in range(5)]
+            records.append({"point": {"scaling": "strong", "mode": "sparse-gather", "np": 2, "repeat": r,
+                                      "preset": "tiny", "threads_per_rank": threads, "stage": stage,
+                                      "graph_strategy": strategy},
+                            "status": "ok", "reason": None, "oversubscribed": False, "threads_per_rank": threads,
+                            "step_time_ms_slowest_rank": steps,
+                            "metrics": {"step_time_ms": float(np.median(steps)), "peak_rss_mib": 100.0,
+                                        "exchange_bytes_held": 0.0, "phase_ms": {}}})
+    return summarize(records)
+
+
+def test_stage_points_are_not_pooled_into_the_training_point_of_the_same_scaling_mode_and_np():
+    a = _summary({("train", "", 1): 100.0, ("graph", "ring", 1): 3000.0, ("graph", "replicate", 1): 2000.0})
+    b = _summary({("train", "", 1): 100.0, ("graph", "ring", 1): 6000.0, ("graph", "replicate", 1): 2000.0})
+    table = compare(a, b, threshold=0.1)
+    assert len(table) == 3, table
+    verdicts = {point_label(r): r.verdict for r in table.itertuples()}
+    assert verdicts == {"strong sparse-gather np=2": "same", "graph ring np=2": "SLOWER",
+                        "graph replicate np=2": "same"}
+    assert "graph_strategy" in format_table(table) and "ring" in format_table(table)
+
+
+def test_points_run_with_other_threads_per_rank_are_other_points():
+    table = compare(_summary({("train", "", 1): 100.0, ("train", "", 2): 60.0}),
+                    _summary({("train", "", 1): 100.0, ("train", "", 2): 60.0}), threshold=0.1)
+    assert sorted(table["threads_per_rank"]) == [1, 2] and set(table["verdict"]) == {"same"}

@@ -2,8 +2,10 @@
 import numpy as np
 import pytest
 
-from bench.results.scaling import bootstrap_step_time, busbw_factor, efficiency, interval, rank_skew, slowest_rank_per_step, \
-    spread, throughput_samples_per_s
+from bench.results.scaling import (bootstrap_step_time, busbw_factor, efficiency, interval, overlapping,
+                                   pace_phase_means, paired_efficiency, rank_skew, slowest_rank_per_step, spread,
+                                   throughput_samples_per_s)
+from bench.results.ranking import mode_ranking
 from bench.results.summary import SUMMARY_COLUMNS, summarize
 
 
@@ -116,3 +118,84 @@ def test_efficiency_divides_only_by_the_baseline_of_the_same_threads():
     df = summarize([_stepped("weak", "sparse-gather", 1, [100.0] * 5, threads=1),
                     _stepped("weak", "sparse-gather", 2, [100.0] * 5, threads=1)])
     assert df.loc[df["np"] == 2, "efficiency"].item() == pytest.approx(1.0)
+
+
+def test_the_bootstrap_resamples_whole_repeats_not_their_steps():
+    # Steps that scatter widely within each run, but every run has the same median: runs of this point do not
+    # disagree, and steps resampled one by one would invent a spread between them.
+    repeats = [[80.0, 100.0, 120.0] * 7 for _ in range(4)]
+    assert interval(bootstrap_step_time(repeats, np.random.default_rng(0))) == (100.0, 100.0)
+    # Two steady runs at 100 and 110: a draw's median over two resampled runs is 100, 105 or 110, nothing else.
+    draws = bootstrap_step_time([[100.0] * 9, [110.0] * 9], np.random.default_rng(0))
+    assert set(np.unique(draws)) == {100.0, 105.0, 110.0}
+
+
+def test_one_repeat_gets_an_interval_of_its_own_steps_noise():
+    # 27 steps: blocks of 3. A run slow in its first part and fast after: every block lies within a part or
+    # across the one boundary, so a draw's median stays between the parts' times.
+    steps = [120.0] * 13 + [100.0] * 14
+    draws = bootstrap_step_time([steps], np.random.default_rng(0))
+    low, high = interval(draws)
+    assert 100.0 <= low < 110.0 < high <= 120.0
+    assert draws.min() >= 100.0 and draws.max() <= 120.0
+
+
+def test_efficiency_is_paired_by_round_so_a_slow_round_cancels():
+    # Round r slowed np=1 and np=2 alike (by 0.9 ... 1.2): each round's efficiency is 100/125 = 0.8 exactly.
+    slow = {r: k for r, k in enumerate((0.9, 1.0, 1.1, 1.2))}
+    baseline = {r: [100.0 * k] * 5 for r, k in slow.items()}
+    point = {r: [125.0 * k] * 5 for r, k in slow.items()}
+    paired = interval(paired_efficiency("weak", baseline, point, 2, np.random.default_rng(0)))
+    assert paired == pytest.approx((0.8, 0.8))
+    # Bootstrapped apart, the same runs give a wide interval.
+    apart = interval(efficiency("weak", bootstrap_step_time(list(baseline.values()), np.random.default_rng(0)),
+                                bootstrap_step_time(list(point.values()), np.random.default_rng(1)), 2))
+    assert apart[1] - apart[0] > 0.2
+
+
+def test_pairing_leaves_out_rounds_one_side_lacks():
+    baseline = {0: [100.0] * 5, 1: [100.0] * 5, 2: [50.0] * 5}  # round 2 of np=2 failed
+    point = {0: [125.0] * 5, 1: [125.0] * 5}
+    assert interval(paired_efficiency("weak", baseline, point, 2, np.random.default_rng(0))) == \
+        pytest.approx((0.8, 0.8))
+
+
+def test_summary_efficiency_intervals_pair_the_rounds():
+    slow = (0.9, 1.0, 1.1, 1.2)
+    records = [_stepped("weak", "dense-reduce", n, [t * k] * 5, r) for r, k in enumerate(slow)
+               for n, t in ((1, 100.0), (2, 125.0))]
+    two = summarize(records).query("np == 2").iloc[0]
+    assert (two["efficiency_ci_low"], two["efficiency_ci_high"]) == pytest.approx((0.8, 0.8))
+    assert two["step_time_ms_ci_low"] < 125.0 < two["step_time_ms_ci_high"], "the step time keeps the rounds' noise"
+
+
+def test_phase_means_of_the_pace_setting_rank_add_up_to_the_mean_step():
+    # Rank 1 sets step 0's pace, rank 0 step 1's.
+    ranks = [{"step_time_ms": [10.0, 30.0], "phase_ms": {"data": [1, 2], "forward": [4, 10], "backward": [4, 14],
+                                                          "exchange_wait": [0, 2], "optimizer": [1, 2]}},
+             {"step_time_ms": [20.0, 12.0], "phase_ms": {"data": [2, 1], "forward": [6, 4], "backward": [8, 4],
+                                                          "exchange_wait": [2, 2], "optimizer": [2, 1]}}]
+    means = pace_phase_means(ranks)
+    assert means == {"data": 2.0, "forward": 8.0, "backward": 11.0, "exchange_wait": 2.0, "optimizer": 2.0}
+    assert sum(means.values()) == pytest.approx(np.mean([20.0, 30.0]))
+
+
+def test_overlapping_intervals_are_the_pairs_not_told_apart():
+    pairs = overlapping({"a": (0.70, 0.80), "b": (0.78, 0.90), "c": (0.95, 1.0), "d": (0.90, 0.92),
+                         "e": (float("nan"), float("nan"))})
+    assert pairs == [("a", "b"), ("b", "d")]
+
+
+def test_the_report_says_which_modes_it_does_not_tell_apart():
+    # Weak np=2: dense-reduce clearly slower; sparse-gather and auto 1% apart under 5% round-to-round noise, which
+    # lands on each mode's rounds in another order.
+    noise = {"sparse-gather": (0.95, 1.0, 1.05, 0.97, 1.03), "auto": (1.03, 0.95, 0.97, 1.05, 1.0),
+             "dense-reduce": (1.0, 1.05, 0.95, 1.03, 0.97)}
+    times = {"sparse-gather": 120.0, "auto": 121.0, "dense-reduce": 200.0}
+    records = [_stepped("weak", mode, n, [(100.0 if n == 1 else times[mode]) * k ** (n - 1)] * 5, r)
+               for mode in times for r, k in enumerate(noise[mode]) for n in (1, 2)]
+    lines = mode_ranking(summarize(records))
+    step = next(line for line in lines if "step time" in line)
+    assert step.startswith("weak np=2 step time: sparse-gather < auto < dense-reduce")
+    assert step.endswith("not distinguished: sparse-gather ~ auto")
+    assert any(line.startswith("weak np=2 efficiency: sparse-gather > auto > dense-reduce") for line in lines)

@@ -1,7 +1,8 @@
 """`alure-bench compare A B`: two results folders side by side, per point, as a CI gate.
 
-Per (scaling, mode, np): the median step time of each (over repeats), the ratio B/A and its noise band
-[B low / A high, B high / A low] from the 95% confidence intervals of the two medians. A point is slower when the
+Per point (its stage and graph strategy, scaling, mode, preset, threads per rank and np, as the summary keys it): the
+median step time of each (over repeats), the ratio B/A and its noise band [B low / A high, B high / A low] from the
+95% confidence intervals of the two medians. A point is slower when the
 ratio exceeds 1 + threshold and even the band's low end is above 1 (the difference is not noise); a point ok in A and
 failed, oom or timed out in B is a regression too. The exit code is 1 when any point regressed, 0 otherwise, 2 for bad
 input.
@@ -14,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.errors import UsageError
-from bench.results.compare import compare, format_table, regressions
+from bench.results.compare import compare, format_table, point_label, regressions
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -42,7 +43,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if bad.empty:
         print(f"\nno regression: {both} points in both, none slower beyond {args.threshold:.0%} and its noise band")
         return 0
-    print(f"\n{len(bad)} regressed point(s): " + "; ".join(f"{r.scaling} {r.mode} np={r.np} {r.verdict}"
+    print(f"\n{len(bad)} regressed point(s): " + "; ".join(f"{point_label(r)} {r.verdict}"
                                                          for r in bad.itertuples()))
     return 1
 

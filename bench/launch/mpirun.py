@@ -55,6 +55,16 @@ DEFAULT_ALLOCATOR = "glibc-reuse-thp"
 comparison (docs/collectives.md)."""
 
 
+BIND_VARIABLE = "ALURE_BENCH_BIND"
+"""How mpirun places local ranks on cores: one of BINDINGS; default DEFAULT_BINDING."""
+BINDINGS = ("none", "core")
+"""none: the kernel moves ranks between cores as it likes. core: each rank pinned to a core of its own (Open MPI's
+--map-by core --bind-to core), where the ranks fit this host's cores; a launch with more ranks than cores, or across
+hosts, stays unbound (Open MPI refuses to bind more ranks than cores, and time-shared ranks gain nothing from a pin)."""
+DEFAULT_BINDING = "none"
+"""What launches use unless ALURE_BENCH_BIND says otherwise (the references so far ran unbound)."""
+
+
 def mpi_environment(np: int, base: dict[str, str] | None = None, *, single_host: bool = True) -> dict[str, str]:
     """The environment mpirun needs here, on top of `base` (default: this process's).
 
@@ -86,7 +96,22 @@ def mpi_environment(np: int, base: dict[str, str] | None = None, *, single_host:
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if single_host and is_oversubscribed(np):
         env["OMPI_MCA_rmaps_base_oversubscribe"] = "1"
+    # mpirun_command passes the binding as flags (they reach an mpirun started on another host too); the same
+    # policy as MCA variables puts it into every sweep's environment.json (launch_environment, per np).
+    policy = binding_policy(np, single_host)
+    env["OMPI_MCA_hwloc_base_binding_policy"] = policy
+    if policy == "core":
+        env["OMPI_MCA_rmaps_base_mapping_policy"] = "core"
     return env
+
+
+def binding_policy(np: int, single_host: bool = True) -> str:
+    """What a launch of np ranks binds them to, from ALURE_BENCH_BIND in this process's environment (BINDINGS):
+    'core' only where asked and the ranks fit this host's cores, else 'none'."""
+    binding = os.environ.get(BIND_VARIABLE, DEFAULT_BINDING)
+    if binding not in BINDINGS:
+        raise UsageError(f"{BIND_VARIABLE}={binding} is not a binding: use one of {', '.join(BINDINGS)}")
+    return "core" if binding == "core" and single_host and not is_oversubscribed(np) else "none"
 
 
 def mpirun_command(np: int, argv: list[str], *, single_host: bool = True) -> list[str]:
@@ -97,7 +122,8 @@ def mpirun_command(np: int, argv: list[str], *, single_host: bool = True) -> lis
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         raise UsageError("mpirun not found: run `make setup` (or `module load` an MPI) first")
-    cmd = [mpirun, "-np", str(np), "--bind-to", "none"]
+    policy = binding_policy(np, single_host)
+    cmd = [mpirun, "-np", str(np), *(["--map-by", "core"] if policy == "core" else []), "--bind-to", policy]
     if single_host and is_oversubscribed(np):
         cmd.append("--oversubscribe")
     return cmd + list(argv)

@@ -6,34 +6,42 @@ import numpy as np
 import pandas as pd
 
 from bench.errors import UsageError
+from bench.plan.config import stage_label
+from bench.results.summary import POINT_KEY
 
-KEY = ["scaling", "mode", "np"]
-COLUMNS = ["scaling", "mode", "np", "a_ms", "b_ms", "ratio", "band_low", "band_high", "rss_ratio", "verdict"]
+VALUES = ["a_ms", "b_ms", "ratio", "band_low", "band_high", "rss_ratio", "verdict"]
 
 
 def _points(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (scaling, mode, np): medians over the ok repeats with the interval of the step time's (bench.results.summary),
-    the status if none was ok, the oversubscribed flag."""
+    """Per point (bench.results.summary.POINT_KEY): medians over the ok repeats with the interval of the step time's
+    (bench.results.summary), the status if none was ok, the oversubscribed flag."""
     rows = []
-    for key, g in df.groupby(KEY):
+    # dropna=False: a key column an older summary lacks the value of (NaN) still names a point.
+    for key, g in df.groupby(POINT_KEY, dropna=False):
         ok = g[g["status"] == "ok"]
-        rows.append(dict(zip(KEY, key), ok=not ok.empty,
+        rows.append(dict(zip(POINT_KEY, key), ok=not ok.empty,
                          status="ok" if not ok.empty else ",".join(sorted(set(g["status"]))),
                          ms=ok["step_time_ms"].median(), low=ok["step_time_ms_ci_low"].median(),
                          high=ok["step_time_ms_ci_high"].median(), rss=ok["peak_rss_mib"].median(),
                          oversubscribed=bool(g["oversubscribed"].any())))
-    return pd.DataFrame(rows, columns=[*KEY, "ok", "status", "ms", "low", "high", "rss", "oversubscribed"])
+    return pd.DataFrame(rows, columns=[*POINT_KEY, "ok", "status", "ms", "low", "high", "rss", "oversubscribed"])
+
+
+def point_label(row) -> str:
+    """'weak dense-reduce np=2', 'graph ring np=4': the point a row of the comparison table stands for."""
+    what = f"{row.scaling} {row.mode}" if row.stage == "train" else stage_label(row.stage, row.graph_strategy)
+    return f"{what} np={row.np}"
 
 
 def compare(a: pd.DataFrame, b: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """The comparison table of two summaries (bench.results.records.load), one row per point of either."""
     if threshold < 0:
         raise UsageError(f"--threshold {threshold} is negative: give the tolerated slow-down, e.g. 0.1 for 10%")
-    merged = _points(a).merge(_points(b), on=KEY, how="outer", suffixes=("_a", "_b"))
+    merged = _points(a).merge(_points(b), on=POINT_KEY, how="outer", suffixes=("_a", "_b"))
     rows = []
     for r in merged.itertuples(index=False):
-        row = {"scaling": r.scaling, "mode": r.mode, "np": int(r.np),
-               "oversubscribed": bool(r.oversubscribed_a is True or r.oversubscribed_b is True),
+        row = {**{k: getattr(r, k) for k in POINT_KEY}, "np": int(r.np),
+               "oversubscribed": any(v is True or v == 1 for v in (r.oversubscribed_a, r.oversubscribed_b)),
                "a_ms": r.ms_a, "b_ms": r.ms_b, "ratio": np.nan, "band_low": np.nan, "band_high": np.nan,
                "rss_ratio": np.nan}
         if pd.isna(r.ok_a) or pd.isna(r.ok_b):
@@ -55,7 +63,8 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, threshold: float) -> pd.DataFrame:
             else:
                 row["verdict"] = "same"
         rows.append(row)
-    return pd.DataFrame(rows).sort_values(KEY, ignore_index=True)
+    return pd.DataFrame(rows, columns=[*POINT_KEY, "oversubscribed", *VALUES]).sort_values(POINT_KEY,
+                                                                                         ignore_index=True)
 
 
 def regressions(table: pd.DataFrame) -> pd.DataFrame:
@@ -63,10 +72,13 @@ def regressions(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def format_table(table: pd.DataFrame) -> str:
+    """The table as text: scaling, mode and np always, the other columns of the point key where they differ
+    between points (stage and graph strategy, preset, threads per rank, ...)."""
     t = table.copy()
     t["np"] = [f"{n}{'*' if o else ''}" for n, o in zip(t["np"], t["oversubscribed"])]
     t["band"] = [f"[{lo:.2f}, {hi:.2f}]" if not np.isnan(lo) else "-" for lo, hi in zip(t["band_low"], t["band_high"])]
-    cols = ["scaling", "mode", "np", "a_ms", "b_ms", "ratio", "band", "rss_ratio", "verdict"]
+    varying = [k for k in POINT_KEY if k not in ("scaling", "mode", "np") and t[k].nunique(dropna=False) > 1]
+    cols = [*varying, "scaling", "mode", "np", "a_ms", "b_ms", "ratio", "band", "rss_ratio", "verdict"]
     text = t[cols].to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}")
     if t["oversubscribed"].any():
         text += "\n* oversubscribed: more ranks than cores"

@@ -1,4 +1,5 @@
-"""The sweep's PNG plots. Oversubscribed points are drawn hollow and named in the legend, never hidden."""
+"""The sweep's PNG plots. Oversubscribed points are drawn hollow (bars hatched) with a legend entry, never hidden;
+every figure names the hosts it ran on and the link between them (docs/figures.md)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,15 +8,40 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on cluster nodes or CI
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from bench.plan.config import stage_label  # noqa: E402
 from bench.results.scaling import PHASES  # noqa: E402
 
 MODE_COLORS = {"sparse-gather": "tab:red", "dense-reduce": "tab:blue", "auto": "tab:green",
-               "coalesced-gather": "tab:orange", "sparse-as-dense": "tab:purple"}
+               "coalesced-gather": "tab:orange", "sparse-as-dense": "tab:purple", "row-wise": "tab:brown",
+               "table-wise": "tab:pink"}
 PHASE_COLORS = dict(zip(PHASES, ("tab:gray", "tab:blue", "tab:orange", "tab:red", "tab:green")))
-OVERSUBSCRIBED_NOTE = "hollow = oversubscribed (np > cores)"
+OVERSUBSCRIBED_LABEL = "oversubscribed (np > cores)"
+OVERSUBSCRIBED_HATCH = "///"
+"""How an oversubscribed bar is drawn (a point is drawn hollow)."""
+
+
+def oversubscribed_handle(bar: bool = False):
+    """The legend entry of oversubscribed points: a hollow marker, or a hatched bar."""
+    if bar:
+        return Patch(facecolor="white", edgecolor="black", hatch=OVERSUBSCRIBED_HATCH, label=OVERSUBSCRIBED_LABEL)
+    return Line2D([], [], marker="o", linestyle="none", color="gray", markerfacecolor="none",
+                  label=OVERSUBSCRIBED_LABEL)
+
+
+def run_context(df: pd.DataFrame) -> str:
+    """Where the points ran: the hosts, and the rate their link was shaped to when the ranks spanned hosts."""
+    hosts = sorted({h for cell in df["hosts"].dropna() for h in str(cell).split(",") if h})
+    where = (f"hosts {', '.join(hosts)}" if len(hosts) > 1 else f"one host ({hosts[0]})" if hosts
+             else "hosts not recorded")
+    rates = sorted({float(r) for r in df.get("link_rate_gbps", pd.Series(dtype=float)).dropna()})
+    if rates:
+        return f"{where}; link between hosts shaped to {' / '.join(f'{r:g}' for r in rates)} Gbit/s (tc)"
+    return where + ("; no shaped link recorded" if len(hosts) > 1 else "; ranks talk over shared memory")
 
 
 def _per_np(df: pd.DataFrame, column: str, interval: tuple[str, str] | None = None) -> pd.DataFrame:
@@ -44,13 +70,13 @@ def _line(ax, df: pd.DataFrame, column: str, mode: str, interval: tuple[str, str
 def _scaling_axes(ok: pd.DataFrame, width: float):
     """One panel per scaling kind that has ok points (at least one panel, so an all-failed sweep still plots)."""
     scalings = [s for s in ("weak", "strong") if (ok["scaling"] == s).any()] or ["weak"]
-    fig, axes = plt.subplots(1, len(scalings), figsize=(width * len(scalings), 4), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(scalings), figsize=(width * len(scalings), 4.3), sharey=True, squeeze=False)
     return fig, list(zip(axes[0], scalings))
 
 
-def efficiency_plot(df: pd.DataFrame, path: Path) -> None:
+def efficiency_figure(df: pd.DataFrame):
     ok = df[df["status"] == "ok"]
-    fig, panels = _scaling_axes(ok, 5)
+    fig, panels = _scaling_axes(ok, 5.5)
     for ax, scaling in panels:
         part = ok[ok["scaling"] == scaling]
         for mode, rows in part.groupby("mode"):
@@ -58,62 +84,128 @@ def efficiency_plot(df: pd.DataFrame, path: Path) -> None:
         if not part.empty:
             nps = sorted(part["np"].unique())
             ax.plot(nps, [1.0] * len(nps), "k--", linewidth=1, label="ideal")
-        ax.set_title(f"{scaling} scaling efficiency (bars: 95% interval)")
+        ax.set_title(f"{scaling} scaling efficiency", fontsize=10)
         ax.set_xticks(sorted(ok["np"].unique()))
         ax.set_xlabel("MPI processes (np)")
         ax.grid(alpha=0.3)
-        _legend(ax, title=OVERSUBSCRIBED_NOTE, title_fontsize=7, fontsize=8)
     panels[0][0].set_ylabel("efficiency (1 = ideal)")
-    _save(fig, path)
+    panels[0][0].set_ylim(bottom=0)  # once every panel is drawn: the panels share the axis
+    _figure_legend(fig, ok["oversubscribed"].any(), title="error bars: 95% interval\n(np=1 and np=P paired by round)")
+    return fig
+
+
+def efficiency_plot(df: pd.DataFrame, path: Path) -> None:
+    _save(efficiency_figure(df), path, run_context(df))
+
+
+def breakdown_bars(df: pd.DataFrame) -> pd.DataFrame:
+    """Per point (mode, np): the mean phase times of its repeats (bench.results.summary's <phase>_mean_ms, which
+    add up to the mean step time), that sum as mean_step_ms, the median step time the tables quote, and the
+    oversubscribed flag."""
+    columns = [f"{p}_mean_ms" for p in PHASES]
+    bars = df.groupby(["mode", "np"]).agg(**{c: (c, "mean") for c in columns},
+                                          median_step_ms=("point_step_time_ms", "first"),
+                                          oversubscribed=("oversubscribed", "max")).reset_index()
+    return bars.assign(mean_step_ms=bars[columns].sum(axis=1, min_count=1))
+
+
+def breakdown_figure(df: pd.DataFrame):
+    """One row of grouped bars per scaling kind: per mode, one bar per np, stacked by phase (breakdown_bars), with
+    the median step time the tables quote marked on each."""
+    ok = df[df["status"] == "ok"]
+    scalings = [s for s in ("weak", "strong") if (ok["scaling"] == s).any()] or ["weak"]
+    count = max([len(breakdown_bars(ok[ok["scaling"] == s])) for s in scalings] + [1])
+    fig, axes = plt.subplots(len(scalings), 1, figsize=(max(8.0, 0.42 * count + 3), 3.4 * len(scalings)),
+                             squeeze=False)
+    for ax, scaling in zip(axes[:, 0], scalings):
+        bars = breakdown_bars(ok[ok["scaling"] == scaling])
+        # A gap of one bar between modes; mode names under their group, np under each bar.
+        x = np.arange(len(bars)) + pd.factorize(bars["mode"])[0]
+        bottom = np.zeros(len(bars))
+        for phase in PHASES:
+            heights = bars[f"{phase}_mean_ms"].fillna(0).to_numpy()
+            ax.bar(x, heights, bottom=bottom, color=PHASE_COLORS[phase], label=phase, edgecolor="white",
+                   linewidth=0.5, hatch=[OVERSUBSCRIBED_HATCH if o else "" for o in bars["oversubscribed"]])
+            bottom += heights
+        ax.plot(x, bars["median_step_ms"], "_", color="black", markersize=14, markeredgewidth=2,
+                label="median step time (the tables')")
+        ax.set_xticks(x, [f"{n}{'*' if o else ''}" for n, o in zip(bars["np"], bars["oversubscribed"])],
+                      fontsize=8)
+        for mode in bars["mode"].unique():
+            centre = x[(bars["mode"] == mode).to_numpy()].mean()
+            ax.annotate(mode, (centre, 0), xycoords=("data", "axes fraction"), xytext=(0, -24),
+                        textcoords="offset points", ha="center", va="top", fontsize=8)
+        ax.set_title(f"{scaling}: step time by phase, mean over timed steps of the rank that set each step's pace "
+                     f"(the phases add up to the mean step)", fontsize=9)
+        ax.set_ylabel("ms per step")
+        ax.set_ylim(bottom=0)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_xlim(-0.7, (x.max() if len(x) else 0) + 0.7)
+    _figure_legend(fig, ok["oversubscribed"].any(), bar=True, title="bars: phases (ticks: np,\n* = oversubscribed)")
+    return fig
 
 
 def breakdown_plot(df: pd.DataFrame, path: Path) -> None:
-    ok = df[df["status"] == "ok"]
-    fig, panels = _scaling_axes(ok, 5.5)
-    for ax, scaling in panels:
-        part = ok[ok["scaling"] == scaling].groupby(["mode", "np", "oversubscribed"])[
-            [f"{p}_ms" for p in PHASES]].median().reset_index()
-        labels = [f"{m}\nnp={n}{'*' if o else ''}" for m, n, o in zip(part["mode"], part["np"],
-                                                                      part["oversubscribed"])]
-        bottom = pd.Series(0.0, index=part.index)
-        for phase in PHASES:
-            ax.bar(labels, part[f"{phase}_ms"], bottom=bottom, label=phase, color=PHASE_COLORS[phase])
-            bottom += part[f"{phase}_ms"]
-        ax.set_title(f"{scaling}: step-time breakdown (slowest rank, median)")
-        ax.tick_params(axis="x", labelsize=7)
-        ax.grid(axis="y", alpha=0.3)
-    panels[0][0].set_ylabel("ms per step")
-    _legend(panels[-1][0], fontsize=8, title="* = oversubscribed", title_fontsize=7)
-    _save(fig, path)
+    _save(breakdown_figure(df), path, run_context(df))
 
 
-def memory_plot(df: pd.DataFrame, path: Path) -> None:
+def memory_figure(df: pd.DataFrame):
     ok = df[df["status"] == "ok"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.3))
     ok = ok.assign(exchange_mib_held=ok["exchange_bytes_held"] / 2**20)
-    for ax, column, label in ((axes[0], "peak_rss_mib", "peak RSS, largest rank (MiB)"),
-                              (axes[1], "exchange_mib_held", "exchange MiB held per rank per step")):
-        for (mode, scaling), rows in ok.groupby(["mode", "scaling"]):
-            if scaling == "weak":  # weak keeps the per-rank work fixed: growth with P is the exchange's
-                _line(ax, rows, column, mode)
+    weak = ok[ok["scaling"] == "weak"]  # weak keeps the per-rank work fixed: growth with P is the exchange's
+    for ax, column, label, title in ((axes[0], "peak_rss_mib", "peak RSS, largest rank (MiB)", "peak RSS"),
+                                     (axes[1], "exchange_mib_held", "exchange MiB held per rank per step",
+                                      "exchange MiB held")):
+        for mode, rows in weak.groupby("mode"):
+            _line(ax, rows, column, mode)
         ax.set_xticks(sorted(ok["np"].unique()))
         ax.set_xlabel("MPI processes (np)")
         ax.set_ylabel(label)
-        ax.set_title(f"{label.split(',')[0].split(' per')[0]} vs P (weak)")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{title} vs P (weak scaling)", fontsize=10)
         ax.grid(alpha=0.3)
-        _legend(ax, title=OVERSUBSCRIBED_NOTE, title_fontsize=7, fontsize=8)
-    _save(fig, path)
+    _figure_legend(fig, weak["oversubscribed"].any())
+    return fig
 
 
-def _legend(ax, **kwargs) -> None:
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(**kwargs)
+def memory_plot(df: pd.DataFrame, path: Path) -> None:
+    _save(memory_figure(df), path, run_context(df))
 
 
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
+def _legend(ax, oversubscribed: bool = False, bar: bool = False, **kwargs) -> None:
+    """The axes' legend, with the entry of oversubscribed points when the axes show any."""
+    handles, labels = ax.get_legend_handles_labels()
+    if oversubscribed:
+        handles.append(oversubscribed_handle(bar))
+        labels.append(OVERSUBSCRIBED_LABEL)
+    if handles:
+        ax.legend(handles, labels, **kwargs)
+
+
+def _figure_legend(fig, oversubscribed: bool = False, bar: bool = False, title: str | None = None) -> None:
+    """One legend for all the figure's panels, right of them (where it hides no point), with the entry of
+    oversubscribed points when the figure shows any."""
+    entries = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if oversubscribed:
+        entries[OVERSUBSCRIBED_LABEL] = oversubscribed_handle(bar)
+    if entries:
+        fig.legend(list(entries.values()), list(entries), loc="center left", bbox_to_anchor=(1.0, 0.5),
+                   fontsize=8, title=title, title_fontsize=7, frameon=False)
+
+
+def _save(fig, path: Path, context: str = "") -> None:
+    """Write the figure atomically; `context` (where the points ran) as a line above the panels."""
+    if context:
+        fig.suptitle(context, fontsize=8, color="dimgray")
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.1 / fig.get_figheight()))
+    else:
+        fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")  # "tight": the figure legend right of the panels included
     plt.close(fig)
     tmp.replace(path)
 
@@ -152,11 +244,11 @@ def stages_plot(df: pd.DataFrame, path: Path) -> None:
         ax.set_xticks(sorted(ok["np"].unique()) if not ok.empty else [1])
         ax.set_xlabel("MPI processes (np)")
         ax.set_title(label, fontsize=9)
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        _legend(ax, title=OVERSUBSCRIBED_NOTE + "; error bars p10-p90" if ax is axes[0] else OVERSUBSCRIBED_NOTE,
-                title_fontsize=7, fontsize=7)
+    _legend(axes[0], ok["oversubscribed"].any(), title="error bars p10-p90", title_fontsize=7, fontsize=7)
     _step_to_retrieval(axes[3], df)
-    _save(fig, path)
+    _save(fig, path, run_context(df))
 
 
 def _step_to_retrieval(ax, df: pd.DataFrame) -> None:
@@ -179,16 +271,19 @@ def _step_to_retrieval(ax, df: pd.DataFrame) -> None:
                     rows = rows[rows["graph_strategy"] == strategy]
                 parts[stage] = rows["step_time_ms"].median()
             over = bool(ok.loc[ok["np"] == n, "oversubscribed"].any())
-            bars.append((f"np={n}{'*' if over else ''}" + (f"\n{strategy}" if strategy else ""), parts))
-    labels = [label for label, _ in bars]
+            bars.append((f"np={n}{'*' if over else ''}" + (f"\n{strategy}" if strategy else ""), parts, over))
+    labels = [label for label, _, _ in bars]
+    hatches = [OVERSUBSCRIBED_HATCH if over else "" for _, _, over in bars]
     bottom = [0.0] * len(bars)
     for stage in ("train", "refresh", "graph", "retrieval"):
-        heights = [0.0 if pd.isna(parts[stage]) else parts[stage] / 1000 for _, parts in bars]
-        ax.bar(labels, heights, bottom=bottom, color=STAGE_COLORS[stage],
-               label="train (one step)" if stage == "train" else stage)
+        heights = [0.0 if pd.isna(parts[stage]) else parts[stage] / 1000 for _, parts, _ in bars]
+        ax.bar(labels, heights, bottom=bottom, color=STAGE_COLORS[stage], hatch=hatches, edgecolor="white",
+               linewidth=0.5, label="train (one step)" if stage == "train" else stage)
         bottom = [b + h for b, h in zip(bottom, heights)]
     ax.set_ylabel("seconds (slowest rank, median)")
     ax.set_title("one training step, then refresh -> graph -> retrieval", fontsize=9)
     ax.tick_params(axis="x", labelsize=7)
+    ax.set_ylim(bottom=0)
     ax.grid(axis="y", alpha=0.3)
-    _legend(ax, fontsize=7, title="* = oversubscribed", title_fontsize=7)
+    _legend(ax, any(over for _, _, over in bars), bar=True, fontsize=7, title="* = oversubscribed",
+            title_fontsize=7)

@@ -10,21 +10,23 @@ from bench.plan.config import stage_label
 from bench.results.plots import breakdown_plot, efficiency_plot, memory_plot, stages_plot
 from bench.results.pop import FACTORS
 from bench.results.pop_plot import pop_plot
+from bench.results.ranking import RANKING_TEXT, mode_ranking
 from bench.results.records import atomic_write_text, load
-
-POINT_KEY = ["scaling", "mode", "np"]
+from bench.results.summary import POINT_KEY
 
 
 def point_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per point (scaling, mode, np; also preset and threads where a folder mixes them): its ok repeats,
-    the median step time over them with its 95% interval, the efficiency of that median with its interval, and the
-    medians of throughput, peak memory and bytes held."""
-    mixed = [c for c in ("preset", "threads_per_rank") if df[c].nunique() > 1]
+    """One row per point (bench.results.summary.POINT_KEY, showing scaling, mode and np, and the key's other
+    columns where a folder mixes them): its ok repeats, the median step time over them with its 95% interval, the
+    efficiency of that median with its interval, and the medians of throughput, peak memory and bytes held."""
+    mixed = [c for c in POINT_KEY if c not in ("scaling", "mode", "np") and df[c].nunique(dropna=False) > 1]
+    shown = ["scaling", "mode", "np", *mixed]
     rows = []
-    for key, g in df.groupby(POINT_KEY + mixed, sort=True):
+    # The key's constant columns leave the grouping as it is: grouping by `shown` is grouping by POINT_KEY.
+    for key, g in df.groupby(shown, sort=True, dropna=False):
         ok = g[g["status"] == "ok"]
         first = ok.iloc[0] if not ok.empty else g.iloc[0]
-        rows.append({**dict(zip(POINT_KEY + mixed, key)), "oversubscribed": bool(g["oversubscribed"].any()),
+        rows.append({**dict(zip(shown, key)), "oversubscribed": bool(g["oversubscribed"].any()),
                      "ok": f"{len(ok)}/{len(g)}", "step_time_ms": first["point_step_time_ms"],
                      "step_ci_low": first["step_time_ms_ci_low"], "step_ci_high": first["step_time_ms_ci_high"],
                      "efficiency": first["point_efficiency"], "eff_ci_low": first["efficiency_ci_low"],
@@ -46,7 +48,7 @@ def efficiency_table(df: pd.DataFrame) -> str:
         notes.append("step_time_ms and efficiency: median over the ok repeats [95% bootstrap interval]")
         if (train.loc[train["status"] == "ok", "repeats_ok"] == 1).any():
             notes.append("a point with one ok repeat has an interval of its steps' noise only, not of the noise "
-                         "between runs: use --repeats 5 for figures to quote")
+                         "between runs: use --repeats 8 for figures to quote")
     if not stages.empty:
         tables.append(stage_table(stages))
     if not tables:
@@ -188,15 +190,16 @@ def write_report(sweep_dir: str | Path) -> pd.DataFrame:
              f"{env.get('mpi', {}).get('library', '?')}; commit {(env.get('git') or {}).get('commit') or '?'}"
              f"{' (dirty)' if (env.get('git') or {}).get('dirty') else ''}.", "",
              "Step time: per repeat, the median over timed steps of the slowest rank's step; per point, the median "
-             "over its repeats, with a 95% bootstrap confidence interval (repeats resampled, then the steps within "
-             "each, so the interval covers the noise between runs as well as between steps). Efficiency (weak "
+             "over its repeats, with a 95% block-bootstrap confidence interval (whole repeats resampled: steps of "
+             "one run are correlated, repeats are the independent units; docs/figures.md). Efficiency (weak "
              "T1/TP, strong T1/(P TP)) divides a point only by the np=1 point of the same scaling, mode, preset and "
              "torch threads per rank "
-             f"({_threads(df)}); its interval comes from the same bootstrap draws of both. Repeats "
+             f"({_threads(df)}); its interval resamples rounds, taking np=1 and np=P from the same rounds. Repeats "
              f"{_order(sweep_dir)}. Exchange held: bytes of the gradient exchange results each rank holds per step. "
              "Every repeat's figures are in summary.csv.", "",
              *([STAGES_TEXT, ""] if has_stages else []),
              "```", efficiency_table(df), "```", "",
+             *([RANKING_TEXT, "", "```", *ranking, "```", ""] if (ranking := mode_ranking(df)) else []),
              "![efficiency](efficiency.png)", "", "![breakdown](breakdown.png)", "", "![memory](memory.png)", "",
              *(["![stages](stages.png)", ""] if has_stages else []),
              *(["## Where efficiency goes", "", POP_TEXT, "",

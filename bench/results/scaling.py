@@ -16,6 +16,18 @@ def slowest_rank_per_step(step_ms: np.ndarray) -> np.ndarray:
     return np.asarray(step_ms, dtype=float).max(axis=0)
 
 
+def pace_phase_means(ranks: list[dict]) -> dict[str, float]:
+    """Per phase, the mean over timed steps of the phase time of the rank that set each step's pace (the slowest).
+    A step's phases add up to its time, so these means add up to the mean step time; medians per phase do not add
+    up to the median step (each phase's median comes from another step). `ranks`: the record's per-rank
+    measurements (step_time_ms and phase_ms, one value per timed step)."""
+    step_ms = np.array([r["step_time_ms"] for r in ranks], dtype=float)  # [ranks, steps]
+    pace = step_ms.argmax(axis=0)
+    steps = np.arange(step_ms.shape[1])
+    return {p: float(np.mean(np.array([r["phase_ms"][p] for r in ranks], dtype=float)[pace, steps]))
+            for p in PHASES}
+
+
 def spread(values) -> dict[str, float]:
     """Median with the p10/p90 noise band."""
     v = np.asarray(values, dtype=float)
@@ -44,16 +56,55 @@ BOOTSTRAP_DRAWS = 2000
 """Bootstrap resamples per interval: the 2.5% and 97.5% quantiles then move by well under 1% between seeds."""
 
 
-def bootstrap_step_time(repeats: list, rng: np.random.Generator, draws: int = BOOTSTRAP_DRAWS) -> np.ndarray:
-    """Bootstrap distribution of a point's step time, the median over its repeats of each repeat's median step.
+def repeat_medians(repeats: list) -> np.ndarray:
+    """Each repeat's median step (its per-step times, slowest rank): the figure one run gives of a point."""
+    return np.array([np.median(np.asarray(r, dtype=float)) for r in repeats])
 
-    `repeats` holds each repeat's per-step times (slowest rank). Each draw resamples the repeats, then the steps
-    within every repeat, so the interval covers the noise between runs as well as between steps; with a single
-    repeat it can only cover the latter."""
-    per_repeat = np.stack([np.median(rng.choice(np.asarray(r, dtype=float), (draws, len(r))), axis=1)
-                           for r in repeats])  # [repeats, draws]
-    pick = rng.integers(0, len(repeats), (draws, len(repeats)))
-    return np.median(per_repeat[pick, np.arange(draws)[:, None]], axis=1)
+
+def bootstrap_step_time(repeats: list, rng: np.random.Generator, draws: int = BOOTSTRAP_DRAWS) -> np.ndarray:
+    """Block bootstrap distribution of a point's step time, the median over its repeats of each repeat's median step.
+
+    `repeats` holds each repeat's per-step times (slowest rank). The blocks are whole repeats: the steps of one run
+    share its state (where the kernel placed the ranks, the heap, what else the machine ran meanwhile), so they are
+    correlated, and resampling them one by one as if independent understates the noise between runs. Repeats of
+    an interleaved sweep run apart, in rounds, and are the units that are close to independent. A single repeat has
+    no other run to resample: its steps are resampled in moving blocks of consecutive steps instead (which keeps
+    their short-range correlation), an interval of that one run's noise only."""
+    if len(repeats) == 1:
+        return _moving_block_medians(np.asarray(repeats[0], dtype=float), rng, draws)
+    medians = repeat_medians(repeats)
+    pick = rng.integers(0, len(medians), (draws, len(medians)))
+    return np.median(medians[pick], axis=1)
+
+
+def _moving_block_medians(steps: np.ndarray, rng: np.random.Generator, draws: int) -> np.ndarray:
+    """Medians of moving-block resamples of one run's steps (Kunsch's moving-block bootstrap): blocks of
+    ceil(n^(1/3)) consecutive steps, the order of block length Hall, Horowitz and Jing (1995) found best for a
+    distribution's spread, drawn with replacement until n steps are drawn."""
+    n = len(steps)
+    block = max(1, int(np.ceil(n ** (1 / 3) - 1e-9)))
+    starts = rng.integers(0, n - block + 1, (draws, -(-n // block)))
+    index = (starts[:, :, None] + np.arange(block)).reshape(draws, -1)[:, :n]
+    return np.median(steps[index], axis=1)
+
+
+def paired_efficiency(scaling: str, baseline: dict, point: dict, np_: int, rng: np.random.Generator,
+                      draws: int = BOOTSTRAP_DRAWS) -> np.ndarray:
+    """Bootstrap distribution of a point's efficiency against its np=1 baseline, paired by round.
+
+    `baseline` and `point` map each repeat number to that repeat's per-step times. An interleaved sweep measures
+    np=1 and np=P in the same round (repeat r is round r), so what slowed the machine during a round slowed both:
+    every draw resamples rounds and takes both medians from the same rounds, and that shared noise cancels in the
+    ratio instead of adding to it. Rounds only one of the two has are left out; with fewer than two rounds in
+    common the two are bootstrapped apart (bootstrap_step_time)."""
+    rounds = sorted(set(baseline) & set(point))
+    if len(rounds) < 2:
+        return efficiency(scaling, bootstrap_step_time(list(baseline.values()), rng, draws),
+                          bootstrap_step_time(list(point.values()), rng, draws), np_)
+    t1 = repeat_medians([baseline[r] for r in rounds])
+    tp = repeat_medians([point[r] for r in rounds])
+    pick = rng.integers(0, len(rounds), (draws, len(rounds)))
+    return efficiency(scaling, np.median(t1[pick], axis=1), np.median(tp[pick], axis=1), np_)
 
 
 def interval(draws: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
@@ -61,6 +112,14 @@ def interval(draws: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, 
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(draws, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def overlapping(intervals: dict) -> list[tuple]:
+    """The pairs of names whose (low, high) intervals overlap (touching counts): the pairs a figure with those
+    intervals does not tell apart. Pairs in the order of `intervals`; a NaN end overlaps nothing."""
+    names = [n for n, (low, high) in intervals.items() if not (np.isnan(low) or np.isnan(high))]
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
+            if max(intervals[a][0], intervals[b][0]) <= min(intervals[a][1], intervals[b][1])]
 
 
 def throughput_samples_per_s(global_batch: int, step_ms: float) -> float:

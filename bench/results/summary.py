@@ -6,7 +6,8 @@ import pandas as pd
 
 from alure.stages import STAGES
 from bench.results.pop import POP_COLUMNS, add_pop
-from bench.results.scaling import PHASES, bootstrap_step_time, efficiency, interval
+from bench.results.scaling import (PHASES, bootstrap_step_time, efficiency, interval, pace_phase_means,
+                                   paired_efficiency)
 
 SUMMARY_COLUMNS = ["scaling", "mode", "np", "repeat", "status", "step_time_ms", "step_time_ms_p10",
                    "step_time_ms_p90", "throughput_samples_per_s", "efficiency", "peak_rss_mib",
@@ -14,10 +15,12 @@ SUMMARY_COLUMNS = ["scaling", "mode", "np", "repeat", "status", "step_time_ms", 
 """The names the results layout promises; other parts (notebook, Slurm collect, cost model) rely on them."""
 INTERVAL_COLUMNS = ["repeats_ok", "point_step_time_ms", "step_time_ms_ci_low", "step_time_ms_ci_high",
                     "point_efficiency", "efficiency_ci_low", "efficiency_ci_high"]
-"""Per point (all ok repeats of one scaling, mode, np, preset and threads), on each of its rows: the median over
-repeats of the step time and its 95% bootstrap interval, and the efficiency of that median with its interval."""
+"""Per point (all ok repeats of one POINT_KEY), on each of its rows: the median over repeats of the step time and
+its 95% bootstrap interval, and the efficiency of that median with its interval (docs/figures.md)."""
 BASELINE_KEY = ["stage", "graph_strategy", "scaling", "mode", "preset", "threads_per_rank"]
 """What a point and the np=1 point it is divided by must share."""
+POINT_KEY = [*BASELINE_KEY, "np"]
+"""What makes one point: its repeats are the rows that share it (summary intervals, compare, report tables)."""
 EXTRA_COLUMNS = ["preset", "reason", "rss_growth_mib", "exchange_bytes_sent", "exchange_bytes_received",
                  "rank_skew", "gradient_density", "batch_per_rank", "global_batch", "threads_per_rank",
                  "allgather_calls", "allreduce_calls", "allgather_bytes_held", "allreduce_bytes_held", "hosts",
@@ -26,7 +29,8 @@ EXTRA_COLUMNS = ["preset", "reason", "rss_growth_mib", "exchange_bytes_sent", "e
                  "stage", "graph_strategy", "efficiency_p10", "efficiency_p90", "sendrecv_calls", "memory_probe",
                  *INTERVAL_COLUMNS, "data_growth_mib",
                  "corun", "work_ms", "useful_ms_mean", "useful_ms_max", "exchange_ms", "exchange_ideal_ms",
-                 "exchange_efficiency", "exchange_model", *POP_COLUMNS]
+                 "exchange_efficiency", "exchange_model", *POP_COLUMNS,
+                 *[f"{p}_mean_ms" for p in PHASES], "link_rate_gbps"]
 """stage: train (step_time_ms is a training step) or refresh, graph, retrieval (step_time_ms is the whole stage,
 strong scaling of the preset's users, throughput in users/s); graph_strategy: replicate or ring for the graph
 stage. efficiency_p10/p90: the efficiency at the point's p90/p10 time, the np=1 median kept: its noise band.
@@ -36,7 +40,10 @@ exchange_wait; useful_ms_mean/_max: useful time per rank per step (data + forwar
 mean and largest over ranks; exchange_ms: the pace-setting rank's exchange_wait + work_ms; exchange_ideal_ms: its
 collectives priced by the collective model named in exchange_model ("uncalibrated: ..." for the built-in defaults);
 exchange_efficiency = ideal / exchange_ms. The POP factors and their intervals: bench.results.pop,
-docs/efficiency.md."""
+docs/efficiency.md.
+<phase>_mean_ms: the mean over timed steps of the pace-setting rank's phase (bench.results.scaling.pace_phase_means:
+they add up to the mean step time, where the <phase>_ms medians do not add up to step_time_ms). link_rate_gbps: the
+rate each host's egress was shaped to (tc), for points measured across hosts; empty otherwise."""
 
 
 def record_row(record: dict) -> dict:
@@ -65,6 +72,12 @@ def record_row(record: dict) -> dict:
                              if model else None)
     for phase in PHASES:
         row[f"{phase}_ms"] = (metrics.get("phase_ms") or {}).get(phase, np.nan)
+    ranks = record.get("ranks") or []
+    means = pace_phase_means(ranks) if ranks and all(r.get("phase_ms") and r.get("step_time_ms") for r in ranks) \
+        else {}
+    for phase in PHASES:
+        row[f"{phase}_mean_ms"] = means.get(phase, np.nan)
+    row["link_rate_gbps"] = (record.get("link") or {}).get("rate_gbps", np.nan)
     return row
 
 
@@ -87,27 +100,28 @@ def add_efficiency(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def add_intervals(df: pd.DataFrame, steps: list, seed: int = 0) -> pd.DataFrame:
-    """The INTERVAL_COLUMNS of every ok point. `steps[i]` is row i's per-step times (slowest rank). The bootstrap is
-    seeded, so a report rebuilt from the same records shows the same intervals."""
+    """The INTERVAL_COLUMNS of every ok point. `steps[i]` is row i's per-step times (slowest rank). Step times by a
+    block bootstrap over the point's repeats, efficiencies paired by round with the np=1 point
+    (bench.results.scaling). The bootstrap is seeded, so a report rebuilt from the same records shows the same
+    intervals."""
     df = df.copy()
     for column in INTERVAL_COLUMNS:
         df[column] = np.nan
     ok = (df["status"] == "ok") & np.array([bool(s) for s in steps], dtype=bool)
-    key = BASELINE_KEY
     rng = np.random.default_rng(seed)
-    points = {point: rows for point, rows in df[ok].groupby(key + ["np"])}
-    draws = {point: bootstrap_step_time([steps[i] for i in rows.index], rng) for point, rows in points.items()}
+    points = {point: rows for point, rows in df[ok].groupby(POINT_KEY, dropna=False)}
+    runs = {point: {int(r): steps[i] for i, r in rows["repeat"].items()} for point, rows in points.items()}
     for point, rows in points.items():
         median = float(rows["step_time_ms"].median())
         df.loc[rows.index, ["repeats_ok", "point_step_time_ms", "step_time_ms_ci_low", "step_time_ms_ci_high"]] = \
-            [len(rows), median, *interval(draws[point])]
+            [len(rows), median, *interval(bootstrap_step_time(list(runs[point].values()), rng))]
         baseline = (*point[:-1], 1)
         if baseline in points:
-            scaling, np_ = point[key.index("scaling")], int(point[-1])
+            scaling, np_ = point[POINT_KEY.index("scaling")], int(point[-1])
             t1 = float(points[baseline]["step_time_ms"].median())
             df.loc[rows.index, ["point_efficiency", "efficiency_ci_low", "efficiency_ci_high"]] = \
-                [efficiency(scaling, t1, median, np_), *interval(efficiency(scaling, draws[baseline], draws[point],
-                                                                             np_))]
+                [efficiency(scaling, t1, median, np_),
+                 *interval(paired_efficiency(scaling, runs[baseline], runs[point], np_, rng))]
     return df
 
 

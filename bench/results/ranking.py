@@ -1,0 +1,42 @@
+"""Which exchange modes a sweep tells apart: at each scaling and np, the modes in order with the pairs whose 95%
+intervals overlap (report.md's "Modes told apart"; docs/figures.md says how to read it)."""
+from __future__ import annotations
+
+import pandas as pd
+
+from bench.results.scaling import overlapping
+from bench.results.summary import POINT_KEY
+
+MEASURES = (("step time", "point_step_time_ms", "step_time_ms_ci_low", "step_time_ms_ci_high", "<", False),
+            ("efficiency", "point_efficiency", "efficiency_ci_low", "efficiency_ci_high", ">", True))
+"""What the modes are ranked by: name, the point's value and its interval's ends, the sign between ranks, and
+whether larger is better."""
+
+
+def mode_ranking(df: pd.DataFrame) -> list[str]:
+    """One line per scaling, np > 1 and measure (of ok training points, one per point of the summary): the modes
+    best first, then the pairs not distinguished (intervals overlap). Nothing where fewer than two modes ran."""
+    ok = df[(df["status"] == "ok") & (df["stage"] == "train") & (df["np"] > 1)]
+    points = ok.groupby(POINT_KEY, dropna=False).first().reset_index()
+    group_by = [k for k in POINT_KEY if k != "mode"]
+    lines = []
+    for _, group in points.groupby(group_by, dropna=False, sort=False):
+        if group["mode"].nunique() < 2:
+            continue
+        first = group.iloc[0]
+        where = f"{first['scaling']} np={first['np']}{'*' if group['oversubscribed'].any() else ''}"
+        where += "".join(f" {k}={first[k]}" for k in ("preset", "threads_per_rank")
+                         if points[k].nunique(dropna=False) > 1)
+        for name, value, low, high, sign, larger_better in MEASURES:
+            rows = group.dropna(subset=[value]).sort_values(value, ascending=not larger_better)
+            if len(rows) < 2:
+                continue
+            pairs = overlapping({r["mode"]: (r[low], r[high]) for _, r in rows.iterrows()})
+            same = ", ".join(f"{a} ~ {b}" for a, b in pairs) if pairs else "none (every pair told apart)"
+            lines.append(f"{where} {name}: {f' {sign} '.join(rows['mode'])}; not distinguished: {same}")
+    return sorted(lines, key=lambda line: (not line.startswith("weak"), line))
+
+
+RANKING_TEXT = ("Modes told apart: at each scaling and np, the modes best first by the point's step time and by its "
+                "efficiency; `a ~ b` where the two 95% intervals overlap, which this sweep does not distinguish (their "
+                "order there may be noise).")
