@@ -27,10 +27,9 @@ EXTRA_COLUMNS = ["preset", "reason", "rss_growth_mib", "exchange_bytes_sent", "e
                  "wall_seconds",
                  *[f"{p}_ms" for p in PHASES],
                  "stage", "graph_strategy", "efficiency_p10", "efficiency_p90", "sendrecv_calls", "memory_probe",
-                 *INTERVAL_COLUMNS, "data_growth_mib",
+                 *INTERVAL_COLUMNS, "data_growth_mib", *[f"{p}_mean_ms" for p in PHASES], "link_rate_gbps",
                  "corun", "work_ms", "useful_ms_mean", "useful_ms_max", "exchange_ms", "exchange_ideal_ms",
-                 "exchange_efficiency", "exchange_model", *POP_COLUMNS,
-                 *[f"{p}_mean_ms" for p in PHASES], "link_rate_gbps"]
+                 "exchange_efficiency", "exchange_model", *POP_COLUMNS]
 """stage: train (step_time_ms is a training step) or refresh, graph, retrieval (step_time_ms is the whole stage,
 strong scaling of the preset's users, throughput in users/s); graph_strategy: replicate or ring for the graph
 stage. efficiency_p10/p90: the efficiency at the point's p90/p10 time, the np=1 median kept: its noise band.
