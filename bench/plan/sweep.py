@@ -7,6 +7,7 @@ keeping every finished record. `resume` reruns only the points with no ok record
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -84,7 +85,9 @@ def run_point(point: PointConfig, sweep_dir: Path, launcher: Launcher = LOCAL) -
     handback.mkdir(parents=True)
     argv = python_module_argv(worker_module(point), *point_argv(point, str(handback)))
     try:
-        run = run_ranks(point.np, argv, timeout_s=point.timeout_s, launcher=launcher)
+        # A point's own launch setting goes on top of this process's environment, so it wins over the launcher's.
+        env = {**os.environ, **point.launch_env} if point.launch_env else None
+        run = run_ranks(point.np, argv, timeout_s=point.timeout_s, env=env, launcher=launcher)
         handed = collect(handback)
     finally:
         # handback/ itself stays: Slurm tasks of one sweep run points side by side, and removing it under another

@@ -165,7 +165,13 @@ def build_record(point: PointConfig, ranks: list[dict], wall_seconds: float, sta
         "threads_per_rank": point.threads_per_rank,
         "batch_per_rank": per_rank, "global_batch": global_batch,
         **network,  # hosts, ranks_per_host, transport
-        "horovod_controller": os.environ.get("HOROVOD_CONTROLLER", "mpi"),
+        "exchange_backend": point.exchange_backend,
+        # what the ranks ran with (the launcher's knobs, or the point's own launch_env over them): a before/after of
+        # a launch setting is read from the records themselves
+        "horovod_settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith("HOROVOD_")},
+        "launch_env": point.launch_env,
+        "horovod_controller": os.environ.get("HOROVOD_CONTROLLER", "mpi") if point.exchange_backend == "horovod"
+        else None,
         # This host's egress as tc has it (the emulated cluster shapes every host alike); only between hosts.
         "link": link_as_configured() if network["transport"] == "tcp" else None,
         "step_time_ms_slowest_rank": slowest.tolist(), "metrics": metrics, "ranks": ranks,

@@ -14,10 +14,10 @@ POINT_KEY = ["scaling", "mode", "np"]
 
 
 def point_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per point (scaling, mode, np; also preset and threads where a folder mixes them): its ok repeats,
-    the median step time over them with its 95% interval, the efficiency of that median with its interval, and the
-    medians of throughput, peak memory and bytes held."""
-    mixed = [c for c in ("preset", "threads_per_rank") if df[c].nunique() > 1]
+    """One row per point (scaling, mode, np; also preset, threads, exchange backend and launch setting where a
+    folder mixes them): its ok repeats, the median step time over them with its 95% interval, the efficiency of that
+    median with its interval, and the medians of throughput, peak memory and bytes held."""
+    mixed = [c for c in ("preset", "threads_per_rank", "exchange_backend", "launch_env") if df[c].nunique() > 1]
     rows = []
     for key, g in df.groupby(POINT_KEY + mixed, sort=True):
         ok = g[g["status"] == "ok"]
@@ -148,8 +148,8 @@ def write_report(sweep_dir: str | Path) -> pd.DataFrame:
              "Step time: per repeat, the median over timed steps of the slowest rank's step; per point, the median "
              "over its repeats, with a 95% bootstrap confidence interval (repeats resampled, then the steps within "
              "each, so the interval covers the noise between runs as well as between steps). Efficiency (weak "
-             "T1/TP, strong T1/(P TP)) divides a point only by the np=1 point of the same scaling, mode, preset and "
-             "torch threads per rank "
+             "T1/TP, strong T1/(P TP)) divides a point only by the np=1 point of the same scaling, mode, exchange "
+             "backend, preset and torch threads per rank "
              f"({_threads(df)}); its interval comes from the same bootstrap draws of both. Repeats "
              f"{_order(sweep_dir)}. Exchange held: bytes of the gradient exchange results each rank holds per step. "
              "Every repeat's figures are in summary.csv.", "",

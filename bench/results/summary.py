@@ -15,7 +15,8 @@ INTERVAL_COLUMNS = ["repeats_ok", "point_step_time_ms", "step_time_ms_ci_low", "
                     "point_efficiency", "efficiency_ci_low", "efficiency_ci_high"]
 """Per point (all ok repeats of one scaling, mode, np, preset and threads), on each of its rows: the median over
 repeats of the step time and its 95% bootstrap interval, and the efficiency of that median with its interval."""
-BASELINE_KEY = ["stage", "graph_strategy", "scaling", "mode", "preset", "threads_per_rank"]
+BASELINE_KEY = ["stage", "graph_strategy", "scaling", "mode", "preset", "threads_per_rank", "exchange_backend",
+                "launch_env"]
 """What a point and the np=1 point it is divided by must share."""
 EXTRA_COLUMNS = ["preset", "reason", "rss_growth_mib", "exchange_bytes_sent", "exchange_bytes_received",
                  "rank_skew", "gradient_density", "batch_per_rank", "global_batch", "threads_per_rank",
@@ -23,11 +24,14 @@ EXTRA_COLUMNS = ["preset", "reason", "rss_growth_mib", "exchange_bytes_sent", "e
                  "wall_seconds",
                  *[f"{p}_ms" for p in PHASES],
                  "stage", "graph_strategy", "efficiency_p10", "efficiency_p90", "sendrecv_calls", "memory_probe",
-                 *INTERVAL_COLUMNS, "data_growth_mib"]
+                 *INTERVAL_COLUMNS, "data_growth_mib", "exchange_backend", "launch_env"]
 """stage: train (step_time_ms is a training step) or refresh, graph, retrieval (step_time_ms is the whole stage,
 strong scaling of the preset's users, throughput in users/s); graph_strategy: replicate or ring for the graph
 stage. efficiency_p10/p90: the efficiency at the point's p90/p10 time, the np=1 median kept: its noise band.
-data_growth_mib: what training (warm-up included) added to the data segment, the quantity --train-mem-limit caps."""
+data_growth_mib: what training (warm-up included) added to the data segment, the quantity --train-mem-limit caps.
+exchange_backend: horovod or mpi (bench.plan.config.EXCHANGE_BACKENDS; records from before backends existed ran
+Horovod). launch_env: the point's variables on top of the suite's launch environment ('VAR=VALUE ...', empty for the
+launch environment as it is: a sweep's setting B against A)."""
 
 
 def record_row(record: dict) -> dict:
@@ -41,7 +45,10 @@ def record_row(record: dict) -> dict:
            "hosts": ",".join(record.get("hosts") or []), "wall_seconds": record.get("wall_seconds"),
            # Records from before stages existed are training points.
            "stage": point.get("stage", "train"), "graph_strategy": point.get("graph_strategy", ""),
-           "memory_probe": metrics.get("memory_probe")}
+           "memory_probe": metrics.get("memory_probe"),
+           "exchange_backend": point.get("exchange_backend", "horovod"),
+           # as --compare-env takes it
+           "launch_env": " ".join(f"{k}={v}" for k, v in (point.get("launch_env") or {}).items())}
     for key in ("step_time_ms", "step_time_ms_p10", "step_time_ms_p90", "throughput_samples_per_s",
                 "peak_rss_mib", "rss_growth_mib", "exchange_bytes_held", "exchange_bytes_sent",
                 "exchange_bytes_received", "rank_skew", "gradient_density", "allgather_calls", "allreduce_calls",
@@ -54,8 +61,8 @@ def record_row(record: dict) -> dict:
 
 def add_efficiency(df: pd.DataFrame) -> pd.DataFrame:
     """Efficiency of each ok point against the median np=1 time of the same stage, strategy, scaling kind, mode,
-    preset and threads per rank (never against a baseline run another way); and at the point's own p90 and p10
-    times (its noise band)."""
+    preset, threads per rank, exchange backend and launch setting (never against a baseline run another way); and at
+    the point's own p90 and p10 times (its noise band)."""
     df = df.copy()
     for column in ("efficiency", "efficiency_p10", "efficiency_p90"):
         df[column] = np.nan
