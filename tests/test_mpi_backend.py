@@ -1,6 +1,7 @@
 """The raw-MPI exchange backend: on real ranks it trains the same model as Horovod in every mode, over MPI's own
 collectives with Horovod never loaded, counted by the same counters; a sweep selects it, records it and divides its
 points by its own np=1. And a sweep's setting B (--compare-env): every point under both settings, recorded."""
+import itertools
 import json
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from bench.errors import UsageError
 from bench.plan.config import MODES, PointConfig, SweepConfig
+from bench.results.compare import compare
 from bench.results.summary import summarize
 from tests.helpers import TINY, assert_one_line_error, cli, cli_here, launch
 from tests.synthetic import point_record
@@ -20,10 +22,10 @@ BUCKETED = {"allreduce_calls"}
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Every mode on 2 ranks, over raw MPI first (before anything imports Horovod), then over Horovod, in one
-    launch (one interpreter start for both)."""
+    """Every mode on 2 ranks, over raw MPI first (before anything imports Horovod), then over Horovod, then over
+    Horovod with its tables' gathers grouped, in one launch (one interpreter start for all)."""
     out = tmp_path_factory.mktemp("backends")
-    ranks = launch(2, "train_backends", "mpi,horovod", ",".join(MODES), str(STEPS), str(out))
+    ranks = launch(2, "train_backends", "mpi,horovod,horovod-grouped", ",".join(MODES), str(STEPS), str(out))
     return out, ranks
 
 
@@ -32,9 +34,9 @@ def test_the_mpi_backend_trains_the_same_model_as_horovod_in_every_mode(trained)
     out, _ = trained
     for rank in (0, 1):
         initial = torch.load(out / f"initial-horovod-rank{rank}.pt")
-        for mode in MODES:
+        for mode, other in itertools.product(MODES, ("mpi", "horovod-grouped")):
             reference = torch.load(out / f"horovod-{mode}-rank{rank}.pt")
-            state = torch.load(out / f"mpi-{mode}-rank{rank}.pt")
+            state = torch.load(out / f"{other}-{mode}-rank{rank}.pt")
             for name, tensor in reference.items():
                 # As tests/test_exchange_modes.py: compared on what training changed, 1e-5 plus 1e-3 of the move
                 # per element (Adagrad carries a nearly cancelling gradient's round-off into its update). Here the
@@ -42,7 +44,8 @@ def test_the_mpi_backend_trains_the_same_model_as_horovod_in_every_mode(trained)
                 # missing row, a wrong average or a double-counted duplicate still moves elements by their size.
                 moved = tensor - initial[name]
                 off = (state[name] - tensor).abs() - (1e-5 + 1e-3 * moved.abs())
-                assert float(off.max()) <= 0, f"{mode} rank {rank} {name}: {float((state[name] - tensor).abs().max())}"
+                assert float(off.max()) <= 0, \
+                    f"{other} {mode} rank {rank} {name}: {float((state[name] - tensor).abs().max())}"
         # Agreement must not be the trivial kind: training moved the tables away from where they started.
         reference = torch.load(out / f"horovod-sparse-gather-rank{rank}.pt")
         assert max((reference[k] - initial[k]).abs().max().item() for k in reference if "items" in k) > 1e-3
@@ -65,6 +68,14 @@ def test_the_mpi_backend_ran_without_horovod_and_counted_what_horovod_counts(tra
                     {k: v for k, v in h.items() if k not in BUCKETED}, (mode, step)
                 assert 0 < m["allreduce_calls"] < h["allreduce_calls"], (mode, step, "dense gradients bucketed")
                 assert m["bytes_held"] > 0
+    # Horovod with grouped gathers: the same tensors counted, one group per step wherever a table is gathered
+    for r in ranks:
+        for mode in MODES:
+            grouped, horovod = r["runs"][f"horovod-grouped/{mode}"], r["runs"][f"horovod/{mode}"]
+            assert grouped["counters"] == horovod["counters"], mode
+            gathers = sum(c["allgather_calls"] > 0 for c in grouped["counters"])
+            assert grouped["groups_started"] == gathers and horovod["groups_started"] == 0, mode
+        assert r["runs"]["horovod-grouped/sparse-gather"]["groups_started"] == STEPS
     # the gathers ran on the gather modes and not on the reducing ones
     for r in ranks:
         assert all(c["allgather_calls"] > 0 for c in r["runs"]["mpi/sparse-gather"]["counters"])
@@ -150,3 +161,11 @@ def test_a_compare_env_sweep_measures_every_point_under_both_settings(tmp_path):
         SweepConfig.from_toml(path)
     assert_one_line_error(cli_here("sweep", "--compare-env", "HOROVOD_CYCLE_TIME", *TINY, "--out", str(tmp_path / "x")),
                           "not VAR=VALUE")
+
+
+def test_compare_refuses_a_folder_that_mixes_backends():
+    records = [point_record(PointConfig(np=1, exchange_backend=b, preset="tiny"), 100.0) for b in ("horovod", "mpi")]
+    mixed, one = summarize(records), summarize(records[:1])
+    with pytest.raises(UsageError, match="mixes exchange backends"):
+        compare(mixed, one, 0.1)
+    assert len(compare(one, one, 0.1)) == 1

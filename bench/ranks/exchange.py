@@ -208,12 +208,16 @@ class HorovodExchange(ModeExchange):
         hvd.init()
         self._hvd = hvd
         super().__init__(mode, hvd.rank(), hvd.size(), hvd.local_size())
+        self.grouped = None
 
     def wrap_optimizer(self, optimizer, model):
         hvd = self._hvd
         opt = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                        sparse_as_dense=self.mode == "sparse-as-dense")
         self.find_tables(model)
+        from bench.ranks.grouped_gather import GroupedGather, grouped_gathers_asked
+        self.grouped = GroupedGather(hvd, opt.process_set) if grouped_gathers_asked() else None
+        """The option of bench.ranks.grouped_gather (ALURE_BENCH_GROUPED_ALLGATHER=1), or None."""
         # Horovod's hooks call `self._allreduce_grad_async(p)`; an instance attribute shadows the class method,
         # so every collective Horovod starts for a gradient passes through `exchange` first.
         start_collective = opt._allreduce_grad_async
@@ -228,7 +232,7 @@ class HorovodExchange(ModeExchange):
                 self.coalesce(p)  # Horovod gathers the distinct rows
             if how in ("sparse-gather", "coalesced-gather"):
                 sent = p.grad
-                handle, ctx = start_collective(p)
+                handle, ctx = (self.grouped.add(sent), None) if self.grouped else start_collective(p)
                 self.count_gather_started(sent)
 
                 def gathered():
@@ -265,6 +269,11 @@ class HorovodExchange(ModeExchange):
             p.grad = out
             return out
         return reduced, None
+
+    def start_step(self, batch):
+        super().start_step(batch)
+        if self.grouped is not None:  # the group starts when this step's last gathered table is ready
+            self.grouped.expected = sum(m in ("sparse-gather", "coalesced-gather") for m in self.table_mode.values())
 
     def broadcast_model(self, model, optimizer):
         self._hvd.broadcast_parameters(model.state_dict(), root_rank=0)

@@ -1,8 +1,8 @@
 """Rank script: train the tiny workload a few steps in each of the given exchange modes over each of the given
 exchange backends in turn, every run from the same seed; save this rank's weights per backend and mode and report
 what each exchange did. A backend listed first runs first: `mpi,horovod` trains over raw MPI before anything has
-imported Horovod, which the report says per run. Args: BACKENDS (comma-separated) MODES (comma-separated) STEPS
-OUT_DIR."""
+imported Horovod, which the report says per run; horovod-grouped is Horovod with bench.ranks.grouped_gather's
+option. Args: BACKENDS (comma-separated) MODES (comma-separated) STEPS OUT_DIR."""
 import os
 import sys
 from pathlib import Path
@@ -12,6 +12,7 @@ import torch
 from alure.config import tiny
 from alure.train import Trainer
 from bench.plan.config import PointConfig
+from bench.ranks import grouped_gather
 from bench.ranks.handback import hand_back
 from bench.ranks.point_program import exchange_for
 
@@ -21,7 +22,9 @@ def horovod_loaded() -> bool:
 
 
 def train(backend: str, mode: str, steps: int, out: Path) -> dict:
-    exchange = exchange_for(PointConfig(mode=mode, exchange_backend=backend))
+    # horovod-grouped: Horovod with its tables' gathers grouped (bench.ranks.grouped_gather), asked as a launch would
+    os.environ[grouped_gather.VARIABLE] = "1" if backend == "horovod-grouped" else "0"
+    exchange = exchange_for(PointConfig(mode=mode, exchange_backend=backend.removesuffix("-grouped")))
     trainer = Trainer(tiny(), exchange)
     torch.save(trainer.model.state_dict(), out / f"initial-{backend}-rank{exchange.rank}.pt")
     counters, started_in_backward = [], []
@@ -35,8 +38,9 @@ def train(backend: str, mode: str, steps: int, out: Path) -> dict:
         c = exchange.counters
         counters.append({**c.as_dict(), "bytes_held": c.bytes_held, "bytes_sent": c.bytes_sent})
     torch.save(trainer.model.state_dict(), out / f"{backend}-{mode}-rank{exchange.rank}.pt")
+    grouped = getattr(exchange, "grouped", None)
     return {"counters": counters, "started_in_backward": started_in_backward, "class": type(exchange).__name__,
-            "horovod_loaded": horovod_loaded(),
+            "horovod_loaded": horovod_loaded(), "groups_started": grouped.groups_started if grouped else 0,
             "exchange": exchange}
 
 
