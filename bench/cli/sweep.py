@@ -14,6 +14,7 @@ from bench.launch.hosts import (add_host_flags, check_fits, launcher_from_args, 
 from bench.launch.interrupts import INTERRUPTED_EXIT_CODE, signals_ignored
 from bench.launch.mpirun import LOCAL, Launcher
 from bench.plan.capacity import add_oversubscribe_flag, check_sweep
+from bench.plan.comm_config import format_env_setting, parse_env_setting
 from bench.plan.config import SweepConfig
 from bench.plan.sweep import load_sweep_config, run_sweep, start_sweep
 from bench.results.folder_lock import exclusive_writer
@@ -92,6 +93,12 @@ def add_plan_flags(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--graph-strategies", type=str_list, help="k-NN strategies of the graph stage: replicate,ring "
                                                              "(default both)")
     p.add_argument("--stage-steps", type=int, help="timed repetitions of a stage other than train (default 3)")
+    p.add_argument("--compare-env", metavar="'VAR=VALUE ...'",
+                   help="setting B: variables on top of the suite's launch environment (setting A); every point is "
+                        "measured under both, interleaved, e.g. --compare-env 'HOROVOD_CYCLE_TIME=1'")
+    p.add_argument("--exchange-backend", "--exchange-backends", dest="exchange_backends", type=str_list,
+                   help="what carries the exchange: horovod, mpi (raw MPI, no Horovod in the ranks) or horovod,mpi "
+                        "for both side by side (default horovod)")
     p.add_argument("--name", help="sweep name, the results folder's prefix")
     p.add_argument("--out", metavar="DIR", help=out_help)
     add_shared_flags(p)
@@ -101,9 +108,11 @@ def sweep_config_from_args(args: argparse.Namespace, **fixed) -> SweepConfig:
     config = SweepConfig.from_toml(args.config) if getattr(args, "config", None) else SweepConfig()
     changes = {field: getattr(args, flag) for flag, field in SHARED_FLAGS.items() if getattr(args, flag) is not None}
     for flag in ("nps", "modes", "scalings", "repeats", "name", "interleave", "stages", "graph_strategies",
-                 "stage_steps", "corun"):
+                 "stage_steps", "corun", "exchange_backends"):
         if getattr(args, flag, None) is not None:
             changes[flag] = getattr(args, flag)
+    if getattr(args, "compare_env", None) is not None:
+        changes["compare_env"] = parse_env_setting(args.compare_env)
     if args.overrides:
         changes["workload"] = {**config.workload, **dict(args.overrides)}
     config = replace(config, **(changes | fixed))
@@ -139,6 +148,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_launchable(config, launcher, "--nps", args.oversubscribe_limit)
     print(f"sweep {sweep_dir}: {len(config.plan())} points, preset {config.preset}, np {config.nps}, "
           f"modes {', '.join(config.modes)}, {', '.join(config.scalings)} scaling"
+          + (f"; exchange over {', '.join(config.exchange_backends)}" if config.exchange_backends != ["horovod"]
+             else "")
+          + (f"; each also under setting B: {format_env_setting(config.compare_env)}" if config.compare_env else "")
           + (f"; stages {', '.join(config.stages)}" if config.stages != ["train"] else ""))
     df = run_locked(config, sweep_dir, resume=bool(args.resume), launcher=launcher)
     if df is None:
@@ -151,7 +163,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """One point: a one-point sweep, so its record and report are those of any sweep."""
     config = sweep_config_from_args(args, nps=sorted({1, args.np}) if args.with_baseline else [args.np],
-                                    modes=[args.mode], scalings=[args.scaling], name="run", corun=False)
+                                    modes=[args.mode], scalings=[args.scaling], name="run", corun=False,
+                                    exchange_backends=[args.exchange_backend])
     launcher = launcher_from_args(args)
     check_launchable(config, launcher, "--np", args.oversubscribe_limit)
     sweep_dir = Path(args.out) if args.out else default_out("run")
@@ -224,6 +237,8 @@ def register(sub) -> None:
                      help="sparse-gather, coalesced-gather, dense-reduce, sparse-as-dense or auto")
     run.add_argument("--scaling", default="weak", help="weak or strong")
     run.add_argument("--with-baseline", action="store_true", help="also measure np=1, for the efficiency")
+    run.add_argument("--exchange-backend", default="horovod",
+                     help="what carries the exchange: horovod or mpi (raw MPI, no Horovod in the ranks)")
     run.add_argument("--out", metavar="DIR", help="results folder (default results/local/run-<time>)")
     add_shared_flags(run)
     add_host_flags(run)

@@ -26,6 +26,10 @@ FIXED_MODES = (*REPLICATED_MODES, *SHARDED_MODES)
 """Every mode that exchanges one way only."""
 DEFAULT_SWEEP_MODES = ("sparse-gather", "dense-reduce")
 """What a sweep measures unless told otherwise: the two modes the suite compares (keeps `make bench` quick)."""
+EXCHANGE_BACKENDS = ("horovod", "mpi")
+"""What carries a training point's exchange modes: Horovod (bench.ranks.exchange), or raw MPI through mpi4py's
+nonblocking collectives with no Horovod in the process (bench.ranks.mpi_exchange), the reference that says what
+Horovod's runtime costs the step."""
 
 
 
@@ -117,6 +121,11 @@ class PointConfig(RunSettings):
     """The co-run baseline of np ranks (bench.ranks.corun): np independent np=1 trainings started together on the
     same cores, no exchange and no Horovod; their step time against the lone np=1 point is what sharing the machine
     costs (docs/efficiency.md). The mode plays no part in it."""
+    exchange_backend: str = "horovod"
+    """What carries the exchange: one of EXCHANGE_BACKENDS."""
+    launch_env: dict = field(default_factory=dict)
+    """Variables set on top of the suite's launch environment for this point's ranks (a variable named here wins
+    over the launcher's own setting, e.g. HOROVOD_CYCLE_TIME); empty: the suite's launch environment as it is."""
 
     def __post_init__(self):
         RunSettings.__post_init__(self)  # zero-argument super() does not work in a slots dataclass
@@ -133,6 +142,17 @@ class PointConfig(RunSettings):
         if self.graph_strategy not in (GRAPH_STRATEGIES if self.stage == "graph" else ("",)):
             raise UsageError(f"graph_strategy {self.graph_strategy!r} for stage {self.stage}: the graph stage "
                              f"takes one of {', '.join(GRAPH_STRATEGIES)}, other stages none")
+        if self.exchange_backend not in EXCHANGE_BACKENDS:
+            raise UsageError(f"unknown exchange backend {self.exchange_backend!r}: use "
+                             f"{' or '.join(EXCHANGE_BACKENDS)}")
+        if self.exchange_backend == "mpi" and self.mode in SHARDED_MODES:
+            raise UsageError(f"mode {self.mode} shards its tables over Horovod's all-to-all; the raw-MPI backend "
+                             f"carries the data-parallel modes only: drop --exchange-backend mpi for it")
+        bad = [f"{k}={v!r}" for k, v in self.launch_env.items() if not (isinstance(k, str) and k.isidentifier()
+                                                                          and isinstance(v, str))]
+        if bad:
+            raise UsageError(f"launch_env {', '.join(bad)}: give environment variables as NAME = \"value\" (strings), "
+                             f"e.g. HOROVOD_CYCLE_TIME = \"1\"")
         if self.stage != "train" and self.scaling != "strong":
             raise UsageError(f"stage {self.stage} scales strongly only (the preset's users split over the ranks)")
         if self.scaling == "strong" and self.global_batch and self.global_batch % self.np:
@@ -144,19 +164,25 @@ class PointConfig(RunSettings):
 
     @property
     def point_id(self) -> str:
-        """Stable file name of the point's record (a train point's is what it was before stages existed)."""
+        """Stable file name of the point's record (a train point's is what it was before stages existed; a backend
+        other than Horovod adds itself at the end, so Horovod's ids stay what they were before backends existed)."""
+        backend = ("" if self.exchange_backend == "horovod" else f"-{self.exchange_backend}") + \
+            ("-envB" if self.launch_env else "")
         if self.corun:
-            return f"corun-{self.scaling}-np{self.np}-r{self.repeat}"
+            return f"corun-{self.scaling}-np{self.np}-r{self.repeat}{backend}"
         if self.stage != "train":
-            return f"{self.stage}{'-' + self.graph_strategy if self.graph_strategy else ''}-np{self.np}-r{self.repeat}"
-        return f"{self.scaling}-{self.mode}-np{self.np}-r{self.repeat}"
+            return (f"{self.stage}{'-' + self.graph_strategy if self.graph_strategy else ''}-np{self.np}"
+                    f"-r{self.repeat}{backend}")
+        return f"{self.scaling}-{self.mode}-np{self.np}-r{self.repeat}{backend}"
 
     def label(self, np_mark: str = "") -> str:
         """What a person reads of the point: 'weak sparse-gather np=2 r0', 'graph ring np=4 r1' (`np_mark`, e.g. '*'
         for oversubscribed, right after the process count)."""
         what = f"{self.scaling} {self.mode}" if self.stage == "train" else stage_label(self.stage, self.graph_strategy)
         what = f"{self.scaling} co-run" if self.corun else what
-        return f"{what} np={self.np}{np_mark} r{self.repeat}"
+        backend = "" if self.exchange_backend == "horovod" else f" ({self.exchange_backend})"
+        setting = " [B]" if self.launch_env else ""
+        return f"{what}{backend}{setting} np={self.np}{np_mark} r{self.repeat}"
 
     @classmethod
     def from_dict(cls, data: dict) -> "PointConfig":
@@ -194,10 +220,17 @@ class SweepConfig(RunSettings):
     corun: bool = True
     """With training points: at every np > 1, per scaling kind, a co-run baseline point (PointConfig.corun), so the
     efficiency splits into the machine's own share and the rest (docs/efficiency.md)."""
+    exchange_backends: list[str] = field(default_factory=lambda: ["horovod"])
+    """What carries the exchange, from EXCHANGE_BACKENDS: every point is measured once per backend, so horovod and
+    mpi together put Horovod's runtime and raw MPI side by side in one interleaved sweep."""
+    compare_env: dict = field(default_factory=dict)
+    """Setting B: variables set on top of the suite's launch environment (setting A). When given, every point is
+    measured under both, interleaved like the repeats, so a launch setting's effect on the training step is read
+    from one run (B's points divide by B's np=1); empty: setting A only."""
 
     def __post_init__(self):
         for name, allowed in (("scalings", SCALINGS), ("modes", MODES), ("stages", STAGES),
-                              ("graph_strategies", GRAPH_STRATEGIES)):
+                              ("graph_strategies", GRAPH_STRATEGIES), ("exchange_backends", EXCHANGE_BACKENDS)):
             values = getattr(self, name)
             bad = [v for v in values if v not in allowed]
             if bad or not values:
@@ -208,6 +241,7 @@ class SweepConfig(RunSettings):
             raise UsageError(f"repeats must be at least 1 (got {self.repeats})")
         if self.retries < 0:
             raise UsageError(f"retries must not be negative (got {self.retries}): 0 launches every point once")
+        PointConfig(launch_env=self.compare_env)  # one check of its variables, before any point is planned
         self.nps = sorted(set(self.nps))
         self.plan()  # every point must be valid before anything runs (RunSettings' checks run there too)
 
@@ -227,18 +261,22 @@ class SweepConfig(RunSettings):
         return plan
 
     def _points(self, n: int, r: int) -> list[PointConfig]:
-        """Repeat r of every point at np=n: training (scaling x mode), then the other stages (strong scaling)."""
+        """Repeat r of every point at np=n, per exchange backend and launch setting: training (scaling x mode), then
+        the other stages (strong scaling)."""
         points = []
-        if "train" in self.stages:
-            points += [PointConfig(scaling=s, mode=m, np=n, repeat=r, **self.shared())
-                       for s, m in itertools.product(self.scalings, self.modes)]
-            if self.corun and n > 1:
-                points += [PointConfig(scaling=s, mode=self.modes[0], np=n, repeat=r, corun=True, **self.shared())
-                           for s in self.scalings]
-        for stage in (s for s in STAGES if s != "train" and s in self.stages):
-            strategies = self.graph_strategies if stage == "graph" else [""]
-            points += [PointConfig(stage=stage, graph_strategy=g, scaling="strong", mode=self.modes[0], np=n,
-                                   repeat=r, **self.shared()) for g in strategies]
+        settings = [{}, self.compare_env] if self.compare_env else [{}]  # A (the launch environment as it is), B
+        for backend, env in itertools.product(self.exchange_backends, settings):
+            how = {"exchange_backend": backend, "launch_env": dict(env), **self.shared()}
+            if "train" in self.stages:
+                points += [PointConfig(scaling=s, mode=m, np=n, repeat=r, **how)
+                           for s, m in itertools.product(self.scalings, self.modes)]
+                if self.corun and n > 1:  # per backend and setting, so every point finds its own co-run share
+                    points += [PointConfig(scaling=s, mode=self.modes[0], np=n, repeat=r, corun=True, **how)
+                               for s in self.scalings]
+            for stage in (s for s in STAGES if s != "train" and s in self.stages):
+                strategies = self.graph_strategies if stage == "graph" else [""]
+                points += [PointConfig(stage=stage, graph_strategy=g, scaling="strong", mode=self.modes[0], np=n,
+                                       repeat=r, **how) for g in strategies]
         return points
 
     def _back_to_back(self) -> list[PointConfig]:

@@ -130,7 +130,9 @@ def launch_point(point: PointConfig, sweep_dir: Path, launcher: Launcher = LOCAL
     ensure_writable(handback)
     argv = python_module_argv(worker_module(point), *point_argv(point, str(handback)))
     try:
-        run = run_ranks(point.np, argv, timeout_s=point.timeout_s, launcher=launcher)
+        # A point's own launch setting goes on top of this process's environment, so it wins over the launcher's.
+        env = {**os.environ, **point.launch_env} if point.launch_env else None
+        run = run_ranks(point.np, argv, timeout_s=point.timeout_s, env=env, launcher=launcher)
         handed = collect(handback)
         measuring = bool(measured_ranks(handback))
     finally:

@@ -14,6 +14,8 @@ Each sparse embedding table's gradient is exchanged in one of these ways (dense 
   (bench.model.table_costs.choose_mode) whose memory fits the rank's budget. The counts it decides from (rows and distinct rows
   per table, from the batch) and every rank's budget are allgathered in the data phase, so every rank chooses alike
   before any gradient's collective starts.
+`ModeExchange` holds what the modes need whatever carries them (the counting above all), so bench.ranks.mpi_exchange
+runs the same modes over raw MPI, counted alike.
 At np=1 Horovod registers no hooks and exchanges nothing: every mode is the bare model there.
 """
 from __future__ import annotations
@@ -47,7 +49,8 @@ class ExchangeCounters:
     allgather_calls: int = 0
     """Allgather collectives started (two per gathered table: indices and values)."""
     allreduce_calls: int = 0
-    """Allreduce collectives started (one per dense parameter, and per densified table)."""
+    """Allreduce collectives started: one per densified table, and under Horovod one per dense parameter (which its
+    fusion may send together), under the raw-MPI backend one per bucket of dense parameters."""
     allgather_bytes_sent: int = 0
     """Bytes of this rank's tensors handed to allgather."""
     allgather_bytes_held: int = 0
@@ -134,19 +137,21 @@ class ExchangeCounters:
                                      if isinstance(v, torch.Tensor) and v.dim() > 0)
 
 
-class HorovodExchange:
-    """The `alure.exchange.Exchange` seam over Horovod, in one of `MODES`."""
+class ModeExchange:
+    """What every backend of the modes shares (this module's Horovod one, bench.ranks.mpi_exchange's raw MPI one):
+    the sparse tables and each one's mode this step, dense-reduce's kept buffers, auto's choice, and the counting,
+    so a byte counted by one backend means the same in the other. A backend adds the collectives (auto's choice
+    calls its `allgather_array`)."""
 
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, rank: int, size: int, local_size: int):
         if mode not in MODES or mode in SHARDED_MODES:
             raise ValueError(f"{mode!r} is not a data-parallel mode: use one of {', '.join(MODES)} "
                              f"(bench.ranks.sharded.exchange_for makes the sharded ones)")
-        import horovod.torch as hvd
-        hvd.init()
-        self._hvd = hvd
         self.mode = mode
-        self.rank = hvd.rank()
-        self.size = hvd.size()
+        self.rank = rank
+        self.size = size
+        self.local_size = local_size
+        """Ranks on this rank's host."""
         self.counters = ExchangeCounters()
         self.tables: dict[torch.nn.Parameter, str] = {}
         """The sparse embedding tables, parameter -> parameter name."""
@@ -157,17 +162,113 @@ class HorovodExchange:
         self.costs = None
         if mode == "auto":
             from bench.model.calibration_store import load_costs
-            transport = "shared-memory" if hvd.local_size() == self.size else "tcp"  # this host's calibration of it
-            self.costs = load_costs(transport=transport, warn=self.rank == 0 and self.size > 1)
+            transport = "shared-memory" if local_size == size else "tcp"  # this host's calibration of it
+            self.costs = load_costs(transport=transport, warn=rank == 0 and size > 1)
+
+    def find_tables(self, model: torch.nn.Module) -> None:
+        """Record the model's sparse embedding tables (and, for a fixed mode, their mode)."""
+        self.tables = {m.weight: f"{name}.weight" for name, m in model.named_modules()
+                       if isinstance(m, torch.nn.Embedding) and m.sparse}
+        if self.mode != "auto":
+            self.table_mode = dict.fromkeys(self.tables, self.mode)
+
+    def dense_buffer(self, p: torch.nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
+        """dense-reduce: this rank's sparse gradient summed into the table's kept V x d buffer (repeated rows
+        add)."""
+        buffer = self.buffers.get(p)
+        if buffer is None:
+            buffer = self.buffers[p] = torch.zeros(p.shape, dtype=p.dtype)
+        buffer.zero_()
+        buffer.index_add_(0, grad._indices()[0], grad._values())
+        return buffer
+
+    def coalesce(self, p: torch.nn.Parameter) -> None:
+        """coalesced-gather: p.grad with its repeated rows summed, so only the distinct rows travel."""
+        p.grad = p.grad.coalesce()
+        self.counters.coalesced_bytes += tensor_bytes(p.grad)
+
+    def count_gather_started(self, sent: torch.Tensor) -> None:
+        """A sparse gradient handed to allgather (its indices and values: two collectives)."""
+        self.counters.allgather_calls += 2
+        self.counters.allgather_bytes_sent += tensor_bytes(sent)
+        self.counters.allgather_rows_sent += sent._nnz()
+
+    def count_gathered(self, out: torch.Tensor) -> None:
+        """The gathered sparse gradient this rank now holds."""
+        self.counters.allgather_bytes_held += tensor_bytes(out)
+        self.counters.allgather_rows_held += out._nnz()
+
+    def count_reduced(self, out: torch.Tensor, densified: bool) -> None:
+        """An allreduce's result (in place: the very tensor it was handed); `densified`: a table's dense copy."""
+        n = tensor_bytes(out)
+        self.counters.allreduce_bytes_sent += n
+        self.counters.allreduce_bytes_held += n
+        self.counters.allreduce_ring_bytes += ring_allreduce_bytes(n, self.size)
+        if densified:
+            self.counters.densify_bytes += n
+
+    def count_resparsified(self) -> None:
+        """sparse-as-dense, after the exchange: the tables' gradients rebuilt sparse from the reduced dense
+        tensors."""
+        if self.mode == "sparse-as-dense" and self.size > 1:
+            for p in self.tables:
+                if p.grad is not None and p.grad.is_sparse:
+                    self.counters.resparsified_bytes += tensor_bytes(p.grad)
+
+    def embedding_lookup(self, spec):
+        return None  # every table whole (bench.ranks.sharded makes shards)
+
+    def prepare_lookups(self, lookups):
+        pass
+
+    def start_step(self, batch):
+        """auto: count the rows each table's gradient will get from this batch, gather every rank's counts and memory
+        budget, and choose per table (timed as the exchange's own work)."""
+        if self.mode != "auto" or self.size == 1:
+            return
+        started = time.perf_counter()
+        self._choose_modes(batch)
+        self.counters.work_ms += (time.perf_counter() - started) * 1000
+
+    def _choose_modes(self, batch):
+        from bench.launch.mpirun import physical_cores
+        from bench.model.profile import table_lookups
+        from bench.model.table_costs import choose_mode
+        from bench.ranks.memory import memory_budget_bytes
+        counts = table_lookups(batch)
+        names = list(self.tables.values())
+        mine = [c for name in names for c in counts[name.removeprefix("sources.").removesuffix(".weight")]]
+        every = self.allgather_array(np.array([mine + [memory_budget_bytes(self.local_size)]], dtype=np.float64))
+        total = every[:, :-1].sum(axis=0).reshape(len(names), 2)  # (rows, distinct rows of each rank) summed
+        budget = float(every[:, -1].min())  # the tightest rank decides: every rank must choose alike
+        cpu = max(1.0, self.local_size / physical_cores())  # ranks time-sharing this host's cores
+        self.table_mode = {}
+        for param, (rows, distinct) in zip(self.tables, total):
+            paid = ("dense-reduce",) if param in self.buffers else ()
+            mode, added = choose_mode(self.costs, self.size, param.shape[0], param.shape[1], rows, distinct, cpu,
+                                      budget, paid=paid)
+            self.table_mode[param] = mode
+            budget -= added
+
+
+class HorovodExchange(ModeExchange):
+    """The `alure.exchange.Exchange` seam over Horovod, in one of `MODES`."""
+
+    def __init__(self, mode: str):
+        import horovod.torch as hvd
+        hvd.init()
+        self._hvd = hvd
+        super().__init__(mode, hvd.rank(), hvd.size(), hvd.local_size())
+        self.grouped = None
 
     def wrap_optimizer(self, optimizer, model):
         hvd = self._hvd
         opt = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                        sparse_as_dense=self.mode == "sparse-as-dense")
-        self.tables = {m.weight: f"{name}.weight" for name, m in model.named_modules()
-                       if isinstance(m, torch.nn.Embedding) and m.sparse}
-        if self.mode != "auto":
-            self.table_mode = dict.fromkeys(self.tables, self.mode)
+        self.find_tables(model)
+        from bench.ranks.grouped_gather import GroupedGather, grouped_gathers_asked
+        self.grouped = GroupedGather(hvd, opt.process_set) if grouped_gathers_asked() else None
+        """The option of bench.ranks.grouped_gather (ALURE_BENCH_GROUPED_ALLGATHER=1), or None."""
         # Horovod's hooks call `self._allreduce_grad_async(p)`; an instance attribute shadows the class method,
         # so every collective Horovod starts for a gradient passes through `exchange` first.
         start_collective = opt._allreduce_grad_async
@@ -186,31 +287,22 @@ class HorovodExchange:
             if how == "dense-reduce":
                 return self._dense_reduce(opt, p, grad)
             if how == "coalesced-gather":
-                p.grad = grad.coalesce()  # sums repeated rows: Horovod gathers the distinct ones
-                counters.coalesced_bytes += tensor_bytes(p.grad)
+                self.coalesce(p)  # Horovod gathers the distinct rows
             if how in ("sparse-gather", "coalesced-gather"):
                 sent = p.grad
-                handle, ctx = start_collective(p)
-                counters.allgather_calls += 2
-                counters.allgather_bytes_sent += tensor_bytes(sent)
-                counters.allgather_rows_sent += sent._nnz()
+                handle, ctx = (self.grouped.add(sent), None) if self.grouped else start_collective(p)
+                self.count_gather_started(sent)
 
                 def gathered():
                     out = handle()
-                    counters.allgather_bytes_held += tensor_bytes(out)
-                    counters.allgather_rows_held += out._nnz()
+                    self.count_gathered(out)
                     return out
                 return gathered, ctx
             handle, ctx = start_collective(p)
 
             def reduced():  # the allreduce runs in place: its result is the very tensor it was handed
                 out = hvd.synchronize(handle)
-                n = tensor_bytes(out)
-                counters.allreduce_bytes_sent += n
-                counters.allreduce_bytes_held += n
-                counters.allreduce_ring_bytes += ring_allreduce_bytes(n, self.size)
-                if how == "sparse-as-dense":  # Horovod's to_dense() copy
-                    counters.densify_bytes += n
+                self.count_reduced(out, densified=how == "sparse-as-dense")  # Horovod's to_dense() copy
                 return out
             counters.allreduce_calls += 1
             return reduced, ctx
@@ -223,62 +315,23 @@ class HorovodExchange:
         allreduced (averaged) in place under the parameter's name. The buffer becomes p.grad only when the reduction
         is collected in `synchronize`, so until then p.grad stays this rank's own gradient, as in the other modes;
         Horovod's synchronize then finds a dense gradient and keeps it dense."""
-        hvd, counters = self._hvd, self.counters
-        buffer = self.buffers.get(p)
-        if buffer is None:
-            buffer = self.buffers[p] = torch.zeros(p.shape, dtype=p.dtype)
-        buffer.zero_()
-        buffer.index_add_(0, grad._indices()[0], grad._values())
+        hvd = self._hvd
+        buffer = self.dense_buffer(p, grad)
         handle = hvd.allreduce_async_(buffer, name=opt._parameter_names[p], op=hvd.Average,
                                       process_set=opt.process_set)
-        counters.allreduce_calls += 1
+        self.counters.allreduce_calls += 1
 
         def reduced():
             out = hvd.synchronize(handle)
-            n = tensor_bytes(out)
-            counters.allreduce_bytes_sent += n
-            counters.allreduce_bytes_held += n
-            counters.allreduce_ring_bytes += ring_allreduce_bytes(n, self.size)
-            counters.densify_bytes += n
+            self.count_reduced(out, densified=True)
             p.grad = out
             return out
         return reduced, None
 
-    def embedding_lookup(self, spec):
-        return None  # every table whole (bench.ranks.sharded makes shards)
-
-    def prepare_lookups(self, lookups):
-        pass
-
     def start_step(self, batch):
-        """auto: count the rows each table's gradient will get from this batch, gather every rank's counts and memory
-        budget, and choose per table."""
-        if self.mode != "auto" or self.size == 1:
-            return
-        started = time.perf_counter()
-        self._choose_modes(batch)
-        self.counters.work_ms += (time.perf_counter() - started) * 1000
-
-    def _choose_modes(self, batch):
-        from bench.launch.mpirun import physical_cores
-        from bench.model.profile import table_lookups
-        from bench.model.table_costs import choose_mode
-        from bench.ranks.memory import memory_budget_bytes
-        counts = table_lookups(batch)
-        names = list(self.tables.values())
-        hvd = self._hvd
-        mine = [c for name in names for c in counts[name.removeprefix("sources.").removesuffix(".weight")]]
-        every = self.allgather_array(np.array([mine + [memory_budget_bytes(hvd.local_size())]], dtype=np.float64))
-        total = every[:, :-1].sum(axis=0).reshape(len(names), 2)  # (rows, distinct rows of each rank) summed
-        budget = float(every[:, -1].min())  # the tightest rank decides: every rank must choose alike
-        cpu = max(1.0, hvd.local_size() / physical_cores())  # ranks time-sharing this host's cores
-        self.table_mode = {}
-        for param, (rows, distinct) in zip(self.tables, total):
-            paid = ("dense-reduce",) if param in self.buffers else ()
-            mode, added = choose_mode(self.costs, self.size, param.shape[0], param.shape[1], rows, distinct, cpu,
-                                      budget, paid=paid)
-            self.table_mode[param] = mode
-            budget -= added
+        super().start_step(batch)
+        if self.grouped is not None:  # the group starts when this step's last gathered table is ready
+            self.grouped.expected = sum(m in ("sparse-gather", "coalesced-gather") for m in self.table_mode.values())
 
     def broadcast_model(self, model, optimizer):
         self._hvd.broadcast_parameters(model.state_dict(), root_rank=0)
@@ -287,10 +340,7 @@ class HorovodExchange:
     def synchronize(self, optimizer):
         optimizer.synchronize()
         self.counters.count_tables(self.tables, optimizer)
-        if self.mode == "sparse-as-dense" and self.size > 1:
-            for p in self.tables:  # Horovod rebuilt these sparse from the reduced dense tensor
-                if p.grad is not None and p.grad.is_sparse:
-                    self.counters.resparsified_bytes += tensor_bytes(p.grad)
+        self.count_resparsified()  # Horovod rebuilt the tables' gradients sparse from the reduced dense tensors
 
     def step(self, optimizer):
         with optimizer.skip_synchronize():
@@ -316,21 +366,27 @@ class HorovodExchange:
 
     def start_ring_shift(self, array):
         """Send `array` to rank + 1 and receive rank - 1's, nonblocking (alure.exchange.Exchange). Horovod
-        initialised MPI; mpi4py finds it initialised and neither re-initialises nor finalises it. The shapes
-        travel first in one small blocking exchange, so each receiver can allocate its block."""
+        initialised MPI; mpi4py finds it initialised and neither re-initialises nor finalises it."""
         from mpi4py import MPI
-        comm = MPI.COMM_WORLD
-        array = np.ascontiguousarray(array)
-        if self.size == 1:
-            from alure.exchange import Arrived
-            return Arrived(array)
-        following, previous = (self.rank + 1) % self.size, (self.rank - 1) % self.size
-        shape, dtype = comm.sendrecv((array.shape, array.dtype.str), dest=following, source=previous)
-        incoming = np.empty(shape, dtype=np.dtype(dtype))
-        # As bytes: MPI has no half-precision type, and the receiver knows the dtype already.
-        requests = [comm.Irecv([incoming, MPI.BYTE], source=previous, tag=RING_TAG),
-                    comm.Isend([array, MPI.BYTE], dest=following, tag=RING_TAG)]
-        return MpiTransfer(requests, incoming, array)
+        return start_mpi_ring_shift(MPI.COMM_WORLD, array)
+
+
+def start_mpi_ring_shift(comm, array) -> "MpiTransfer":
+    """A nonblocking ring shift over the mpi4py communicator `comm`: send `array` to rank + 1, receive rank - 1's.
+    The shapes travel first in one small blocking exchange, so each receiver can allocate its block."""
+    from mpi4py import MPI
+    array = np.ascontiguousarray(array)
+    rank, size = comm.Get_rank(), comm.Get_size()
+    if size == 1:
+        from alure.exchange import Arrived
+        return Arrived(array)
+    following, previous = (rank + 1) % size, (rank - 1) % size
+    shape, dtype = comm.sendrecv((array.shape, array.dtype.str), dest=following, source=previous)
+    incoming = np.empty(shape, dtype=np.dtype(dtype))
+    # As bytes: MPI has no half-precision type, and the receiver knows the dtype already.
+    requests = [comm.Irecv([incoming, MPI.BYTE], source=previous, tag=RING_TAG),
+                comm.Isend([array, MPI.BYTE], dest=following, tag=RING_TAG)]
+    return MpiTransfer(requests, incoming, array)
 
 
 RING_TAG = 15

@@ -1,6 +1,7 @@
 """What the two rank programs of a sweep point share (bench.ranks.worker: timed training steps;
-bench.ranks.stage_worker: a whole pipeline stage): the command line, the exchange (bench.ranks.sharded.exchange_for), every rank's measurements
-gathered to rank 0, which builds the point's record, and the hand-back of the outcome (bench.ranks.handback)."""
+bench.ranks.stage_worker: a whole pipeline stage): the command line, the exchange (`exchange_for`: Horovod,
+raw MPI or the sharded modes), every rank's measurements gathered to rank 0, which builds the point's record, and
+the hand-back of the outcome (bench.ranks.handback)."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,17 @@ def point_argv(point: PointConfig, results: str) -> list[str]:
     return ["--point", json.dumps(point.as_dict()), "--results", str(results)]
 
 
+def exchange_for(point: PointConfig):
+    """The point's exchange, over its backend (bench.plan.config.EXCHANGE_BACKENDS). Imported only when chosen: a
+    raw-MPI point must never load Horovod."""
+    if point.exchange_backend == "mpi":
+        from bench.ranks.mpi_exchange import MpiExchange
+        return MpiExchange(point.mode)
+    from bench.plan.workload import workload_config
+    from bench.ranks.sharded import exchange_for as horovod_exchange_for
+    return horovod_exchange_for(point.mode, workload_config(point))  # Horovod, or the sharded modes over it
+
+
 def main(prog: str, measure: Measure, build_record: BuildRecord, argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--point", required=True, help="the PointConfig as JSON")
@@ -37,9 +49,7 @@ def main(prog: str, measure: Measure, build_record: BuildRecord, argv: list[str]
     start = time.perf_counter()
     rank = launched_rank()
     try:
-        from bench.plan.workload import workload_config
-        from bench.ranks.sharded import exchange_for
-        exchange = exchange_for(point.mode, workload_config(point))
+        exchange = exchange_for(point)
         rank = exchange.rank
         if exchange.size != point.np:
             raise RuntimeError(f"launched with {exchange.size} ranks for a point of np={point.np}")

@@ -16,7 +16,7 @@ from bench.launch.hosts import link_as_configured, network_of_ranks, shares_one_
 from bench.host import hosts_oversubscribed, is_oversubscribed, physical_cores
 from bench.plan.config import PointConfig
 from bench.plan.workload import batch_sizes, preset_batch, workload_config
-from bench.ranks import point_program
+from bench.ranks import grouped_gather, point_program
 from bench.ranks.memory import MIB, PeakProbe, apply_training_mem_limit, peak_rss_mib, rss_mib, vm_data_bytes
 from bench.results.records import SCHEMA_VERSION
 from bench.results.scaling import (PHASES, rank_skew, slowest_rank_per_step, spread, throughput_samples_per_s,
@@ -191,7 +191,14 @@ def build_record(point: PointConfig, ranks: list[dict], wall_seconds: float, sta
         "threads_per_rank": point.threads_per_rank,
         "batch_per_rank": per_rank, "global_batch": global_batch,
         **network,  # hosts, ranks_per_host, transport
-        "horovod_controller": os.environ.get("HOROVOD_CONTROLLER", "mpi"),
+        "exchange_backend": point.exchange_backend,
+        # what the ranks ran with (the launcher's knobs, or the point's own launch_env over them): a before/after of
+        # a launch setting is read from the records themselves
+        "horovod_settings": {k: v for k, v in sorted(os.environ.items())
+                             if k.startswith("HOROVOD_") or k == grouped_gather.VARIABLE},
+        "launch_env": point.launch_env,
+        "horovod_controller": os.environ.get("HOROVOD_CONTROLLER", "mpi") if point.exchange_backend == "horovod"
+        else None,
         # This host's egress as tc has it (the emulated cluster shapes every host alike); only between hosts.
         "link": link_as_configured() if network["transport"] == "tcp" else None,
         "step_time_ms_slowest_rank": slowest.tolist(), "metrics": metrics, "ranks": ranks,

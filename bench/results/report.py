@@ -192,7 +192,7 @@ def write_report(sweep_dir: str | Path) -> pd.DataFrame:
              "Step time: per repeat, the median over timed steps of the slowest rank's step; per point, the median "
              "over its repeats, with a 95% block-bootstrap confidence interval (whole repeats resampled: steps of "
              "one run are correlated, repeats are the independent units; docs/figures.md). Efficiency (weak "
-             "T1/TP, strong T1/(P TP)) divides a point only by the np=1 point of the same scaling, mode, preset and "
+             "T1/TP, strong T1/(P TP)) divides a point only by the np=1 point of the same scaling, mode, exchange backend, launch setting, preset and "
              "torch threads per rank "
              f"({_threads(df)}); its interval resamples rounds, taking np=1 and np=P from the same rounds. Repeats "
              f"{_order(sweep_dir)}. Exchange held: bytes of the gradient exchange results each rank holds per step. "

@@ -17,7 +17,8 @@ INTERVAL_COLUMNS = ["repeats_ok", "point_step_time_ms", "step_time_ms_ci_low", "
                     "point_efficiency", "efficiency_ci_low", "efficiency_ci_high"]
 """Per point (all ok repeats of one POINT_KEY), on each of its rows: the median over repeats of the step time and
 its 95% bootstrap interval, and the efficiency of that median with its interval (docs/figures.md)."""
-BASELINE_KEY = ["stage", "graph_strategy", "scaling", "mode", "preset", "threads_per_rank"]
+BASELINE_KEY = ["stage", "graph_strategy", "scaling", "mode", "preset", "threads_per_rank", "exchange_backend",
+                "launch_env"]
 """What a point and the np=1 point it is divided by must share."""
 POINT_KEY = [*BASELINE_KEY, "np"]
 """What makes one point: its repeats are the rows that share it (summary intervals, compare, report tables)."""
@@ -28,6 +29,7 @@ EXTRA_COLUMNS = ["preset", "reason", "rss_growth_mib", "exchange_bytes_sent", "e
                  *[f"{p}_ms" for p in PHASES],
                  "stage", "graph_strategy", "efficiency_p10", "efficiency_p90", "sendrecv_calls", "memory_probe",
                  *INTERVAL_COLUMNS, "data_growth_mib", *[f"{p}_mean_ms" for p in PHASES], "link_rate_gbps",
+                 "exchange_backend", "launch_env",
                  "corun", "work_ms", "useful_ms_mean", "useful_ms_max", "exchange_ms", "exchange_ideal_ms",
                  "exchange_efficiency", "exchange_model", *POP_COLUMNS]
 """stage: train (step_time_ms is a training step) or refresh, graph, retrieval (step_time_ms is the whole stage,
@@ -42,7 +44,10 @@ exchange_efficiency = ideal / exchange_ms. The POP factors and their intervals: 
 docs/efficiency.md.
 <phase>_mean_ms: the mean over timed steps of the pace-setting rank's phase (bench.results.scaling.pace_phase_means:
 they add up to the mean step time, where the <phase>_ms medians do not add up to step_time_ms). link_rate_gbps: the
-rate each host's egress was shaped to (tc), for points measured across hosts; empty otherwise."""
+rate each host's egress was shaped to (tc), for points measured across hosts; empty otherwise.
+exchange_backend: horovod or mpi (bench.plan.config.EXCHANGE_BACKENDS; records from before backends existed ran
+Horovod). launch_env: the point's variables on top of the suite's launch environment ('VAR=VALUE ...', empty for the
+launch environment as it is: a sweep's setting B against A)."""
 
 
 def record_row(record: dict) -> dict:
@@ -58,7 +63,10 @@ def record_row(record: dict) -> dict:
            "hosts": ",".join(record.get("hosts") or []), "wall_seconds": record.get("wall_seconds"),
            # Records from before stages existed are training points.
            "stage": point.get("stage", "train"), "graph_strategy": point.get("graph_strategy", ""),
-           "memory_probe": metrics.get("memory_probe")}
+           "memory_probe": metrics.get("memory_probe"),
+           "exchange_backend": point.get("exchange_backend", "horovod"),
+           # as --compare-env takes it
+           "launch_env": " ".join(f"{k}={v}" for k, v in (point.get("launch_env") or {}).items())}
     for key in ("step_time_ms", "step_time_ms_p10", "step_time_ms_p90", "throughput_samples_per_s",
                 "peak_rss_mib", "rss_growth_mib", "exchange_bytes_held", "exchange_bytes_sent",
                 "exchange_bytes_received", "rank_skew", "gradient_density", "allgather_calls", "allreduce_calls",
@@ -82,8 +90,8 @@ def record_row(record: dict) -> dict:
 
 def add_efficiency(df: pd.DataFrame) -> pd.DataFrame:
     """Efficiency of each ok point against the median np=1 time of the same stage, strategy, scaling kind, mode,
-    preset and threads per rank (never against a baseline run another way); and at the point's own p90 and p10
-    times (its noise band)."""
+    preset, threads per rank, exchange backend and launch setting (never against a baseline run another way); and at
+    the point's own p90 and p10 times (its noise band)."""
     df = df.copy()
     for column in ("efficiency", "efficiency_p10", "efficiency_p90"):
         df[column] = np.nan
