@@ -14,13 +14,12 @@ import numpy as np
 from alure.config import WorkloadConfig
 from alure.data import World, build_world
 from alure.exchange import Exchange
-from alure.graph import LocalGraph, check_strategy, UserGraph, gather_graph, local_graph, same_community
+from alure.graph import LocalGraph, UserGraph, check_strategy, gather_graph, local_graph, same_community
 from alure.model import UserEncoder
 from alure.refresh import EmbeddingStore, refresh_local
 from alure.retrieval import evaluate
 from alure.stages import DEFAULT_GRAPH_STRATEGY
 from alure.train import train
-
 
 
 @contextmanager

@@ -53,7 +53,7 @@ class MachineFault(Exception):
         """The folder the remedy names (`df -h`); default: `path`'s own (or `path`, a folder)."""
 
     @classmethod
-    def from_os_error(cls, err: BaseException, path: str | Path | None = None) -> "MachineFault | None":
+    def from_os_error(cls, err: BaseException, path: str | Path | None = None) -> MachineFault | None:
         """The fault an OSError stands for (None when it is no failure of the machine): `path` is the file being
         written (default: the one the error names)."""
         if not isinstance(err, OSError) or err.errno not in MACHINE_ERRNOS:
@@ -62,10 +62,10 @@ class MachineFault(Exception):
         return cls(where if where is not None else "the results", err.errno)
 
     @classmethod
-    def folder_gone(cls, folder: str | Path) -> "MachineFault":
+    def folder_gone(cls, folder: str | Path) -> MachineFault:
         return cls(folder, FOLDER_GONE)
 
-    def then(self, next_step: str) -> "MachineFault":
+    def then(self, next_step: str) -> MachineFault:
         """This fault, telling how to go on once it is mended (unless a command nearer the fault already said)."""
         if not self.next_step:
             self.next_step = next_step
@@ -76,7 +76,7 @@ class MachineFault(Exception):
         return {"path": str(self.path), "errno": self.errno}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "MachineFault":
+    def from_dict(cls, data: dict) -> MachineFault:
         return cls(data["path"], int(data["errno"]))
 
     def __str__(self) -> str:

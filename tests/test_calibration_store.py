@@ -7,13 +7,21 @@ from dataclasses import asdict, replace
 
 import pytest
 
-from bench.model.calibration_store import (CALIBRATIONS_ENV, HostIdentity, calibration_path, costs_for_this_host,
-                                     default_folder, find_costs, save_calibration, this_host)
-from bench.model.calibration import fit_link
-from bench.model.collectives import Link
-from bench.model.calibration_store import load_costs
-from bench.model.table_costs import DEFAULT_COSTS
 from bench.errors import UsageError
+from bench.model.calibration import fit_link
+from bench.model.calibration_store import (
+    CALIBRATIONS_ENV,
+    HostIdentity,
+    calibration_path,
+    costs_for_this_host,
+    default_folder,
+    find_costs,
+    load_costs,
+    save_calibration,
+    this_host,
+)
+from bench.model.collectives import Link
+from bench.model.table_costs import DEFAULT_COSTS
 from tests.helpers import assert_one_line_error
 from tests.synthetic import SHM, synthetic_rows
 

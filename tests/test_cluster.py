@@ -22,8 +22,9 @@ import psutil
 import pytest
 
 from bench.errors import UsageError
-from bench.launch.hosts import (LINK_CHECK_BOUNDS, cluster_dir, link_fraction_rows, network_of_ranks, parse_hosts)
-from tests.helpers import CLI, TINY, wait_for, cli as run_cli
+from bench.launch.hosts import LINK_CHECK_BOUNDS, cluster_dir, link_fraction_rows, network_of_ranks, parse_hosts
+from tests.helpers import CLI, TINY, wait_for
+from tests.helpers import cli as run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = ["bash", str(REPO / "slurm" / "cluster.sh")]

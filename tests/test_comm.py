@@ -16,11 +16,19 @@ from bench.launch.mpirun import ALLOCATORS, DEFAULT_ALLOCATOR, HOROVOD_SETTINGS,
 from bench.launch.transport import VARIABLE
 from bench.plan.comm_config import parse_env_setting, parse_size
 from bench.ranks.comm_rank import OPS, alltoall_splits, geometry, split_sizes
-from bench.results.comm_rows import (LAUNCH_FIELDS, ROW_FIELDS, busbw_ratios, comm_row, crossover_density,
-                                     crossover_rows, describe_crossover, ratio_verdict, setting_ratios)
+from bench.results.comm_rows import (
+    LAUNCH_FIELDS,
+    ROW_FIELDS,
+    busbw_ratios,
+    comm_row,
+    crossover_density,
+    crossover_rows,
+    describe_crossover,
+    ratio_verdict,
+    setting_ratios,
+)
 from bench.results.scaling import busbw_factor
 from tests.helpers import CLI
-
 
 # --- figures ------------------------------------------------------------------------------------------------------
 

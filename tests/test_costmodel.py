@@ -5,22 +5,27 @@ import math
 import numpy as np
 import pytest
 
-from bench.model.calibration import (Calibration, FitQuality, calibrate, fit_link, fit_links_by_transport,
-                                     read_comm_rows)
+from bench.errors import UsageError
+from bench.model.calibration import Calibration, FitQuality, calibrate, fit_link, fit_links_by_transport, read_comm_rows
 from bench.model.calibration_store import load_costs
 from bench.model.collectives import Link, allgather_s, allreduce_s, nnls
 from bench.model.paper import gathered_bytes, tied_embedding_rows
 from bench.model.profile import Profile, Table
 from bench.model.step import LocalFit, Machine, Model, cpu_factor
-from bench.model.table_costs import (DEFAULT_COSTS, ELEMENT_BYTES, INDEX_BYTES, VALUE_BYTES, ExchangeCosts,
-                                     choose_dense, choose_mode, dense_table_s, sparse_table_s,
-                                     table_memory_bytes)
-from bench.results.records import write_csv_atomic
-from bench.errors import UsageError
-from bench.results.records import atomic_write_json
+from bench.model.table_costs import (
+    DEFAULT_COSTS,
+    ELEMENT_BYTES,
+    INDEX_BYTES,
+    VALUE_BYTES,
+    ExchangeCosts,
+    choose_dense,
+    choose_mode,
+    dense_table_s,
+    sparse_table_s,
+    table_memory_bytes,
+)
+from bench.results.records import atomic_write_json, write_csv_atomic
 from tests.synthetic import LINK, SHM, synthetic_rows
-
-
 
 
 def test_ring_formulas_by_hand():

@@ -14,11 +14,29 @@ import pytest
 
 from bench.errors import UsageError
 from bench.launch import lifetime
-from bench.plan.capacity import (DEFAULT_RANKS_PER_CORE, RUNTIME_MIB, Hosts, check_launch, parse_sinfo, rank_floor_mib,
-                                 this_host)
+from bench.plan.capacity import (
+    DEFAULT_RANKS_PER_CORE,
+    RUNTIME_MIB,
+    Hosts,
+    check_launch,
+    parse_sinfo,
+    rank_floor_mib,
+    this_host,
+)
 from bench.results.folder_lock import LOCK_FILE, exclusive_writer
-from tests.helpers import (CLI, TINY, assert_one_line_error, cli, describe, mpirun_of, own_session, rank_processes,
-                           records, session_processes, wait_for)
+from tests.helpers import (
+    CLI,
+    TINY,
+    assert_one_line_error,
+    cli,
+    describe,
+    mpirun_of,
+    own_session,
+    rank_processes,
+    records,
+    session_processes,
+    wait_for,
+)
 
 FOREVER = ["--steps", "100000"]
 """A point that never ends by itself: only the fault under test ends it."""

@@ -24,8 +24,17 @@ from bench.plan import sweep as sweep_module
 from bench.plan.config import PointConfig, SweepConfig
 from bench.results.folder_lock import LOCK_FILE, exclusive_writer
 from bench.results.records import atomic_write_json, read_record, read_records, room_for_point
-from tests.helpers import (CLI, RANK_SCRIPTS, cli_here, launched, own_session, rank_processes, records,
-                           session_processes, wait_for)
+from tests.helpers import (
+    CLI,
+    RANK_SCRIPTS,
+    cli_here,
+    launched,
+    own_session,
+    rank_processes,
+    records,
+    session_processes,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "results" / "reference"

@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 
 from bench.plan.config import PointConfig
-from bench.results.plots import (OVERSUBSCRIBED_LABEL, breakdown_bars, breakdown_figure, efficiency_figure,
-                                 memory_figure, run_context)
+from bench.results.plots import (
+    OVERSUBSCRIBED_LABEL,
+    breakdown_bars,
+    breakdown_figure,
+    efficiency_figure,
+    memory_figure,
+    run_context,
+)
 from bench.results.summary import summarize
 from tests.synthetic import point_record
 

@@ -2,10 +2,20 @@
 import numpy as np
 import pytest
 
-from bench.results.scaling import (bootstrap_step_time, busbw_factor, efficiency, interval, overlapping,
-                                   pace_phase_means, paired_efficiency, rank_skew, slowest_rank_per_step, spread,
-                                   throughput_samples_per_s)
 from bench.results.ranking import mode_ranking
+from bench.results.scaling import (
+    bootstrap_step_time,
+    busbw_factor,
+    efficiency,
+    interval,
+    overlapping,
+    pace_phase_means,
+    paired_efficiency,
+    rank_skew,
+    slowest_rank_per_step,
+    spread,
+    throughput_samples_per_s,
+)
 from bench.results.summary import SUMMARY_COLUMNS, summarize
 
 

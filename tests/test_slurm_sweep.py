@@ -22,8 +22,15 @@ import pytest
 
 from bench.errors import UsageError
 from bench.plan.config import PointConfig, SweepConfig
-from bench.slurm.arrays import (TIME_MARGIN_S, SlurmOptions, array_spec, expand_task_ids, format_time_limit, plan_arrays,
-                                point_for_task)
+from bench.slurm.arrays import (
+    TIME_MARGIN_S,
+    SlurmOptions,
+    array_spec,
+    expand_task_ids,
+    format_time_limit,
+    plan_arrays,
+    point_for_task,
+)
 from bench.slurm.jobs import active_points, read_jobs
 from bench.slurm.scheduler import parse_sbatch_output, parse_scontrol_jobs, task_states
 from tests.helpers import CLI, assert_one_line_error, cli, cli_here

@@ -22,7 +22,6 @@ from bench.results.summary import SUMMARY_COLUMNS
 from tests.helpers import CLI
 
 
-
 @pytest.fixture(scope="module")
 def trained():
     """The tiny world and a model after a few training steps: the single-process pipeline's input to refresh

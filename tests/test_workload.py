@@ -17,7 +17,6 @@ from alure.retrieval import evaluate
 from alure.train import Trainer
 
 
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """One thread, as a benchmark rank runs: faster on a shared machine, and the same float sums every run."""

@@ -28,18 +28,52 @@ from datetime import datetime
 from pathlib import Path
 
 from bench.errors import UsageError
-from bench.launch.comm_launch import (comm_launcher, comm_variants, environment_record, hang_timeout_s,
-                                      launch_order, launch_program, measure_backend, measure_memcpy)
-from bench.launch.hosts import (add_host_flags, check_fits, launcher_from_args, link_fractions, link_of_host,
-                                network_summary, shares_one_machine)
+from bench.launch.comm_launch import (
+    comm_launcher,
+    comm_variants,
+    environment_record,
+    hang_timeout_s,
+    launch_order,
+    launch_program,
+    measure_backend,
+    measure_memcpy,
+)
+from bench.launch.hosts import (
+    add_host_flags,
+    check_fits,
+    launcher_from_args,
+    link_fractions,
+    link_of_host,
+    network_summary,
+    shares_one_machine,
+)
 from bench.launch.mpirun import HOROVOD_SETTINGS, is_oversubscribed, mpi_environment, physical_cores
 from bench.plan.capacity import add_oversubscribe_flag, check_local_ranks
-from bench.plan.comm_config import (CommConfig, CrossoverConfig, format_env_setting, parse_choices, parse_env_setting,
-                                    parse_numbers, parse_size)
+from bench.plan.comm_config import (
+    CommConfig,
+    CrossoverConfig,
+    format_env_setting,
+    parse_choices,
+    parse_env_setting,
+    parse_numbers,
+    parse_size,
+)
 from bench.ranks.comm_rank import BACKENDS, OPS, split_sizes
-from bench.results.comm_rows import (CROSSOVER_FIELDS, EXTRA_FIELDS, ROW_FIELDS, busbw_ratios, comm_row,
-                                     crossover_density, crossover_rows, describe_crossover, format_comm_table,
-                                     format_compare_table, format_crossover_table, ratio_verdict, setting_ratios)
+from bench.results.comm_rows import (
+    CROSSOVER_FIELDS,
+    EXTRA_FIELDS,
+    ROW_FIELDS,
+    busbw_ratios,
+    comm_row,
+    crossover_density,
+    crossover_rows,
+    describe_crossover,
+    format_comm_table,
+    format_compare_table,
+    format_crossover_table,
+    ratio_verdict,
+    setting_ratios,
+)
 from bench.results.records import atomic_write_json, default_out, ensure_writable, write_csv_atomic
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.plan.config import SweepConfig
 from bench.errors import UsageError
+from bench.plan.config import SweepConfig
 
 MARGIN_MIB = 32.0
 """Least distance, in MiB of growth, between the allowance and any growth it is predicted to pass or stop."""
@@ -110,10 +110,9 @@ def check(derivation: CapDerivation, capped: pd.DataFrame) -> pd.DataFrame:
 
 
 def cmd_oom_demo(args: argparse.Namespace) -> int:
-    from bench.results.report import write_report
-    from bench.results.records import atomic_write_json
     from bench.plan.sweep import SweepInterrupted, run_sweep, start_sweep
-    from bench.results.records import default_out
+    from bench.results.records import atomic_write_json, default_out
+    from bench.results.report import write_report
 
     config = SweepConfig.from_toml(args.config)
     if set(config.modes) != set(MODES) or "weak" not in config.scalings:

@@ -14,14 +14,13 @@ from dataclasses import replace
 
 from alure.stages import DEFAULT_GRAPH_STRATEGY, GRAPH_STRATEGIES
 from bench.errors import UsageError
-from bench.launch.hosts import add_host_flags, check_fits, launcher_from_args, shares_one_machine
 from bench.host import threads_per_rank
+from bench.launch.hosts import add_host_flags, check_fits, launcher_from_args, shares_one_machine
 from bench.launch.mpirun import LOCAL, Launcher, run_ranks
 from bench.launch.rank_program import python_module_argv
 from bench.plan.capacity import add_oversubscribe_flag, check_launch, rank_floor_mib, this_host
 from bench.plan.config import MODES, SHARDED_MODES
 from bench.ranks.handback import collect, failures, hand_back, hand_back_failure, launched_rank
-
 
 
 def workload(preset_name: str, seed: int | None):
@@ -35,6 +34,7 @@ def workload(preset_name: str, seed: int | None):
 
 def run_local(preset_name: str, seed: int | None, graph_strategy: str) -> dict:
     import torch
+
     from alure.exchange import LocalExchange
     from alure.pipeline import run_pipeline
     torch.set_num_threads(threads_per_rank(1))
@@ -65,6 +65,7 @@ def rank_entry(args: argparse.Namespace) -> int:
     rank = launched_rank()
     try:
         import torch
+
         from alure.pipeline import run_pipeline
         from bench.ranks.exchange import HorovodExchange
         exchange = HorovodExchange(args.mode)

@@ -21,11 +21,17 @@ import pandas as pd
 
 from bench.cli.calibrate import format_calibration, link_check
 from bench.cli.sweep import int_list
-from bench.model.calibration import COMM_FILES, fit_links_by_transport, network_link, read_comm_rows
-from bench.model.predictions import (TABLE_COLUMNS, crossover_table, measured_vs_predicted, prediction_table,
-                                     rank_counts, workload_density)
-from bench.model.step import Machine, Model, build_model, cpu_factor
 from bench.errors import UsageError
+from bench.model.calibration import COMM_FILES, fit_links_by_transport, network_link, read_comm_rows
+from bench.model.predictions import (
+    TABLE_COLUMNS,
+    crossover_table,
+    measured_vs_predicted,
+    prediction_table,
+    rank_counts,
+    workload_density,
+)
+from bench.model.step import Machine, Model, build_model, cpu_factor
 from bench.results.records import atomic_write_json, atomic_write_text, default_out, ensure_writable
 
 DEFAULT_RESULTS = Path("results/reference")

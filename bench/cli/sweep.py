@@ -9,8 +9,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.errors import MachineFault, UsageError
-from bench.launch.hosts import (add_host_flags, check_fits, launcher_from_args, load_layout, save_layout,
-                                shares_one_machine)
+from bench.launch.hosts import (
+    add_host_flags,
+    check_fits,
+    launcher_from_args,
+    load_layout,
+    save_layout,
+    shares_one_machine,
+)
 from bench.launch.interrupts import INTERRUPTED_EXIT_CODE, signals_ignored
 from bench.launch.mpirun import LOCAL, Launcher
 from bench.plan.capacity import add_oversubscribe_flag, check_sweep
@@ -20,7 +26,6 @@ from bench.plan.sweep import load_sweep_config, run_sweep, start_sweep
 from bench.results.folder_lock import exclusive_writer
 from bench.results.records import default_out, ensure_writable
 from bench.results.report import efficiency_table, write_report
-
 
 
 def int_list(text: str) -> list[int]:

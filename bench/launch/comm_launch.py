@@ -18,6 +18,7 @@ from bench.ranks.handback import collect, failures
 from bench.results.comm_rows import comm_row
 from bench.results.scaling import slowest_rank_per_step
 
+
 def environment_record(np: int, extra: dict[str, str] | None = None, compare: dict[str, str] | None = None,
                        launcher: Launcher = LOCAL) -> dict:
     """environment.json: bench.launch.environment's record plus the variables the ranks were launched with (and those

@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass
 
 from bench.errors import UsageError
+
 # The host facts are imported from here by the modules that predate bench.host; they move to it one by one.
 from bench.host import is_oversubscribed, physical_cores, threads_per_rank  # noqa: F401
 from bench.launch import lifetime, transport
-
 
 HOROVOD_SETTINGS: dict[str, str] = {
     # ms. Horovod's 1 ms default put ~1.1 ms on every small op and held 4/8 MiB allreduces to 0.47/0.72 of raw MPI

@@ -13,9 +13,20 @@ from bench.errors import UsageError
 from bench.model.calibration import Calibration, calibrate
 from bench.model.collectives import Link, allreduce_s
 from bench.model.profile import Profile, profile_from_records
-from bench.model.table_costs import (DEFAULT_LOCAL_S_PER_BYTE, DENSE_MODES, EXCHANGE_COPIES, MODELLED_MODES,
-                                     ExchangeCosts, choose_mode, dense_table_s, sparse_table_s, table_exchange_s,
-                                     table_held_bytes, table_memory_bytes, table_network_s)
+from bench.model.table_costs import (
+    DEFAULT_LOCAL_S_PER_BYTE,
+    DENSE_MODES,
+    EXCHANGE_COPIES,
+    MODELLED_MODES,
+    ExchangeCosts,
+    choose_mode,
+    dense_table_s,
+    sparse_table_s,
+    table_exchange_s,
+    table_held_bytes,
+    table_memory_bytes,
+    table_network_s,
+)
 
 THREAD_EXPONENT = 0.0
 """Speed-up of a rank's compute from its intra-op threads, as threads ** THREAD_EXPONENT. Measured here: the default

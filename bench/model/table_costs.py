@@ -4,9 +4,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from bench.plan.config import REPLICATED_MODES
 from bench.model.collectives import Link, allgather_s, allreduce_s
-
+from bench.plan.config import REPLICATED_MODES
 
 INDEX_BYTES = 8
 """A gathered row's index: int64 (torch COO)."""
@@ -49,7 +48,7 @@ class ExchangeCosts:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ExchangeCosts":
+    def from_dict(cls, data: dict) -> ExchangeCosts:
         return cls(link=Link(**data["link"]), optimizer_s_per_byte=data["optimizer_s_per_byte"],
                    sparse_s_per_byte=data["sparse_s_per_byte"], dense_s_per_byte=data["dense_s_per_byte"],
                    source=data.get("source", ""),

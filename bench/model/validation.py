@@ -19,13 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from bench.model.calibration import fit_link, row_transport
-
-from bench.model.profile import profile_from_records
-
-from bench.model.step import fit_local_work, Machine, Model, this_machine
 from bench.errors import UsageError
-
+from bench.model.calibration import fit_link, row_transport
+from bench.model.profile import profile_from_records
+from bench.model.step import Machine, Model, fit_local_work, this_machine
 
 SWEEP_KEY = "sweep_dir"
 """The key that tags a record with the sweep folder it came from (`tag_sweep`); untagged records are one sweep."""

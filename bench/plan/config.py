@@ -185,7 +185,7 @@ class PointConfig(RunSettings):
         return f"{what}{backend}{setting} np={self.np}{np_mark} r{self.repeat}"
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PointConfig":
+    def from_dict(cls, data: dict) -> PointConfig:
         return cls(**_known_fields(cls, data, "point"))
 
 
@@ -288,11 +288,11 @@ class SweepConfig(RunSettings):
         return points
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SweepConfig":
+    def from_dict(cls, data: dict) -> SweepConfig:
         return cls(**_known_fields(cls, data, "sweep"))
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "SweepConfig":
+    def from_toml(cls, path: str | Path) -> SweepConfig:
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text())

@@ -28,8 +28,19 @@ from bench.plan.config import PointConfig, SweepConfig
 from bench.ranks.handback import collect, failures, machine_fault_in, measured_ranks
 from bench.ranks.memory import looks_like_oom
 from bench.ranks.point_program import point_argv
-from bench.results.records import (REPORT_BYTES, SCHEMA_VERSION, atomic_write_json, atomic_write_text, ensure_writable,
-                                   free_bytes, point_path, read_record, room_for_point, utc_now, write_record)
+from bench.results.records import (
+    REPORT_BYTES,
+    SCHEMA_VERSION,
+    atomic_write_json,
+    atomic_write_text,
+    ensure_writable,
+    free_bytes,
+    point_path,
+    read_record,
+    room_for_point,
+    utc_now,
+    write_record,
+)
 
 SWEEP_FILE = "sweep.json"
 

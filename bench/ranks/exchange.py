@@ -371,7 +371,7 @@ class HorovodExchange(ModeExchange):
         return start_mpi_ring_shift(MPI.COMM_WORLD, array)
 
 
-def start_mpi_ring_shift(comm, array) -> "MpiTransfer":
+def start_mpi_ring_shift(comm, array) -> MpiTransfer:
     """A nonblocking ring shift over the mpi4py communicator `comm`: send `array` to rank + 1, receive rank - 1's.
     The shapes travel first in one small blocking exchange, so each receiver can allocate its block."""
     from mpi4py import MPI

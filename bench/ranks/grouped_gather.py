@@ -54,7 +54,7 @@ class GroupedGather:
             return grad.new(indices.transpose(0, 1), values / self._process_set.size(), grad.size())
         return gathered
 
-    def _start(self, group: "_Group") -> None:
+    def _start(self, group: _Group) -> None:
         tensors = [t for g in group.grads for t in (g._indices().transpose(0, 1).contiguous(), g._values())]
         group.handle = self._hvd.grouped_allgather_async(tensors, name="alure.tables", process_set=self._process_set)
         self.groups_started += 1

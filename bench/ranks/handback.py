@@ -25,7 +25,6 @@ from bench.errors import MachineFault
 from bench.ranks.memory import looks_like_oom
 from bench.results.records import atomic_write_json
 
-
 MACHINE_FAULT_MARK = "alure-bench machine fault: "
 """Starts the stderr line of a rank that could not hand back because of the machine; JSON follows."""
 

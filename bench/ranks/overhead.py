@@ -40,6 +40,7 @@ def block_means(trainer, exchange, blocks: int, steps: int) -> tuple[list[float]
 
 def main(argv: list[str] | None = None) -> int:
     import torch
+
     from alure.config import preset
     from alure.train import Trainer
     from bench.ranks.exchange import HorovodExchange

@@ -97,6 +97,7 @@ class CountingExchange:
 def prepare_stage(point: PointConfig, exchange):
     """Build the stage's inputs, untimed; return a function that runs the stage once and keeps nothing."""
     import torch
+
     from alure.data import build_world
     from alure.model import UserEncoder
     from alure.pipeline import DEFAULT_GRAPH_STRATEGY, graph_stage, refresh_stage, retrieval_stage

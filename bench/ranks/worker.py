@@ -12,15 +12,21 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bench.launch.hosts import link_as_configured, network_of_ranks, shares_one_machine
 from bench.host import hosts_oversubscribed, is_oversubscribed, physical_cores
+from bench.launch.hosts import link_as_configured, network_of_ranks, shares_one_machine
 from bench.plan.config import PointConfig
 from bench.plan.workload import batch_sizes, preset_batch, workload_config
 from bench.ranks import grouped_gather, point_program
 from bench.ranks.memory import MIB, PeakProbe, apply_training_mem_limit, peak_rss_mib, rss_mib, vm_data_bytes
 from bench.results.records import SCHEMA_VERSION
-from bench.results.scaling import (PHASES, rank_skew, slowest_rank_per_step, spread, throughput_samples_per_s,
-                                   useful_metrics)
+from bench.results.scaling import (
+    PHASES,
+    rank_skew,
+    slowest_rank_per_step,
+    spread,
+    throughput_samples_per_s,
+    useful_metrics,
+)
 
 
 class StepMeasurement(NamedTuple):
@@ -83,6 +89,7 @@ def measure(point: PointConfig, exchange, before_timed_steps: Callable[[], None]
     """Run the point on this rank; return this rank's raw measurements. `before_timed_steps` runs after the
     warm-up, outside every clock (the co-run baseline lines its processes up there)."""
     import torch
+
     from alure.train import Trainer
 
     torch.set_num_threads(point.threads_per_rank)  # the same at every np: see RunSettings.threads_per_rank

@@ -16,9 +16,8 @@ import io
 import json
 import os
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from bench.errors import MachineFault, UsageError
@@ -48,7 +47,7 @@ def default_out(name: str) -> Path:
 
 def utc_now() -> str:
     """Now, as every record and note of the suite stamps it: UTC, ISO 8601, to the second."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def atomic_write_text(path: str | Path, text: str, *, parents: bool = True) -> None:

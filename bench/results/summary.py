@@ -6,8 +6,7 @@ import pandas as pd
 
 from alure.stages import STAGES
 from bench.results.pop import POP_COLUMNS, add_pop
-from bench.results.scaling import (PHASES, bootstrap_step_time, efficiency, interval, pace_phase_means,
-                                   paired_efficiency)
+from bench.results.scaling import PHASES, bootstrap_step_time, efficiency, interval, pace_phase_means, paired_efficiency
 
 SUMMARY_COLUMNS = ["scaling", "mode", "np", "repeat", "status", "step_time_ms", "step_time_ms_p10",
                    "step_time_ms_p90", "throughput_samples_per_s", "efficiency", "peak_rss_mib",

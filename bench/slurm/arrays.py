@@ -84,7 +84,7 @@ class SlurmOptions:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SlurmOptions":
+    def from_dict(cls, data: dict) -> SlurmOptions:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -21,13 +21,18 @@ from pathlib import Path
 from bench.errors import MachineFault, UsageError
 from bench.launch.hosts import allocation_launcher
 from bench.plan.config import PointConfig, SweepConfig
-from bench.plan.sweep import (SWEEP_FILE, SweepInterrupted, existing_ok, load_sweep_config, progress_line, run_point,
-                              sigterm_interrupts)
-from bench.results.records import (STATUSES, atomic_write_json, atomic_write_text, point_path, read_record,
-                                   utc_now)
+from bench.plan.sweep import (
+    SWEEP_FILE,
+    SweepInterrupted,
+    existing_ok,
+    load_sweep_config,
+    progress_line,
+    run_point,
+    sigterm_interrupts,
+)
+from bench.results.records import STATUSES, atomic_write_json, atomic_write_text, point_path, read_record, utc_now
 from bench.slurm.arrays import JOBS_FILE, LAUNCHERS, SLURM_DIR, ArrayPlan, SlurmOptions, array_spec, point_for_task
 from bench.slurm.scheduler import ACTIVE_STATES, sbatch
-
 
 # --- the sweep folder ---------------------------------------------------------------------------------------
 

@@ -66,8 +66,8 @@ def rank_main(spec: dict) -> None:
     from alure.config import preset
     from alure.data import build_world
     from alure.train import Trainer
-    from bench.ranks.exchange import HorovodExchange
     from bench.host import threads_per_rank
+    from bench.ranks.exchange import HorovodExchange
     from bench.ranks.worker import instrumented_step
 
     exchanges = {m: HorovodExchange(m) for m in MODES}

@@ -66,7 +66,7 @@ class Ranks:
                 conn, _ = listener.accept()
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self.streams.append(conn.makefile("rw"))
-        except socket.timeout:
+        except TimeoutError:
             self._thread.join(5)
             raise RuntimeError(f"{backend} ranks did not connect: {self.run and self.run.stderr[-2000:]}")
         finally:

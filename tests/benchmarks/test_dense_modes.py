@@ -64,10 +64,10 @@ def rank_main(spec: dict) -> None:
     from alure.config import preset
     from alure.data import build_world
     from alure.train import Trainer
-    from bench.ranks.exchange import HorovodExchange
     from bench.host import threads_per_rank
-    from bench.results.scaling import PHASES
+    from bench.ranks.exchange import HorovodExchange
     from bench.ranks.worker import instrumented_step
+    from bench.results.scaling import PHASES
 
     exchanges = {m: HorovodExchange(m) for m in MODES}
     first = exchanges[MODES[0]]
