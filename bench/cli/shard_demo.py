@@ -88,7 +88,8 @@ def cmd_shard_demo(args: argparse.Namespace) -> int:
     if "row-wise" not in config.modes or not set(config.modes) & set(REPLICATED_MODES) or max(config.nps) < 2:
         raise UsageError(f"{args.config}: the demonstration needs row-wise, a replicated mode and an np >= 2 (got "
                          f"modes {config.modes}, nps {config.nps})")
-    config = replace(config, scalings=["weak"], mem_limit_mib=0, train_mem_limit_mib=0)
+    # No co-run points: its mode would read as row-wise here, and its peak is not a sharded rank's.
+    config = replace(config, scalings=["weak"], mem_limit_mib=0, train_mem_limit_mib=0, corun=False)
     out = Path(args.out) if args.out else default_out(config.name)
     os.environ.update(HEAP_KEPT)  # both runs' launches inherit it
     try:

@@ -200,9 +200,11 @@ def build_record(point: PointConfig, ranks: list[dict], wall_seconds: float, sta
         **network,  # hosts, ranks_per_host, transport
         "exchange_backend": point.exchange_backend,
         # what the ranks ran with (the launcher's knobs, or the point's own launch_env over them): a before/after of
-        # a launch setting is read from the records themselves
+        # a launch setting is read from the records themselves. Gloo's interface is where the ranks talk, not a
+        # knob, and differs between a local and an allocated launch (environment.json keeps it).
         "horovod_settings": {k: v for k, v in sorted(os.environ.items())
-                             if k.startswith("HOROVOD_") or k == grouped_gather.VARIABLE},
+                             if (k.startswith("HOROVOD_") and k != "HOROVOD_GLOO_IFACE")
+                             or k == grouped_gather.VARIABLE},
         "launch_env": point.launch_env,
         "horovod_controller": os.environ.get("HOROVOD_CONTROLLER", "mpi") if point.exchange_backend == "horovod"
         else None,
