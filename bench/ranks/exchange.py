@@ -114,11 +114,13 @@ class HorovodExchange:
         """This step's mode per table (fixed modes: the mode; auto: chosen in `start_step`)."""
         self.buffers: dict[torch.nn.Parameter, torch.Tensor] = {}
         """dense-reduce: each table's V x d gradient buffer, made on first use and kept across steps."""
-        self.costs = None
+        self.costs = self.costs_origin = None
+        """auto: what it decides with, and where that came from (bench.model.calibration_store.costs_origin)."""
         if mode == "auto":
-            from bench.model.calibration_store import load_costs
+            from bench.model.calibration_store import load_costs_and_origin
             transport = "shared-memory" if hvd.local_size() == self.size else "tcp"  # this host's calibration of it
-            self.costs = load_costs(transport=transport, warn=self.rank == 0 and self.size > 1)
+            self.costs, self.costs_origin = load_costs_and_origin(transport=transport,
+                                                                  warn=self.rank == 0 and self.size > 1)
 
     def wrap_optimizer(self, optimizer, model):
         hvd = self._hvd
