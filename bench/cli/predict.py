@@ -11,7 +11,6 @@ every link of the ring, a node's shared memory being no slower).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -23,15 +22,27 @@ from bench.cli.calibrate import format_calibration, link_check
 from bench.cli.sweep import int_list
 from bench.errors import UsageError
 from bench.model.calibration import COMM_FILES, fit_links_by_transport, network_link, read_comm_rows
+from bench.model.calibration_store import now_iso
 from bench.model.predictions import (
-    TABLE_COLUMNS,
     crossover_table,
+    label_extrapolation,
     measured_vs_predicted,
     prediction_table,
     rank_counts,
     workload_density,
 )
-from bench.model.step import Machine, Model, build_model, cpu_factor
+from bench.model.step import Machine, Model, cpu_factor, fit_model, read_sweep
+from bench.model.uncertainty import (
+    DEFAULT_DRAWS,
+    DEFAULT_LEVEL,
+    DEFAULT_LINK_FACTOR,
+    DEFAULT_SEED,
+    bootstrap_models,
+    intervals,
+    link_variants,
+    spread,
+)
+from bench.model.validation import TARGET_MEDIAN_ERROR, format_validation, not_validated, validated_range
 from bench.results.records import atomic_write_json, atomic_write_text, default_out, ensure_writable
 
 DEFAULT_RESULTS = Path("results/reference")
@@ -45,22 +56,75 @@ def _fmt(v, digits=3) -> str:
         return "yes" if v else "NO"
     if isinstance(v, (int, np.integer, str)):
         return str(v)
-    return f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:.0f}"
+    return f"{v:.{digits}g}" if abs(v) < 100 else f"{v:.0f}"
 
 
 def _gbs(s_per_byte: float) -> str:
     return f"{1 / s_per_byte / 1e9:.2f}" if s_per_byte > 0 else "inf"
 
 
+FIT = ("_fit_low", "_fit_high")
+"""Suffixes of a figure's interval from the bootstrap over what the model was fitted on (bench.model.uncertainty)."""
+LINK = ("_link_low", "_link_high")
+"""Suffixes of a figure's spread over the link assumption (latency and bandwidth --link-factor better and worse)."""
+
+
+def _with_band(row, column: str, suffixes: tuple[str, str], digits: int = 3) -> str:
+    value, low, high = row[column], row.get(column + suffixes[0]), row.get(column + suffixes[1])
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if low is None or (isinstance(low, float) and math.isnan(low)):
+        return _fmt(value, digits)
+    return f"{_fmt(value, digits)} [{_fmt(low, digits)}, {_fmt(high, digits)}]"
+
+
+def _spread(row, column: str) -> str:
+    low, high = row.get(column + LINK[0]), row.get(column + LINK[1])
+    if low is None or (isinstance(low, float) and math.isnan(low)):
+        return "-"
+    return f"{_fmt(low, 2)}..{_fmt(high, 2)}"
+
+
+def _status(row) -> str:
+    statuses = {row["weak_status"], row["strong_status"]} - {"ok", "batch below one group"}
+    return "OUT OF MEMORY" if statuses else "ok"
+
+
 def format_table(df: pd.DataFrame) -> str:
-    cols = TABLE_COLUMNS
-    header = ["np", "nodes", "mode", "weak ms", "weak eff", "strong b", "strong ms", "strong eff", "mem GiB",
-              "fits", "held MiB", "dense tbl"]
-    body = [[_fmt(r[c]) for c in cols] for _, r in df[cols].iterrows()]
+    """The predictions, each figure with its fit interval [low, high] and its link spread low..high; a step that does
+    not fit in memory shows no time or efficiency; `range`: within the validated range, or why not."""
+    header = ["np", "nodes", "mode", "weak ms [fit]", "weak eff [fit]", "weak eff link", "strong ms",
+              "strong eff [fit]", "strong eff link", "mem GiB", "memory", "range"]
+    body = [[_fmt(r["np"]), _fmt(r["nodes"]), r["mode"], _with_band(r, "weak_step_ms", FIT),
+             _with_band(r, "weak_efficiency", FIT), _spread(r, "weak_efficiency"), _fmt(r["strong_step_ms"]),
+             _with_band(r, "strong_efficiency", FIT), _spread(r, "strong_efficiency"), _fmt(r["memory_gib"]),
+             _status(r), "extrapolation: " + r["extrapolation"] if r.get("extrapolation") else "validated"]
+            for _, r in df.iterrows()]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body]
+    lines = ["  ".join(h.rjust(w) if i < len(header) - 1 else h for i, (h, w) in enumerate(zip(header, widths)))]
+    lines += ["  ".join(v.rjust(w) if i < len(header) - 1 else v for i, (v, w) in enumerate(zip(b, widths)))
+              for b in body]
     return "\n".join(lines)
+
+
+def uncertainty_lines(args: argparse.Namespace, ranges: dict, missed: pd.DataFrame, model: Model) -> list[str]:
+    """What the intervals and the range column mean, and the validated range per mode."""
+    left = model.local.oversubscribed_left_out
+    lines = [f"[fit]: {100 * DEFAULT_LEVEL:.0f}% interval over {args.draws} bootstrap draws (seed {args.seed}) of the "
+             f"sweep's points and the comm rows, the model refitted on each; link: the figure with the link's "
+             f"latency and bandwidth each {args.link_factor:g}x better and worse (an assumption's spread, not a "
+             f"confidence interval)",
+             f"fits: {left} oversubscribed sweep points and {model.calibration.quality.oversubscribed_rows} "
+             f"oversubscribed comm rows left out (their ranks time-share cores; the model shares a core evenly "
+             f"and has no term for what lock-step ranks lose beyond that)",
+             f"validated range (held-out points of the validation splits run here whose median step-time error "
+             f"is within {TARGET_MEDIAN_ERROR:.0%}); a prediction outside it is an extrapolation:"]
+    lines += [f"  {mode}: {r.describe()}" for mode, r in sorted(ranges.items())] or ["  none"]
+    if not missed.empty:
+        lines.append("not validated (median step-time error above the target): " + "; ".join(
+            f"{g.split}{f' over {g.link}' if g.link else ''}{' (oversubscribed)' if g.oversubscribed else ''} "
+            f"{g.mode} {g.median_abs_rel_error:.0%}" for g in missed.itertuples()))
+    return lines
 
 
 def format_check(check: pd.DataFrame) -> str:
@@ -132,10 +196,14 @@ def write_plots(table: pd.DataFrame, crossover: pd.DataFrame, machine: Machine, 
     written = []
 
     def np_axes(ax, title: str, ylabel: str | None = None, ylog: bool = True) -> None:
-        """The look every predicted-against-np panel shares: log2 np, optionally log y, grid and legend."""
-        ax.set_xscale("log", base=2)
-        if ylog:
-            ax.set_yscale("log")
+        """The look every predicted-against-np panel shares: log2 np, optionally log y, grid and legend. A panel
+        with nothing to draw (every step out of memory) says so instead."""
+        if not any(len(line.get_xdata()) for line in ax.get_lines() if line.get_label() != "ideal"):
+            ax.text(0.5, 0.5, "no step fits in memory", ha="center", transform=ax.transAxes)
+        else:
+            ax.set_xscale("log", base=2)
+            if ylog:
+                ax.set_yscale("log")
         ax.set_xlabel("MPI processes (np)")
         if ylabel:
             ax.set_ylabel(ylabel)
@@ -151,7 +219,7 @@ def write_plots(table: pd.DataFrame, crossover: pd.DataFrame, machine: Machine, 
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, kind in zip(axes, ("weak", "strong")):
-        for mode, g in table.groupby("mode"):
+        for mode, g in table.dropna(subset=[f"{kind}_efficiency"]).groupby("mode"):
             ax.plot(g["np"], g[f"{kind}_efficiency"], "o-", color=MODE_COLORS.get(mode), label=mode, markersize=3)
         ax.axhline(1.0, color="k", ls="--", lw=1, label="ideal")
         np_axes(ax, f"predicted {kind} scaling efficiency", ylog=False)
@@ -167,7 +235,7 @@ def write_plots(table: pd.DataFrame, crossover: pd.DataFrame, machine: Machine, 
     save(fig, "predicted-memory.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for mode, g in table.groupby("mode"):
+    for mode, g in table.dropna(subset=["weak_step_ms"]).groupby("mode"):
         ax.plot(g["np"], g["weak_compute_ms"], ":", color="gray")
         ax.plot(g["np"], g["weak_exchange_ms"] - g["weak_hidden_ms"], "o-", color=MODE_COLORS.get(mode),
                 label=f"{mode} exchange", markersize=3)
@@ -240,9 +308,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
                              (calibration, "--calibration", "alure-bench comm")):
         if not path.is_dir():
             raise UsageError(f"{flag} {path} is not a folder: give a folder written by `{what}`")
-    model = build_model(results, calibration, args.backend)
-    env_path = results / "environment.json"
-    environment = json.loads(env_path.read_text()) if env_path.exists() else {}
+    if args.draws < 0 or args.link_factor < 1:
+        raise UsageError(f"--draws {args.draws} and --link-factor {args.link_factor:g}: draws must be 0 or more (0: "
+                         f"no fit interval) and the link factor at least 1 (1: no link spread)")
+    records, environment = read_sweep(results)
+    comm_rows = read_comm_rows(calibration)
+    model = fit_model(records, comm_rows, environment, args.backend, source=str(calibration))
     machine = machine_from_args(args, model, environment)
     nps = rank_counts(args.max_np, args.nps)
     batch = args.batch_per_rank or model.profile.reference_batch
@@ -251,34 +322,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if batch < 1 or global_batch < group:
         raise UsageError(f"--batch-per-rank {batch} and --global-batch {global_batch} must be at least one group "
                          f"({group} samples)")
-    table = prediction_table(model, machine, nps, batch, global_batch)
+    predict_on = lambda m, on: prediction_table(m, on, nps, batch, global_batch)  # noqa: E731
+    table = predict_on(model, machine)
+    draws = bootstrap_models(records, comm_rows, environment, args.backend, args.draws, args.seed)
+    if draws:
+        table = intervals(table, [predict_on(m, machine_from_args(args, m, environment)) for m in draws], FIT)
+    table = spread(table, [predict_on(model, corner) for corner in link_variants(machine, args.link_factor)], LINK)
+    validation = run_validation(args, results, records, comm_rows, environment)
+    ranges = validated_range(validation)
+    table = label_extrapolation(table, machine, ranges)
     crossover = crossover_table(model, machine, nps)
     check = measured_vs_predicted(model, results)
     out = ensure_writable(Path(args.out) if args.out else default_out("predict"))
-    comm_rows = read_comm_rows(calibration)
     per_transport = fit_links_by_transport(comm_rows, args.backend, source=str(calibration))
     text = "\n".join([format_table(table), "",
+                      *uncertainty_lines(args, ranges, not_validated(validation), model), "",
                       *summary_lines(model, machine, table, crossover, batch, global_batch, check),
                       *(f"calibration per transport, {format_calibration(c)}" for c in per_transport.values()),
                       *filter(None, (link_check(c, comm_rows) for c in per_transport.values())), "",
                       "the sweep's own points on the machine that measured them (in sample):", format_check(check)])
-    validation = None
     if args.validate:
-        from bench.model.validation import format_validation, tag_sweep, validate
-        from bench.results.records import read_records
-        records, rows = tag_sweep(read_records(results), results), list(comm_rows)
-        for folder in args.validate_with or []:
-            more_records, more_rows = sweeps_and_comm_under(Path(folder))
-            records, rows = records + more_records, rows + more_rows
-        validation = validate(records, rows, backend=args.backend, environment=environment)
         text += "\n\n" + format_validation(validation)
-        validation.points.to_csv(out / "validation.csv", index=False)
-        validation.summary.to_csv(out / "validation-summary.csv", index=False)
     print(text)
+    validation.points.to_csv(out / "validation.csv", index=False)
+    validation.summary.to_csv(out / "validation-summary.csv", index=False)
     table.to_csv(out / "prediction.csv", index=False)
     check.to_csv(out / "measured-vs-predicted.csv", index=False)
     crossover.to_csv(out / "crossover.csv", index=False)
-    atomic_write_json(out / "costs.json", model.costs_for(machine).as_dict())
+    atomic_write_json(out / "costs.json", model.costs_for(machine).as_dict() | {"created": now_iso()})
     atomic_write_json(out / "prediction.json", {
         "arguments": {k: v for k, v in vars(args).items() if k != "func"}, "results": str(results),
         "calibration": model.calibration.as_dict(), "local_work": asdict(model.local),
@@ -286,18 +357,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
         "global_batch": global_batch,
         "oom_rank_count_sparse_gather": model.oom_rank_count(machine, "sparse-gather", batch),
         "cpu_factor": {p: cpu_factor(p, machine, model.profile.measured_threads) for p in nps},
+        "intervals": {"fit": {"draws": args.draws, "seed": args.seed, "level": DEFAULT_LEVEL, "suffixes": FIT},
+                      "link": {"factor": args.link_factor, "suffixes": LINK}},
+        "validated_range": {mode: asdict(r) for mode, r in ranges.items()},
         "table": table.to_dict(orient="records"), "crossover": crossover.to_dict(orient="records"),
         "measured_vs_predicted": check.to_dict(orient="records"),
         "calibration_per_transport": {t: c.as_dict() for t, c in per_transport.items()},
-        "validation": None if validation is None else {
-            "summary": validation.summary.to_dict(orient="records"), "fits": validation.fits,
-            "not_run": validation.not_run, "points": validation.points.to_dict(orient="records")}})
+        "validation": {"summary": validation.summary.to_dict(orient="records"), "fits": validation.fits,
+                       "not_run": validation.not_run, "points": validation.points.to_dict(orient="records")}})
     atomic_write_text(out / "prediction.txt", text + "\n")
     plots = write_plots(table, crossover, machine, out, check, workload_density(model))
     print(f"wrote {out}/: prediction.csv, prediction.json, prediction.txt, costs.json, crossover.csv, "
-          f"measured-vs-predicted.csv, {'validation.csv, validation-summary.csv, ' if validation else ''}"
-          f"{', '.join(plots)}")
+          f"measured-vs-predicted.csv, validation.csv, validation-summary.csv, {', '.join(plots)}")
     return 0
+
+
+def run_validation(args: argparse.Namespace, results: Path, records: list[dict], comm_rows: list[dict],
+                   environment: dict):
+    """The out-of-sample validation of the sweep (and --validate-with's): what the validated range is read off."""
+    from bench.model.validation import tag_sweep, validate
+    records, rows = tag_sweep(records, results), list(comm_rows)
+    for folder in args.validate_with or []:
+        more_records, more_rows = sweeps_and_comm_under(Path(folder))
+        records, rows = records + more_records, rows + more_rows
+    return validate(records, rows, backend=args.backend, environment=environment)
 
 
 def sweeps_and_comm_under(folder: Path) -> tuple[list[dict], list[dict]]:
@@ -350,10 +433,17 @@ def register(sub) -> None:
     p.add_argument("--global-batch", type=int, help=f"strong scaling's global batch (default: {STRONG_FACTOR} x the "
                                                     f"per-rank batch)")
     p.add_argument("--validate", action="store_true",
-                   help="also fit on part of the points and predict the rest (np<=2 -> np>=3, weak -> strong, one "
-                        "host -> several hosts): median and maximum error per mode (bench.model.validation)")
+                   help="also print the validation (fitted on part of the points, predicting the rest: np<=2 -> "
+                        "np>=3, weak -> strong, one host -> several hosts) point by point; it always runs, since the "
+                        "validated range is read off it (bench.model.validation)")
+    p.add_argument("--draws", type=int, default=DEFAULT_DRAWS,
+                   help=f"bootstrap draws for the fit intervals (default {DEFAULT_DRAWS}; 0: none)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"the bootstrap's seed (default {DEFAULT_SEED})")
+    p.add_argument("--link-factor", type=_positive_float, default=DEFAULT_LINK_FACTOR,
+                   help=f"the link spread: latency and bandwidth this many times better and worse (default "
+                        f"{DEFAULT_LINK_FACTOR:g}; 1: none)")
     p.add_argument("--validate-with", action="append", metavar="DIR",
-                   help="with --validate: a folder of more sweeps and comm runs whose points are held out too, e.g. "
+                   help="a folder of more sweeps and comm runs whose points are held out too, e.g. "
                         "results/reference-cluster (repeatable)")
     p.add_argument("--out", metavar="DIR", help="output folder (default results/local/predict-<time>)")
     p.set_defaults(func=cmd_predict)

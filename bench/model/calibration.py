@@ -36,6 +36,9 @@ class FitQuality:
     within_burst_rows: int = 0
     """Rows left out because each rank sent no more than the link shaper's burst (`link_burst_bytes`, a tc token
     bucket's): such a message crosses at line speed, not at the shaped rate the link is fitted for."""
+    oversubscribed_rows: int = 0
+    """Rows left out because their ranks outnumbered their host's cores: their latencies include waiting for a core,
+    which the link's a, b, g do not model."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,14 +126,17 @@ def fit_link(rows: Sequence[dict], backend: str = "horovod", source: str = "",
     copy cost."""
     if transport is not None:
         rows = [r for r in rows if r["op"] == "memcpy" or row_transport(r) == transport]
-    candidates = [r for r in rows if r["backend"] == backend and r["op"] in ("allreduce", "allgather")
-                  and r["np"] >= 2 and r["latency_us_median"] > 0]
+    measured = [r for r in rows if r["backend"] == backend and r["op"] in ("allreduce", "allgather")
+                and r["np"] >= 2 and r["latency_us_median"] > 0]
+    candidates = [r for r in measured if not row_oversubscribed(r)]
     fit_rows = [r for r in candidates if not _within_burst(r)]
     if len(fit_rows) < 3:
         have = sorted({r["backend"] for r in rows if r["op"] in ("allreduce", "allgather")})
+        left = len(measured) - len(candidates)
         raise UsageError(f"{len(fit_rows)} {backend} allreduce/allgather rows at np >= 2 to calibrate from (backends "
-                         f"with such rows: {', '.join(have) or 'none'}): run `alure-bench comm --np 2 --backends "
-                         f"{backend}` or choose --backend")
+                         f"with such rows: {', '.join(have) or 'none'}"
+                         f"{f'; {left} oversubscribed rows left out' if left else ''}): run `alure-bench comm --np 2 "
+                         f"--backends {backend}` (np no more than the cores) or choose --backend")
     a = np.array([collective_terms(r["op"], r["np"], _row_bytes(r)) for r in fit_rows])
     t = np.array([r["latency_us_median"] * 1e-6 for r in fit_rows])
     x = nnls(a / t[:, None], np.ones(len(t)))  # divided by t: every row weighs by its relative error
@@ -138,7 +144,7 @@ def fit_link(rows: Sequence[dict], backend: str = "horovod", source: str = "",
     pred = a @ x
     rel = (pred - t) / t
     holdout = [r for r in rows if r["backend"] == backend and r["op"] == "sparse-pair" and r["np"] >= 2
-               and not _within_burst(r)]
+               and not _within_burst(r) and not row_oversubscribed(r)]
     h_rel = [abs(float(np.dot(collective_terms("sparse-pair", r["np"], _row_bytes(r)), x))
                  - r["latency_us_median"] * 1e-6) / (r["latency_us_median"] * 1e-6) for r in holdout]
     quality = FitQuality(
@@ -147,11 +153,17 @@ def fit_link(rows: Sequence[dict], backend: str = "horovod", source: str = "",
         rms_rel_error=float(np.sqrt(np.mean(rel ** 2))), max_rel_error=float(np.max(np.abs(rel))),
         median_rel_error=float(np.median(np.abs(rel))), holdout_rows=len(holdout),
         holdout_median_rel_error=float(np.median(h_rel)) if h_rel else None,
-        within_burst_rows=len(candidates) - len(fit_rows))
+        within_burst_rows=len(candidates) - len(fit_rows), oversubscribed_rows=len(measured) - len(candidates))
     copies = [r["latency_us_median"] * 1e-6 / _row_bytes(r) for r in rows
               if r["op"] == "memcpy" and _row_bytes(r) >= 1 << 20]
     return Calibration(link=link, copy_s_per_byte=float(np.median(copies)) if copies else None, backend=backend,
                        quality=quality, source=source, transport=transport or "any")
+
+
+def row_oversubscribed(row: dict) -> bool:
+    """Whether a comm row's ranks outnumbered their host's cores (comm flags it; a CSV row says 'True'/'true')."""
+    flag = row.get("oversubscribed")
+    return flag is True or str(flag).lower() == "true"
 
 
 def _within_burst(row: dict) -> bool:
@@ -164,10 +176,15 @@ def _within_burst(row: dict) -> bool:
 def calibrate(folder: str | Path, backend: str = "horovod") -> Calibration:
     """The calibration of the comm results under `folder`: of their shared-memory rows where there are any (the
     link within a host), else of the one transport they ran over."""
-    rows = read_comm_rows(folder)
-    by_transport = fit_links_by_transport(rows, backend, source=str(folder))
+    return calibrate_rows(read_comm_rows(folder), backend, source=str(folder))
+
+
+def calibrate_rows(rows: Sequence[dict], backend: str = "horovod", source: str = "") -> Calibration:
+    """`calibrate` of comm rows already read: their shared-memory rows' fit where there are any, else the one
+    transport's they ran over."""
+    by_transport = fit_links_by_transport(rows, backend, source=source)
     if not by_transport:
-        return fit_link(rows, backend, source=str(folder))  # says what is missing
+        return fit_link(rows, backend, source=source)  # says what is missing
     return by_transport.get("shared-memory") or next(iter(by_transport.values()))
 
 

@@ -72,6 +72,11 @@ def this_host(transport: str) -> HostIdentity:
                         transport=transport)
 
 
+def now_iso() -> str:
+    """This moment, local time with its offset, to the second: when a calibration or costs file was made."""
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
 def calibration_path(folder: Path, identity: HostIdentity) -> Path:
     return Path(folder) / f"{identity.key()}.json"
 
@@ -82,7 +87,7 @@ def save_calibration(folder: Path, identity: HostIdentity, calibration, costs, c
     from bench.results.records import atomic_write_json, ensure_writable
     path = calibration_path(ensure_writable(Path(folder)), identity)
     atomic_write_json(path, {"kind": FILE_KIND, "version": FILE_VERSION,
-                             "created": datetime.now().astimezone().isoformat(timespec="seconds"),
+                             "created": now_iso(),
                              "host": asdict(identity), "arguments": arguments, "comm": str(comm_dir),
                              "calibration": calibration.as_dict(), "costs": costs.as_dict()})
     return path
@@ -127,31 +132,69 @@ def builtin_note() -> str:
 def costs_for_this_host(transport: str = "shared-memory", warn: bool = False):
     """The costs `auto` decides with on this host: its calibration for `transport`, else DEFAULT_COSTS; with `warn`,
     the fall-back is said in one line on stderr, naming what was looked for and what is used instead."""
+    return costs_and_origin_for_this_host(transport, warn)[0]
+
+
+def costs_and_origin_for_this_host(transport: str = "shared-memory", warn: bool = False) -> tuple:
+    """(costs, origin) of `costs_for_this_host`: origin (`costs_origin`) names the calibration file and its date, or
+    the built-in costs."""
     folder = default_folder()
     identity = this_host(transport if transport in TRANSPORTS else "shared-memory")
     found = find_costs(folder, identity)
     if found:
-        return found[0]
+        return found[0], costs_origin(CALIBRATED, found[0], found[1], read_calibration(found[1]).get("created"))
     if warn:
         print(f"alure-bench: warning: no calibration of this host ({identity.describe()}) in {folder}: auto decides "
               f"with {builtin_note()}; run `alure-bench calibrate` here to measure this host", file=sys.stderr,
               flush=True)
-    return DEFAULT_COSTS
+    return DEFAULT_COSTS, costs_origin(BUILT_IN, DEFAULT_COSTS)
 
 
 COSTS_ENV = "ALURE_BENCH_COSTS"
+CALIBRATED, COSTS_FILE, BUILT_IN = "calibration", "costs-file", "built-in"
+"""What `auto` decided with (`costs_origin`'s kind): this host's calibration, a costs.json named by
+ALURE_BENCH_COSTS, or DEFAULT_COSTS."""
+
+
+def costs_origin(kind: str, costs: ExchangeCosts, path: Path | str | None = None, created: str | None = None) -> dict:
+    """What a record says of the costs its `auto` ranks decided with: kind, file and its date (None for the
+    built-in costs), and the costs' own source line."""
+    return {"kind": kind, "path": None if path is None else str(path), "created": created, "source": costs.source}
 
 
 def load_costs(path: str | Path | None = None, transport: str = "shared-memory", warn: bool = False) -> ExchangeCosts:
     """The costs `auto` decides with: `path`, else the file named by ALURE_BENCH_COSTS, else the calibration of
     this host and `transport` (DEFAULT_COSTS, with a one-line warning if `warn`, without)."""
+    return load_costs_and_origin(path, transport, warn)[0]
+
+
+def load_costs_and_origin(path: str | Path | None = None, transport: str = "shared-memory",
+                          warn: bool = False) -> tuple:
+    """(costs, origin) of `load_costs`: origin (`costs_origin`) is what an auto record names."""
     path = path or os.environ.get(COSTS_ENV)
     if not path:
-        return costs_for_this_host(transport, warn)
+        return costs_and_origin_for_this_host(transport, warn)
     try:
-        return ExchangeCosts.from_dict(json.loads(Path(path).read_text()))
+        data = json.loads(Path(path).read_text())
+        costs = ExchangeCosts.from_dict(data)
     except FileNotFoundError:
         raise UsageError(f"{COSTS_ENV}={path}: no such file; write one with `alure-bench predict --out DIR` "
                          f"(DIR/costs.json)") from None
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise UsageError(f"{path} is not a costs.json of alure-bench predict ({err}): rewrite it") from None
+    created = data.get("created") or datetime.fromtimestamp(Path(path).stat().st_mtime).astimezone().isoformat(
+        timespec="seconds")
+    return costs, costs_origin(COSTS_FILE, costs, path, created)
+
+
+SWEEP_COSTS_FILE = "costs.json"
+"""What a sweep folder keeps of the costs its auto points decide with (`keep_costs`)."""
+
+
+def keep_costs(sweep_dir: Path) -> dict:
+    """Write into `sweep_dir` the costs `auto` will decide with on this host (ranks on it: shared memory), with
+    their origin, in the form ALURE_BENCH_COSTS reads back; return the origin. Each auto record names its own."""
+    from bench.results.records import atomic_write_json
+    costs, origin = load_costs_and_origin(transport="shared-memory")
+    atomic_write_json(Path(sweep_dir) / SWEEP_COSTS_FILE, costs.as_dict() | {"origin": origin})
+    return origin

@@ -15,6 +15,8 @@ from bench.plan.config import REPLICATED_MODES
 from bench.results.scaling import efficiency
 
 PREDICT_MODES = (*REPLICATED_MODES, "auto")
+OUT_OF_MEMORY = "out of memory"
+"""The status of a predicted step whose memory per rank exceeds the machine's (it has no step time, no efficiency)."""
 TABLE_COLUMNS = ["np", "nodes", "mode", "weak_step_ms", "weak_efficiency", "strong_batch_per_rank",
                  "strong_step_ms", "strong_efficiency", "memory_gib", "fits_memory", "exchange_held_mib",
                  "dense_tables"]
@@ -30,26 +32,33 @@ def rank_counts(max_np: int, extra: list[int] | None = None) -> list[int]:
 
 def prediction_table(model: Model, machine: Machine, nps: list[int], batch_per_rank: float,
                      global_batch: int) -> pd.DataFrame:
-    """One row per (np, mode): weak and strong step times and efficiencies, memory per rank (weak)."""
+    """One row per (np, mode): weak and strong step times and efficiencies, memory per rank of each. A step whose
+    memory does not fit the machine's memory per rank (or whose np=1 baseline does not) has no step time and no
+    efficiency: its status says out of memory (`weak_status`, `strong_status`)."""
     group = model.profile.group_size
+    cap = machine.memory_per_rank_bytes
+    fits = lambda s: cap is None or s.memory_bytes <= cap  # noqa: E731
     rows = []
     for mode in PREDICT_MODES:
-        weak1 = model.step(machine, 1, mode, batch_per_rank).step_ms
-        strong1 = model.step(machine, 1, mode, global_batch).step_ms
+        weak1 = model.step(machine, 1, mode, batch_per_rank)
+        strong1 = model.step(machine, 1, mode, global_batch)
         for p in nps:
             weak = model.step(machine, p, mode, batch_per_rank)
             per_rank = global_batch / p
             feasible = per_rank >= group  # a rank's batch is whole groups of in-batch negatives
             strong = model.step(machine, p, mode, per_rank) if feasible else None
-            cap = machine.memory_per_rank_bytes
+            weak_ok, strong_ok = fits(weak) and fits(weak1), strong is not None and fits(strong) and fits(strong1)
             rows.append({
                 "np": p, "nodes": machine.nodes(p), "mode": mode,
-                "weak_step_ms": weak.step_ms, "weak_efficiency": efficiency("weak", weak1, weak.step_ms, p),
+                "weak_step_ms": weak.step_ms if weak_ok else np.nan,
+                "weak_efficiency": efficiency("weak", weak1.step_ms, weak.step_ms, p) if weak_ok else np.nan,
+                "weak_status": "ok" if weak_ok else OUT_OF_MEMORY,
                 "strong_batch_per_rank": per_rank if feasible else np.nan,
-                "strong_step_ms": strong.step_ms if strong else np.nan,
-                "strong_efficiency": efficiency("strong", strong1, strong.step_ms, p) if strong else np.nan,
-                "memory_gib": weak.memory_bytes / 2**30,
-                "fits_memory": cap is None or weak.memory_bytes <= cap,
+                "strong_step_ms": strong.step_ms if strong_ok else np.nan,
+                "strong_efficiency": efficiency("strong", strong1.step_ms, strong.step_ms, p) if strong_ok else np.nan,
+                "strong_status": "ok" if strong_ok else OUT_OF_MEMORY if feasible else "batch below one group",
+                "memory_gib": weak.memory_bytes / 2**30, "fits_memory": fits(weak),
+                "strong_memory_gib": strong.memory_bytes / 2**30 if strong else np.nan,
                 "exchange_held_mib": weak.exchange_bytes_held / 2**20, "dense_tables": weak.dense_tables,
                 "weak_compute_ms": weak.compute_ms, "weak_exchange_ms": weak.exchange_ms,
                 "weak_network_ms": weak.network_ms, "weak_hidden_ms": weak.hidden_ms})
@@ -92,3 +101,44 @@ def workload_density(model: Model) -> float:
     items = [t for t in model.profile.tables if t.name.endswith("items.weight")] or list(model.profile.tables)
     batch = model.profile.reference_batch
     return sum(t.distinct(batch, batch) for t in items) / sum(t.rows for t in items)
+
+
+def _link_name(gbps: float) -> str:
+    return f"{gbps:.3g} Gb/s"
+
+
+def label_extrapolation(table: pd.DataFrame, machine: Machine, ranges: dict) -> pd.DataFrame:
+    """`table` with `extrapolation`: why a row lies outside the range its mode was validated in (`ranges`: mode ->
+    bench.model.validation.ValidatedRange), '' where it lies within; and `validated_range`, that range in words."""
+    link = machine.network
+    gbps = None if link is None else 8 / link.beta_s_per_byte / 1e9
+    reasons, described = [], []
+    for row in table.itertuples():
+        r = ranges.get(row.mode)
+        described.append(r.describe() if r else "none")
+        if r is None:
+            reasons.append("no validation of this mode held")
+            continue
+        why = []
+        if row.np > max(r.nps) or row.np < min(r.nps):
+            why.append(f"np {row.np} outside {min(r.nps)}-{max(r.nps)}")
+        if link is None:
+            if "shared memory" not in r.links:
+                why.append("this machine's shared memory not validated")
+        else:
+            rates = [float(name.split()[0]) for name in r.links if name.endswith("Gb/s")]
+            if not any(abs(gbps / rate - 1) <= LINK_MATCH for rate in rates):
+                why.append(f"a {_link_name(gbps)} link not validated")
+            if row.nodes > r.hosts:
+                why.append(f"{row.nodes} nodes > {r.hosts}")
+        if machine.cpu_speedup != 1:
+            why.append(f"CPU speed-up {machine.cpu_speedup:g} assumed")
+        if machine.overlap:
+            why.append(f"overlap {machine.overlap:g} assumed")
+        reasons.append("; ".join(why))
+    return table.assign(extrapolation=reasons, validated_range=described)
+
+
+LINK_MATCH = 0.15
+"""A data-sheet link counts as a validated one when its bandwidth is within this share of a link's rate the
+validation predicted points over."""

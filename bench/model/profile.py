@@ -77,6 +77,8 @@ class Profile:
     train_growth_mib: float = 0.0
     """What training added to an np=1 rank's resident set at reference_batch (rss_growth_mib: activations, gradients,
     optimizer temporaries); the model scales it with the rank's lookups."""
+    measured_memory_mib: float | None = None
+    """Memory of the machine that measured (environment.json's memory_mib); None where the sweep does not say."""
 
     def lookups(self, batch: float) -> float:
         return sum(t.lookups(batch) for t in self.tables)
@@ -202,7 +204,8 @@ def profile_from_records(records: list[dict], environment: dict | None = None) -
         measured_cores=int(env.get("cores") or _cores()),
         measured_threads=int(np.median([r.get("threads_per_rank") or 1 for r in base])),
         train_growth_mib=float(np.median([r["metrics"].get("rss_growth_mib") or 0.0 for r in base
-                                          if r["batch_per_rank"] == batch])))
+                                          if r["batch_per_rank"] == batch])),
+        measured_memory_mib=env.get("memory_mib"))
 
 
 def _cores() -> int:

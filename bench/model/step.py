@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.errors import UsageError
-from bench.model.calibration import Calibration, calibrate
+from bench.model.calibration import Calibration, calibrate_rows, read_comm_rows
 from bench.model.collectives import Link, allreduce_s
 from bench.model.profile import Profile, profile_from_records
 from bench.model.table_costs import (
@@ -118,6 +118,10 @@ class LocalFit:
     coalesced-gather's coalescing of its own rows (its tables are charged sparse-gather's cost per gathered byte) and
     auto's counting of its rows for the per-step decision; work on a rank's own rows, so it does not grow with P.
     Fitted after the modes above."""
+    oversubscribed_left_out: int = 0
+    """Multi-rank points left out of these fits because their ranks outnumbered their host's cores: the model
+    shares a core out evenly (`cpu_factor`), and what lock-step ranks lose beyond that is not modelled, so fitted
+    on such points the CPU work per byte would absorb it."""
     retained_table_copies: dict = field(default_factory=dict)
     """Mode -> resident memory beyond the tensors the memory model counts, in copies of the sparse tables' dense
     size (bytes per table byte), the median over the multi-rank points. Fitted for sparse-as-dense only, the one mode
@@ -255,12 +259,15 @@ def fit_local_work(records: list[dict], profile: Profile, calibration: Calibrati
     scales with (gathered bytes; table bytes). Then, on top of those, coalesced-gather's and auto's own work
     (`LocalFit.extra_s_per_byte`) against the bytes of the rank's own sparse gradient. Last, sparse-as-dense's
     resident memory beyond its counted tensors (`LocalFit.retained_table_copies`). `profile_of` gives a record the
-    profile of its own sweep's np=1 points (default: `profile` for every record)."""
+    profile of its own sweep's np=1 points (default: `profile` for every record). Oversubscribed points are left out
+    of every fit (`LocalFit.oversubscribed_left_out`)."""
     profile_for = profile_of or (lambda r: profile)
     s_per_byte, used, rms = {}, {}, {}
+    multi = [r for r in records if r["status"] == "ok" and r["np"] > 1]
+    fitted_on = [r for r in multi if not r.get("oversubscribed")]
 
     def fit(model: Model, mode: str, scale) -> float | None:
-        points = [r for r in records if r["status"] == "ok" and r["np"] > 1 and r["point"]["mode"] == mode]
+        points = [r for r in fitted_on if r["point"]["mode"] == mode]
         xs, ys, ts = [], [], []
         for r in points:
             p, batch = r["np"], r["batch_per_rank"]
@@ -290,30 +297,44 @@ def fit_local_work(records: list[dict], profile: Profile, calibration: Calibrati
     for mode in ("sparse-as-dense",):
         over = [(r["metrics"]["peak_rss_mib"] * 2**20 - replace(fitted, profile=profile_for(r))
                  .step(machine, r["np"], mode, r["batch_per_rank"]).memory_bytes) / profile.table_bytes()
-                for r in records if r["status"] == "ok" and r["np"] > 1 and r["point"]["mode"] == mode]
+                for r in fitted_on if r["point"]["mode"] == mode]
         if over:  # a median: one rank's heap moves by a table's size from one repeat to the next
             retained[mode] = max(0.0, float(np.median(over)))
     return LocalFit(s_per_byte=s_per_byte, points=used, rms_rel_error=rms, extra_s_per_byte=extra,
-                    retained_table_copies=retained)
+                    oversubscribed_left_out=len(multi) - len(fitted_on), retained_table_copies=retained)
 
 
 def this_machine(calibration: Calibration, profile: Profile, ranks: int, memory_per_rank_bytes=None) -> Machine:
-    """The machine that measured: every rank on its one node, its cores time-shared beyond their number."""
+    """The machine that measured: `ranks` ranks on each node of it, its cores time-shared beyond their number, and
+    each rank its share of the node's memory (the measured machine's memory / `ranks`, unless given)."""
+    if memory_per_rank_bytes is None and profile.measured_memory_mib:
+        memory_per_rank_bytes = profile.measured_memory_mib * 2**20 / max(1, ranks)
     return Machine(local=calibration.link, ranks_per_node=max(1, ranks), cores_per_node=profile.measured_cores,
                    memory_per_rank_bytes=memory_per_rank_bytes)
 
 
-def build_model(sweep_dir: str | Path, comm_dir: str | Path, backend: str = "horovod") -> Model:
-    """Calibrate everything from a sweep folder and a comm folder."""
+def fit_model(records: list[dict], comm_rows: list[dict], environment: dict | None = None,
+              backend: str = "horovod", source: str = "") -> Model:
+    """The model of a sweep's records and comm rows: its np=1 profile, the link of the comm rows, the CPU work
+    around the collectives (bootstrap draws refit through here too: bench.model.uncertainty)."""
+    profile = profile_from_records(records, environment)
+    calibration = calibrate_rows(comm_rows, backend, source=source)
+    ranks = max([r["np"] for r in records] + [1])
+    local = fit_local_work(records, profile, calibration, this_machine(calibration, profile, ranks))
+    return Model(profile, calibration, local)
+
+
+def read_sweep(sweep_dir: str | Path) -> tuple[list[dict], dict]:
+    """A sweep folder's records and environment.json ({} without one)."""
     from bench.results.records import read_records
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise UsageError(f"results folder {sweep_dir} not found: give a folder written by `alure-bench sweep`")
-    records = read_records(sweep_dir)
     env_path = sweep_dir / "environment.json"
-    env = json.loads(env_path.read_text()) if env_path.exists() else {}
-    profile = profile_from_records(records, env)
-    calibration = calibrate(comm_dir, backend)
-    ranks = max([r["np"] for r in records] + [1])
-    local = fit_local_work(records, profile, calibration, this_machine(calibration, profile, ranks))
-    return Model(profile, calibration, local)
+    return read_records(sweep_dir), json.loads(env_path.read_text()) if env_path.exists() else {}
+
+
+def build_model(sweep_dir: str | Path, comm_dir: str | Path, backend: str = "horovod") -> Model:
+    """Calibrate everything from a sweep folder and a comm folder."""
+    records, env = read_sweep(sweep_dir)
+    return fit_model(records, read_comm_rows(comm_dir), env, backend, source=str(comm_dir))

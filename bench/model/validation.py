@@ -24,6 +24,8 @@ from bench.model.calibration import fit_link, row_transport
 from bench.model.profile import profile_from_records
 from bench.model.step import Machine, Model, fit_local_work, this_machine
 
+COMPUTE_PHASES = ("data", "forward", "backward")
+"""The phases the model's compute stands for (bench.model.profile: the np=1 compute)."""
 SWEEP_KEY = "sweep_dir"
 """The key that tags a record with the sweep folder it came from (`tag_sweep`); untagged records are one sweep."""
 
@@ -73,11 +75,16 @@ SPLITS = (
           comm=lambda row: True, test=lambda r: r["point"]["scaling"] == "strong" and _one_host(r)),
     Split("one host -> hosts", train=_one_host, comm=lambda row: True, test=lambda r: not _one_host(r)),
 )
-POINT_COLUMNS = ["split", "scaling", "mode", "np", "transport", "link_gbps", "batch_per_rank", "oversubscribed",
-                 "repeats", "measured_ms", "predicted_ms", "rel_error", "measured_peak_mib", "predicted_peak_mib",
-                 "peak_rel_error"]
-SUMMARY_COLUMNS = ["split", "link", "mode", "points", "nps", "median_abs_rel_error", "max_abs_rel_error",
-                   "median_abs_peak_error", "max_abs_peak_error"]
+POINT_COLUMNS = ["split", "scaling", "mode", "np", "hosts", "transport", "link_gbps", "batch_per_rank",
+                 "oversubscribed", "repeats", "measured_ms", "predicted_ms", "rel_error", "measured_peak_mib",
+                 "predicted_peak_mib", "peak_rel_error", "measured_compute_ms", "predicted_compute_ms",
+                 "rel_error_with_measured_compute"]
+SUMMARY_COLUMNS = ["split", "link", "oversubscribed", "mode", "points", "nps", "median_abs_rel_error",
+                   "max_abs_rel_error", "median_abs_peak_error", "max_abs_peak_error",
+                   "median_abs_rel_error_with_measured_compute", "median_compute_ratio"]
+TARGET_MEDIAN_ERROR = 0.25
+"""A held-out group (split, link, oversubscribed or not, mode) validates the model where the median |predicted /
+measured - 1| of its step times is within this; `validated_range` counts only those groups."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,13 +119,20 @@ def held_out_points(models: dict, machines: dict, records: list[dict], split: st
         except ValueError:  # a mode the model does not price
             continue
         peak = float(np.median([r["metrics"]["peak_rss_mib"] for r in group]))
-        rows.append({"split": split, "scaling": scaling, "mode": mode, "np": p, "transport": transport,
+        # The slowest rank's data + forward + backward per step, as measured (the phases of `build_record`): put in
+        # place of the model's compute, it tells a miss of the compute (time-sharing) from one of the exchange.
+        compute = float(np.median([sum(r["metrics"]["phase_ms"][ph] for ph in COMPUTE_PHASES) for r in group]))
+        given_compute = predicted.step_ms - predicted.compute_ms + compute
+        rows.append({"split": split, "scaling": scaling, "mode": mode, "np": p,
+                     "hosts": max(len(set(r.get("hosts") or [])) for r in group) or 1, "transport": transport,
                      "link_gbps": link,
                      "batch_per_rank": batch, "oversubscribed": any(r.get("oversubscribed") for r in group),
                      "repeats": len(group), "measured_ms": measured, "predicted_ms": predicted.step_ms,
                      "rel_error": predicted.step_ms / measured - 1, "measured_peak_mib": peak,
                      "predicted_peak_mib": predicted.memory_bytes / 2**20,
-                     "peak_rel_error": predicted.memory_bytes / 2**20 / peak - 1})
+                     "peak_rel_error": predicted.memory_bytes / 2**20 / peak - 1,
+                     "measured_compute_ms": compute, "predicted_compute_ms": predicted.compute_ms,
+                     "rel_error_with_measured_compute": given_compute / measured - 1})
     return rows
 
 
@@ -164,6 +178,8 @@ def run_split(split: Split, records: list[dict], comm_rows: list[dict], backend:
            "link": {"alpha_us": calibration.link.alpha_s * 1e6, "beta_ns_per_byte": calibration.link.beta_s_per_byte
                     * 1e9, "gamma_ns_per_byte": calibration.link.gamma_s_per_byte * 1e9},
            "local_s_per_byte": dict(local.s_per_byte), "local_points": dict(local.points),
+           "oversubscribed_points_left_out": local.oversubscribed_left_out,
+           "oversubscribed_comm_rows_left_out": calibration.quality.oversubscribed_rows,
            "extra_s_per_byte": dict(local.extra_s_per_byte),
            "retained_table_copies": dict(local.retained_table_copies),
            "network_links": {rate: {"alpha_us": n.link.alpha_s * 1e6,
@@ -193,15 +209,61 @@ def validate(records: list[dict], comm_rows: list[dict], splits=SPLITS, backend:
 
 
 def summarize_errors(points: pd.DataFrame) -> pd.DataFrame:
+    """Per split, link between hosts, oversubscribed or not, and mode: the median and largest errors."""
     rows = []
     link = points["link_gbps"].map(lambda g: "" if pd.isna(g) else f"{g:g} Gb/s")
-    for (split, link_name, mode), g in points.groupby([points["split"], link, points["mode"]], sort=False):
+    keys = [points["split"], link, points["oversubscribed"].astype(bool), points["mode"]]
+    for (split, link_name, over, mode), g in points.groupby(keys, sort=False):
         err, peak_err = g["rel_error"].abs(), g["peak_rel_error"].abs()
-        rows.append({"split": split, "link": link_name, "mode": mode, "points": len(g),
+        rows.append({"split": split, "link": link_name, "oversubscribed": bool(over), "mode": mode, "points": len(g),
                      "nps": ",".join(map(str, sorted(set(g["np"])))),
                      "median_abs_rel_error": float(err.median()), "max_abs_rel_error": float(err.max()),
-                     "median_abs_peak_error": float(peak_err.median()), "max_abs_peak_error": float(peak_err.max())})
+                     "median_abs_peak_error": float(peak_err.median()), "max_abs_peak_error": float(peak_err.max()),
+                     "median_abs_rel_error_with_measured_compute":
+                         float(g["rel_error_with_measured_compute"].abs().median()),
+                     "median_compute_ratio": float((g["measured_compute_ms"] / g["predicted_compute_ms"]).median())})
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+@dataclass(frozen=True, slots=True)
+class ValidatedRange:
+    """Where a mode's predictions were checked out of sample and held: the held-out groups within the target."""
+
+    nps: tuple[int, ...]
+    """Rank counts of those held-out points."""
+    hosts: int
+    """The most hosts a point among them ran on (1: one host)."""
+    links: tuple[str, ...]
+    """'shared memory' and the rates ('1 Gb/s') of the links between hosts they ran over."""
+    oversubscribed: bool
+    """Whether any of them was oversubscribed."""
+
+    def describe(self) -> str:
+        nps = f"np {min(self.nps)}-{max(self.nps)}" if len(self.nps) > 1 else f"np {self.nps[0]}"
+        return (f"{nps}, {'one host' if self.hosts == 1 else f'up to {self.hosts} hosts'}, "
+                f"{', '.join(self.links)}{' (oversubscribed points among them)' if self.oversubscribed else ''}")
+
+
+def validated_range(v: Validation, target: float = TARGET_MEDIAN_ERROR) -> dict:
+    """Mode -> ValidatedRange of the held-out groups whose median step-time error is within `target` (a mode with
+    none is absent): the range the predictions were validated in, read off the splits actually run."""
+    held = v.summary[v.summary["median_abs_rel_error"] <= target]
+    out = {}
+    for mode, groups in held.groupby("mode"):
+        pts = pd.concat([v.points[(v.points["split"] == g.split) & (v.points["mode"] == mode)
+                                  & (v.points["oversubscribed"].astype(bool) == g.oversubscribed)
+                                  & (v.points["link_gbps"].map(lambda x: "" if pd.isna(x) else f"{x:g} Gb/s")
+                                     == g.link)] for g in groups.itertuples()])
+        links = sorted({"shared memory" if pd.isna(x) else f"{x:g} Gb/s" for x in pts["link_gbps"]},
+                       key=lambda name: (name != "shared memory", name))
+        out[mode] = ValidatedRange(nps=tuple(sorted(set(int(n) for n in pts["np"]))), hosts=int(pts["hosts"].max()),
+                                   links=tuple(links), oversubscribed=bool(pts["oversubscribed"].any()))
+    return out
+
+
+def not_validated(v: Validation, target: float = TARGET_MEDIAN_ERROR) -> pd.DataFrame:
+    """The held-out groups whose median step-time error exceeds `target`: what the model failed to predict."""
+    return v.summary[v.summary["median_abs_rel_error"] > target]
 
 
 def format_validation(v: Validation) -> str:
@@ -218,11 +280,17 @@ def format_validation(v: Validation) -> str:
                          f"({8 / n['beta_ns_per_byte']:.3g} Gb/s), g = {n['gamma_ns_per_byte']:.3f} ns/B; R^2 "
                          f"{n['r2']:.3f}, median |error| {n['median_rel_error']:.0%} ({n['within_burst_rows']} rows "
                          f"within the shaper's burst left out)")
+        left = fit.get("oversubscribed_points_left_out")
+        if left:
+            lines.append(f"    ({left} oversubscribed sweep points and {fit['oversubscribed_comm_rows_left_out']} "
+                         f"oversubscribed comm rows left out of the fits)")
         for r in v.summary[v.summary["split"] == split].itertuples():
-            over = f" over {r.link}" if r.link else ""
+            over = (f" over {r.link}" if r.link else "") + (" (oversubscribed)" if r.oversubscribed else "")
             lines.append(f"    {r.mode:>16}{over}: {r.points} points at np {r.nps}: step time median "
                          f"{r.median_abs_rel_error:.0%}, max {r.max_abs_rel_error:.0%}; peak memory median "
-                         f"{r.median_abs_peak_error:.0%}, max {r.max_abs_peak_error:.0%}")
+                         f"{r.median_abs_peak_error:.0%}, max {r.max_abs_peak_error:.0%}; measured compute / "
+                         f"model's {r.median_compute_ratio:.2f}, step error with the measured compute "
+                         f"{r.median_abs_rel_error_with_measured_compute:.0%}")
     for split, why in v.not_run.items():
         lines.append(f"  {split}: not run ({why})")
     if not v.points.empty:

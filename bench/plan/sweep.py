@@ -289,6 +289,9 @@ def start_sweep(config: SweepConfig, sweep_dir: Path) -> None:
     atomic_write_json(sweep_dir / SWEEP_FILE, config.as_dict())
     atomic_write_json(sweep_dir / "environment.json",
                       capture_environment() | {"launch_environment": launch_environment(config.nps)})
+    if "auto" in config.modes:  # the costs auto will decide with, kept beside what it measured
+        from bench.model.calibration_store import keep_costs
+        keep_costs(sweep_dir)
 
 
 def load_sweep_config(sweep_dir: Path) -> SweepConfig:

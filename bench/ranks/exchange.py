@@ -159,11 +159,12 @@ class ModeExchange:
         """This step's mode per table (fixed modes: the mode; auto: chosen in `start_step`)."""
         self.buffers: dict[torch.nn.Parameter, torch.Tensor] = {}
         """dense-reduce: each table's V x d gradient buffer, made on first use and kept across steps."""
-        self.costs = None
+        self.costs = self.costs_origin = None
+        """auto: what it decides with, and where that came from (bench.model.calibration_store.costs_origin)."""
         if mode == "auto":
-            from bench.model.calibration_store import load_costs
+            from bench.model.calibration_store import load_costs_and_origin
             transport = "shared-memory" if local_size == size else "tcp"  # this host's calibration of it
-            self.costs = load_costs(transport=transport, warn=rank == 0 and size > 1)
+            self.costs, self.costs_origin = load_costs_and_origin(transport=transport, warn=rank == 0 and size > 1)
 
     def find_tables(self, model: torch.nn.Module) -> None:
         """Record the model's sparse embedding tables (and, for a fixed mode, their mode)."""

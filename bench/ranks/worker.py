@@ -141,6 +141,7 @@ def measure(point: PointConfig, exchange, before_timed_steps: Callable[[], None]
         "exchange_bytes_received": moved["bytes_received"],
         "gradient_density": density["items"], "gradient_density_tables": density,
         "sharding": getattr(exchange, "sharding", None),  # sharded modes: how the tables were split
+        "auto_costs": getattr(exchange, "costs_origin", None),
     }
 
 
@@ -210,6 +211,8 @@ def build_record(point: PointConfig, ranks: list[dict], wall_seconds: float, sta
         else None,
         # This host's egress as tc has it (the emulated cluster shapes every host alike); only between hosts.
         "link": link_as_configured() if network["transport"] == "tcp" else None,
+        # auto: the costs it decided with (calibration file and date, costs.json, or built-in); None in fixed modes
+        "auto_costs": ranks[0].get("auto_costs"),
         "step_time_ms_slowest_rank": slowest.tolist(), "metrics": metrics, "ranks": ranks,
         "sharding": ranks[0].get("sharding"),
     }

@@ -11,7 +11,7 @@ from bench.results.plots import breakdown_plot, efficiency_plot, memory_plot, st
 from bench.results.pop import FACTORS
 from bench.results.pop_plot import pop_plot
 from bench.results.ranking import RANKING_TEXT, mode_ranking
-from bench.results.records import atomic_write_text, load
+from bench.results.records import atomic_write_text, load, read_records
 from bench.results.summary import POINT_KEY
 
 
@@ -167,6 +167,29 @@ def _order(sweep_dir: Path) -> str:
     return "ran back to back, point by point" if config else "ran in an unrecorded order"
 
 
+def auto_costs_note(records: list[dict]) -> str | None:
+    """What the sweep's auto points decided with (bench.model.calibration_store.costs_origin), said plainly where
+    any ran on the built-in costs (uncalibrated) or does not say; None without auto points."""
+    auto = [r for r in records if r["point"]["mode"] == "auto" and r["status"] == "ok"]
+    if not auto:
+        return None
+    origins = [r.get("auto_costs") or {} for r in auto]
+    builtin = sum(o.get("kind") == "built-in" for o in origins)
+    unsaid = sum(not o for o in origins)
+    used = sorted({f"{o['kind']} {o.get('path')} of {o.get('created') or 'no recorded date'}"
+                   for o in origins if o and o.get("kind") != "built-in"})
+    parts = []
+    if builtin:
+        parts.append(f"**auto ran uncalibrated** in {builtin} of {len(auto)} auto records: it decided with the "
+                     f"built-in DEFAULT_COSTS (run `alure-bench calibrate` on the host first)")
+    if unsaid:
+        parts.append(f"{unsaid} of {len(auto)} auto records do not say what costs they decided with (recorded "
+                     f"before records named them)")
+    if used:
+        parts.append("auto decided with: " + "; ".join(used))
+    return "Auto's costs: " + ". ".join(parts) + "."
+
+
 def write_report(sweep_dir: str | Path) -> pd.DataFrame:
     """Rebuild summary.csv, report.md and the PNGs of a sweep folder; return the summary table."""
     sweep_dir = Path(sweep_dir)
@@ -198,6 +221,7 @@ def write_report(sweep_dir: str | Path) -> pd.DataFrame:
              f"{_order(sweep_dir)}. Exchange held: bytes of the gradient exchange results each rank holds per step. "
              "Every repeat's figures are in summary.csv.", "",
              *([STAGES_TEXT, ""] if has_stages else []),
+             *([note, ""] if (note := auto_costs_note(read_records(sweep_dir))) else []),
              "```", efficiency_table(df), "```", "",
              *([RANKING_TEXT, "", "```", *ranking, "```", ""] if (ranking := mode_ranking(df)) else []),
              "![efficiency](efficiency.png)", "", "![breakdown](breakdown.png)", "", "![memory](memory.png)", "",
