@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup bench test check clean
+.PHONY: setup bench test check references clean
 
 setup:
 	bash scripts/setup.sh
@@ -25,6 +25,11 @@ test: setup
 check: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not mpi and not slurm and not slow" -p no:cacheprovider
+
+# Every committed reference, recorded from a clean commit on an idle machine, and the files the docs quote
+# (scripts/record_references.sh: PARTS=reference,derived to run some, ARGS=--dry-run to print the commands).
+references: setup
+	bash scripts/record_references.sh $(if $(PARTS),--only $(PARTS)) $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -5,12 +5,16 @@
 #   bash slurm/reference_cluster.sh [--rates 1gbit,3gbit] [--modes M1,M2] [OUT]   # OUT: results/reference-cluster
 #
 # For each link rate (default 1gbit and 3gbit), on 4 emulated hosts:
+#   - first `alure-bench calibrate` on this host (shared memory) and across node1-node2 (TCP at that rate), into
+#     OUT/<rate>/calibration/, which the sweep's auto points then decide with (ALURE_BENCH_CALIBRATIONS): never the
+#     built-in costs, and the calibration the records name is committed beside them;
 #   - a sweep at np 1, 2 and 4 (np 1: node1 alone, the efficiency baseline; np 2: node1-node2; np 4: node1-node4),
 #     weak and strong scaling, every exchange mode the suite has (bench.plan.config.MODES; --modes picks some), 3
 #     interleaved repeats;
 #   - comm across 2 hosts (np 2) and across 4 hosts (np 4): mpi4py and Horovod, allreduce, allgather and
 #     sparse-pair, 1 KiB to 16 MiB.
-# Output: OUT/<rate>/sweep/ (summary.csv, report.md, plots, records), OUT/<rate>/comm-np2/ and comm-np4/.
+# Output: OUT/<rate>/calibration/, OUT/<rate>/sweep/ (summary.csv, report.md, plots, records), OUT/<rate>/comm-np2/
+# and comm-np4/.
 # 4 hosts time-share this machine's 2 cores: np 4 is oversubscribed and flagged as everywhere else.
 # Why 3gbit and not 10gbit: a rate only says something if TCP between the namespaces can fill it. On the 2-core
 # reference machine it fills 3 Gbit/s (Open MPI allreduce/allgather at 0.92-0.96 of it from 4 MiB, np=2) but not
@@ -20,7 +24,8 @@
 #
 # Estimated run time on the 2-core reference machine: 90 points per rate at 10-80 s each (a dense-reduce or
 # sparse-as-dense step moves 79 MiB per rank, ~0.7-1 s at 1 Gbit/s, ~2 s on 4 hosts) plus ~5 min of comm per rate:
-# the committed recording took 71 minutes (1gbit 41, 3gbit 29).
+# the committed recording took 71 minutes (1gbit 41, 3gbit 29), before the two calibrations per rate (about a minute
+# each) were added.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -44,7 +49,10 @@ cd "$REPO"
 for rate in "${RATES[@]}"; do
     bash "$HERE/cluster.sh" start --hosts 4 --link-rate "$rate"
     mkdir -p "$OUT/$rate"
-    "$BENCH" sweep --name "reference-cluster-$rate" --preset default --hosts "$HOSTS" --ranks-per-host 1 \
+    calibrations="$OUT/$rate/calibration"
+    "$BENCH" calibrate --nps 2 --out "$calibrations"
+    "$BENCH" calibrate --hosts node1,node2 --ranks-per-host 1 --nps 2 --out "$calibrations"
+    ALURE_BENCH_CALIBRATIONS="$calibrations" "$BENCH" sweep --name "reference-cluster-$rate" --preset default --hosts "$HOSTS" --ranks-per-host 1 \
         --nps 1,2,4 --scalings weak,strong --modes "$MODES" --repeats 3 --steps 20 --warmup 3 --threads 1 --global-batch 384 \
         --out "$OUT/$rate/sweep" || echo "reference_cluster.sh: some sweep points at $rate are not ok (see report.md)"
     for np in 2 4; do

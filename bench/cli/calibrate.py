@@ -1,6 +1,7 @@
 """`alure-bench calibrate`: measure this host's collectives and file the fit where the `auto` mode will find it.
 
-Runs `alure-bench comm` (one backend, allreduce, allgather and sparse-pair) at each of --nps ranks on this host, fits
+Runs `alure-bench comm` (one backend, allreduce, allgather and sparse-pair) at each of --nps ranks on this host (or
+over --hosts: TCP between the emulated cluster's hosts, which share this machine's identity), fits
 a, b and g per transport with their fit quality (bench.model.calibration.fit_links_by_transport), and writes one calibration
 per transport into the calibration folder (--out, else ALURE_BENCH_CALIBRATIONS, else <user cache>/alure-bench/
 calibrations), keyed by this host's CPU model, cores, MPI library and the transport (bench.model.calibration_store). The
@@ -49,13 +50,15 @@ def link_check(cal, rows: list[dict]) -> str | None:
 
 def comm_configs(args: argparse.Namespace) -> list:
     """One CommConfig per rank count, all checked before anything is measured."""
+    from bench.cli.comm import host_layout
     from bench.plan.comm_config import CommConfig, parse_numbers, parse_size
     nps = parse_numbers(args.nps, int, "--nps")
     if any(p < 2 for p in nps):
         raise UsageError(f"--nps {args.nps}: a link needs at least 2 ranks; give counts of 2 or more, e.g. 2,3,4")
+    layout = host_layout(args, nps)
     return [CommConfig(np=p, backends=(args.backend,), ops=OPS, min_bytes=parse_size(args.min_bytes, "--min-bytes"),
                        max_bytes=parse_size(args.max_bytes, "--max-bytes"), warmup=args.warmup, iters=args.iters,
-                       rounds=args.rounds) for p in sorted(set(nps))]
+                       rounds=args.rounds, **layout) for p in sorted(set(nps))]
 
 
 def cpu_costs(results: Path | None, comm_dir: Path, backend: str):
@@ -119,6 +122,7 @@ def _cores() -> int:
 
 
 def register(sub) -> None:
+    from bench.launch.hosts import add_host_flags
     from bench.plan.capacity import positive_int
     from bench.ranks.comm_rank import BACKENDS
     p = sub.add_parser("calibrate", help="measure this host's collectives (comm at --nps ranks), fit a, b, g per "
@@ -136,4 +140,5 @@ def register(sub) -> None:
                                                       "from (default: the built-in ones)")
     p.add_argument("--out", metavar="DIR", help="calibration folder (default $ALURE_BENCH_CALIBRATIONS, else "
                                                 "~/.cache/alure-bench/calibrations)")
+    add_host_flags(p)
     p.set_defaults(func=cmd_calibrate)

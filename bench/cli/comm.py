@@ -264,10 +264,10 @@ def comm_main(args: argparse.Namespace) -> int:
     return run_comm(cfg, results_dir(args.out, "comm"))
 
 
-def host_layout(args: argparse.Namespace) -> dict:
-    """CommConfig's hosts and ranks_per_host from --hosts / --ranks-per-host, checked against --np."""
+def host_layout(args: argparse.Namespace, nps: list[int] | None = None) -> dict:
+    """CommConfig's hosts and ranks_per_host from --hosts / --ranks-per-host, checked against `nps` (else --np)."""
     launcher = launcher_from_args(args)
-    check_fits(launcher, [_int(args.np, "--np")])
+    check_fits(launcher, nps if nps is not None else [_int(args.np, "--np")])
     return {"hosts": launcher.hosts, "ranks_per_host": launcher.ranks_per_host, "controller": launcher.controller}
 
 

@@ -1,0 +1,96 @@
+"""scripts/record_references.sh, without recording anything: its plan and commands (--dry-run), the parts --only
+picks, and its refusals (a dirty tree, an unknown part). Each test runs a copy of the script in a git repository of
+its own, so the state of this checkout does not decide the outcome."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = Path("scripts/record_references.sh")
+PARTS = ["calibrate", "comm", "reference", "cluster", "paper", "shard", "derived"]
+
+
+def git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """A committed, clean repository holding the script."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO / SCRIPT, tmp_path / SCRIPT)
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "commit", "-q", "-m", "script")
+    return tmp_path
+
+
+def run(checkout: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(checkout / SCRIPT), *args], cwd=checkout, capture_output=True, text=True,
+                          timeout=60)
+
+
+def commands(stdout: str) -> list[str]:
+    return [line[2:] for line in stdout.splitlines() if line.startswith("+ ")]
+
+
+def test_dry_run_prints_the_plan_and_every_command_in_order_and_runs_none(checkout):
+    result = run(checkout, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    plan = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert plan == PARTS + ["total"]
+    total = next(line for line in result.stdout.splitlines() if line.startswith("  total"))
+    minutes = [int(line.split()[1]) for line in result.stdout.splitlines()
+               if line.startswith("  ") and not line.startswith("  total")]
+    assert int(total.split()[1]) == sum(minutes)
+
+    cmds = commands(result.stdout)
+    first = {key: next(i for i, c in enumerate(cmds) if key in c) for key in
+             ["calibrate --nps 2", "comm --np 2", "configs/reference.toml", "reference_cluster.sh",
+              "configs/paper.toml", "configs/shard-demo.toml", "mv ", " report results/reference",
+              "predict --validate"]}
+    assert list(first.values()) == sorted(first.values()), first  # calibrated first, derived files last
+    assert any("--out results/reference/predict" in c for c in cmds)
+    assert sum("--nps 1200" in c for c in cmds) == 3 and any("--results results/paper" in c for c in cmds)
+    # every sweep is checked (clean tree, calibrated auto) before anything is moved into results/
+    checks = [i for i, c in enumerate(cmds) if c.startswith("check ")]
+    assert len(checks) == 6 and max(checks) < first["mv "]
+    assert "nothing recorded" in result.stdout
+    assert not (checkout / "results").exists()
+
+
+def test_only_runs_the_parts_named(checkout):
+    result = run(checkout, "--dry-run", "--only", "derived,reference")
+    assert result.returncode == 0, result.stderr
+    plan = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert plan == ["reference", "derived", "total"]
+    cmds = commands(result.stdout)
+    assert not any("calibrate" in c or "comm --np" in c or "paper.toml" in c for c in cmds)
+    assert [c for c in cmds if c.startswith("mv ")] == [c for c in cmds if c.startswith("mv ")
+                                                        and c.endswith(" results/reference")]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--only", "cluster,bogus"], "--only bogus: no such part"),
+    (["--frobnicate"], "unknown argument '--frobnicate'"),
+    (["--max-load", "high"], "--max-load needs a number"),
+])
+def test_bad_arguments_say_so_in_one_line(checkout, args, says):
+    result = run(checkout, "--dry-run", *args)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and says in result.stderr, result.stderr
+
+
+def test_a_dirty_tree_is_refused_before_anything_runs(checkout):
+    (checkout / SCRIPT).write_text((checkout / SCRIPT).read_text() + "\n# edited\n")
+    for args in ([], ["--dry-run"]):
+        result = run(checkout, *args)
+        assert result.returncode == 2
+        assert result.stderr.strip().count("\n") == 0, result.stderr
+        assert "uncommitted changes" in result.stderr and "commit or stash" in result.stderr
+        assert "plan" not in result.stdout and not commands(result.stdout)
