@@ -39,7 +39,7 @@ def table(path: Path) -> pd.DataFrame:
 
 
 def per_value(setting, count: int) -> list:
-    """A quote's `scale` or `fmt`: one for every value, or a list of one per value."""
+    """A quote's `scale`, `fmt` or `where`: one for every value, or a list of one per value."""
     if isinstance(setting, list):
         assert len(setting) == count, f"{setting}: one per value ({count})"
         return setting
@@ -47,8 +47,8 @@ def per_value(setting, count: int) -> list:
 
 
 def raw_values(quote: dict, path: Path) -> list[float]:
-    """The quote's numbers as its file holds them: per column, the rows `where` selects (a csv), or the value at each
-    `key` (a json path, parts split by "/"); several rows are one value only if they agree (a point's columns repeat
+    """The quote's numbers as its file holds them: per column, the rows `where` selects (a csv; a list: one query per
+    column), or the value at each `key` (a json path, parts split by "/"); several rows are one value only if they agree (a point's columns repeat
     on its repeats' rows), or `COLUMN:agg` says how to make them one."""
     if path.suffix == ".json":
         found = []
@@ -58,17 +58,18 @@ def raw_values(quote: dict, path: Path) -> list[float]:
                 value = value[int(part)] if isinstance(value, list) else value[part]
             found.append(float(value))
         return found
-    rows = table(path).query(quote["where"]) if quote.get("where") else table(path)
-    assert len(rows), f"{quote['file']}: no row where {quote.get('where')}"
+    wheres = per_value(quote.get("where"), len(quote["columns"]))
     found = []
-    for column in quote["columns"]:
+    for column, where in zip(quote["columns"], wheres):
+        rows = table(path).query(where) if where else table(path)
+        assert len(rows), f"{quote['file']}: no row where {where}"
         column, _, agg = column.partition(":")
         selected = sorted(set(rows[column].dropna().astype(float)))
-        assert selected, f"{quote['file']}: column {column} is empty where {quote.get('where')}"
+        assert selected, f"{quote['file']}: column {column} is empty where {where}"
         if agg:
             found.append(AGGREGATES[agg](selected))
         else:
-            assert len(selected) == 1, (f"{quote['file']}: {column} where {quote.get('where')} has several values "
+            assert len(selected) == 1, (f"{quote['file']}: {column} where {where} has several values "
                                         f"{selected}: narrow `where` or give COLUMN:min|max|median")
             found.append(selected[0])
     return found

@@ -94,3 +94,14 @@ def test_a_dirty_tree_is_refused_before_anything_runs(checkout):
         assert result.stderr.strip().count("\n") == 0, result.stderr
         assert "uncommitted changes" in result.stderr and "commit or stash" in result.stderr
         assert "plan" not in result.stdout and not commands(result.stdout)
+
+
+def test_calibrate_over_hosts_checks_the_layout_before_measuring(tmp_path):
+    """The cluster reference calibrates across emulated hosts (`calibrate --hosts`): a layout the rank counts do not
+    fit, or ranks per host without hosts, is one line before any comm runs."""
+    from tests.helpers import assert_one_line_error, cli_here
+    out = str(tmp_path / "calibrations")
+    assert_one_line_error(cli_here("calibrate", "--hosts", "node1,node2", "--nps", "2,4", "--out", out),
+                          "np 4 does not fit on 2 host(s)")
+    assert_one_line_error(cli_here("calibrate", "--ranks-per-host", "2", "--out", out), "give --hosts too")
+    assert not (tmp_path / "calibrations").exists()
