@@ -64,13 +64,13 @@ def raw_values(quote: dict, path: Path) -> list[float]:
         rows = table(path).query(where) if where else table(path)
         assert len(rows), f"{quote['file']}: no row where {where}"
         column, _, agg = column.partition(":")
-        selected = sorted(set(rows[column].dropna().astype(float)))
+        selected = list(rows[column].dropna().astype(float))
         assert selected, f"{quote['file']}: column {column} is empty where {where}"
         if agg:
             found.append(AGGREGATES[agg](selected))
         else:
-            assert len(selected) == 1, (f"{quote['file']}: {column} where {where} has several values "
-                                        f"{selected}: narrow `where` or give COLUMN:min|max|median")
+            assert len(set(selected)) == 1, (f"{quote['file']}: {column} where {where} has several values "
+                                             f"{sorted(set(selected))}: narrow `where` or give COLUMN:min|max|median")
             found.append(selected[0])
     return found
 
@@ -110,8 +110,7 @@ def test_every_quote_names_an_existing_doc_and_a_results_file_and_committed_ones
         assert ("where" in q or "columns" in q) != ("keys" in q), f"a csv quote has columns, a json one keys: {q}"
         if q.get("pending"):
             # a pending file is one the recording script writes: the script must name its folder
-            folder = q["file"].split("/")[1]
-            assert folder in (REPO / "scripts/record_references.sh").read_text(), q
+            assert str(Path(q["file"]).parent) in (REPO / "scripts/record_references.sh").read_text(), q
     assert any(not q.get("pending") for q in quotes())
 
 
