@@ -105,3 +105,20 @@ def test_calibrate_over_hosts_checks_the_layout_before_measuring(tmp_path):
                           "np 4 does not fit on 2 host(s)")
     assert_one_line_error(cli_here("calibrate", "--ranks-per-host", "2", "--out", out), "give --hosts too")
     assert not (tmp_path / "calibrations").exists()
+
+
+def test_a_busy_machine_is_refused_unless_told_and_a_dry_run_only_warns(checkout):
+    """Another alure-bench process (here a stand-in named like one) makes the machine busy."""
+    stand_in = subprocess.Popen(["bash", "-c", "exec -a /opt/x/.venv/bin/alure-bench sleep 60"])
+    try:
+        result = run(checkout)
+        assert result.returncode == 2 and "the machine is not idle" in result.stderr, result.stderr
+        assert "other alure-bench processes run" in result.stderr and "--busy-ok" in result.stderr
+        assert not commands(result.stdout)
+        dry = run(checkout, "--dry-run")
+        assert dry.returncode == 0 and "warning: the machine is not idle" in dry.stderr
+        # --busy-ok goes on, to the next check: this copy has no venv
+        assert "make setup" in run(checkout, "--busy-ok").stderr
+    finally:
+        stand_in.kill()
+        stand_in.wait()
