@@ -11,10 +11,10 @@ import pandas as pd
 
 from bench.errors import UsageError
 from bench.model.step import Machine, Model, this_machine
-from bench.plan.config import REPLICATED_MODES
+from bench.plan.config import REPLICATED_MODES, SHARDED_MODES
 from bench.results.scaling import efficiency
 
-PREDICT_MODES = (*REPLICATED_MODES, "auto")
+PREDICT_MODES = (*REPLICATED_MODES, "auto", *SHARDED_MODES)
 OUT_OF_MEMORY = "out of memory"
 """The status of a predicted step whose memory per rank exceeds the machine's (it has no step time, no efficiency)."""
 TABLE_COLUMNS = ["np", "nodes", "mode", "weak_step_ms", "weak_efficiency", "strong_batch_per_rank",
