@@ -167,6 +167,12 @@ class ShardingChoice:
     """The shard, its Adagrad state, the all-to-alls' buffers and the shard's gradient."""
     budget_bytes: float | None
     """What the rank could still allocate when this table was decided (None: no limit)."""
+    rows_total: float
+    """The first step's lookups of the table, summed over ranks (what it was decided from)."""
+    distinct_total: float
+    """Each rank's distinct rows of it in that step, summed over ranks."""
+    cpu: float
+    """The ranks' share of a core it was priced with (bench.model.step.cpu_factor's time-sharing)."""
 
 
 def choose_sharding(costs: ExchangeCosts, p: int, table: str, rows: int, dim: int, rows_total: float,
@@ -198,4 +204,5 @@ def choose_sharding(costs: ExchangeCosts, p: int, table: str, rows: int, dim: in
         sharded, reason = False, "replicated"
     return ShardingChoice(table=table, sharded=sharded, reason=reason, replicated_mode=mode,
                           replicated_ms=replicated_s * 1e3, row_wise_ms=row_wise_s * 1e3,
-                          replicated_bytes=replicated_bytes, row_wise_bytes=row_wise_bytes, budget_bytes=budget_bytes)
+                          replicated_bytes=replicated_bytes, row_wise_bytes=row_wise_bytes, budget_bytes=budget_bytes,
+                          rows_total=rows_total, distinct_total=distinct_total, cpu=cpu)

@@ -2,7 +2,8 @@
 from the same seed, with V not divisible by the rank count in some table; save each rank's sparse tables as full
 tables (a shard's rows at their global ids, NaN elsewhere) and its dense parameters; report the exchange counters
 and, per step, the lookups of every sharded table counted from the batch. Args: MODES STEPS OUT_DIR [KEY=VALUE ...]
-(workload overrides, e.g. shard_rows=range shard_dedup=true)."""
+(workload overrides, e.g. shard_rows=range shard_dedup=true); TEST_AUTO_BUDGET_BYTES, when set, is the memory budget
+auto decides with."""
 import os
 import sys
 from dataclasses import replace
@@ -60,7 +61,14 @@ def train(mode: str, steps: int, out: Path, config) -> dict:
     shards = {name: m for name, m in trainer.model.named_modules() if isinstance(m, ShardedTable)}
     return {"rank": exchange.rank, "size": exchange.size, "counters": counters, "lookups": asked, "dim": config.dim,
             "rows": {name: m.spec.rows for name, m in shards.items()},
-            "sharding": getattr(exchange, "sharding", None)}
+            "table_rows": {name: m.num_embeddings if name not in shards else m.spec.rows
+                           for name, m in trainer.model.named_modules()
+                           if isinstance(m, torch.nn.Embedding) and m.sparse},
+            "sharding": getattr(exchange, "sharding", None),
+            "costs": exchange.costs.as_dict() if exchange.costs else None}
+
+
+BUDGET_VAR = "TEST_AUTO_BUDGET_BYTES"
 
 
 def parse(value: str):
@@ -68,6 +76,9 @@ def parse(value: str):
 
 
 modes, steps, out = sys.argv[1].split(","), int(sys.argv[2]), Path(sys.argv[3])
+if os.environ.get(BUDGET_VAR):  # a memory budget for auto's decisions, in place of what this host has free
+    import bench.ranks.memory
+    bench.ranks.memory.memory_budget_bytes = lambda ranks_on_host: float(os.environ[BUDGET_VAR])
 overrides = {k: parse(v) for k, v in (a.split("=", 1) for a in sys.argv[4:])}
 torch.set_num_threads(1)
 # 4801 ads: not divisible by 2 or 3, so the shards are uneven at every P the test runs
