@@ -26,7 +26,8 @@ not included. coalesced-gather uses sparse-gather's cost per gathered byte. row-
 rank's ids, rows and gradients: bucketing, the owner's lookups, putting rows back in order): no sharded point was
 fitted yet, so sparse-gather's, the nearest work (rows built from indices)."""
 AUTO_CHOICES = ("sparse-gather", "coalesced-gather", "dense-reduce")
-"""What `auto` chooses among, per table and step."""
+"""What `auto` chooses among, per table and step, for the tables it keeps whole (it may shard others row-wise, once:
+bench.model.shard_costs.choose_sharding)."""
 MODELLED_MODES = (*REPLICATED_MODES, *SHARDED_MODES)
 """Every fixed mode the suite measures: the replicated ones priced per table by `table_exchange_s`, the sharded ones
 over all tables at once (bench.model.shard_costs)."""

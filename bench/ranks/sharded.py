@@ -263,7 +263,9 @@ class AutoExchange(ShardedExchange):
         self.choices: dict[str, dict] = {}
         """Table -> its ShardingChoice (as a dict), in the order the model made the tables."""
         self._first_counts: dict | None = None
+        """Table -> (rows, distinct rows) of the first step, summed over ranks (`plan_tables`)."""
         self._budget: float | None = None
+        """What the tightest rank may still allocate, less what the tables decided so far take."""
 
     @property
     def sharding(self) -> dict:
@@ -279,8 +281,10 @@ class AutoExchange(ShardedExchange):
         if self.size == 1:
             return None
         from bench.model.shard_costs import choose_sharding
-        counts, budget = self._first_step()
-        rows_total, distinct_total = counts[spec.name.removeprefix("sources.")]
+        if self._first_counts is None:
+            raise RuntimeError("auto was offered a table before plan_tables saw the first batch")
+        budget = self._budget
+        rows_total, distinct_total = self._first_counts[spec.name.removeprefix("sources.")]
         cpu = max(1.0, self.local_size / physical_cores())  # ranks time-sharing this host's cores
         choice = choose_sharding(self.costs, self.size, spec.name, spec.rows, spec.dim, rows_total, distinct_total,
                                  cpu, budget)
@@ -300,23 +304,20 @@ class AutoExchange(ShardedExchange):
         super().synchronize(optimizer)
         self.counters.count_tables([*self.tables, *(t.weight for t in self.shards)], optimizer)  # whole and shards
 
-    def _first_step(self) -> tuple[dict, float]:
-        """(table -> (rows, distinct rows) of the first step's batches summed over ranks, what the tightest rank may
-        still allocate less what the tables decided so far take), agreed by one allgather at the first table."""
-        if self._first_counts is None:
-            from alure.data import build_world, make_batch
-            from bench.model.profile import table_lookups
-            from bench.ranks.memory import memory_budget_bytes
-            # the batch the trainer's first step draws (alure.train.Trainer.next_batch: step 0)
-            batch = make_batch(build_world(self.config), 0, self.rank, self.size, self.config.batch_size)
-            counts = table_lookups(batch)
-            names = sorted(counts)
-            mine = [c for name in names for c in counts[name]] + [memory_budget_bytes(self.local_size)]
-            every = self.allgather_array(np.array([mine], dtype=np.float64))
-            total = every[:, :-1].sum(axis=0).reshape(len(names), 2)
-            self._first_counts = {name: (float(r), float(d)) for name, (r, d) in zip(names, total)}
-            self._budget = float(every[:, -1].min())  # the tightest rank decides: every rank must choose alike
-        return self._first_counts, self._budget
+    def plan_tables(self, first_batch):
+        """Agree, by one allgather, on the first step's counts (table -> rows and distinct rows of every rank's
+        batch, summed) and on the tightest rank's memory budget, which the tables decided then draw on in turn."""
+        if self.size == 1:
+            return
+        from bench.model.profile import table_lookups
+        from bench.ranks.memory import memory_budget_bytes
+        counts = table_lookups(first_batch())
+        names = sorted(counts)
+        mine = [c for name in names for c in counts[name]] + [memory_budget_bytes(self.local_size)]
+        every = self.allgather_array(np.array([mine], dtype=np.float64))
+        total = every[:, :-1].sum(axis=0).reshape(len(names), 2)
+        self._first_counts = {name: (float(r), float(d)) for name, (r, d) in zip(names, total)}
+        self._budget = float(every[:, -1].min())  # the tightest rank decides: every rank must choose alike
 
 
 def exchange_for(mode: str, config):
