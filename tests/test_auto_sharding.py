@@ -10,8 +10,9 @@ from tests.helpers import launch
 
 pytestmark = pytest.mark.mpi
 P, STEPS = 2, 3
-BUDGET_BYTES = 1.0
-"""A budget no table fits replicated (nor, for most, sharded): auto must shard every table whose shard needs less."""
+PRESSED = "auto@1"
+"""auto under a budget of one byte, which no table fits replicated (nor sharded): it must shard every table whose
+shard needs less."""
 
 
 def recomputed(rank: dict) -> dict:
@@ -25,23 +26,22 @@ def recomputed(rank: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def pressed(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("auto-pressed")
-    ranks = launch(P, "train_sharded", "row-wise,auto", str(STEPS), str(folder), timeout_s=300,
-                   env={"TEST_AUTO_BUDGET_BYTES": str(BUDGET_BYTES)})
-    return folder, ranks
+def runs(tmp_path_factory):
+    """One launch: row-wise, auto under the budget above, auto with this host's memory."""
+    folder = tmp_path_factory.mktemp("auto")
+    return folder, launch(P, "train_sharded", f"row-wise,{PRESSED},auto", str(STEPS), str(folder), timeout_s=300)
 
 
-def test_under_a_budget_no_replicated_table_fits_auto_shards_and_trains_as_row_wise(pressed):
-    folder, ranks = pressed
-    auto = ranks[0]["modes"]["auto"]["sharding"]
+def test_under_a_budget_no_replicated_table_fits_auto_shards_and_trains_as_row_wise(runs):
+    folder, ranks = runs
+    auto = ranks[0]["modes"][PRESSED]["sharding"]
     assert auto["mode"] == "auto" and auto["tables"], auto
     assert all(c["reason"] == "memory" for c in auto["auto"].values()), auto["auto"]
     for name, c in auto["auto"].items():  # the least memory wins when nothing fits
         assert c["sharded"] == (c["row_wise_bytes"] < c["replicated_bytes"]) == (name in auto["tables"])
-    assert {r["modes"]["auto"]["sharding"]["tables"] == auto["tables"] for r in ranks} == {True}  # ranks alike
+    assert {r["modes"][PRESSED]["sharding"]["tables"] == auto["tables"] for r in ranks} == {True}  # ranks alike
     rows = [torch.load(folder / f"row-wise-rank{r}.pt") for r in range(P)]
-    autos = [torch.load(folder / f"auto-rank{r}.pt") for r in range(P)]
+    autos = [torch.load(folder / f"{PRESSED}-rank{r}.pt") for r in range(P)]
     for name, expected in rows[P - 1].items():
         if name.removesuffix(".weight") in ranks[0]["modes"]["row-wise"]["sharding"]["tables"]:
             expected = torch.nansum(torch.stack([s[name] for s in rows]), 0)
@@ -52,24 +52,24 @@ def test_under_a_budget_no_replicated_table_fits_auto_shards_and_trains_as_row_w
         assert float((got - expected).abs().max()) <= 1e-5, name
 
 
-def test_auto_decides_as_choose_sharding_computes(pressed, tmp_path):
+def test_auto_decides_as_choose_sharding_computes(runs):
     """Under the budget above and without one (this host's free memory, the costs auto loads): each table's
     decision is choose_sharding's on the recorded inputs, not a hand-picked answer."""
-    free = launch(P, "train_sharded", "auto", str(STEPS), str(tmp_path), timeout_s=300)
-    for ranks in (pressed[1], free):
+    _, ranks = runs
+    for run in (PRESSED, "auto"):
         for r in ranks:
-            report = r["modes"]["auto"]
+            report = r["modes"][run]
             decided = {name: c["sharded"] for name, c in report["sharding"]["auto"].items()}
             assert decided and decided == recomputed(report)
             assert sorted(n for n, s in decided.items() if s) == sorted(report["sharding"]["tables"])
-    assert all(c["reason"] != "memory" for c in free[0]["modes"]["auto"]["sharding"]["auto"].values())
+    assert all(c["reason"] != "memory" for c in ranks[0]["modes"]["auto"]["sharding"]["auto"].values())
 
 
-def test_the_models_alltoall_bytes_are_the_counted_ones(pressed):
+def test_the_models_alltoall_bytes_are_the_counted_ones(runs):
     """The cost model's bytes per rank and step (bench.model.shard_costs.sharded_step: (P-1)/P x lookups x
     (8 + 2 x 4d) row-wise) against what the row-wise ranks counted off their tensors, from the same lookups."""
     from bench.model.shard_costs import ShardTable, sharded_step
-    ranks = [r["modes"]["row-wise"] for r in pressed[1]]
+    ranks = [r["modes"]["row-wise"] for r in runs[1]]
     for step in range(STEPS):
         lookups = {name: sum(len(r["lookups"][step][name]) for r in ranks) / P for name in ranks[0]["rows"]}
         tables = [ShardTable(name, ranks[0]["rows"][name], ranks[0]["dim"], n) for name, n in lookups.items()]

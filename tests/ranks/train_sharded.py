@@ -2,8 +2,8 @@
 from the same seed, with V not divisible by the rank count in some table; save each rank's sparse tables as full
 tables (a shard's rows at their global ids, NaN elsewhere) and its dense parameters; report the exchange counters
 and, per step, the lookups of every sharded table counted from the batch. Args: MODES STEPS OUT_DIR [KEY=VALUE ...]
-(workload overrides, e.g. shard_rows=range shard_dedup=true); TEST_AUTO_BUDGET_BYTES, when set, is the memory budget
-auto decides with."""
+(workload overrides, e.g. shard_rows=range shard_dedup=true); a mode auto@BYTES is auto deciding under a memory
+budget of BYTES."""
 import os
 import sys
 from dataclasses import replace
@@ -15,6 +15,7 @@ import torch
 from alure.config import tiny
 from alure.train import Trainer
 from bench.ranks.handback import hand_back
+from bench.ranks.memory import memory_budget_bytes
 from bench.ranks.sharded import ShardedTable, exchange_for
 
 
@@ -44,7 +45,12 @@ def lookups(batch, config) -> dict:
     return out
 
 
-def train(mode: str, steps: int, out: Path, config) -> dict:
+def train(run: str, steps: int, out: Path, config) -> dict:
+    """One run: `run` is a mode, or auto@BYTES for auto deciding under a memory budget of BYTES in place of what this
+    host has free."""
+    mode, _, budget = run.partition("@")
+    import bench.ranks.memory
+    bench.ranks.memory.memory_budget_bytes = (lambda ranks_on_host: float(budget)) if budget else host_budget
     exchange = exchange_for(mode, config)
     trainer = Trainer(config, exchange)
     counters, asked = [], []
@@ -57,7 +63,7 @@ def train(mode: str, steps: int, out: Path, config) -> dict:
         trainer.synchronize()
         trainer.step()
         counters.append(exchange.counters.as_dict())
-    torch.save(full_tables(trainer.model), out / f"{mode}-rank{exchange.rank}.pt")
+    torch.save(full_tables(trainer.model), out / f"{run}-rank{exchange.rank}.pt")
     shards = {name: m for name, m in trainer.model.named_modules() if isinstance(m, ShardedTable)}
     return {"rank": exchange.rank, "size": exchange.size, "counters": counters, "lookups": asked, "dim": config.dim,
             "rows": {name: m.spec.rows for name, m in shards.items()},
@@ -68,17 +74,12 @@ def train(mode: str, steps: int, out: Path, config) -> dict:
             "costs": exchange.costs.as_dict() if exchange.costs else None}
 
 
-BUDGET_VAR = "TEST_AUTO_BUDGET_BYTES"
-
-
 def parse(value: str):
     return {"true": True, "false": False}.get(value.lower(), value)
 
 
 modes, steps, out = sys.argv[1].split(","), int(sys.argv[2]), Path(sys.argv[3])
-if os.environ.get(BUDGET_VAR):  # a memory budget for auto's decisions, in place of what this host has free
-    import bench.ranks.memory
-    bench.ranks.memory.memory_budget_bytes = lambda ranks_on_host: float(os.environ[BUDGET_VAR])
+host_budget = memory_budget_bytes
 overrides = {k: parse(v) for k, v in (a.split("=", 1) for a in sys.argv[4:])}
 torch.set_num_threads(1)
 # 4801 ads: not divisible by 2 or 3, so the shards are uneven at every P the test runs
