@@ -17,8 +17,9 @@ from pathlib import Path
 
 from bench.errors import UsageError
 
-OPS = ("allreduce", "allgather", "sparse-pair")
-"""What the fit needs: allreduce and allgather are fitted, sparse-pair is held out and predicted."""
+OPS = ("allreduce", "allgather", "sparse-pair", "alltoall")
+"""What the fit needs: allreduce and allgather are fitted, sparse-pair is held out and predicted; alltoall gives the
+all-to-all its own a and b (bench.model.calibration.fit_alltoall), which auto prices sharding with."""
 
 
 def format_calibration(cal) -> str:
@@ -96,7 +97,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print()
     for transport, cal in fits.items():
         identity = this_host(transport)
-        costs = replace(cpu, link=cal.link, source=f"link fitted by `alure-bench calibrate` on "
+        costs = replace(cpu, link=cal.link, alltoall_link=cal.alltoall, source=f"link fitted by `alure-bench calibrate` on "
                                                      f"{identity.describe()} from {comm_root}; {cpu.source}")
         path = save_calibration(folder, identity, cal, costs, comm_root, arguments)
         print(f"calibration {format_calibration(cal)}")
