@@ -32,7 +32,9 @@ def format_calibration(cal) -> str:
             f"g = {link.gamma_s_per_byte * 1e9:.3f} ns/B; {q.rows} {cal.backend} allreduce/allgather rows at np "
             f"{','.join(map(str, q.nps))}: R^2 {q.r2:.3f}, median |error| {q.median_rel_error:.0%}, max "
             f"{q.max_rel_error:.0%}{held}"
-            + (f"; {q.within_burst_rows} rows within the link shaper's burst left out" if q.within_burst_rows else ""))
+            + (f"; {q.within_burst_rows} rows within the link shaper's burst left out" if q.within_burst_rows else "")
+            + (f"; all-to-all a = {cal.alltoall.alpha_s * 1e6:.1f} us, b = {cal.alltoall.beta_s_per_byte * 1e9:.3f} "
+               f"ns/B from {cal.alltoall_rows} alltoall rows" if cal.alltoall else ""))
 
 
 def link_check(cal, rows: list[dict]) -> str | None:
