@@ -22,6 +22,12 @@ class Exchange(Protocol):
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> torch.optim.Optimizer:
         """Return an optimizer whose gradients are exchanged across ranks (averaged) before they are applied."""
 
+    def plan_tables(self, first_batch) -> None:
+        """Called once before the model is built, with a callable that returns this rank's batch of the first step
+        (the one `start_step` will see first): the moment a runtime that decides once how to hold each table (whole
+        or sharded) can agree on it with the other ranks, before `embedding_lookup` is offered the tables. Most do
+        nothing."""
+
     def embedding_lookup(self, spec) -> torch.nn.Module | None:
         """Offered each sparse embedding table (an alure.model.TableSpec) as the model is built, before the table is
         made. A runtime that keeps a table's rows on several ranks returns the module that does its lookups: an
@@ -98,6 +104,9 @@ class LocalExchange:
 
     def wrap_optimizer(self, optimizer, model):
         return optimizer
+
+    def plan_tables(self, first_batch):
+        pass
 
     def embedding_lookup(self, spec):
         return None

@@ -24,6 +24,8 @@ class Trainer:
         self.exchange = exchange
         self.world = world if world is not None else build_world(config)
         torch.manual_seed(config.seed)  # the same initial weights on every rank, even before the broadcast
+        # e.g. the harness's `auto` decides here, from the first step's batch, which tables to shard
+        exchange.plan_tables(lambda: make_batch(self.world, 0, exchange.rank, exchange.size, config.batch_size))
         made = []
 
         def offer(spec):  # a runtime that shards tables makes them: only the rows this rank keeps

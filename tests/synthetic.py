@@ -81,3 +81,12 @@ def make_sweep(folder: Path, nps=(1, 2, 4), slowdown: dict | None = None, failed
 def make_comm(folder: Path) -> Path:
     atomic_write_json(folder / "comm.json", {"kind": "comm", "rows": synthetic_rows(LINK, nps=(2,))})
     return folder
+
+
+def alltoall_rows(link: Link, nps=(2, 3, 4), sizes=range(10, 25, 2)) -> list[dict]:
+    """comm rows of alltoall and alltoall-zipf whose latencies follow the all-to-all model exactly (each rank sends
+    the nominal size in all; the zipf rows' hot owner sets the pace)."""
+    from bench.model.collectives import alltoall_far_bytes, alltoall_s
+    return [comm_row("horovod", op, p, size, size, [alltoall_s(alltoall_far_bytes(op, p, size), p, link)] * 3,
+                     tensors=1, warmup=1, oversubscribed=False)
+            for p in nps for size in (1 << k for k in sizes) for op in ("alltoall", "alltoall-zipf")]

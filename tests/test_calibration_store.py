@@ -146,6 +146,7 @@ def test_calibrate_measures_this_host_and_auto_finds_it(tmp_path, monkeypatch):
     monkeypatch.delenv("ALURE_BENCH_COSTS", raising=False)
     costs = load_costs()
     assert costs.link == Link(**data["calibration"]["link"]) and costs.link != DEFAULT_COSTS.link
+    assert costs.alltoall_link == Link(**data["calibration"]["alltoall"])  # auto prices sharding on it
 
 
 def test_calibrate_bad_input_is_one_line(tmp_path, capsys):

@@ -65,7 +65,10 @@ def test_the_mpi_backend_ran_without_horovod_and_counted_what_horovod_counts(tra
             assert mpi["class"] == "MpiExchange" and not mpi["horovod_loaded"], mode
             # issued as the gradients became ready: every table's and bucket's collective started within backward
             assert all(step and all(step) for step in mpi["started_in_backward"]), mode
-            assert horovod["class"] == "HorovodExchange" and horovod["horovod_loaded"], mode
+            # auto over Horovod may shard tables (bench.ranks.sharded.AutoExchange); on the tiny preset it keeps them
+            # whole, which the counters' agreement below holds
+            horovod_class = "AutoExchange" if mode == "auto" else "HorovodExchange"
+            assert horovod["class"] == horovod_class and horovod["horovod_loaded"], mode
             for step, (m, h) in enumerate(zip(mpi["counters"], horovod["counters"])):
                 # The same tensors moved and held: every counter but the bucketed one agrees exactly.
                 assert {k: v for k, v in m.items() if k not in BUCKETED} == \

@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 
-from bench.plan.config import REPLICATED_MODES
+from bench.plan.config import MODES
 from tests.helpers import assert_one_line_error, cli, cli_here
 from tests.synthetic import LINK, make_comm, make_sweep
 
@@ -39,7 +39,7 @@ def test_predict_writes_the_table_summary_and_plots(folders, tmp_path):
     assert (far["extrapolation"].fillna("").str.len() > 0).all() and (out / "validation.csv").stat().st_size > 0
     assert "validated range" in run.stdout and "extrapolation: " in run.stdout
     assert sorted(table["np"].unique()) == [1 << k for k in range(13)]
-    assert set(table["mode"]) == {*REPLICATED_MODES, "auto"}  # every replicated mode is priced (sharded: not yet)
+    assert set(table["mode"]) == set(MODES)  # every mode is priced, the sharded ones too
     one = table[table["np"] == 1]
     assert (one["weak_efficiency"] == 1).all() and (one["strong_efficiency"] == 1).all()
     # auto is never predicted slower than the better fixed mode (it picks per table)
@@ -49,6 +49,8 @@ def test_predict_writes_the_table_summary_and_plots(folders, tmp_path):
     mem = table.pivot(index="np", columns="mode", values="memory_gib")
     assert mem["sparse-gather"].is_monotonic_increasing and mem["sparse-gather"].iloc[-1] > mem["sparse-gather"].iloc[1]
     assert mem["dense-reduce"].iloc[1:].nunique() == 1
+    # a row-wise shard holds 1/P of the tables: below the replicated modes' memory beyond np=1
+    assert (mem["row-wise"].iloc[1:] < mem["dense-reduce"].iloc[1:]).all()
     for line in ("calibration (horovod", "fit: ", "runs out of memory at np =", "crossover density",
                  "the sweep's own"):
         assert line in run.stdout, run.stdout

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from bench.errors import UsageError
 
-OPS = ("allreduce", "allgather", "sparse-pair")
-"""What the fit needs: allreduce and allgather are fitted, sparse-pair is held out and predicted."""
+OPS = ("allreduce", "allgather", "sparse-pair", "alltoall")
+"""What the fit needs: allreduce and allgather are fitted, sparse-pair is held out and predicted; alltoall gives the
+all-to-all its own a and b (bench.model.calibration.fit_alltoall), which auto prices sharding with."""
 
 
 def format_calibration(cal) -> str:
@@ -32,7 +33,9 @@ def format_calibration(cal) -> str:
             f"g = {link.gamma_s_per_byte * 1e9:.3f} ns/B; {q.rows} {cal.backend} allreduce/allgather rows at np "
             f"{','.join(map(str, q.nps))}: R^2 {q.r2:.3f}, median |error| {q.median_rel_error:.0%}, max "
             f"{q.max_rel_error:.0%}{held}"
-            + (f"; {q.within_burst_rows} rows within the link shaper's burst left out" if q.within_burst_rows else ""))
+            + (f"; {q.within_burst_rows} rows within the link shaper's burst left out" if q.within_burst_rows else "")
+            + (f"; all-to-all a = {cal.alltoall.alpha_s * 1e6:.1f} us, b = {cal.alltoall.beta_s_per_byte * 1e9:.3f} "
+               f"ns/B from {cal.alltoall_rows} alltoall rows" if cal.alltoall else ""))
 
 
 def link_check(cal, rows: list[dict]) -> str | None:
@@ -99,7 +102,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print()
     for transport, cal in fits.items():
         identity = this_host(transport)
-        costs = replace(cpu, link=cal.link, source=f"link fitted by `alure-bench calibrate` on "
+        costs = replace(cpu, link=cal.link, alltoall_link=cal.alltoall, source=f"link fitted by `alure-bench calibrate` on "
                                                      f"{identity.describe()} from {comm_root}; {cpu.source}")
         path = save_calibration(folder, identity, cal, costs, comm_root, arguments)
         print(f"calibration {format_calibration(cal)}")

@@ -290,7 +290,8 @@ def machine_from_args(args: argparse.Namespace, model: Model, environment: dict)
     if memory is None and environment.get("memory_mib"):
         memory = environment["memory_mib"] * 2**20 / rpn
     return Machine(local=model.calibration.link, network=network, ranks_per_node=rpn, cores_per_node=cores,
-                   memory_per_rank_bytes=memory, cpu_speedup=args.cpu_speedup, overlap=args.overlap)
+                   memory_per_rank_bytes=memory, cpu_speedup=args.cpu_speedup, overlap=args.overlap,
+                   alltoall=model.calibration.alltoall)
 
 
 STRONG_FACTOR = 32

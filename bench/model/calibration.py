@@ -53,6 +53,11 @@ class Calibration:
     source: str
     transport: str = "any"
     """What the fitted rows ran over: 'shared-memory', 'tcp', or 'any' (not told apart)."""
+    alltoall: Link | None = None
+    """The sharded modes' all-to-all (a, b; g unused) fitted to the alltoall and alltoall-zipf rows alone (their
+    pairwise exchange is not a ring); None without such rows: `link` stands for it."""
+    alltoall_rows: int = 0
+    """alltoall and alltoall-zipf rows `alltoall` was fitted to."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -156,8 +161,28 @@ def fit_link(rows: Sequence[dict], backend: str = "horovod", source: str = "",
         within_burst_rows=len(candidates) - len(fit_rows), oversubscribed_rows=len(measured) - len(candidates))
     copies = [r["latency_us_median"] * 1e-6 / _row_bytes(r) for r in rows
               if r["op"] == "memcpy" and _row_bytes(r) >= 1 << 20]
+    alltoall, alltoall_rows = fit_alltoall(rows, backend)
     return Calibration(link=link, copy_s_per_byte=float(np.median(copies)) if copies else None, backend=backend,
-                       quality=quality, source=source, transport=transport or "any")
+                       quality=quality, source=source, transport=transport or "any", alltoall=alltoall,
+                       alltoall_rows=alltoall_rows)
+
+
+ALLTOALL_OPS = ("alltoall", "alltoall-zipf")
+"""The comm ops the all-to-all link is fitted to (bench.ranks.comm_rank)."""
+
+
+def fit_alltoall(rows: Sequence[dict], backend: str = "horovod") -> tuple[Link | None, int]:
+    """a and b of the all-to-all, by non-negative least squares in relative error over `backend`'s alltoall and
+    alltoall-zipf rows at np >= 2 (each priced by the most bytes a rank sends or receives: the zipf rows' hot owner);
+    (None, rows) with fewer than 2 such rows."""
+    fit_rows = [r for r in rows if r["backend"] == backend and r["op"] in ALLTOALL_OPS and r["np"] >= 2
+                and r["latency_us_median"] > 0 and not row_oversubscribed(r) and not _within_burst(r)]
+    if len(fit_rows) < 2:
+        return None, len(fit_rows)
+    a = np.array([collective_terms(r["op"], r["np"], _row_bytes(r))[:2] for r in fit_rows])
+    t = np.array([r["latency_us_median"] * 1e-6 for r in fit_rows])
+    alpha, beta = map(float, nnls(a / t[:, None], np.ones(len(t))))
+    return Link(alpha, beta, 0.0), len(fit_rows)
 
 
 def row_oversubscribed(row: dict) -> bool:

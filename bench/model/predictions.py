@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 
 from bench.errors import UsageError
-from bench.model.step import Machine, Model, this_machine
-from bench.plan.config import REPLICATED_MODES
+from bench.model.step import Machine, Model, auto_sharded_tables, this_machine
+from bench.plan.config import REPLICATED_MODES, SHARDED_MODES
 from bench.results.scaling import efficiency
 
-PREDICT_MODES = (*REPLICATED_MODES, "auto")
+PREDICT_MODES = (*REPLICATED_MODES, "auto", *SHARDED_MODES)
 OUT_OF_MEMORY = "out of memory"
 """The status of a predicted step whose memory per rank exceeds the machine's (it has no step time, no efficiency)."""
 TABLE_COLUMNS = ["np", "nodes", "mode", "weak_step_ms", "weak_efficiency", "strong_batch_per_rank",
@@ -68,8 +68,11 @@ def prediction_table(model: Model, machine: Machine, nps: list[int], batch_per_r
 def measured_vs_predicted(model: Model, sweep_dir: str | Path, machine: Machine | None = None) -> pd.DataFrame:
     """The sweep's own ok points (median over repeats) beside the model's step time for them on the machine that
     measured them: columns scaling, mode, np, batch_per_rank, oversubscribed, measured_ms, predicted_ms, ratio."""
-    from bench.results.records import load
+    from bench.results.records import load, read_records
     df = load(sweep_dir)
+    # auto points as they ran: with the tables each sharded (the first repeat's; every repeat decides alike)
+    sharded = {(r["point"]["scaling"], r["np"]): auto_sharded_tables(r) for r in read_records(sweep_dir)
+               if r["status"] == "ok" and r["point"]["mode"] == "auto"}
     ok = df[df["status"] == "ok"]
     if ok.empty:
         raise UsageError(f"{sweep_dir} has no ok point to compare the model with")
@@ -79,7 +82,8 @@ def measured_vs_predicted(model: Model, sweep_dir: str | Path, machine: Machine 
         if mode not in PREDICT_MODES:
             continue
         batch = float(g["batch_per_rank"].median())
-        predicted = model.step(machine, int(p), mode, batch).step_ms
+        given = sharded.get((scaling, int(p))) if mode == "auto" else None
+        predicted = model.step(machine, int(p), mode, batch, auto_sharded=given).step_ms
         measured = float(g["step_time_ms"].median())
         rows.append({"scaling": scaling, "mode": mode, "np": int(p), "batch_per_rank": batch,
                      "oversubscribed": bool(g["oversubscribed"].any()), "measured_ms": measured,
@@ -87,7 +91,8 @@ def measured_vs_predicted(model: Model, sweep_dir: str | Path, machine: Machine 
                      "measured_p90_ms": float(g["step_time_ms_p90"].median()),
                      "predicted_ms": predicted, "ratio": predicted / measured,
                      "measured_peak_rss_mib": float(g["peak_rss_mib"].median()),
-                     "predicted_rss_mib": model.memory_bytes(machine, int(p), mode, batch) / 2**20})
+                     "predicted_rss_mib": model.step(machine, int(p), mode, batch, auto_sharded=given).memory_bytes
+                     / 2**20})
     return pd.DataFrame(rows)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -13,6 +13,16 @@ from bench.errors import UsageError
 from bench.model.calibration import Calibration, calibrate_rows, read_comm_rows
 from bench.model.collectives import Link, allreduce_s
 from bench.model.profile import Profile, profile_from_records
+from bench.model.shard_costs import (
+    ShardTable,
+    choose_sharding,
+    replicated_tables_bytes,
+    sharded_memory_bytes,
+    sharded_network_s,
+    sharded_step,
+    sharded_tables_s,
+    work_per_lookup_bytes,
+)
 from bench.model.table_costs import (
     DEFAULT_LOCAL_S_PER_BYTE,
     DENSE_MODES,
@@ -27,6 +37,7 @@ from bench.model.table_costs import (
     table_memory_bytes,
     table_network_s,
 )
+from bench.plan.config import SHARDED_MODES
 
 THREAD_EXPONENT = 0.0
 """Speed-up of a rank's compute from its intra-op threads, as threads ** THREAD_EXPONENT. Measured here: the default
@@ -50,6 +61,8 @@ class Machine:
     """How much faster a rank there computes than the rank that was measured here (all CPU work is divided by it)."""
     overlap: float = 0.0
     """Share of the backward pass that exchange time can hide behind (0: none, 1: all of it)."""
+    alltoall: Link | None = None
+    """This machine's calibrated all-to-all (bench.model.calibration.fit_alltoall); None: the local link."""
 
     def __post_init__(self):
         if self.ranks_per_node < 1 or self.cores_per_node < 1:
@@ -67,6 +80,12 @@ class Machine:
         """The ring's slowest link: the network's where one is given, else this machine's."""
         return self.network if self.network is not None else self.local
 
+    @property
+    def alltoall_link(self) -> Link:
+        """What the sharded modes' all-to-alls run over: the network where one is given, else this machine's
+        all-to-all calibration, else its local link."""
+        return self.network or self.alltoall or self.local
+
     def nodes(self, p: int) -> int:
         return math.ceil(p / self.ranks_per_node)
 
@@ -78,6 +97,19 @@ def cpu_factor(p: int, machine: Machine, measured_threads: int) -> float:
     threads = max(1, machine.cores_per_node // on_node)
     sharing = max(1.0, on_node * threads / machine.cores_per_node)
     return sharing * (measured_threads / threads) ** THREAD_EXPONENT / machine.cpu_speedup
+
+
+def table_key(name: str) -> str:
+    """A table as the exchanges name it ('sources.<source>.items'), from its parameter's name."""
+    return name.removesuffix(".weight")
+
+
+def auto_sharded_tables(record: dict) -> tuple[str, ...] | None:
+    """The tables an auto point sharded (its record's `sharding`), () for one recorded before auto could shard;
+    None for any other mode."""
+    if record["point"]["mode"] != "auto":
+        return None
+    return tuple((record.get("sharding") or {}).get("tables") or ())
 
 
 # ---- the model ---------------------------------------------------------------------------------------------------
@@ -127,6 +159,10 @@ class LocalFit:
     size (bytes per table byte), the median over the multi-rank points. Fitted for sparse-as-dense only, the one mode
     that makes its V x d copies afresh every step: the launch's reuse allocator (bench.launch.mpirun.ALLOCATORS)
     keeps freed memory resident, and the heap a rank holds ends above its live tensors (docs/costmodel.md)."""
+    alltoall_imbalance: dict = field(default_factory=dict)
+    """Sharded mode -> max / mean of the lookups a rank served (the records' alltoall_imbalance), the median over the
+    multi-rank points; a mode without such points is taken as even (1). table-wise's comes from its placement, so
+    only row-wise's is read off the records."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +184,10 @@ class Model:
                              dense_s_per_byte=self.local.s_per_byte["dense-reduce"],
                              source=f"{self.calibration.source} + sweep {prof.preset}",
                              sparse_as_dense_s_per_byte=self.local.s_per_byte.get(
-                                 "sparse-as-dense", DEFAULT_LOCAL_S_PER_BYTE["sparse-as-dense"]))
+                                 "sparse-as-dense", DEFAULT_LOCAL_S_PER_BYTE["sparse-as-dense"]),
+                             alltoall_link=(machine.alltoall_link if machine else self.calibration.alltoall),
+                             row_wise_s_per_byte=self.local.s_per_byte.get(
+                                 "row-wise", DEFAULT_LOCAL_S_PER_BYTE["row-wise"]))
 
     def costs_for(self, machine: Machine) -> ExchangeCosts:
         """What `auto` should decide with on `machine`: its link, and CPU work at its speed."""
@@ -156,9 +195,13 @@ class Model:
         return replace(c, optimizer_s_per_byte=c.optimizer_s_per_byte / machine.cpu_speedup,
                        sparse_s_per_byte=c.sparse_s_per_byte / machine.cpu_speedup,
                        dense_s_per_byte=c.dense_s_per_byte / machine.cpu_speedup,
-                       sparse_as_dense_s_per_byte=c.sparse_as_dense_s_per_byte / machine.cpu_speedup)
+                       sparse_as_dense_s_per_byte=c.sparse_as_dense_s_per_byte / machine.cpu_speedup,
+                       row_wise_s_per_byte=c.row_wise_s_per_byte / machine.cpu_speedup)
 
-    def step(self, machine: Machine, p: int, mode: str, batch_per_rank: float) -> StepPrediction:
+    def step(self, machine: Machine, p: int, mode: str, batch_per_rank: float,
+             auto_sharded: Collection[str] | None = None) -> StepPrediction:
+        """One step; for auto, `auto_sharded` names the tables it sharded (a record's `sharding` tables, so a point
+        is priced as it ran); None: the tables `choose_sharding` shards."""
         prof = self.profile
         costs = self.costs(machine)
         link = machine.link
@@ -171,11 +214,26 @@ class Model:
         # auto's budget: what the machine gives a rank beyond the np=1 peak and the dense parameters' copies
         budget = None if machine.memory_per_rank_bytes is None else \
             machine.memory_per_rank_bytes - prof.base_rss_mib * 2**20 - EXCHANGE_COPIES * prof.dense_param_bytes
-        for t in prof.tables:
+        sharded = mode in SHARDED_MODES and p > 1
+        if sharded:  # every table over the same three all-to-alls (bench.model.shard_costs)
+            exchange, network, held, table_memory = self._sharded(machine, p, mode, batch_per_rank, cpu)
+        for t in (() if sharded else prof.tables):
             rows_total = p * t.lookups(batch_per_rank)
             distinct_total = p * min(t.lookups(batch_per_rank), t.distinct(batch_per_rank, prof.reference_batch))
             union = t.distinct(p * batch_per_rank, prof.reference_batch, ranks=p)
             how = mode if p > 1 else "sparse-gather"  # Horovod exchanges nothing at np=1, whatever the mode
+            if mode == "auto" and p > 1:  # shard the table row-wise? (once, bench.model.shard_costs.choose_sharding)
+                whole = replicated_tables_bytes([ShardTable(t.name, t.rows, t.dim, 0.0)])
+                choice = choose_sharding(costs, p, t.name, t.rows, t.dim, rows_total, distinct_total, cpu,
+                                         None if budget is None else budget + whole)
+                if choice.sharded if auto_sharded is None else table_key(t.name) in set(auto_sharded):
+                    one = sharded_step("row-wise", p, [ShardTable(t.name, t.rows, t.dim, t.lookups(batch_per_rank))])
+                    exchange += choice.row_wise_ms * 1e-3
+                    network += sharded_network_s(one, p, machine.alltoall_link)
+                    held += one.buffer_bytes
+                    table_memory += choice.row_wise_bytes - whole
+                    budget = None if budget is None else budget - (choice.row_wise_bytes - whole)
+                    continue
             if mode == "auto":
                 how, added = choose_mode(costs, p, t.rows, t.dim, rows_total, distinct_total, cpu, budget, link)
                 budget = None if budget is None else budget - added
@@ -202,6 +260,19 @@ class Model:
                               exchange_ms=exchange * 1e3, network_ms=network * 1e3, hidden_ms=hidden * 1e3,
                               step_ms=step * 1e3, memory_bytes=memory, exchange_bytes_held=held,
                               dense_tables=dense_tables)
+
+    def _sharded(self, machine: Machine, p: int, mode: str, batch_per_rank: float, cpu: float) -> tuple:
+        """(exchange s, network s, held bytes, table memory bytes beyond the np=1 peak) of a sharded step: the np=1
+        peak holds every table whole with its Adagrad state, a rank here its shard and the all-to-alls' buffers."""
+        prof = self.profile
+        tables = [ShardTable(t.name, t.rows, t.dim, t.lookups(batch_per_rank)) for t in prof.tables]
+        imbalance = self.local.alltoall_imbalance.get(mode, 1.0) if mode == "row-wise" else 1.0
+        step = sharded_step(mode, p, tables, imbalance)
+        optimizer = prof.optimizer_ms * 1e-3 / prof.gradient_bytes(prof.reference_batch)
+        work = self.local.s_per_byte.get(mode, DEFAULT_LOCAL_S_PER_BYTE[mode])
+        exchange = sharded_tables_s(step, p, machine.alltoall_link, work, optimizer, cpu)
+        memory = sharded_memory_bytes(step) - replicated_tables_bytes(tables)
+        return exchange, sharded_network_s(step, p, machine.alltoall_link), step.buffer_bytes, memory
 
     def memory_bytes(self, machine: Machine, p: int, mode: str, batch_per_rank: float) -> float:
         return self.step(machine, p, mode, batch_per_rank).memory_bytes
@@ -273,7 +344,8 @@ def fit_local_work(records: list[dict], profile: Profile, calibration: Calibrati
             p, batch = r["np"], r["batch_per_rank"]
             measured = r["metrics"]["step_time_ms"] * 1e-3
             xs.append(cpu_factor(p, machine, profile.measured_threads) * scale(p, batch))
-            ys.append(measured - replace(model, profile=profile_for(r)).step(machine, p, mode, batch).step_ms * 1e-3)
+            ys.append(measured - replace(model, profile=profile_for(r)).step(
+                machine, p, mode, batch, auto_sharded=auto_sharded_tables(r)).step_ms * 1e-3)
             ts.append(measured)
         used[mode] = len(xs)
         if not xs:
@@ -284,13 +356,20 @@ def fit_local_work(records: list[dict], profile: Profile, calibration: Calibrati
         return lam
 
     gathered = lambda p, batch: p * profile.gradient_bytes(batch)  # noqa: E731
+    imbalance = {mode: float(np.median(seen)) for mode in ("row-wise",)
+                 if (seen := [r["metrics"]["alltoall_imbalance"] for r in fitted_on if r["point"]["mode"] == mode
+                              and r["metrics"].get("alltoall_imbalance")])}
     zero = Model(profile, calibration, LocalFit(s_per_byte={m: 0.0 for m in MODELLED_MODES}, points={},
-                                                rms_rel_error={}))
-    for mode in ("sparse-gather", "dense-reduce", "sparse-as-dense"):
-        scale = gathered if mode not in DENSE_MODES else (lambda p, batch: profile.table_bytes())
+                                                rms_rel_error={}, alltoall_imbalance=imbalance))
+    sharded_work = lambda p, batch: sum(t.lookups(batch) * work_per_lookup_bytes(t.dim)  # noqa: E731
+                                        for t in profile.tables)
+    for mode in ("sparse-gather", "dense-reduce", "sparse-as-dense", *SHARDED_MODES):
+        scale = (sharded_work if mode in SHARDED_MODES else gathered if mode not in DENSE_MODES
+                 else (lambda p, batch: profile.table_bytes()))
         lam = fit(zero, mode, scale)
         s_per_byte[mode] = DEFAULT_LOCAL_S_PER_BYTE[mode] if lam is None else lam
-    fitted = Model(profile, calibration, LocalFit(s_per_byte=dict(s_per_byte), points={}, rms_rel_error={}))
+    fitted = Model(profile, calibration, LocalFit(s_per_byte=dict(s_per_byte), points={}, rms_rel_error={},
+                                                  alltoall_imbalance=imbalance))
     own = lambda p, batch: profile.gradient_bytes(batch)  # noqa: E731
     extra = {mode: lam for mode in ("coalesced-gather", "auto") if (lam := fit(fitted, mode, own)) is not None}
     retained = {}
@@ -301,7 +380,8 @@ def fit_local_work(records: list[dict], profile: Profile, calibration: Calibrati
         if over:  # a median: one rank's heap moves by a table's size from one repeat to the next
             retained[mode] = max(0.0, float(np.median(over)))
     return LocalFit(s_per_byte=s_per_byte, points=used, rms_rel_error=rms, extra_s_per_byte=extra,
-                    oversubscribed_left_out=len(multi) - len(fitted_on), retained_table_copies=retained)
+                    oversubscribed_left_out=len(multi) - len(fitted_on), retained_table_copies=retained,
+                    alltoall_imbalance=imbalance)
 
 
 def this_machine(calibration: Calibration, profile: Profile, ranks: int, memory_per_rank_bytes=None) -> Machine:
@@ -310,7 +390,7 @@ def this_machine(calibration: Calibration, profile: Profile, ranks: int, memory_
     if memory_per_rank_bytes is None and profile.measured_memory_mib:
         memory_per_rank_bytes = profile.measured_memory_mib * 2**20 / max(1, ranks)
     return Machine(local=calibration.link, ranks_per_node=max(1, ranks), cores_per_node=profile.measured_cores,
-                   memory_per_rank_bytes=memory_per_rank_bytes)
+                   memory_per_rank_bytes=memory_per_rank_bytes, alltoall=calibration.alltoall)
 
 
 def fit_model(records: list[dict], comm_rows: list[dict], environment: dict | None = None,

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from bench.model.collectives import Link, allgather_s, allreduce_s
-from bench.plan.config import REPLICATED_MODES
+from bench.plan.config import REPLICATED_MODES, SHARDED_MODES
 
 INDEX_BYTES = 8
 """A gathered row's index: int64 (torch COO)."""
@@ -16,16 +16,21 @@ ELEMENT_BYTES = 2 * INDEX_BYTES + VALUE_BYTES
 EXCHANGE_COPIES = 2
 """Copies of the exchanged gradient alive at the memory peak: the collective's result and the gradient rebuilt from it
 (`p.grad.zero_().add_(aggregated)`). Checked against the sweep's peak RSS (docs/costmodel.md)."""
-DEFAULT_LOCAL_S_PER_BYTE = {"sparse-gather": 0.6e-9, "dense-reduce": 0.4e-9, "sparse-as-dense": 2.7e-9}
+DEFAULT_LOCAL_S_PER_BYTE = {"sparse-gather": 0.6e-9, "dense-reduce": 0.4e-9, "sparse-as-dense": 2.7e-9,
+                            "row-wise": 0.6e-9, "table-wise": 0.6e-9}
 """Each mode's CPU work around its collectives, seconds per byte, when a sweep has no multi-rank point to fit it
 from. sparse-gather and sparse-as-dense (then called dense-reduce): fitted on a default-preset sweep on this 2-core
 machine. dense-reduce: a probe of its densify (zero + index_add_ into the kept buffer) and Adagrad(fused=True) update of
 one 200,000 x 64 table at 1 thread, about 20 ms for 51 MB on this machine while shared; Horovod's fusion-buffer copies
-not included. coalesced-gather uses sparse-gather's cost per gathered byte."""
+not included. coalesced-gather uses sparse-gather's cost per gathered byte. row-wise and table-wise (per byte of the
+rank's ids, rows and gradients: bucketing, the owner's lookups, putting rows back in order): no sharded point was
+fitted yet, so sparse-gather's, the nearest work (rows built from indices)."""
 AUTO_CHOICES = ("sparse-gather", "coalesced-gather", "dense-reduce")
-"""What `auto` chooses among, per table and step."""
-MODELLED_MODES = REPLICATED_MODES
-"""Every replicated mode the suite measures, each priced by `table_exchange_s` (the sharded ones are not modelled yet)."""
+"""What `auto` chooses among, per table and step, for the tables it keeps whole (it may shard others row-wise, once:
+bench.model.shard_costs.choose_sharding)."""
+MODELLED_MODES = (*REPLICATED_MODES, *SHARDED_MODES)
+"""Every fixed mode the suite measures: the replicated ones priced per table by `table_exchange_s`, the sharded ones
+over all tables at once (bench.model.shard_costs)."""
 DENSE_MODES = ("dense-reduce", "sparse-as-dense")
 """Modes that allreduce a table's densified gradient."""
 
@@ -43,6 +48,10 @@ class ExchangeCosts:
     source: str = ""
     sparse_as_dense_s_per_byte: float = DEFAULT_LOCAL_S_PER_BYTE["sparse-as-dense"]
     """sparse-as-dense's CPU work per byte of the dense table: to_dense, fusion copies, to_sparse."""
+    alltoall_link: Link | None = None
+    """The all-to-all's a and b (the comm rows of alltoall, bench.model.calibration.fit_alltoall); None: `link`."""
+    row_wise_s_per_byte: float = DEFAULT_LOCAL_S_PER_BYTE["row-wise"]
+    """row-wise's CPU work per byte of a rank's ids, rows and gradients (auto's sharding decision)."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -53,7 +62,9 @@ class ExchangeCosts:
                    sparse_s_per_byte=data["sparse_s_per_byte"], dense_s_per_byte=data["dense_s_per_byte"],
                    source=data.get("source", ""),
                    sparse_as_dense_s_per_byte=data.get("sparse_as_dense_s_per_byte",
-                                                       DEFAULT_LOCAL_S_PER_BYTE["sparse-as-dense"]))
+                                                       DEFAULT_LOCAL_S_PER_BYTE["sparse-as-dense"]),
+                   alltoall_link=Link(**data["alltoall_link"]) if data.get("alltoall_link") else None,
+                   row_wise_s_per_byte=data.get("row_wise_s_per_byte", DEFAULT_LOCAL_S_PER_BYTE["row-wise"]))
 
 
 def sparse_table_s(costs: ExchangeCosts, p: int, dim: int, rows_total: float, cpu: float = 1.0,

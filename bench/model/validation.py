@@ -22,7 +22,7 @@ import pandas as pd
 from bench.errors import UsageError
 from bench.model.calibration import fit_link, row_transport
 from bench.model.profile import profile_from_records
-from bench.model.step import Machine, Model, fit_local_work, this_machine
+from bench.model.step import Machine, Model, auto_sharded_tables, fit_local_work, this_machine
 
 COMPUTE_PHASES = ("data", "forward", "backward")
 """The phases the model's compute stands for (bench.model.profile: the np=1 compute)."""
@@ -115,7 +115,8 @@ def held_out_points(models: dict, machines: dict, records: list[dict], split: st
     for (sweep, scaling, mode, p, batch, transport, link), group in sorted(groups.items(), key=lambda kv: str(kv[0])):
         measured = float(np.median([r["metrics"]["step_time_ms"] for r in group]))
         try:
-            predicted = models[sweep].step(machines[link], p, mode, batch)
+            predicted = models[sweep].step(machines[link], p, mode, batch,
+                                           auto_sharded=auto_sharded_tables(group[0]))
         except ValueError:  # a mode the model does not price
             continue
         peak = float(np.median([r["metrics"]["peak_rss_mib"] for r in group]))

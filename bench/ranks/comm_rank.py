@@ -16,7 +16,8 @@ How a nominal size S becomes buffers (`geometry`):
 - alltoall: what the sharded modes send: each rank sends S bytes of float32 in all, S/P to every rank (itself
   included), as one all-to-all with splits (Horovod `alltoall`, MPI `Alltoallv`, gloo `all_to_all_single`).
 - alltoall-zipf: the same S per rank, split over the destinations by a Zipf law (rank k gets a share
-  proportional to 1/(k+1)^ZIPF_SPLIT_EXPONENT, alike from every sender): the owner of hot rows receives most.
+  proportional to 1/(k+1)^s, s = bench.model.collectives.ZIPF_SPLIT_EXPONENT, alike from every sender): the owner
+  of hot rows receives most.
 """
 from __future__ import annotations
 
@@ -33,8 +34,6 @@ OPS = ("allreduce", "allgather", "sparse-pair", "alltoall", "alltoall-zipf")
 BACKENDS = ("horovod", "mpi4py", "gloo")
 SPARSE_DIM = 64
 """Columns of the embedding table whose gradient sparse-pair stands for."""
-ZIPF_SPLIT_EXPONENT = 1.0
-"""alltoall-zipf: how skewed the splits are (the exponent of ids' popularity in the default workload is near it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +71,8 @@ def alltoall_splits(op: str, n: int, np: int) -> list[int]:
     0, at least one to every rank."""
     if op == "alltoall":
         return split_sizes(n, np)
-    weights = [1 / (k + 1) ** ZIPF_SPLIT_EXPONENT for k in range(np)]
-    splits = [max(1, int(n * w / sum(weights))) for w in weights]
+    from bench.model.collectives import zipf_split_shares  # the cost model prices these very splits
+    splits = [max(1, int(n * share)) for share in zipf_split_shares(np)]
     splits[0] += n - sum(splits)
     return splits
 

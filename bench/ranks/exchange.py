@@ -13,7 +13,8 @@ Each sparse embedding table's gradient is exchanged in one of these ways (dense 
 - auto: per table and step, the cheapest of sparse-gather, coalesced-gather and dense-reduce the cost model predicts
   (bench.model.table_costs.choose_mode) whose memory fits the rank's budget. The counts it decides from (rows and distinct rows
   per table, from the batch) and every rank's budget are allgathered in the data phase, so every rank chooses alike
-  before any gradient's collective starts.
+  before any gradient's collective starts. Over Horovod, auto may first shard some tables row-wise, once, as the
+  model is built (bench.ranks.sharded.AutoExchange); it chooses per step for the tables it keeps whole.
 `ModeExchange` holds what the modes need whatever carries them (the counting above all), so bench.ranks.mpi_exchange
 runs the same modes over raw MPI, counted alike.
 At np=1 Horovod registers no hooks and exchanges nothing: every mode is the bare model there.
@@ -215,6 +216,9 @@ class ModeExchange:
             for p in self.tables:
                 if p.grad is not None and p.grad.is_sparse:
                     self.counters.resparsified_bytes += tensor_bytes(p.grad)
+
+    def plan_tables(self, first_batch):
+        pass  # the replicated modes hold every table whole (bench.ranks.sharded.AutoExchange decides here)
 
     def embedding_lookup(self, spec):
         return None  # every table whole (bench.ranks.sharded makes shards)

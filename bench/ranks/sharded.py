@@ -17,10 +17,15 @@ lookup. At np=1 no table is sharded: both modes are the bare model.
 from __future__ import annotations
 
 import math
+import sys
+from dataclasses import asdict
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.host import physical_cores
+from bench.model.shard_costs import place_tables
 from bench.plan.config import SHARDED_MODES
 from bench.ranks.exchange import HorovodExchange, tensor_bytes
 
@@ -53,18 +58,6 @@ class RowOwners:
         if self.how == "residue":
             return torch.arange(rank, self.rows, self.size)
         return torch.arange(rank * self.chunk, min(self.rows, (rank + 1) * self.chunk))
-
-
-def place_tables(weights: dict[str, float], size: int) -> dict[str, int]:
-    """table-wise placement: the heaviest table first, each on the rank with the least weight so far (ties: the
-    lowest rank), so every rank computes the same placement."""
-    load = [0.0] * size
-    placement = {}
-    for name in sorted(weights, key=lambda n: (-weights[n], n)):
-        rank = min(range(size), key=lambda r: (load[r], r))
-        placement[name] = rank
-        load[rank] += weights[name]
-    return placement
 
 
 def table_weights(config) -> dict[str, float]:
@@ -121,10 +114,11 @@ class ShardedExchange(HorovodExchange):
     """The `alure.exchange.Exchange` seam in a mode of SHARDED_MODES: it makes the sparse tables as shards and
     fetches their rows by all-to-all; everything else as HorovodExchange (dense parameters allreduced)."""
 
-    def __init__(self, mode: str, config):
-        if mode not in SHARDED_MODES:
+    def __init__(self, mode: str, config, replicated: str = "sparse-gather"):
+        if mode not in SHARDED_MODES and not (mode == "auto" == replicated):
             raise ValueError(f"{mode!r} is not a sharded mode: use one of {', '.join(SHARDED_MODES)}")
-        super().__init__("sparse-gather")  # the dense parameters' exchange (the tables never reach Horovod's)
+        # the exchange of what is not sharded: the dense parameters (and, under auto, the tables it keeps whole)
+        super().__init__(replicated)
         self.mode = mode
         self.config = config
         self.shards: list[ShardedTable] = []
@@ -257,6 +251,77 @@ def empty_sparse(p: torch.Tensor) -> torch.Tensor:
     return torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, *p.shape[1:]), p.shape)
 
 
+class AutoExchange(ShardedExchange):
+    """`auto` over Horovod: each sparse table, once, as it is made, sharded row-wise or kept whole
+    (bench.model.shard_costs.choose_sharding, from the first step's batch, this host's costs and the tightest rank's
+    memory budget; every rank alike); the whole tables then choose among the replicated modes per step, as
+    bench.ranks.exchange.ModeExchange does. Sharding is decided once: moving a table's rows between steps is not what
+    a trainer does."""
+
+    def __init__(self, config):
+        super().__init__("auto", config, replicated="auto")
+        self.choices: dict[str, dict] = {}
+        """Table -> its ShardingChoice (as a dict), in the order the model made the tables."""
+        self._first_counts: dict | None = None
+        """Table -> (rows, distinct rows) of the first step, summed over ranks (`plan_tables`)."""
+        self._budget: float | None = None
+        """What the tightest rank may still allocate, less what the tables decided so far take."""
+
+    @property
+    def sharding(self) -> dict:
+        """The sharded modes' fields (tables: the ones auto sharded) and, per table, what auto decided and why."""
+        return {**super().sharding, "rows": self.config.shard_rows, "auto": self.choices}
+
+    def find_tables(self, model) -> None:
+        super().find_tables(model)
+        shards = {t.weight for t in self.shards}
+        self.tables = {p: name for p, name in self.tables.items() if p not in shards}  # auto's per-step choice
+
+    def embedding_lookup(self, spec):
+        if self.size == 1:
+            return None
+        from bench.model.shard_costs import choose_sharding
+        if self._first_counts is None:
+            raise RuntimeError("auto was offered a table before plan_tables saw the first batch")
+        budget = self._budget
+        rows_total, distinct_total = self._first_counts[spec.name.removeprefix("sources.")]
+        cpu = max(1.0, self.local_size / physical_cores())  # ranks time-sharing this host's cores
+        choice = choose_sharding(self.costs, self.size, spec.name, spec.rows, spec.dim, rows_total, distinct_total,
+                                 cpu, budget)
+        self.choices[spec.name] = asdict(choice)
+        self._budget -= choice.row_wise_bytes if choice.sharded else choice.replicated_bytes
+        if self.rank == 0:
+            verdict = "sharded row-wise" if choice.sharded else f"kept whole ({choice.replicated_mode} this step)"
+            why = {"memory": "no replicated mode fits the memory budget", "time": "row-wise is predicted cheaper",
+                   "replicated": "a replicated mode fits and is predicted cheaper"}[choice.reason]
+            print(f"auto: {spec.name} {verdict}: {why} (row-wise {choice.row_wise_ms:.3g} ms, "
+                  f"{choice.row_wise_bytes / 2**20:.3g} MiB; replicated {choice.replicated_ms:.3g} ms, "
+                  f"{choice.replicated_bytes / 2**20:.3g} MiB; budget {budget / 2**20:.4g} MiB)",
+                  file=sys.stderr, flush=True)
+        return super().embedding_lookup(spec) if choice.sharded else None
+
+    def synchronize(self, optimizer):
+        super().synchronize(optimizer)
+        self.counters.count_tables([*self.tables, *(t.weight for t in self.shards)], optimizer)  # whole and shards
+
+    def plan_tables(self, first_batch):
+        """Agree, by one allgather, on the first step's counts (table -> rows and distinct rows of every rank's
+        batch, summed) and on the tightest rank's memory budget, which the tables decided then draw on in turn."""
+        if self.size == 1:
+            return
+        from bench.model.profile import table_lookups
+        from bench.ranks.memory import memory_budget_bytes
+        counts = table_lookups(first_batch())
+        names = sorted(counts)
+        mine = [c for name in names for c in counts[name]] + [memory_budget_bytes(self.local_size)]
+        every = self.allgather_array(np.array([mine], dtype=np.float64))
+        total = every[:, :-1].sum(axis=0).reshape(len(names), 2)
+        self._first_counts = {name: (float(r), float(d)) for name, (r, d) in zip(names, total)}
+        self._budget = float(every[:, -1].min())  # the tightest rank decides: every rank must choose alike
+
+
 def exchange_for(mode: str, config):
     """The exchange a point of `mode` trains with (`config`: the alure workload it trains)."""
+    if mode == "auto":
+        return AutoExchange(config)
     return ShardedExchange(mode, config) if mode in SHARDED_MODES else HorovodExchange(mode)

@@ -2,7 +2,8 @@
 from the same seed, with V not divisible by the rank count in some table; save each rank's sparse tables as full
 tables (a shard's rows at their global ids, NaN elsewhere) and its dense parameters; report the exchange counters
 and, per step, the lookups of every sharded table counted from the batch. Args: MODES STEPS OUT_DIR [KEY=VALUE ...]
-(workload overrides, e.g. shard_rows=range shard_dedup=true)."""
+(workload overrides, e.g. shard_rows=range shard_dedup=true); a mode auto@BYTES is auto deciding under a memory
+budget of BYTES."""
 import os
 import sys
 from dataclasses import replace
@@ -14,6 +15,7 @@ import torch
 from alure.config import tiny
 from alure.train import Trainer
 from bench.ranks.handback import hand_back
+from bench.ranks.memory import memory_budget_bytes
 from bench.ranks.sharded import ShardedTable, exchange_for
 
 
@@ -43,7 +45,12 @@ def lookups(batch, config) -> dict:
     return out
 
 
-def train(mode: str, steps: int, out: Path, config) -> dict:
+def train(run: str, steps: int, out: Path, config) -> dict:
+    """One run: `run` is a mode, or auto@BYTES for auto deciding under a memory budget of BYTES in place of what this
+    host has free."""
+    mode, _, budget = run.partition("@")
+    import bench.ranks.memory
+    bench.ranks.memory.memory_budget_bytes = (lambda ranks_on_host: float(budget)) if budget else host_budget
     exchange = exchange_for(mode, config)
     trainer = Trainer(config, exchange)
     counters, asked = [], []
@@ -56,11 +63,15 @@ def train(mode: str, steps: int, out: Path, config) -> dict:
         trainer.synchronize()
         trainer.step()
         counters.append(exchange.counters.as_dict())
-    torch.save(full_tables(trainer.model), out / f"{mode}-rank{exchange.rank}.pt")
+    torch.save(full_tables(trainer.model), out / f"{run}-rank{exchange.rank}.pt")
     shards = {name: m for name, m in trainer.model.named_modules() if isinstance(m, ShardedTable)}
     return {"rank": exchange.rank, "size": exchange.size, "counters": counters, "lookups": asked, "dim": config.dim,
             "rows": {name: m.spec.rows for name, m in shards.items()},
-            "sharding": getattr(exchange, "sharding", None)}
+            "table_rows": {name: m.num_embeddings if name not in shards else m.spec.rows
+                           for name, m in trainer.model.named_modules()
+                           if isinstance(m, torch.nn.Embedding) and m.sparse},
+            "sharding": getattr(exchange, "sharding", None),
+            "costs": exchange.costs.as_dict() if exchange.costs else None}
 
 
 def parse(value: str):
@@ -68,6 +79,7 @@ def parse(value: str):
 
 
 modes, steps, out = sys.argv[1].split(","), int(sys.argv[2]), Path(sys.argv[3])
+host_budget = memory_budget_bytes
 overrides = {k: parse(v) for k, v in (a.split("=", 1) for a in sys.argv[4:])}
 torch.set_num_threads(1)
 # 4801 ads: not divisible by 2 or 3, so the shards are uneven at every P the test runs
