@@ -15,7 +15,7 @@ from bench.ranks.exchange import ExchangeCounters
 from bench.ranks.worker import build_record
 from bench.results.pop import FACTORS, POP_COLUMNS
 from bench.results.scaling import PHASES
-from bench.results.summary import EXTRA_COLUMNS, summarize
+from bench.results.summary import EXCHANGE_INTERVAL_COLUMNS, EXTRA_COLUMNS, summarize
 
 STEPS = 6
 
@@ -121,7 +121,8 @@ def synthetic_sweep(uneven: float = 1.3) -> list[dict]:
 def test_the_loss_factors_multiply_back_to_the_efficiency_on_made_up_records(uncalibrated):
     df = summarize(synthetic_sweep())
     assert set(POP_COLUMNS + ["exchange_ideal_ms", "exchange_efficiency", "work_ms", "corun"]) <= set(df.columns)
-    assert list(df.columns[-len(POP_COLUMNS):]) == POP_COLUMNS, "appended after the existing columns"
+    appended = POP_COLUMNS + EXCHANGE_INTERVAL_COLUMNS
+    assert list(df.columns[-len(appended):]) == appended, "appended after the existing columns"
     corun = df[df["corun"]]
     assert len(corun) == 4 and set(corun["mode"]) == {"corun"}
     assert corun["efficiency"].isna().all(), "the co-run is a baseline, not a point of some mode"
@@ -140,6 +141,28 @@ def test_the_loss_factors_multiply_back_to_the_efficiency_on_made_up_records(unc
     # useful time takes the exchange's own work out: rank 1 works 2.5 ms per step on the exchange
     weak2 = two[two["scaling"] == "weak"].iloc[0]
     assert weak2["work_ms"] == pytest.approx(2.5, rel=0.1)
+
+
+def test_exchange_efficiency_has_an_interval_over_repeats_and_none_where_nothing_is_priced(uncalibrated):
+    """Repeats whose exchange waited 4, 6 and 8 ms: the point's exchange_efficiency is their median, and its block
+    bootstrap interval (whole repeats resampled) reaches from about the 8 ms repeat's to the 4 ms one's."""
+    records = [made_up(PointConfig(preset="tiny", mode="sparse-gather", np=2, repeat=r),
+                       [phases(10, wait=w), phases(10, wait=w)], [1.0, 1.0], COUNTERS) for r, w in enumerate((4, 6, 8))]
+    lone = made_up(PointConfig(preset="tiny", mode="sparse-gather", np=1), [phases(10)], [0.0])
+    df = summarize(records + [lone])
+    two = df[df["np"] == 2]
+    each = sorted(two["exchange_efficiency"])
+    assert each[0] < each[1] < each[2]
+    assert list(two["point_exchange_efficiency"]) == pytest.approx([each[1]] * 3)
+    low, high = two["exchange_efficiency_ci_low"].iloc[0], two["exchange_efficiency_ci_high"].iloc[0]
+    assert low < each[1] < high
+    assert low == pytest.approx(each[0], rel=0.1) and high == pytest.approx(each[2], rel=0.1)
+    one = df[df["np"] == 1]
+    assert one[EXCHANGE_INTERVAL_COLUMNS].isna().all().all(), "nothing exchanged at np=1: no interval"
+    # one repeat: its steps in moving blocks, an interval around its own figure
+    single = summarize(records[:1]).iloc[0]
+    assert single["exchange_efficiency_ci_low"] <= single["point_exchange_efficiency"] \
+        <= single["exchange_efficiency_ci_high"]
 
 
 def test_without_a_co_run_baseline_its_factors_stay_blank(uncalibrated):
