@@ -221,3 +221,51 @@ def test_a_real_tiny_sweep_co_runs_without_collectives_and_its_factors_multiply_
     assert "## Where efficiency goes" in report and "exchange_eff" in report and "uncalibrated host" in report
     assert "mode corun: the co-run baseline" in report
     assert (out / "pop.png").stat().st_size > 0
+
+
+def _comm_folder(folder, backend: str = "horovod", np_: int = 2) -> None:
+    """A comm run's rows: allreduce and allgather latencies (us) at 1 KiB, 64 KiB and 1 MiB, no all-to-all; and a
+    setting-B row that must not be read."""
+    rows = [{"backend": backend, "op": op, "np": np_, "size_bytes": size, "latency_us_median": us, "setting": "A"}
+            for op, table in (("allreduce", ((1024, 20.0), (65536, 100.0), (1 << 20, 900.0))),
+                              ("allgather", ((1024, 30.0), (65536, 150.0), (1 << 20, 1500.0))))
+            for size, us in table]
+    rows.append({"backend": backend, "op": "allreduce", "np": np_, "size_bytes": 65536, "latency_us_median": 1e6,
+                 "setting": "B"})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "comm.json").write_text(json.dumps({"rows": rows}))
+
+
+def test_measured_comm_rows_price_the_calls_at_their_size_and_the_record_names_them(uncalibrated, monkeypatch,
+                                                                                       tmp_path):
+    _comm_folder(tmp_path / "comm")
+    _comm_folder(tmp_path / "comm" / "mpi", backend="mpi4py")
+    monkeypatch.setenv("ALURE_BENCH_COMM_ROWS", str(tmp_path / "comm"))
+    # 56 allreduces of 12,500 B each (between 1 and 64 KiB), 12 allgathers of 1.42 MB each (past 1 MiB)
+    m = made_up(PointConfig(preset="tiny", mode="sparse-gather", np=2), [phases(10, wait=8)] * 2, [1.0] * 2,
+                COUNTERS)["metrics"]
+    model, priced = m["exchange_model"], m["exchange_priced"]
+    assert model["kind"] == "comm rows" and str(tmp_path / "comm") in model["source"]
+    allreduce_us = 20.0 + (7e5 / 56 - 1024) * (100.0 - 20.0) / (65536 - 1024)
+    assert priced["allreduce"]["ms"] == pytest.approx(56 * allreduce_us / 1e3, rel=1e-9)
+    assert priced["allreduce"]["priced_by"] == "comm rows" and not priced["allreduce"]["extrapolated"]
+    gather = 1.7e7 / 12
+    allgather_us = 1500.0 + (gather - (1 << 20)) * (1500.0 - 150.0) / ((1 << 20) - 65536)
+    assert priced["allgather"]["ms"] == pytest.approx(12 * allgather_us / 1e3, rel=1e-9)
+    assert priced["allgather"]["extrapolated"]
+    # the rows have no all-to-all: the fit prices it, and says so
+    assert priced["alltoall"]["priced_by"] == "fit" and priced["alltoall"]["ms"] > 0
+    assert m["exchange_ideal_ms"] == pytest.approx(sum(k["ms"] for k in priced.values()))
+    assert "uncalibrated host" in model["source"], "the fallback is named too"
+    row = summarize([made_up(PointConfig(preset="tiny", mode="sparse-gather", np=2), [phases(10, wait=8)] * 2,
+                             [1.0] * 2, COUNTERS)]).iloc[0]
+    assert row["exchange_model"].startswith("measured comm rows of")
+    # the raw-MPI backend's points are priced by mpi4py's rows
+    mpi = made_up(PointConfig(preset="tiny", mode="sparse-gather", np=2, exchange_backend="mpi"),
+                  [phases(10, wait=8)] * 2, [1.0] * 2, COUNTERS)["metrics"]["exchange_model"]
+    assert mpi["backend"] == "mpi4py"
+    # a folder that holds no comm rows is one line before anything launches
+    monkeypatch.setenv("ALURE_BENCH_COMM_ROWS", str(tmp_path / "nothing"))
+    from tests.helpers import assert_one_line_error, cli_here
+    assert_one_line_error(cli_here("sweep", "--preset", "tiny", "--nps", "2", "--out", str(tmp_path / "s")),
+                          "ALURE_BENCH_COMM_ROWS", "not found")
