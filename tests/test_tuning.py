@@ -18,7 +18,15 @@ from bench.plan.tuning import (
     tuning_sweeps,
 )
 from bench.results.records import write_record
-from bench.results.tuning import NOT_TOLD_APART, TUNE_COLUMNS, autotune_choice, preferred, setting_rows, tuning_table
+from bench.results.tuning import (
+    NOT_TOLD_APART,
+    TUNE_COLUMNS,
+    autotune_choice,
+    autotune_line,
+    preferred,
+    setting_rows,
+    tuning_table,
+)
 from tests.helpers import TINY, assert_one_line_error, cli, cli_here
 from tests.synthetic import point_record
 
@@ -50,6 +58,8 @@ def test_each_setting_gets_its_own_ab_sweep_and_autotune_warms_up_for_its_search
     autotune = sweeps[-1].config.compare_env
     assert autotune["HOROVOD_AUTOTUNE"] == "1" and autotune["HOROVOD_CYCLE_TIME"] == ""
     assert autotune["HOROVOD_AUTOTUNE_LOG"] == str((tmp_path / "autotune" / AUTOTUNE_LOG).resolve())
+    assert {p.warmup_steps for p in tuning_sweeps(base, knob_settings(["autotune"]), tmp_path, 50)[0].config.plan()} \
+        == {50}
 
 
 def test_bad_tuning_input_is_one_line(tmp_path):
@@ -98,17 +108,24 @@ def test_the_table_pairs_b_with_a_by_round_and_prefers_only_a_setting_told_apart
     assert fast["reached_ranks"] and flat["reached_ranks"] and fast["repeats_ok_b"] == "4/4"
     assert preferred(table) == {"sparse-gather": "HOROVOD_CYCLE_TIME=1"}
     assert preferred(table.iloc[1:]) == {"sparse-gather": NOT_TOLD_APART}
+    one_round = table.assign(repeats_ok_a="1/1")
+    assert preferred(one_round) == {"sparse-gather": NOT_TOLD_APART}, "one round's interval is its steps' noise"
     # a setting the ranks never saw is neither reached nor preferred
     lost = tuning_table(setting_rows("cycle-time", "HOROVOD_CYCLE_TIME=2", {"HOROVOD_CYCLE_TIME": "2"},
                                      tmp_path / "fast"))
     assert not lost["reached_ranks"].iloc[0]
 
 
-def test_autotune_log_its_last_row_is_what_it_kept(tmp_path):
+def test_autotune_log_says_how_far_the_search_got_and_its_best_setting(tmp_path):
     log = tmp_path / "log.csv"
     assert autotune_choice(log) is None
-    log.write_text("cycle_time_ms,fusion,score\n1.0,64,10\n2.5,16,12\n")
-    assert autotune_choice(log) == {"samples": 2, "cycle_time_ms": "2.5", "fusion": "16", "score": "12"}
+    log.write_text("cache_enabled,cycle_time_ms,fusion,score\n 0,5,4,3.1\n 1,2.5,16,12\n 1,1,64,7\n")
+    choice = autotune_choice(log)
+    assert choice["samples"] == 3 and choice["last"]["cycle_time_ms"] == "1"
+    assert choice["best"] == {"cache_enabled": "1", "cycle_time_ms": "2.5", "fusion": "16", "score": "12"}
+    assert "3 rows logged" in autotune_line("autotune", choice) and "cycle_time_ms=2.5" in \
+        autotune_line("autotune", choice)
+    assert "no row in its log" in autotune_line("autotune", None)
 
 
 @pytest.mark.mpi

@@ -12,7 +12,7 @@ from bench.launch.interrupts import INTERRUPTED_EXIT_CODE, signals_ignored
 from bench.plan.comm_config import parse_env_setting
 from bench.plan.config import DEFAULT_SWEEP_MODES
 from bench.plan.sweep import run_sweep, start_sweep
-from bench.plan.tuning import AUTOTUNE_LOG, KNOBS, knob_settings, tuning_sweeps
+from bench.plan.tuning import AUTOTUNE_LOG, AUTOTUNE_STAGES, KNOBS, autotune_steps, knob_settings, tuning_sweeps
 from bench.results.folder_lock import exclusive_writer
 from bench.results.records import default_out, ensure_writable
 from bench.results.report import write_report
@@ -25,7 +25,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                                   repeats=args.repeats, corun=False, exchange_backends=["horovod"], name="tune")
     launcher = launcher_from_args(args)
     out = Path(args.out) if args.out else default_out("tune")
-    sweeps = tuning_sweeps(base, settings, out)
+    sweeps = tuning_sweeps(base, settings, out, args.autotune_warmup)
     for sweep in sweeps:
         check_launchable(sweep.config, launcher, "--np", args.oversubscribe_limit)
     context = (f"Preset {base.preset}, {args.scaling} scaling, np={args.np}, modes {', '.join(base.modes)}, "
@@ -82,6 +82,9 @@ def register(sub) -> None:
     tune.add_argument("--scaling", default="weak", help="weak or strong (default weak)")
     tune.add_argument("--repeats", type=int, default=5,
                       help="rounds of A and B per setting (default 5; the intervals need several)")
+    tune.add_argument("--autotune-warmup", type=int, metavar="N",
+                      help=f"untimed steps of the autotune setting's points, where Horovod searches (default "
+                           f"{autotune_steps()}: {AUTOTUNE_STAGES} stages of its search; its log says how many ended)")
     tune.add_argument("--out", metavar="DIR", help="output folder (default results/local/tune-<time>)")
     add_shared_flags(tune)
     add_host_flags(tune)

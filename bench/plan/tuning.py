@@ -31,10 +31,16 @@ AUTOTUNE_SAMPLES = 20
 default)."""
 
 
-def autotune_steps() -> int:
-    """Untimed steps an autotune point runs before its timed ones: the whole search and one more sample, so the
-    timed steps measure what the autotuner kept rather than its search."""
-    return (AUTOTUNE_WARMUP_SAMPLES + AUTOTUNE_SAMPLES + 1) * AUTOTUNE_STEPS_PER_SAMPLE
+AUTOTUNE_STAGES = 2
+"""Stages of Horovod's search the default warm-up covers: it searches cycle time and fusion threshold by Bayesian
+optimisation once per setting of its on/off knobs (the response cache), logging a row as each stage ends."""
+
+
+def autotune_steps(stages: int = AUTOTUNE_STAGES) -> int:
+    """Untimed steps an autotune point runs before its timed ones by default: `stages` whole searches of
+    (warm-up + Bayesian) samples and one more sample, so the timed steps measure what the autotuner kept rather than
+    its search. The log's rows say how many stages ended (bench.results.tuning.autotune_line)."""
+    return ((AUTOTUNE_WARMUP_SAMPLES + AUTOTUNE_SAMPLES) * stages + 1) * AUTOTUNE_STEPS_PER_SAMPLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +57,9 @@ class KnobSetting:
 
     @property
     def label(self) -> str:
-        """What the tables call it: the variables set, an unset one as VAR= (the log's path left out)."""
-        return format_env_setting({k: v for k, v in self.variables.items() if k != "HOROVOD_AUTOTUNE_LOG"})
+        """What the tables call it: the variables set, an unset one as VAR= (the autotuner's log and search budget
+        left out: the sweep's config and the records hold them)."""
+        return format_env_setting({k: v for k, v in self.variables.items() if not k.startswith("HOROVOD_AUTOTUNE_")})
 
     @property
     def slug(self) -> str:
@@ -123,10 +130,14 @@ class SettingSweep:
     folder: Path
 
 
-def tuning_sweeps(base: SweepConfig, settings: list[KnobSetting], out: Path) -> list[SettingSweep]:
+def tuning_sweeps(base: SweepConfig, settings: list[KnobSetting], out: Path,
+                  autotune_warmup: int | None = None) -> list[SettingSweep]:
     """Each setting's sweep: `base` (the preset, np, modes, repeats and steps of the tuning) with the setting as its
-    setting B, in a folder of its own under `out`. An autotune setting's sweep warms up for the autotuner's whole
-    search, A as long as B so the two stay measured alike."""
+    setting B, in a folder of its own under `out`. An autotune setting's sweep warms up for the autotuner's search
+    (`autotune_warmup` steps, default autotune_steps()), A as long as B so the two stay measured alike."""
+    autotune_warmup = autotune_steps() if autotune_warmup is None else autotune_warmup
+    if autotune_warmup < 0:
+        raise UsageError(f"--autotune-warmup must not be negative (got {autotune_warmup})")
     if any(n < 2 for n in base.nps):
         raise UsageError(f"a tuning of the exchange needs np >= 2 (got {base.nps}): at np=1 nothing is exchanged")
     if base.exchange_backends != ["horovod"]:
@@ -135,7 +146,7 @@ def tuning_sweeps(base: SweepConfig, settings: list[KnobSetting], out: Path) -> 
     sweeps = []
     for setting in settings:
         folder = out / setting.slug
-        warmup = max(base.warmup_steps, autotune_steps()) if setting.autotune else base.warmup_steps
+        warmup = max(base.warmup_steps, autotune_warmup) if setting.autotune else base.warmup_steps
         config = replace(base, compare_env=setting.launch_env(folder), warmup_steps=warmup,
                          name=f"{base.name}-{setting.slug}")
         sweeps.append(SettingSweep(setting, config, folder))

@@ -117,27 +117,52 @@ def tuning_table(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=TUNE_COLUMNS)
 
 
+def _rounds(text: str) -> int:
+    """The ok repeats of 'ok/run'."""
+    return int(str(text).split("/")[0])
+
+
 def preferred(table: pd.DataFrame) -> dict[str, str]:
-    """Per mode, the setting the step prefers: of those whose step-ratio interval lies wholly below 1 (and that
-    reached the ranks), the one with the lowest ratio; else NOT_TOLD_APART."""
+    """Per mode, the setting the step prefers: of those whose step-ratio interval lies wholly below 1, that reached
+    the ranks and have at least two ok rounds of A and of B (one round's interval is of its steps' noise only, not
+    of the noise between runs), the one with the lowest ratio; else NOT_TOLD_APART."""
     out = {}
     for mode, rows in table.groupby("mode", sort=True):
-        faster = rows[(rows["step_ratio_ci_high"] < 1) & rows["reached_ranks"].astype(bool)]
+        rounds = np.minimum(rows["repeats_ok_a"].map(_rounds), rows["repeats_ok_b"].map(_rounds))
+        faster = rows[(rows["step_ratio_ci_high"] < 1) & rows["reached_ranks"].astype(bool) & (rounds >= 2)]
         out[mode] = faster.sort_values("step_ratio")["setting"].iloc[0] if not faster.empty else NOT_TOLD_APART
     return out
 
 
 def autotune_choice(log: Path) -> dict | None:
-    """The last row of Horovod's autotune log (the samples it scored, the kept one last), as {column: value}; None
-    where there is no log or it holds no sample."""
+    """What Horovod's autotune log says: {"samples": rows logged, "best": the highest-scoring row (the setting its
+    search keeps), "last": the last row}, each row as {column: value}; None where there is no log or it
+    holds no sample."""
     try:
         text = Path(log).read_text()
     except (FileNotFoundError, NotADirectoryError):
         return None
-    rows = [r for r in csv.reader(io.StringIO(text)) if r]
-    if len(rows) < 2:
+    header, *rows = [[cell.strip() for cell in r] for r in csv.reader(io.StringIO(text)) if r] or [[]]
+    samples = [dict(zip(header, r)) for r in rows]
+    if not samples:
         return None
-    return {"samples": len(rows) - 1, **dict(zip(rows[0], rows[-1]))}
+
+    def score(sample: dict) -> float:
+        try:
+            return float(sample.get("score", "nan"))
+        except ValueError:
+            return float("-inf")
+    return {"samples": len(samples), "best": max(samples, key=score), "last": samples[-1]}
+
+
+def autotune_line(slug: str, choice: dict | None) -> str:
+    """tune.md's sentence on an autotune setting: how far its search got in the warm-up, and what it keeps."""
+    if choice is None:
+        return (f"Autotune ({slug}): no row in its log: no stage of Horovod's search ended in the warm-up (give "
+                f"more --autotune-warmup).")
+    best = ", ".join(f"{k}={v}" for k, v in choice["best"].items())
+    return (f"Autotune ({slug}): {choice['samples']} rows logged (one as each stage of Horovod's search ended); the "
+            f"best-scoring, what it keeps: {best}.")
 
 
 def _fmt(value, low, high, fmt: str) -> str:
@@ -172,14 +197,10 @@ def tuning_text(table: pd.DataFrame, autotune: dict[str, dict | None], context: 
              "over exchange wait + the exchange's own work; reached: every B record's horovod_settings holds the "
              "setting and no A record's does. docs/tuning.md says how to read it.", "",
              "```", shown[column_order].to_string(index=False), "```", "",
-             "The step prefers (the lowest B/A whose whole interval is below 1):", ""]
+             "The step prefers (the lowest B/A whose whole interval is below 1, over two ok rounds or more):", ""]
     lines += [f"- {mode}: {choice}" for mode, choice in preferred(table).items()]
     for slug, choice in autotune.items():
-        lines += ["", f"Autotune ({slug}): " + ("no log: Horovod's autotuner wrote no sample (too few steps?)"
-                                                if choice is None else
-                                                "the last of the log's " + f"{choice['samples']} rows (the kept "
-                                                "setting): " + ", ".join(f"{k}={v}" for k, v in choice.items()
-                                                                         if k != "samples"))]
+        lines += ["", autotune_line(slug, choice)]
     return "\n".join(lines) + "\n"
 
 
