@@ -15,7 +15,7 @@ from bench.ranks.exchange import ExchangeCounters
 from bench.ranks.worker import build_record
 from bench.results.pop import FACTORS, POP_COLUMNS
 from bench.results.scaling import PHASES
-from bench.results.summary import EXTRA_COLUMNS, summarize
+from bench.results.summary import EXCHANGE_INTERVAL_COLUMNS, EXTRA_COLUMNS, summarize
 
 STEPS = 6
 
@@ -121,7 +121,8 @@ def synthetic_sweep(uneven: float = 1.3) -> list[dict]:
 def test_the_loss_factors_multiply_back_to_the_efficiency_on_made_up_records(uncalibrated):
     df = summarize(synthetic_sweep())
     assert set(POP_COLUMNS + ["exchange_ideal_ms", "exchange_efficiency", "work_ms", "corun"]) <= set(df.columns)
-    assert list(df.columns[-len(POP_COLUMNS):]) == POP_COLUMNS, "appended after the existing columns"
+    appended = POP_COLUMNS + EXCHANGE_INTERVAL_COLUMNS
+    assert list(df.columns[-len(appended):]) == appended, "appended after the existing columns"
     corun = df[df["corun"]]
     assert len(corun) == 4 and set(corun["mode"]) == {"corun"}
     assert corun["efficiency"].isna().all(), "the co-run is a baseline, not a point of some mode"
@@ -140,6 +141,28 @@ def test_the_loss_factors_multiply_back_to_the_efficiency_on_made_up_records(unc
     # useful time takes the exchange's own work out: rank 1 works 2.5 ms per step on the exchange
     weak2 = two[two["scaling"] == "weak"].iloc[0]
     assert weak2["work_ms"] == pytest.approx(2.5, rel=0.1)
+
+
+def test_exchange_efficiency_has_an_interval_over_repeats_and_none_where_nothing_is_priced(uncalibrated):
+    """Repeats whose exchange waited 4, 6 and 8 ms: the point's exchange_efficiency is their median, and its block
+    bootstrap interval (whole repeats resampled) reaches from about the 8 ms repeat's to the 4 ms one's."""
+    records = [made_up(PointConfig(preset="tiny", mode="sparse-gather", np=2, repeat=r),
+                       [phases(10, wait=w), phases(10, wait=w)], [1.0, 1.0], COUNTERS) for r, w in enumerate((4, 6, 8))]
+    lone = made_up(PointConfig(preset="tiny", mode="sparse-gather", np=1), [phases(10)], [0.0])
+    df = summarize(records + [lone])
+    two = df[df["np"] == 2]
+    each = sorted(two["exchange_efficiency"])
+    assert each[0] < each[1] < each[2]
+    assert list(two["point_exchange_efficiency"]) == pytest.approx([each[1]] * 3)
+    low, high = two["exchange_efficiency_ci_low"].iloc[0], two["exchange_efficiency_ci_high"].iloc[0]
+    assert low < each[1] < high
+    assert low == pytest.approx(each[0], rel=0.1) and high == pytest.approx(each[2], rel=0.1)
+    one = df[df["np"] == 1]
+    assert one[EXCHANGE_INTERVAL_COLUMNS].isna().all().all(), "nothing exchanged at np=1: no interval"
+    # one repeat: its steps in moving blocks, an interval around its own figure
+    single = summarize(records[:1]).iloc[0]
+    assert single["exchange_efficiency_ci_low"] <= single["point_exchange_efficiency"] \
+        <= single["exchange_efficiency_ci_high"]
 
 
 def test_without_a_co_run_baseline_its_factors_stay_blank(uncalibrated):
@@ -198,3 +221,51 @@ def test_a_real_tiny_sweep_co_runs_without_collectives_and_its_factors_multiply_
     assert "## Where efficiency goes" in report and "exchange_eff" in report and "uncalibrated host" in report
     assert "mode corun: the co-run baseline" in report
     assert (out / "pop.png").stat().st_size > 0
+
+
+def _comm_folder(folder, backend: str = "horovod", np_: int = 2) -> None:
+    """A comm run's rows: allreduce and allgather latencies (us) at 1 KiB, 64 KiB and 1 MiB, no all-to-all; and a
+    setting-B row that must not be read."""
+    rows = [{"backend": backend, "op": op, "np": np_, "size_bytes": size, "latency_us_median": us, "setting": "A"}
+            for op, table in (("allreduce", ((1024, 20.0), (65536, 100.0), (1 << 20, 900.0))),
+                              ("allgather", ((1024, 30.0), (65536, 150.0), (1 << 20, 1500.0))))
+            for size, us in table]
+    rows.append({"backend": backend, "op": "allreduce", "np": np_, "size_bytes": 65536, "latency_us_median": 1e6,
+                 "setting": "B"})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "comm.json").write_text(json.dumps({"rows": rows}))
+
+
+def test_measured_comm_rows_price_the_calls_at_their_size_and_the_record_names_them(uncalibrated, monkeypatch,
+                                                                                       tmp_path):
+    _comm_folder(tmp_path / "comm")
+    _comm_folder(tmp_path / "comm" / "mpi", backend="mpi4py")
+    monkeypatch.setenv("ALURE_BENCH_COMM_ROWS", str(tmp_path / "comm"))
+    # 56 allreduces of 12,500 B each (between 1 and 64 KiB), 12 allgathers of 1.42 MB each (past 1 MiB)
+    m = made_up(PointConfig(preset="tiny", mode="sparse-gather", np=2), [phases(10, wait=8)] * 2, [1.0] * 2,
+                COUNTERS)["metrics"]
+    model, priced = m["exchange_model"], m["exchange_priced"]
+    assert model["kind"] == "comm rows" and str(tmp_path / "comm") in model["source"]
+    allreduce_us = 20.0 + (7e5 / 56 - 1024) * (100.0 - 20.0) / (65536 - 1024)
+    assert priced["allreduce"]["ms"] == pytest.approx(56 * allreduce_us / 1e3, rel=1e-9)
+    assert priced["allreduce"]["priced_by"] == "comm rows" and not priced["allreduce"]["extrapolated"]
+    gather = 1.7e7 / 12
+    allgather_us = 1500.0 + (gather - (1 << 20)) * (1500.0 - 150.0) / ((1 << 20) - 65536)
+    assert priced["allgather"]["ms"] == pytest.approx(12 * allgather_us / 1e3, rel=1e-9)
+    assert priced["allgather"]["extrapolated"]
+    # the rows have no all-to-all: the fit prices it, and says so
+    assert priced["alltoall"]["priced_by"] == "fit" and priced["alltoall"]["ms"] > 0
+    assert m["exchange_ideal_ms"] == pytest.approx(sum(k["ms"] for k in priced.values()))
+    assert "uncalibrated host" in model["source"], "the fallback is named too"
+    row = summarize([made_up(PointConfig(preset="tiny", mode="sparse-gather", np=2), [phases(10, wait=8)] * 2,
+                             [1.0] * 2, COUNTERS)]).iloc[0]
+    assert row["exchange_model"].startswith("measured comm rows of")
+    # the raw-MPI backend's points are priced by mpi4py's rows
+    mpi = made_up(PointConfig(preset="tiny", mode="sparse-gather", np=2, exchange_backend="mpi"),
+                  [phases(10, wait=8)] * 2, [1.0] * 2, COUNTERS)["metrics"]["exchange_model"]
+    assert mpi["backend"] == "mpi4py"
+    # a folder that holds no comm rows is one line before anything launches
+    monkeypatch.setenv("ALURE_BENCH_COMM_ROWS", str(tmp_path / "nothing"))
+    from tests.helpers import assert_one_line_error, cli_here
+    assert_one_line_error(cli_here("sweep", "--preset", "tiny", "--nps", "2", "--out", str(tmp_path / "s")),
+                          "ALURE_BENCH_COMM_ROWS", "not found")

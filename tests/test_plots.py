@@ -63,3 +63,35 @@ def test_a_figure_names_the_hosts_and_the_shaped_link(records):
                    link={"rate_gbps": 1.0, "qdisc": "tbf"}) for r in records]
     assert run_context(summarize(spread)) == ("hosts node1, node2, node3, node4; link between hosts shaped to "
                                               "1 Gbit/s (tc)")
+
+
+def test_points_of_two_exchange_backends_are_drawn_apart_never_pooled():
+    """Horovod and raw-MPI points of one mode (mpi slower): two lines, two groups of bars, two rows per np."""
+    records = [point_record(PointConfig(scaling="weak", mode="dense-reduce", np=n, repeat=0, preset="tiny",
+                                        exchange_backend=backend), (60.0 if backend == "mpi" else 40.0) + 10 * n)
+               for backend in ("horovod", "mpi") for n in (1, 2)]
+    df = summarize(records)
+    fig = efficiency_figure(df)
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines() if not line.get_label().startswith("_")}
+    assert {"dense-reduce", "dense-reduce (mpi)"} <= set(lines)
+    assert lines["dense-reduce"].get_linestyle() != lines["dense-reduce (mpi)"].get_linestyle()
+    plt.close(fig)
+    bars = breakdown_bars(df)
+    assert sorted(zip(bars["series"], bars["np"])) == [("dense-reduce", 1), ("dense-reduce", 2),
+                                                       ("dense-reduce (mpi)", 1), ("dense-reduce (mpi)", 2)]
+    mpi = bars[bars["series"] == "dense-reduce (mpi)"].set_index("np")["median_step_ms"]
+    assert mpi[2] == pytest.approx(80.0, rel=0.1), "the mpi bar holds the mpi points only"
+    plt.close(breakdown_figure(df))
+    fig = memory_figure(df)
+    assert {"dense-reduce", "dense-reduce (mpi)"} <= {line.get_label() for line in fig.axes[0].get_lines()}
+    plt.close(fig)
+
+
+def test_the_stage_table_tells_exchange_backends_apart():
+    from bench.results.report import stage_table
+    records = [point_record(PointConfig(stage="refresh", scaling="strong", np=n, preset="tiny",
+                                        exchange_backend=backend), 100.0 * n) for backend in ("horovod", "mpi")
+               for n in (1, 2)]
+    header, *rows = stage_table(summarize(records)).splitlines()
+    assert header.split()[:3] == ["stage", "exchange_backend", "np"]
+    assert [r.split()[1] for r in rows] == ["horovod", "horovod", "mpi", "mpi"]

@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "bench.cli.compare",
     "bench.cli.oom_demo",
     "bench.cli.shard_demo",
+    "bench.cli.tune",
 )
 
 

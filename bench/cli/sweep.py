@@ -19,6 +19,8 @@ from bench.launch.hosts import (
 )
 from bench.launch.interrupts import INTERRUPTED_EXIT_CODE, signals_ignored
 from bench.launch.mpirun import LOCAL, Launcher
+from bench.model.calibration import read_comm_rows
+from bench.model.row_price import COMM_ROWS_ENV, rows_named
 from bench.plan.capacity import add_oversubscribe_flag, check_sweep
 from bench.plan.comm_config import format_env_setting, parse_env_setting
 from bench.plan.config import SweepConfig
@@ -185,6 +187,11 @@ def check_launchable(config: SweepConfig, launcher: Launcher, flag: str, ranks_p
     """Refuse, in one line and before anything starts, what cannot run: more ranks than the hosts' slots, or (where
     every rank runs on this machine, emulated hosts included) more than its memory and cores can take. The memory
     of real remote hosts is not this machine's to judge."""
+    if rows_named():  # every record's exchange is priced from them: a bad folder fails here, not in every point
+        try:
+            read_comm_rows(rows_named())
+        except UsageError as err:
+            raise UsageError(f"{COMM_ROWS_ENV}: {err}") from None
     check_fits(launcher, config.nps)
     if not launcher.hosts or shares_one_machine(list(launcher.hosts)):
         check_sweep(config, flag=flag, ranks_per_core=ranks_per_core)

@@ -28,8 +28,9 @@ HOROVOD_SETTINGS: dict[str, str] = {
     # faster from 16 to 64 MiB).
     "HOROVOD_FUSION_THRESHOLD": str(4 << 20),
 }
-"""Horovod's knobs for every launch (setdefault: a variable already set wins, which is how to A/B them). Chosen from
-interleaved `alure-bench comm` runs on the 2-core reference machine; every comm result records what was used."""
+"""Horovod's knobs for every launch (setdefault: a variable already set wins, which is how to A/B them; set empty, it
+is unset). Chosen from interleaved `alure-bench comm` runs on the 2-core reference machine; every comm result records
+what was used. `alure-bench tune` measures other values on the training step against these (docs/tuning.md)."""
 
 ALLOCATOR_VARIABLE = "ALURE_BENCH_ALLOCATOR"
 """Names the ranks' allocator setting (one of ALLOCATORS); default DEFAULT_ALLOCATOR."""
@@ -82,7 +83,10 @@ def mpi_environment(np: int, base: dict[str, str] | None = None, *, single_host:
     # copy-in/copy-out; probed once per host and cached (bench/launch/transport.py). A value already set wins.
     env[transport.VARIABLE] = transport.mechanism(env, run_ranks)
     for name, value in HOROVOD_SETTINGS.items():
-        env.setdefault(name, value)
+        # Set empty (a point's launch_env), a knob is left unset: Horovod's own default, which HOROVOD_AUTOTUNE may
+        # tune (it leaves alone what the environment fixes).
+        if env.setdefault(name, value) == "":
+            del env[name]
     allocator = env.setdefault(ALLOCATOR_VARIABLE, DEFAULT_ALLOCATOR)
     if allocator not in ALLOCATORS:
         raise UsageError(f"{ALLOCATOR_VARIABLE}={allocator} is not an allocator setting: use one of "

@@ -38,6 +38,11 @@ class CollectiveModel:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def priced(self, counters: dict, p: int) -> dict:
+        """The collectives of `counters` priced with this link (priced_collectives); bench.model.row_price's
+        MeasuredRows prices from measured comm rows instead."""
+        return priced_collectives(counters, p, self.link)
+
 
 def priced_collectives(counters: dict, p: int, link: Link) -> dict:
     """{kind: {"calls", "bytes", "ms"}} of the collectives in `counters` (missing counters count 0): every call pays
@@ -53,11 +58,11 @@ def priced_collectives(counters: dict, p: int, link: Link) -> dict:
     return out
 
 
-def exchange_price(counters: dict, p: int, exchange_ms: float, model: CollectiveModel) -> dict:
+def exchange_price(counters: dict, p: int, exchange_ms: float, model) -> dict:
     """The record's fields: exchange_ideal_ms (the priced sum), exchange_efficiency = ideal / exchange_ms (the
     exchange's wait plus its own work; None where nothing was exchanged or nothing waited), the priced collectives
-    and the model that priced them."""
-    priced = priced_collectives(counters, p, model.link)
+    and the model that priced them (a CollectiveModel, or bench.model.row_price.MeasuredRows)."""
+    priced = model.priced(counters, p)
     ideal = sum(k["ms"] for k in priced.values())
     return {"exchange_ideal_ms": ideal, "exchange_ms": exchange_ms,
             "exchange_efficiency": ideal / exchange_ms if ideal > 0 and exchange_ms > 0 else None,

@@ -226,13 +226,19 @@ def receive_imbalance(served: list[float]) -> float | None:
 
 
 def price_exchange(point: PointConfig, counters: dict, exchange_ms: float, transport: str) -> dict:
-    """exchange_ideal_ms and exchange_efficiency of the point (bench.model.exchange_price); where nothing is
-    exchanged (np=1, the co-run baseline) the ideal is 0 and no model is consulted."""
+    """exchange_ideal_ms and exchange_efficiency of the point (bench.model.exchange_price), priced with the host's
+    comm fit, or with the measured comm rows ALURE_BENCH_COMM_ROWS names (bench.model.row_price, the fit pricing
+    what they lack); where nothing is exchanged (np=1, the co-run baseline) the ideal is 0 and no model is
+    consulted."""
     from bench.model.exchange_price import exchange_price, host_collective_model
+    from bench.model.row_price import measured_rows, rows_named
     if point.np == 1 or point.corun:
         return {"exchange_ideal_ms": 0.0, "exchange_ms": exchange_ms, "exchange_efficiency": None,
                 "exchange_priced": None, "exchange_model": None}
-    return exchange_price(counters, point.np, exchange_ms, host_collective_model(transport))
+    model = host_collective_model(transport)
+    if rows_named():
+        model = measured_rows(rows_named(), point.exchange_backend, point.np, fallback=model)
+    return exchange_price(counters, point.np, exchange_ms, model)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,9 @@ MODE_COLORS = {"sparse-gather": "tab:red", "dense-reduce": "tab:blue", "auto": "
                "coalesced-gather": "tab:orange", "sparse-as-dense": "tab:purple", "row-wise": "tab:brown",
                "table-wise": "tab:pink"}
 PHASE_COLORS = dict(zip(PHASES, ("tab:gray", "tab:blue", "tab:orange", "tab:red", "tab:green")))
+BACKEND_STYLES = {"horovod": "-", "mpi": "--"}
+"""The line of each exchange backend (bench.plan.config.EXCHANGE_BACKENDS); a point under a launch setting B
+(launch_env) is drawn dash-dotted."""
 OVERSUBSCRIBED_LABEL = "oversubscribed (np > cores)"
 OVERSUBSCRIBED_HATCH = "///"
 """How an oversubscribed bar is drawn (a point is drawn hollow)."""
@@ -44,6 +47,24 @@ def run_context(df: pd.DataFrame) -> str:
     return where + ("; no shaped link recorded" if len(hosts) > 1 else "; ranks talk over shared memory")
 
 
+def series_label(mode: str, backend, launch_env) -> str:
+    """What a line or bar group is: the mode, its exchange backend unless Horovod ('dense-reduce (mpi)'), and its
+    launch setting where it has one ('[B: HOROVOD_CYCLE_TIME=1]'); points of different backends or settings are
+    never pooled into one line."""
+    backend = backend if isinstance(backend, str) and backend else "horovod"
+    setting = launch_env if isinstance(launch_env, str) and launch_env else ""
+    return mode + ("" if backend == "horovod" else f" ({backend})") + (f" [B: {setting}]" if setting else "")
+
+
+def with_series(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with a `series` column (series_label of each row) and the line style it is drawn with."""
+    backends = df.get("exchange_backend", pd.Series("horovod", index=df.index))
+    settings = df.get("launch_env", pd.Series("", index=df.index))
+    labels = [series_label(m, b, e) for m, b, e in zip(df["mode"], backends, settings)]
+    styles = ["-." if isinstance(e, str) and e else BACKEND_STYLES.get(b, ":") for b, e in zip(backends, settings)]
+    return df.assign(series=labels, series_style=styles)
+
+
 def _per_np(df: pd.DataFrame, column: str, interval: tuple[str, str] | None = None) -> pd.DataFrame:
     """Median over repeats of `column` per np, with the oversubscribed flag (and the point's interval, the same on
     every repeat's row)."""
@@ -52,11 +73,12 @@ def _per_np(df: pd.DataFrame, column: str, interval: tuple[str, str] | None = No
                                 **extra).reset_index()
 
 
-def _line(ax, df: pd.DataFrame, column: str, mode: str, interval: tuple[str, str] | None = None) -> None:
-    """One mode's line against np; with `interval` (the columns of its low and high ends), error bars."""
+def _line(ax, df: pd.DataFrame, column: str, interval: tuple[str, str] | None = None) -> None:
+    """One series' line against np (the rows of one with_series label: colour by mode, style by exchange backend
+    and setting); with `interval` (the columns of its low and high ends), error bars."""
     points = _per_np(df, column, interval)
-    color = MODE_COLORS.get(mode, "black")
-    ax.plot(points["np"], points["value"], "-", color=color, label=mode)
+    color = MODE_COLORS.get(df["mode"].iloc[0], "black")
+    ax.plot(points["np"], points["value"], df["series_style"].iloc[0], color=color, label=df["series"].iloc[0])
     if interval:
         has = points["low"].notna() & points["high"].notna()
         ax.errorbar(points["np"][has], points["value"][has], fmt="none", ecolor=color, capsize=3, linewidth=1,
@@ -79,8 +101,8 @@ def efficiency_figure(df: pd.DataFrame):
     fig, panels = _scaling_axes(ok, 5.5)
     for ax, scaling in panels:
         part = ok[ok["scaling"] == scaling]
-        for mode, rows in part.groupby("mode"):
-            _line(ax, rows, "point_efficiency", mode, ("efficiency_ci_low", "efficiency_ci_high"))
+        for _, rows in with_series(part).groupby("series"):
+            _line(ax, rows, "point_efficiency", ("efficiency_ci_low", "efficiency_ci_high"))
         if not part.empty:
             nps = sorted(part["np"].unique())
             ax.plot(nps, [1.0] * len(nps), "k--", linewidth=1, label="ideal")
@@ -99,18 +121,18 @@ def efficiency_plot(df: pd.DataFrame, path: Path) -> None:
 
 
 def breakdown_bars(df: pd.DataFrame) -> pd.DataFrame:
-    """Per point (mode, np): the mean phase times of its repeats (bench.results.summary's <phase>_mean_ms, which
-    add up to the mean step time), that sum as mean_step_ms, the median step time the tables quote, and the
-    oversubscribed flag."""
+    """Per point (series, np: the mode with its exchange backend and setting, with_series): the mean phase times of
+    its repeats (bench.results.summary's <phase>_mean_ms, which add up to the mean step time), that sum as
+    mean_step_ms, the median step time the tables quote, and the oversubscribed flag."""
     columns = [f"{p}_mean_ms" for p in PHASES]
-    bars = df.groupby(["mode", "np"]).agg(**{c: (c, "mean") for c in columns},
+    bars = with_series(df).groupby(["series", "np"]).agg(**{c: (c, "mean") for c in columns},
                                           median_step_ms=("point_step_time_ms", "first"),
                                           oversubscribed=("oversubscribed", "max")).reset_index()
     return bars.assign(mean_step_ms=bars[columns].sum(axis=1, min_count=1))
 
 
 def breakdown_figure(df: pd.DataFrame):
-    """One row of grouped bars per scaling kind: per mode, one bar per np, stacked by phase (breakdown_bars), with
+    """One row of grouped bars per scaling kind: per mode (and exchange backend and setting), one bar per np, stacked by phase (breakdown_bars), with
     the median step time the tables quote marked on each."""
     ok = df[df["status"] == "ok"]
     scalings = [s for s in ("weak", "strong") if (ok["scaling"] == s).any()] or ["weak"]
@@ -120,7 +142,7 @@ def breakdown_figure(df: pd.DataFrame):
     for ax, scaling in zip(axes[:, 0], scalings):
         bars = breakdown_bars(ok[ok["scaling"] == scaling])
         # A gap of one bar between modes; mode names under their group, np under each bar.
-        x = np.arange(len(bars)) + pd.factorize(bars["mode"])[0]
+        x = np.arange(len(bars)) + pd.factorize(bars["series"])[0]
         bottom = np.zeros(len(bars))
         for phase in PHASES:
             heights = bars[f"{phase}_mean_ms"].fillna(0).to_numpy()
@@ -131,9 +153,9 @@ def breakdown_figure(df: pd.DataFrame):
                 label="median step time (the tables')")
         ax.set_xticks(x, [f"{n}{'*' if o else ''}" for n, o in zip(bars["np"], bars["oversubscribed"])],
                       fontsize=8)
-        for mode in bars["mode"].unique():
-            centre = x[(bars["mode"] == mode).to_numpy()].mean()
-            ax.annotate(mode, (centre, 0), xycoords=("data", "axes fraction"), xytext=(0, -24),
+        for series in bars["series"].unique():
+            centre = x[(bars["series"] == series).to_numpy()].mean()
+            ax.annotate(series, (centre, 0), xycoords=("data", "axes fraction"), xytext=(0, -24),
                         textcoords="offset points", ha="center", va="top", fontsize=8)
         ax.set_title(f"{scaling}: step time by phase, mean over timed steps of the rank that set each step's pace "
                      f"(the phases add up to the mean step)", fontsize=9)
@@ -157,8 +179,8 @@ def memory_figure(df: pd.DataFrame):
     for ax, column, label, title in ((axes[0], "peak_rss_mib", "peak RSS, largest rank (MiB)", "peak RSS"),
                                      (axes[1], "exchange_mib_held", "exchange MiB held per rank per step",
                                       "exchange MiB held")):
-        for mode, rows in weak.groupby("mode"):
-            _line(ax, rows, column, mode)
+        for _, rows in with_series(weak).groupby("series"):
+            _line(ax, rows, column)
         ax.set_xticks(sorted(ok["np"].unique()))
         ax.set_xlabel("MPI processes (np)")
         ax.set_ylabel(label)
@@ -224,10 +246,12 @@ def stages_plot(df: pd.DataFrame, path: Path) -> None:
                ("rss_growth_mib", "stage's own peak memory per rank (MiB)"),
                ("moved_mib", "MiB sent + received per rank"))
     ok = ok.assign(moved_mib=(ok["exchange_bytes_sent"] + ok["exchange_bytes_received"]) / 2**20)
-    for (stage, strategy), rows in ok.groupby(["stage", "graph_strategy"], sort=False):
-        label = stage_label(stage, strategy)
+    ok = with_series(ok)
+    for (stage, strategy, series), rows in ok.groupby(["stage", "graph_strategy", "series"], sort=False):
+        # the stage's mode plays no part in it: the series' backend and setting do
+        label = stage_label(stage, strategy) + series[len(rows["mode"].iloc[0]):]
         color = STAGE_COLORS.get(stage, "black")
-        style = "--" if strategy == "replicate" else "-"
+        style = ":" if strategy == "replicate" else rows["series_style"].iloc[0]
         for ax, (column, _) in zip(axes, columns):
             points = rows.groupby("np").agg(value=(column, "median"), low=("efficiency_p10", "median"),
                                             high=("efficiency_p90", "median"),

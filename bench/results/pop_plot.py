@@ -7,19 +7,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.results.plots import _legend, _save, plt
+from bench.results.plots import _legend, _save, plt, with_series
 from bench.results.pop import FACTORS
 
 FACTOR_COLORS = dict(zip(FACTORS, ("tab:gray", "tab:olive", "tab:red", "tab:blue")))
 
 
 def pop_points(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per multi-rank training point with its factors (the per-point columns, the same on every repeat)."""
+    """One row per multi-rank training point (series: mode, exchange backend and setting) with its factors (the per-point columns, the same on every repeat)."""
     ok = df[(df["status"] == "ok") & (df["stage"] == "train") & ~df["corun"].astype(bool) & (df["np"] > 1)
             & df["point_load_balance"].notna()]
     columns = ["point_efficiency", "oversubscribed",
                *[c for f in FACTORS for c in (f"point_{f}", f"{f}_ci_low", f"{f}_ci_high")]]
-    return ok.groupby(["scaling", "mode", "np"])[columns].first().reset_index()
+    return with_series(ok).groupby(["scaling", "series", "np"])[columns].first().reset_index()
 
 
 def pop_plot(df: pd.DataFrame, path: Path) -> bool:
@@ -45,7 +45,7 @@ def pop_plot(df: pd.DataFrame, path: Path) -> bool:
         ax.axhline(1.0, color="k", linestyle="--", linewidth=1)
         ax.set_xticks(x + 0.4 - width / 2)
         ax.set_xticklabels([f"{m}\nnp={n}{'*' if o else ''}"
-                            for m, n, o in zip(part["mode"], part["np"], part["oversubscribed"])], fontsize=8)
+                            for m, n, o in zip(part["series"], part["np"], part["oversubscribed"])], fontsize=8)
         ax.set_title(f"{scaling} scaling (95% intervals)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("factor")

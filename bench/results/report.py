@@ -12,7 +12,7 @@ from bench.results.pop import FACTORS
 from bench.results.pop_plot import pop_plot
 from bench.results.ranking import RANKING_TEXT, mode_ranking
 from bench.results.records import atomic_write_text, load, read_records
-from bench.results.summary import POINT_KEY
+from bench.results.summary import EXCHANGE_INTERVAL_COLUMNS, POINT_KEY
 
 
 def point_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -103,7 +103,11 @@ def stage_table(df: pd.DataFrame) -> str:
                           "step_time_ms_p90": "stage_ms_p90", "rss_growth_mib": "stage_peak_mib"})
     t["sent_mib"] = t["exchange_bytes_sent"].map(_mib)
     t["received_mib"] = t["exchange_bytes_received"].map(_mib)
-    return t[STAGE_COLUMNS].to_string(index=False, float_format=_numbers, na_rep="-")
+    # A folder's exchange backends and launch settings are told apart, as in the training table (point_table).
+    mixed = [c for c in ("exchange_backend", "launch_env") if t[c].nunique(dropna=False) > 1]
+    t = t.sort_values(["stage", *mixed, "np", "repeat"], kind="stable")
+    columns = [*STAGE_COLUMNS[:1], *mixed, *STAGE_COLUMNS[1:]]
+    return t[columns].to_string(index=False, float_format=_numbers, na_rep="-")
 
 
 STAGES_TEXT = ("Stages refresh, graph and retrieval: the whole stage over the preset's users, strong scaling (the "
@@ -121,7 +125,8 @@ POP_TEXT = ("Where efficiency goes (docs/efficiency.md): efficiency = corun_shar
             "communication_efficiency: max useful time / step time; computational_scaling: co-run useful time / "
             "mean useful time at P. Useful time = data + forward + backward + optimizer - work_ms (the exchange's own "
             "work). exchange_ms: exchange wait + work_ms of the pace-setting rank; exchange_ideal_ms: the collectives "
-            "its counters saw, priced with the collective model below; exchange_eff = ideal / exchange_ms.")
+            "its counters saw, priced with the collective model below; exchange_eff = ideal / exchange_ms, median over ok "
+            "repeats [95% block-bootstrap interval over each repeat's per-step ideal / exchange_ms].")
 
 
 def pop_table(df: pd.DataFrame) -> str | None:
@@ -132,7 +137,7 @@ def pop_table(df: pd.DataFrame) -> str | None:
     if ok.empty:
         return None
     columns = ["oversubscribed", "point_efficiency", "exchange_ms", "exchange_ideal_ms", "exchange_efficiency",
-               *[c for f in FACTORS for c in (f"point_{f}", f"{f}_ci_low", f"{f}_ci_high")]]
+               *EXCHANGE_INTERVAL_COLUMNS, *[c for f in FACTORS for c in (f"point_{f}", f"{f}_ci_low", f"{f}_ci_high")]]
     medians = ["exchange_ms", "exchange_ideal_ms", "exchange_efficiency"]
     t = ok.groupby(POINT_KEY).agg({c: "median" if c in medians else "first" for c in columns}).reset_index()
     out = _with_np_marks(t)[POINT_KEY + ["point_efficiency"]].rename(columns={"point_efficiency": "efficiency"})
@@ -140,7 +145,9 @@ def pop_table(df: pd.DataFrame) -> str | None:
         out[factor] = [_with_interval(v, lo, hi, "{:.2f}") for v, lo, hi in
                        zip(t[f"point_{factor}"], t[f"{factor}_ci_low"], t[f"{factor}_ci_high"])]
     out["exchange_ms"], out["exchange_ideal_ms"] = t["exchange_ms"], t["exchange_ideal_ms"]
-    out["exchange_eff"] = t["exchange_efficiency"]
+    out["exchange_eff"] = [_with_interval(v, lo, hi, "{:.2f}") for v, lo, hi in
+                           zip(t["point_exchange_efficiency"], t["exchange_efficiency_ci_low"],
+                               t["exchange_efficiency_ci_high"])]
     return out.to_string(index=False, float_format=_numbers, na_rep="-")
 
 

@@ -21,11 +21,17 @@ def pace_phase_means(ranks: list[dict]) -> dict[str, float]:
     A step's phases add up to its time, so these means add up to the mean step time; medians per phase do not add
     up to the median step (each phase's median comes from another step). `ranks`: the record's per-rank
     measurements (step_time_ms and phase_ms, one value per timed step)."""
+    return {p: float(np.mean(steps)) for p, steps in pace_phase_steps(ranks).items()}
+
+
+def pace_phase_steps(ranks: list[dict], extra: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Per phase (and per `extra` per-step series of the ranks, e.g. work_ms), the values of the rank that set each
+    timed step's pace (the slowest), one per step."""
     step_ms = np.array([r["step_time_ms"] for r in ranks], dtype=float)  # [ranks, steps]
     pace = step_ms.argmax(axis=0)
     steps = np.arange(step_ms.shape[1])
-    return {p: float(np.mean(np.array([r["phase_ms"][p] for r in ranks], dtype=float)[pace, steps]))
-            for p in PHASES}
+    series = {p: [r["phase_ms"][p] for r in ranks] for p in PHASES} | {k: [r[k] for r in ranks] for k in extra}
+    return {k: np.array(v, dtype=float)[pace, steps] for k, v in series.items()}
 
 
 def spread(values) -> dict[str, float]:
@@ -97,14 +103,22 @@ def paired_efficiency(scaling: str, baseline: dict, point: dict, np_: int, rng: 
     every draw resamples rounds and takes both medians from the same rounds, and that shared noise cancels in the
     ratio instead of adding to it. Rounds only one of the two has are left out; with fewer than two rounds in
     common the two are bootstrapped apart (bootstrap_step_time)."""
-    rounds = sorted(set(baseline) & set(point))
+    return efficiency(scaling, *paired_medians(baseline, point, rng, draws), np_)
+
+
+def paired_medians(a: dict, b: dict, rng: np.random.Generator,
+                   draws: int = BOOTSTRAP_DRAWS) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap draws of two points' medians over repeats, paired by round (as paired_efficiency explains): `a`
+    and `b` map each repeat number to that repeat's per-step values; every draw takes both medians from the same
+    resampled rounds. With fewer than two rounds in common the two are bootstrapped apart (bootstrap_step_time).
+    A ratio of the two draws is the paired interval of b against a (a setting B against A, np=P against np=1)."""
+    rounds = sorted(set(a) & set(b))
     if len(rounds) < 2:
-        return efficiency(scaling, bootstrap_step_time(list(baseline.values()), rng, draws),
-                          bootstrap_step_time(list(point.values()), rng, draws), np_)
-    t1 = repeat_medians([baseline[r] for r in rounds])
-    tp = repeat_medians([point[r] for r in rounds])
+        return bootstrap_step_time(list(a.values()), rng, draws), bootstrap_step_time(list(b.values()), rng, draws)
+    ma = repeat_medians([a[r] for r in rounds])
+    mb = repeat_medians([b[r] for r in rounds])
     pick = rng.integers(0, len(rounds), (draws, len(rounds)))
-    return efficiency(scaling, np.median(t1[pick], axis=1), np.median(tp[pick], axis=1), np_)
+    return np.median(ma[pick], axis=1), np.median(mb[pick], axis=1)
 
 
 def interval(draws: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:

@@ -6,7 +6,15 @@ import pandas as pd
 
 from alure.stages import STAGES
 from bench.results.pop import POP_COLUMNS, add_pop
-from bench.results.scaling import PHASES, bootstrap_step_time, efficiency, interval, pace_phase_means, paired_efficiency
+from bench.results.scaling import (
+    PHASES,
+    bootstrap_step_time,
+    efficiency,
+    interval,
+    pace_phase_means,
+    pace_phase_steps,
+    paired_efficiency,
+)
 
 SUMMARY_COLUMNS = ["scaling", "mode", "np", "repeat", "status", "step_time_ms", "step_time_ms_p10",
                    "step_time_ms_p90", "throughput_samples_per_s", "efficiency", "peak_rss_mib",
@@ -21,6 +29,9 @@ BASELINE_KEY = ["stage", "graph_strategy", "scaling", "mode", "preset", "threads
 """What a point and the np=1 point it is divided by must share."""
 POINT_KEY = [*BASELINE_KEY, "np"]
 """What makes one point: its repeats are the rows that share it (summary intervals, compare, report tables)."""
+EXCHANGE_INTERVAL_COLUMNS = ["point_exchange_efficiency", "exchange_efficiency_ci_low", "exchange_efficiency_ci_high"]
+"""Per point, on each of its rows: the median over ok repeats of exchange_efficiency and its 95% block-bootstrap
+interval (add_exchange_intervals)."""
 EXTRA_COLUMNS = ["preset", "reason", "rss_growth_mib", "exchange_bytes_sent", "exchange_bytes_received",
                  "rank_skew", "gradient_density", "batch_per_rank", "global_batch", "threads_per_rank",
                  "allgather_calls", "allreduce_calls", "allgather_bytes_held", "allreduce_bytes_held", "hosts",
@@ -30,7 +41,7 @@ EXTRA_COLUMNS = ["preset", "reason", "rss_growth_mib", "exchange_bytes_sent", "e
                  *INTERVAL_COLUMNS, "data_growth_mib", *[f"{p}_mean_ms" for p in PHASES], "link_rate_gbps",
                  "exchange_backend", "launch_env",
                  "corun", "work_ms", "useful_ms_mean", "useful_ms_max", "exchange_ms", "exchange_ideal_ms",
-                 "exchange_efficiency", "exchange_model", *POP_COLUMNS]
+                 "exchange_efficiency", "exchange_model", *POP_COLUMNS, *EXCHANGE_INTERVAL_COLUMNS]
 """stage: train (step_time_ms is a training step) or refresh, graph, retrieval (step_time_ms is the whole stage,
 strong scaling of the preset's users, throughput in users/s); graph_strategy: replicate or ring for the graph
 stage. efficiency_p10/p90: the efficiency at the point's p90/p10 time, the np=1 median kept: its noise band.
@@ -39,8 +50,8 @@ corun: a co-run baseline row (its mode reads "corun"). work_ms: the exchange's o
 exchange_wait; useful_ms_mean/_max: useful time per rank per step (data + forward + backward + optimizer - work_ms),
 mean and largest over ranks; exchange_ms: the pace-setting rank's exchange_wait + work_ms; exchange_ideal_ms: its
 collectives priced by the collective model named in exchange_model ("uncalibrated: ..." for the built-in defaults);
-exchange_efficiency = ideal / exchange_ms. The POP factors and their intervals: bench.results.pop,
-docs/efficiency.md.
+exchange_efficiency = ideal / exchange_ms (per point with its interval: EXCHANGE_INTERVAL_COLUMNS). The POP factors
+and their intervals: bench.results.pop, docs/efficiency.md.
 <phase>_mean_ms: the mean over timed steps of the pace-setting rank's phase (bench.results.scaling.pace_phase_means:
 they add up to the mean step time, where the <phase>_ms medians do not add up to step_time_ms). link_rate_gbps: the
 rate each host's egress was shaped to (tc), for points measured across hosts; empty otherwise.
@@ -131,6 +142,38 @@ def add_intervals(df: pd.DataFrame, steps: list, seed: int = 0) -> pd.DataFrame:
     return df
 
 
+def exchange_efficiency_steps(record: dict) -> list[float]:
+    """A priced record's exchange_efficiency per timed step: its ideal over the pace-setting rank's exchange_wait +
+    work_ms in that step (the record's own figure is the ideal over the median of the latter); empty where the
+    record has no priced exchange or no per-step work_ms."""
+    metrics = record.get("metrics") or {}
+    ideal, ranks = metrics.get("exchange_ideal_ms"), record.get("ranks") or []
+    if record.get("status") != "ok" or metrics.get("exchange_efficiency") is None or not ideal or not ranks \
+            or not all("work_ms" in r and r.get("phase_ms") for r in ranks):
+        return []
+    pace = pace_phase_steps(ranks, extra=("work_ms",))
+    exchange_ms = pace["exchange_wait"] + pace["work_ms"]
+    return [ideal / ms for ms in exchange_ms if ms > 0]
+
+
+def add_exchange_intervals(df: pd.DataFrame, records: list[dict], seed: int = 0) -> pd.DataFrame:
+    """EXCHANGE_INTERVAL_COLUMNS of every point with a priced exchange (records[i] is row i's record): the median
+    over its ok repeats of exchange_efficiency, and the interval of that median by the block bootstrap of the step
+    times (bench.results.scaling.bootstrap_step_time: whole repeats resampled; one repeat, moving blocks of its
+    steps) over each repeat's per-step efficiencies. Seeded, like the other intervals."""
+    df = df.copy()
+    for column in EXCHANGE_INTERVAL_COLUMNS:
+        df[column] = np.nan
+    steps = [exchange_efficiency_steps(r) for r in records]
+    priced = np.array([bool(s) for s in steps], dtype=bool)
+    rng = np.random.default_rng(seed)
+    for _, rows in df[priced].groupby(POINT_KEY, dropna=False):
+        draws = bootstrap_step_time([steps[i] for i in rows.index], rng)
+        df.loc[rows.index, EXCHANGE_INTERVAL_COLUMNS] = [float(rows["exchange_efficiency"].median()),
+                                                        *interval(draws)]
+    return df
+
+
 def summarize(records: list[dict]) -> pd.DataFrame:
     """The summary table: the columns docs/design.md names first, then the extras, sorted by scaling, mode, np, repeat."""
     df = pd.DataFrame([record_row(r) for r in records], columns=[c for c in SUMMARY_COLUMNS if c != "efficiency"]
@@ -138,6 +181,7 @@ def summarize(records: list[dict]) -> pd.DataFrame:
     df = add_efficiency(df)
     df = add_intervals(df, [r.get("step_time_ms_slowest_rank") or [] for r in records])
     df = add_pop(df, records, BASELINE_KEY)
+    df = add_exchange_intervals(df, records)
     df = df[SUMMARY_COLUMNS + EXTRA_COLUMNS]
     order = df["stage"].map({s: i for i, s in enumerate(STAGES)})
     return df.assign(_order=order).sort_values(["_order", "graph_strategy", "scaling", "mode", "np", "repeat"],
