@@ -26,3 +26,12 @@ def hosts_oversubscribed(ranks: list[dict]) -> bool:
     for r in ranks:
         per_host.setdefault(r["host"], []).append(r)
     return any(len(rs) > rs[0]["host_cores"] for rs in per_host.values())
+
+
+OVERSUBSCRIBED_MARK = "*"
+"""Follows an oversubscribed rank count in every table, plot label and progress line ('4*')."""
+
+
+def np_label(np, oversubscribed) -> str:
+    """A rank count as tables show it: '4', or '4*' where the point was oversubscribed."""
+    return f"{np}{OVERSUBSCRIBED_MARK if oversubscribed else ''}"

@@ -120,7 +120,7 @@ def test_the_launcher_goes_through_the_agent_and_confines_tcp_to_the_subnet():
     inner = shlex.split(cmd[2])
     assert inner[inner.index("-H") + 1] == "node1:2,node2:2"  # 3 ranks: two hosts are enough
     assert inner[inner.index("plm_rsh_agent") + 1] == "/a.sh" and inner[-3:] == ["python", "-c", "print('x y')"]
-    env = launcher.environment(3, {"OMPI_MCA_btl_tcp_if_include": "lo"})
+    env = launcher.environment(3, {"OMPI_MCA_btl_tcp_if_include": "lo"}, shared_memory="none")
     assert env["OMPI_MCA_btl_tcp_if_include"] == env["OMPI_MCA_oob_tcp_if_include"] == "198.18.0.0/24"
     assert env["HOROVOD_GLOO_IFACE"] == env["GLOO_SOCKET_IFNAME"] == "eth0"
     # Horovod over Gloo: every rank is wrapped, told where mpirun put the ranks and where rank 0 serves the

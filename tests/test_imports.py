@@ -1,5 +1,5 @@
-"""The project's modules import each other without a circle, and alure/ (the workload) never imports bench/ (the
-harness). Imports inside functions count too: a lazy import only hides a circle until the day it bites. Imports under
+"""The project's modules import each other without a circle, its packages import one way only (LAYERS, below; the
+order docs/design.md "Layers" explains), and alure/ (the workload) never imports bench/ (the harness). Imports inside functions count too: a lazy import only hides a circle until the day it bites. Imports under
 `if __name__ == "__main__":` do not: run as a script, a module is __main__, not itself."""
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("alure", "bench")
 
-
+LAYERS = ("alure", "bench.errors", "bench.host", "bench.plan", "bench.results", "bench.launch", "bench.model",
+          "bench.ranks", "bench.run", "bench.slurm", "bench.cli")
+"""The packages from the bottom up: a module may import its own package and those below it, never one above."""
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
@@ -99,3 +101,32 @@ def test_alure_never_imports_bench():
     offenders = {name: sorted(deps) for name, deps in import_graph().items()
                  if name.startswith("alure") and any(d.startswith("bench") for d in deps)}
     assert not offenders, offenders
+
+
+def layer(module: str) -> str:
+    """The package of LAYERS a module belongs to (its top two names; alure whole)."""
+    return "alure" if module.split(".")[0] == "alure" else ".".join(module.split(".")[:2])
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Imports that go up LAYERS (or into a package LAYERS does not place), as 'module -> module'."""
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    bad = []
+    for module, deps in sorted(graph.items()):
+        if module in ("bench", "bench.__init__"):
+            continue
+        for dep in sorted(deps):
+            if layer(dep) not in rank or layer(module) not in rank or rank[layer(dep)] > rank[layer(module)]:
+                bad.append(f"{module} -> {dep}")
+    return bad
+
+
+def test_finds_an_import_up_the_layers():
+    graph = {"bench.plan.config": {"bench.host"}, "bench.host": {"bench.plan.config"}, "bench.extra.x": set()}
+    assert upward_imports(graph) == ["bench.host -> bench.plan.config"]
+    assert upward_imports({"bench.cli.x": {"bench.nowhere.y"}}) == ["bench.cli.x -> bench.nowhere.y"]
+
+
+def test_packages_import_down_the_layers_only():
+    bad = upward_imports(import_graph())
+    assert not bad, "imports up the layers (tests/test_imports.py LAYERS):\n" + "\n".join(bad)

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from bench.errors import MachineFault
-from bench.launch import lifetime
-from bench.plan import sweep as sweep_module
+from bench.launch import lifetime, transport
 from bench.plan.config import PointConfig, SweepConfig
 from bench.results.folder_lock import LOCK_FILE, exclusive_writer
 from bench.results.records import atomic_write_json, read_record, read_records, room_for_point
+from bench.run import sweep as sweep_module
 from tests.helpers import (
     CLI,
     RANK_SCRIPTS,
@@ -348,7 +348,7 @@ def test_a_results_folder_removed_under_a_running_sweep(tmp_path, monkeypatch):
 
 
 def test_a_rank_that_cannot_hand_back_for_a_full_disk_stops_the_sweep_without_a_record(tmp_path, monkeypatch):
-    from bench.ranks.handback import MACHINE_FAULT_MARK, machine_fault_in
+    from bench.launch.handback import MACHINE_FAULT_MARK, machine_fault_in
     assert machine_fault_in(f"noise\n{MACHINE_FAULT_MARK}{{\"path\": \"/x/h/rank1.json\"\nrank 1: {MACHINE_FAULT_MARK}"
                             f'{{"path": "/x/h/rank1.json", "errno": {errno.ENOSPC}}}\n').errno == errno.ENOSPC
     assert machine_fault_in("exit code 1: Errno 28\n") is None
@@ -366,7 +366,8 @@ def test_only_a_launch_that_failed_before_any_rank_measured_is_retried(tmp_path,
     argvs = launch_instead(monkeypatch, *[outcome] * (retries + 1))
     # The hang ends by its timeout; the others must never meet theirs, on a loaded machine too.
     point = PointConfig(preset="tiny", np=1, steps=1, warmup_steps=0, timeout_s=1 if "hang" in outcome else 120)
-    record, _ = sweep_module.run_point(point, folder, retries=retries, out=io.StringIO())
+    record, _ = sweep_module.run_point(point, folder, shared_memory=transport.mechanism(), retries=retries,
+                                       out=io.StringIO())
     assert (record["status"], len(record["attempts"]), len(argvs)) == (status, attempts, attempts), record
     assert read_record(folder / "points" / f"{point.point_id}.json") == record
     if outcome == "crash-measuring":
@@ -385,7 +386,7 @@ def test_a_slurm_task_retries_as_a_local_sweep_does_and_stops_on_a_machine_fault
     assert all("RuntimeError: the transport did not come up" in a["reason"] for a in record["attempts"])
     assert task_note(folder, "weak-sparse-gather-np1-r0")["outcome"] == "failed"
 
-    def disk_full(point, sweep_dir, launcher):
+    def disk_full(point, sweep_dir, launcher, **kwargs):
         raise MachineFault(sweep_dir / "handback" / point.point_id / "rank0.json", errno.ENOSPC)
     monkeypatch.setattr(sweep_module, "launch_point", disk_full)
     one_fault_line(cli_here("slurm", "task", "--sweep", str(folder), "--np", "1", "--index", "0"), "no space",

@@ -212,7 +212,7 @@ def sweep_ranks(out: Path) -> dict[str, list[psutil.Process]]:
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
         # mpirun's and srun's command lines name bench.ranks.worker too: ranks are the python processes. A rank
-        # names the folder it hands back into, inside the sweep's (bench.plan.sweep: <out>/handback/<point>).
+        # names the folder it hands back into, inside the sweep's (bench.run.sweep: <out>/handback/<point>).
         inside = any(arg == str(out) or arg.startswith(f"{out}/") for arg in cmd)
         if "bench.ranks.worker" in cmd and Path(cmd[0]).name.startswith("python") and inside:
             point = PointConfig.from_dict(json.loads(cmd[cmd.index("--point") + 1]))

@@ -114,13 +114,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cores() -> int:
-    from bench.launch.mpirun import physical_cores
+    from bench.host import physical_cores
     return physical_cores()
 
 
 def register(sub) -> None:
     from bench.plan.capacity import positive_int
-    from bench.ranks.comm_rank import BACKENDS
+    from bench.plan.comm_config import BACKENDS
     p = sub.add_parser("calibrate", help="measure this host's collectives (comm at --nps ranks), fit a, b, g per "
                                          "transport and file them for the auto mode",
                        description=__doc__.split("\n\n")[1])

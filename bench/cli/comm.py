@@ -14,7 +14,7 @@ values, horovod's sparse_allreduce_async) against dense-reduce (to_dense + allre
 over density (rows touched per rank / V) and process count; the crossover density per P is where the two times meet.
 
 The rank side lives in bench/ranks/comm_rank.py, the configs in bench/plan/comm_config.py, the launches in
-bench/launch/comm_launch.py, the rows and tables in bench/results/comm_rows.py; this module runs the two commands.
+bench/run/comm.py, the rows and tables in bench/results/comm_rows.py; this module runs the two commands.
 """
 from __future__ import annotations
 
@@ -28,16 +28,8 @@ from datetime import datetime
 from pathlib import Path
 
 from bench.errors import UsageError
-from bench.launch.comm_launch import (
-    comm_launcher,
-    comm_variants,
-    environment_record,
-    hang_timeout_s,
-    launch_order,
-    launch_program,
-    measure_backend,
-    measure_memcpy,
-)
+from bench.host import is_oversubscribed, physical_cores
+from bench.launch.environment import launch_settings
 from bench.launch.hosts import (
     add_host_flags,
     check_fits,
@@ -47,9 +39,11 @@ from bench.launch.hosts import (
     network_summary,
     shares_one_machine,
 )
-from bench.launch.mpirun import HOROVOD_SETTINGS, is_oversubscribed, mpi_environment, physical_cores
+from bench.launch.mpirun import HOROVOD_SETTINGS, mpi_environment
 from bench.plan.capacity import add_oversubscribe_flag, check_local_ranks
 from bench.plan.comm_config import (
+    BACKENDS,
+    OPS,
     CommConfig,
     CrossoverConfig,
     format_env_setting,
@@ -58,7 +52,7 @@ from bench.plan.comm_config import (
     parse_numbers,
     parse_size,
 )
-from bench.ranks.comm_rank import BACKENDS, OPS, split_sizes
+from bench.ranks.comm_rank import split_sizes
 from bench.results.comm_rows import (
     CROSSOVER_FIELDS,
     EXTRA_FIELDS,
@@ -75,6 +69,17 @@ from bench.results.comm_rows import (
     setting_ratios,
 )
 from bench.results.records import atomic_write_json, default_out, ensure_writable, write_csv_atomic
+from bench.run.comm import (
+    comm_launcher,
+    comm_variants,
+    environment_record,
+    hang_timeout_s,
+    launch_order,
+    launch_program,
+    measure_backend,
+    measure_memcpy,
+    shared_memory_of,
+)
 
 
 def results_dir(out: str | None, prefix: str) -> Path:
@@ -94,12 +99,12 @@ def run_comm(cfg: CommConfig, out: Path) -> int:
     t0 = time.perf_counter()
     variants = dict(comm_variants(cfg))
     env_record = environment_record(cfg.np, cfg.baseline_env, cfg.compare_env, comm_launcher(cfg))
+    shared_memory = shared_memory_of(env_record)
     if is_oversubscribed(cfg.np):
         print(f"note: {cfg.np} ranks on {physical_cores()} cores: oversubscribed, flagged in every row", flush=True)
     if cfg.compare_env is not None:
         print(f"setting A: {format_env_setting(cfg.baseline_env)}\nsetting B: {format_env_setting(cfg.compare_env)}"
               f"\n(launches of A and B interleaved, each on top of the suite's launch environment)", flush=True)
-    from bench.launch.environment import launch_settings
     rows = [r | {"setting": ""} for r in measure_memcpy(cfg, launch_settings(dict(os.environ)))]
     settings, launch_fields, failures, launches = {}, {}, [], []
     pooled: dict[tuple, tuple] = {}  # (setting, backend, op, size) -> (bytes_moved, times, faults, busy per launch)
@@ -115,7 +120,8 @@ def run_comm(cfg: CommConfig, out: Path) -> int:
         label = f" under setting {setting}" if len(variants) > 1 else ""
         print(f"measuring {backend}{label} on {cfg.np} ranks (round {round_ + 1}/{cfg.rounds}) ...",
               file=sys.stderr, flush=True)
-        points, seen, launch = measure_backend(cfg, backend, share[round_], variants[setting])
+        points, seen, launch = measure_backend(cfg, backend, share[round_], variants[setting],
+                                               shared_memory=shared_memory)
         launches.append({"backend": backend, "setting": setting, "round": round_ + 1,
                          "seconds": round(launch.seconds, 2)})
         if launch.error:
@@ -145,7 +151,8 @@ def run_comm(cfg: CommConfig, out: Path) -> int:
                                      caller_busy_fraction=statistics.fmean(busy)))
     for setting, extra in variants.items():
         if setting not in settings:  # Horovod not run: what it would have been launched with
-            settings[setting] = {k: v for k, v in mpi_environment(cfg.np, {**os.environ, **extra}).items()
+            settings[setting] = {k: v for k, v in mpi_environment(cfg.np, {**os.environ, **extra},
+                                                                      shared_memory=shared_memory).items()
                                  if k.startswith("HOROVOD_")}
 
     ratios = [q for op in cfg.ops for q in busbw_ratios(rows, op=op)]
@@ -202,6 +209,7 @@ def run_crossover(cfg: CrossoverConfig, out: Path) -> int:
     started = datetime.now().astimezone()
     t0 = time.perf_counter()
     env_record = environment_record(max(cfg.nps))
+    shared_memory = shared_memory_of(env_record)
     rows, crossovers, failures, settings = [], [], [], {}
     for np in cfg.nps:
         print(f"measuring sparse-gather vs dense-reduce on {np} ranks ...", file=sys.stderr, flush=True)
@@ -209,7 +217,8 @@ def run_crossover(cfg: CrossoverConfig, out: Path) -> int:
                 "lookups_per_row": cfg.lookups_per_row, "warmup": cfg.warmup, "iters": cfg.iters}
         table_bytes = 4 * cfg.rows * cfg.dim
         launch = launch_program(spec, np, hang_timeout_s(2 * table_bytes * np * len(cfg.densities)
-                                                     * (cfg.warmup + cfg.iters), 0))
+                                                     * (cfg.warmup + cfg.iters), 0),
+                                shared_memory=shared_memory)
         if launch.error:
             failures.append({"np": np, "error": launch.error})
             print(f"alure-bench crossover: np={np} failed: {launch.error}", file=sys.stderr)

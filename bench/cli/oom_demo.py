@@ -110,9 +110,9 @@ def check(derivation: CapDerivation, capped: pd.DataFrame) -> pd.DataFrame:
 
 
 def cmd_oom_demo(args: argparse.Namespace) -> int:
-    from bench.plan.sweep import SweepInterrupted, run_sweep, start_sweep
     from bench.results.records import atomic_write_json, default_out
     from bench.results.report import write_report
+    from bench.run.sweep import SweepInterrupted, run_sweep, start_sweep
 
     config = SweepConfig.from_toml(args.config)
     if set(config.modes) != set(MODES) or "weak" not in config.scalings:

@@ -15,12 +15,13 @@ from dataclasses import replace
 from alure.stages import DEFAULT_GRAPH_STRATEGY, GRAPH_STRATEGIES
 from bench.errors import UsageError
 from bench.host import threads_per_rank
+from bench.launch import transport
+from bench.launch.handback import collect, failures, hand_back, hand_back_failure, launched_rank
 from bench.launch.hosts import add_host_flags, check_fits, launcher_from_args, shares_one_machine
 from bench.launch.mpirun import LOCAL, Launcher, run_ranks
 from bench.launch.rank_program import python_module_argv
 from bench.plan.capacity import add_oversubscribe_flag, check_launch, rank_floor_mib, this_host
 from bench.plan.config import MODES, SHARDED_MODES
-from bench.ranks.handback import collect, failures, hand_back, hand_back_failure, launched_rank
 
 
 def workload(preset_name: str, seed: int | None):
@@ -47,7 +48,7 @@ def run_distributed(np_: int, preset_name: str, seed: int | None, mode: str, tim
         argv = python_module_argv("bench.cli.pipeline", "--rank-entry", "--results", results, "--preset", preset_name,
                                   "--mode", mode, "--graph-strategy", graph_strategy,
                                   *(["--seed", str(seed)] if seed is not None else []))
-        run = run_ranks(np_, argv, timeout_s=timeout_s, launcher=launcher)
+        run = run_ranks(np_, argv, shared_memory=transport.mechanism(), timeout_s=timeout_s, launcher=launcher)
         handed = collect(results)
     if run.timed_out:
         raise UsageError(f"the pipeline on {np_} ranks ran past {timeout_s:g} s: raise --timeout")
@@ -61,7 +62,7 @@ def run_distributed(np_: int, preset_name: str, seed: int | None, mode: str, tim
 
 
 def rank_entry(args: argparse.Namespace) -> int:
-    """What each rank runs under mpirun; rank 0 hands the pipeline's result back (bench.ranks.handback)."""
+    """What each rank runs under mpirun; rank 0 hands the pipeline's result back (bench.launch.handback)."""
     rank = launched_rank()
     try:
         import torch

@@ -21,6 +21,7 @@ import pandas as pd
 from bench.cli.calibrate import format_calibration, link_check
 from bench.cli.sweep import int_list
 from bench.errors import UsageError
+from bench.host import np_label
 from bench.model.calibration import COMM_FILES, fit_links_by_transport, network_link, read_comm_rows
 from bench.model.calibration_store import now_iso
 from bench.model.predictions import (
@@ -128,7 +129,7 @@ def uncertainty_lines(args: argparse.Namespace, ranges: dict, missed: pd.DataFra
 
 
 def format_check(check: pd.DataFrame) -> str:
-    t = check.assign(np=[f"{n}{'*' if o else ''}" for n, o in zip(check["np"], check["oversubscribed"])])
+    t = check.assign(np=[np_label(n, o) for n, o in zip(check["np"], check["oversubscribed"])])
     cols = ["scaling", "mode", "np", "batch_per_rank", "measured_ms", "predicted_ms", "ratio", "measured_peak_rss_mib",
             "predicted_rss_mib"]
     return t[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}")

@@ -80,9 +80,9 @@ def derive_budget(peaks: dict[tuple[str, int], float]) -> BudgetDerivation:
 
 
 def cmd_shard_demo(args: argparse.Namespace) -> int:
-    from bench.plan.sweep import SweepInterrupted, run_sweep, start_sweep
     from bench.results.records import atomic_write_json, default_out, read_records
     from bench.results.report import write_report
+    from bench.run.sweep import SweepInterrupted, run_sweep, start_sweep
 
     config = SweepConfig.from_toml(args.config)
     if "row-wise" not in config.modes or not set(config.modes) & set(REPLICATED_MODES) or max(config.nps) < 2:

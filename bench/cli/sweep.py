@@ -1,4 +1,4 @@
-"""`alure-bench sweep | run | report`: flags and TOML files into a SweepConfig, then bench.plan.sweep and
+"""`alure-bench sweep | run | report`: flags and TOML files into a SweepConfig, then bench.run.sweep and
 bench.results.report."""
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from bench.launch.mpirun import LOCAL, Launcher
 from bench.plan.capacity import add_oversubscribe_flag, check_sweep
 from bench.plan.comm_config import format_env_setting, parse_env_setting
 from bench.plan.config import SweepConfig
-from bench.plan.sweep import load_sweep_config, run_sweep, start_sweep
 from bench.results.folder_lock import exclusive_writer
 from bench.results.records import default_out, ensure_writable
 from bench.results.report import efficiency_table, write_report
+from bench.run.sweep import load_sweep_config, run_sweep, start_sweep
 
 
 def int_list(text: str) -> list[int]:

@@ -209,5 +209,5 @@ def profile_from_records(records: list[dict], environment: dict | None = None) -
 
 
 def _cores() -> int:
-    from bench.launch.mpirun import physical_cores
+    from bench.host import physical_cores
     return physical_cores()

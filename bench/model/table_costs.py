@@ -20,8 +20,7 @@ DEFAULT_LOCAL_S_PER_BYTE = {"sparse-gather": 0.6e-9, "dense-reduce": 0.4e-9, "sp
 """Each mode's CPU work around its collectives, seconds per byte, when a sweep has no multi-rank point to fit it
 from. sparse-gather and sparse-as-dense (then called dense-reduce): fitted on a default-preset sweep on this 2-core
 machine. dense-reduce: a probe of its densify (zero + index_add_ into the kept buffer) and Adagrad(fused=True) update of
-one 200,000 x 64 table at 1 thread, about 20 ms for 51 MB on this machine while shared; Horovod's fusion-buffer copies
-not included. coalesced-gather uses sparse-gather's cost per gathered byte."""
+one 200,000 x 64 table at 1 thread (docs/costmodel.md "The model"); Horovod's fusion-buffer copies not included. coalesced-gather uses sparse-gather's cost per gathered byte."""
 AUTO_CHOICES = ("sparse-gather", "coalesced-gather", "dense-reduce")
 """What `auto` chooses among, per table and step."""
 MODELLED_MODES = REPLICATED_MODES

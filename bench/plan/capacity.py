@@ -27,14 +27,15 @@ import psutil
 
 from bench.errors import UsageError
 from bench.host import physical_cores
+from bench.plan.sizes import format_bytes
 
 MIB = 2**20
 DEFAULT_RANKS_PER_CORE = 8
 """Ranks one core may carry on one host unless --oversubscribe-limit says otherwise."""
 RUNTIME_MIB = 200.0
 """Resident memory of a rank before it builds anything: Python with torch, Horovod and mpi4py loaded and Horovod
-initialised. A rank of tests/ranks/runtime_rss.py held 245 MiB on the 2-core reference machine (launch it with
-`tests.conftest.launch(1, "runtime_rss")`); the margin keeps this a floor across builds, and a test checks it is."""
+initialised, kept below what a rank of tests/ranks/runtime_rss.py holds (launch it with
+`tests.conftest.launch(1, "runtime_rss")`) so that it stays a floor across builds; a test checks it is."""
 PARAMETER_COPIES = 2
 """Copies of every parameter a training rank holds at least: the weights and Adagrad's accumulated squares."""
 SINFO_TIMEOUT_S = 5.0
@@ -213,20 +214,13 @@ def check_launch(np: int, rank_mib: float, hosts: Hosts, *, flag: str, ranks_per
     if memory is not None:
         fit = min(fit, int(memory // rank_mib))
         if busiest * rank_mib > memory:
-            problems.append(f"at least {_size(busiest * rank_mib)} of memory per host ({busiest} ranks x "
+            problems.append(f"at least {format_bytes(busiest * rank_mib * 2**20)} of memory per host ({busiest} ranks x "
                             f"{rank_mib:.0f} MiB{what}) where {'it' if hosts.nodes == 1 else 'a node'} has "
-                            f"{_size(memory)}")
+                            f"{format_bytes(memory * 2**20)}")
     if problems:
         fits = f"at most {fit * usable} ranks fit" if fit * usable else "not one rank fits"
         raise UsageError(f"{flag} {np} cannot run on {hosts.where}: it needs {' and '.join(problems)}; {fits}: "
                          f"lower {flag}")
-
-
-def _size(mib: float) -> str:
-    for unit, scale in (("TiB", 2**20), ("GiB", 2**10)):
-        if mib >= scale:
-            return f"{mib / scale:.1f} {unit}"
-    return f"{mib:.0f} MiB"
 
 
 def check_sweep(config, *, flag: str, ranks_per_core: int = DEFAULT_RANKS_PER_CORE, hosts: Hosts | None = None,

@@ -5,7 +5,7 @@ the real ranks would), but nothing here starts Horovod or MPI: each process trai
 (alure.exchange.LocalExchange, as a lone np=1 point does) and is timed by the training worker's own `measure`. The
 processes line up after their warm-up through files in the hand-back folder, so their timed steps run at the same
 time; afterwards the others hand their measurements back as files and rank 0 builds the record from them. Run as
-`python -m bench.ranks.corun` (bench.plan.sweep.worker_module)."""
+`python -m bench.ranks.corun` (bench.run.sweep.worker_module)."""
 from __future__ import annotations
 
 import argparse
@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from alure.exchange import LocalExchange
+from bench.launch.handback import hand_back, hand_back_failure, launched_rank, rank_file
 from bench.plan.config import PointConfig
 from bench.ranks.exchange import ExchangeCounters
-from bench.ranks.handback import hand_back, hand_back_failure, launched_rank, rank_file
 from bench.ranks.memory import apply_mem_limit
 from bench.results.records import utc_now
 

@@ -232,7 +232,7 @@ class ModeExchange:
         self.counters.work_ms += (time.perf_counter() - started) * 1000
 
     def _choose_modes(self, batch):
-        from bench.launch.mpirun import physical_cores
+        from bench.host import physical_cores
         from bench.model.profile import table_lookups
         from bench.model.table_costs import choose_mode
         from bench.ranks.memory import memory_budget_bytes

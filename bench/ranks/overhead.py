@@ -4,7 +4,7 @@ same ranks in the same run, so drift and noise fall on both alike. Run on every 
 
     mpirun -np 2 python -m bench.ranks.overhead --results DIR --preset default --blocks 10 --steps-per-block 5
 
-Rank 0 hands the block means and their ratio back into DIR (bench.ranks.handback).
+Rank 0 hands the block means and their ratio back into DIR (bench.launch.handback).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from bench.host import threads_per_rank
-from bench.ranks.handback import hand_back
+from bench.launch.handback import hand_back
 from bench.ranks.worker import instrumented_step
 
 

@@ -1,7 +1,7 @@
 """What the two rank programs of a sweep point share (bench.ranks.worker: timed training steps;
 bench.ranks.stage_worker: a whole pipeline stage): the command line, the exchange (`exchange_for`: Horovod,
 raw MPI or the sharded modes), every rank's measurements gathered to rank 0, which builds the point's record, and
-the hand-back of the outcome (bench.ranks.handback)."""
+the hand-back of the outcome (bench.launch.handback)."""
 from __future__ import annotations
 
 import argparse
@@ -11,8 +11,8 @@ import sys
 import time
 from collections.abc import Callable
 
+from bench.launch.handback import hand_back, hand_back_failure, launched_rank, mark_measuring
 from bench.plan.config import PointConfig
-from bench.ranks.handback import hand_back, hand_back_failure, launched_rank, mark_measuring
 from bench.ranks.memory import apply_mem_limit
 from bench.results.records import utc_now
 

@@ -5,7 +5,7 @@
     environment.json    bench.launch.environment.capture_environment()
     points/<id>.json    one record per point (status ok | failed | oom | timeout, with the reason)
     logs/<id>.log       the launch's command line and everything its ranks printed
-    handback/<id>/      while a point runs: what each rank hands back (bench.ranks.handback); removed after it
+    handback/<id>/      while a point runs: what each rank hands back (bench.launch.handback); removed after it
     summary.csv, report.md, *.png   derived by bench.results.report; rebuilt at will
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Launching the collective micro-benchmark: one launch of bench.ranks.comm_rank per backend (and setting), each
-rank's outcome collected (bench.ranks.handback), the launch environment recorded."""
+rank's outcome collected (bench.launch.handback), the launch environment recorded."""
 from __future__ import annotations
 
 import json
@@ -8,13 +8,14 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from bench.launch.environment import ENV_PREFIXES, capture_environment
 from bench.launch.gloo_rendezvous import free_port
+from bench.launch.handback import collect, failures
 from bench.launch.hosts import hosts_launcher
 from bench.launch.mpirun import LOCAL, Launcher, run_ranks
 from bench.launch.rank_program import python_module_argv
 from bench.plan.comm_config import CommConfig
 from bench.ranks.comm_rank import geometry, memcpy_call, timed
-from bench.ranks.handback import collect, failures
 from bench.results.comm_rows import comm_row
 from bench.results.scaling import slowest_rank_per_step
 
@@ -22,17 +23,23 @@ from bench.results.scaling import slowest_rank_per_step
 def environment_record(np: int, extra: dict[str, str] | None = None, compare: dict[str, str] | None = None,
                        launcher: Launcher = LOCAL) -> dict:
     """environment.json: bench.launch.environment's record plus the variables the ranks were launched with (and those
-    of setting B under --compare-env)."""
-    from bench.launch.environment import ENV_PREFIXES, capture_environment
+    of setting B under --compare-env). Its shared-memory mechanism is the one the command's launches use
+    (`shared_memory_of`)."""
+    env = capture_environment()
 
     def variables(overrides):
-        env = launcher.environment(np, {**os.environ, **(overrides or {})})
-        return {k: v for k, v in sorted(env.items()) if k.startswith(ENV_PREFIXES)}
-    env = capture_environment()
+        launch = launcher.environment(np, {**os.environ, **(overrides or {})}, shared_memory=shared_memory_of(env))
+        return {k: v for k, v in sorted(launch.items()) if k.startswith(ENV_PREFIXES)}
     env["launch_variables"] = variables(extra)
     if compare is not None:
         env["compare_launch_variables"] = variables(compare)
     return env
+
+
+def shared_memory_of(environment: dict) -> str:
+    """The shared-memory mechanism an environment record (`environment_record`) resolved: what every launch of the
+    command is handed."""
+    return environment["shared_memory"]["single_copy_mechanism"]
 
 
 @dataclass(slots=True)
@@ -45,7 +52,7 @@ class LaunchResult:
 
 
 def launch_program(spec: dict, np: int, timeout_s: float, extra_env: dict[str, str] | None = None,
-                   launcher: Launcher = LOCAL) -> LaunchResult:
+                   launcher: Launcher = LOCAL, *, shared_memory: str) -> LaunchResult:
     """Run bench.ranks.comm_rank with `spec` on `np` ranks through bench.launch.mpirun, `extra_env` set on top of this
     process's environment; collect each rank's record."""
     env = {**os.environ, **(extra_env or {})}
@@ -57,7 +64,7 @@ def launch_program(spec: dict, np: int, timeout_s: float, extra_env: dict[str, s
         spec_path = Path(work) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         run = run_ranks(np, python_module_argv("bench.ranks.comm_rank", str(spec_path)), timeout_s=timeout_s, env=env,
-                        launcher=launcher)
+                        launcher=launcher, shared_memory=shared_memory)
         handed = collect(work)
     records = [h["result"] for h in handed if h["status"] == "ok"]
     if run.timed_out:
@@ -93,8 +100,8 @@ def launch_order(backends: tuple[str, ...], rounds: int) -> list[str]:
     return order
 
 
-def measure_backend(cfg: CommConfig, backend: str, iters: int,
-                    extra_env: dict[str, str] | None = None) -> tuple[dict, dict, LaunchResult]:
+def measure_backend(cfg: CommConfig, backend: str, iters: int, extra_env: dict[str, str] | None = None, *,
+                    shared_memory: str) -> tuple[dict, dict, LaunchResult]:
     """One launch of `backend` with `iters` timed iterations per point; returns {(op, size): (bytes_moved,
     per-iteration rank-max seconds, faults per call, caller busy fraction)}, the settings rank 0 saw, and the
     launch."""
@@ -102,7 +109,8 @@ def measure_backend(cfg: CommConfig, backend: str, iters: int,
             "tensors": cfg.tensors, "warmup": cfg.warmup, "iters": iters}
     calls = (cfg.warmup + iters) * len(cfg.ops) * len(cfg.sizes) * cfg.tensors
     total = (cfg.warmup + iters) * len(cfg.ops) * sum(cfg.sizes)
-    launch = launch_program(spec, cfg.np, hang_timeout_s(total, calls), extra_env, comm_launcher(cfg))
+    launch = launch_program(spec, cfg.np, hang_timeout_s(total, calls), extra_env, comm_launcher(cfg),
+                            shared_memory=shared_memory)
     if launch.error:
         return {}, {}, launch
     points = {}
