@@ -6,8 +6,8 @@ Horovod (as the harness configures it), raw MPI (mpi4py) and torch.distributed/g
 to --max-bytes, each backend in a launch of its own; plus this machine's memcpy bandwidth as the ceiling. Latency
 of an iteration is the slowest rank's (a barrier starts each iteration); figures follow nccl-tests (docs/design.md):
 algbw = S/t, busbw = algbw x `busbw_factor`, GB/s = 1e9 bytes/s. Each backend runs in --rounds launches in
-alternating order (A B C C B A), iterations pooled, and Horovod's allreduce busbw is printed as a fraction of raw MPI's
-per size (the target is 0.9 from 4 MiB up; sizes below it are named).
+alternating order (A B C C B A), iterations pooled, and Horovod's busbw is printed as a fraction of raw MPI's per
+size, judged against bench.results.comm_rows.RATIO_TARGETS where an op has one.
 
 crossover: with Horovod, time and bytes of sparse-gather (allgather of the uncoalesced gradient's indices and
 values, horovod's sparse_allreduce_async) against dense-reduce (to_dense + allreduce) of a V x d embedding gradient,

@@ -12,6 +12,7 @@ import sys
 import tempfile
 from dataclasses import replace
 
+from alure.config import PRESETS
 from alure.stages import DEFAULT_GRAPH_STRATEGY, GRAPH_STRATEGIES
 from bench.errors import UsageError
 from bench.host import threads_per_rank
@@ -117,7 +118,7 @@ def register(sub) -> None:
     p = sub.add_parser("pipeline", help="run the ALURE pipeline (train, refresh, similarity graph, ads retrieval) "
                                         "and print its quality and stage times")
     p.add_argument("--np", type=int, default=1, help="MPI processes (1: one plain process, no MPI)")
-    p.add_argument("--preset", default="default", help="workload preset: tiny, default or large")
+    p.add_argument("--preset", default="default", help=f"workload preset: {', '.join(PRESETS)}")
     # The later stages read the tables whole (refresh embeds every user): the data-parallel modes only.
     p.add_argument("--mode", default="dense-reduce", choices=[m for m in MODES if m not in SHARDED_MODES],
                    help="gradient exchange when np > 1")

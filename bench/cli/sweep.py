@@ -8,6 +8,7 @@ import shlex
 from dataclasses import replace
 from pathlib import Path
 
+from alure.config import PRESETS
 from bench.errors import MachineFault, UsageError
 from bench.launch.hosts import (
     add_host_flags,
@@ -57,7 +58,7 @@ SHARED_FLAGS = {"preset": "preset", "steps": "steps", "warmup": "warmup_steps", 
 
 
 def add_shared_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help="workload preset: tiny, default or large")
+    p.add_argument("--preset", help=f"workload preset: {', '.join(PRESETS)}")
     p.add_argument("--steps", type=int, help="timed steps per point (default 20)")
     p.add_argument("--warmup", type=int, help="untimed warm-up steps per point (default 3)")
     p.add_argument("--timeout", type=float, help="seconds before a point is killed and recorded as timeout")

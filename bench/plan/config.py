@@ -43,7 +43,7 @@ class RunSettings:
     """What every point of a sweep shares: the workload, how long to measure, and the limits."""
 
     preset: str = "default"
-    """Workload preset (alure.config): tiny, default or large."""
+    """Workload preset: a name of alure.config.PRESETS."""
     batch_per_rank: int = 0
     """Per-rank batch for weak scaling; 0 takes the preset's batch size."""
     global_batch: int = 0
