@@ -12,13 +12,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bench.host import hosts_oversubscribed, is_oversubscribed, physical_cores
+from bench.host import physical_cores, point_oversubscribed
 from bench.launch.hosts import link_as_configured, network_of_ranks, shares_one_machine
 from bench.plan.config import PointConfig
 from bench.plan.workload import batch_sizes, preset_batch, workload_config
 from bench.ranks import grouped_gather, point_program
 from bench.ranks.memory import MIB, PeakProbe, apply_training_mem_limit, peak_rss_mib, rss_mib, vm_data_bytes
-from bench.results.records import SCHEMA_VERSION
+from bench.results.records import point_record
 from bench.results.scaling import (
     PHASES,
     rank_skew,
@@ -192,30 +192,29 @@ def build_record(point: PointConfig, ranks: list[dict], wall_seconds: float, sta
     metrics |= price_exchange(point, metrics, exchange_ms, network["transport"])
     # Emulated hosts (slurm/cluster.sh) are namespaces of this one machine: their ranks time-share its cores.
     shared = network["transport"] == "tcp" and shares_one_machine(network["hosts"])
-    return {
-        "schema_version": SCHEMA_VERSION, "point_id": point.point_id, "point": point.as_dict(), "status": "ok",
-        "reason": None, "started_at": started_at, "wall_seconds": wall_seconds,
-        "oversubscribed": hosts_oversubscribed(ranks) or (shared and is_oversubscribed(point.np)), "np": point.np,
-        "threads_per_rank": point.threads_per_rank,
-        "batch_per_rank": per_rank, "global_batch": global_batch,
+    return point_record(
+        point, "ok", reason=None, started_at=started_at, wall_seconds=wall_seconds,
+        oversubscribed=point_oversubscribed(point.np, ranks, one_machine=shared), metrics=metrics, ranks=ranks,
+        threads_per_rank=point.threads_per_rank,
+        batch_per_rank=per_rank, global_batch=global_batch,
         **network,  # hosts, ranks_per_host, transport
-        "exchange_backend": point.exchange_backend,
+        exchange_backend=point.exchange_backend,
         # what the ranks ran with (the launcher's knobs, or the point's own launch_env over them): a before/after of
         # a launch setting is read from the records themselves. Gloo's interface is where the ranks talk, not a
         # knob, and differs between a local and an allocated launch (environment.json keeps it).
-        "horovod_settings": {k: v for k, v in sorted(os.environ.items())
-                             if (k.startswith("HOROVOD_") and k != "HOROVOD_GLOO_IFACE")
-                             or k == grouped_gather.VARIABLE},
-        "launch_env": point.launch_env,
-        "horovod_controller": os.environ.get("HOROVOD_CONTROLLER", "mpi") if point.exchange_backend == "horovod"
+        horovod_settings={k: v for k, v in sorted(os.environ.items())
+                          if (k.startswith("HOROVOD_") and k != "HOROVOD_GLOO_IFACE")
+                          or k == grouped_gather.VARIABLE},
+        launch_env=point.launch_env,
+        horovod_controller=os.environ.get("HOROVOD_CONTROLLER", "mpi") if point.exchange_backend == "horovod"
         else None,
         # This host's egress as tc has it (the emulated cluster shapes every host alike); only between hosts.
-        "link": link_as_configured() if network["transport"] == "tcp" else None,
+        link=link_as_configured() if network["transport"] == "tcp" else None,
         # auto: the costs it decided with (calibration file and date, costs.json, or built-in); None in fixed modes
-        "auto_costs": ranks[0].get("auto_costs"),
-        "step_time_ms_slowest_rank": slowest.tolist(), "metrics": metrics, "ranks": ranks,
-        "sharding": ranks[0].get("sharding"),
-    }
+        auto_costs=ranks[0].get("auto_costs"),
+        step_time_ms_slowest_rank=slowest.tolist(),
+        sharding=ranks[0].get("sharding"),
+    )
 
 
 def receive_imbalance(served: list[float]) -> float | None:

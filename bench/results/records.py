@@ -146,6 +146,16 @@ def room_for_point(np: int, timed_steps: int, attempts: int = 1) -> int:
     return _blocks(record) + 2 * np * BLOCK_BYTES + 2 * _blocks(attempts * np * LOG_RANK_BYTES)
 
 
+def point_record(point, status: str, *, reason: str | None, started_at: str, wall_seconds: float,
+                 oversubscribed: bool, metrics: dict | None = None, ranks: list[dict] = (), **fields) -> dict:
+    """A point's record (docs/design.md "Results"), composed here for every outcome: the rank programs' ok records
+    (their measurements as `metrics`, `ranks` and the `fields` of their kind) and the sweep's failure records.
+    `point` is the PointConfig measured."""
+    return {"schema_version": SCHEMA_VERSION, "point_id": point.point_id, "point": point.as_dict(), "status": status,
+            "reason": reason, "started_at": started_at, "wall_seconds": wall_seconds,
+            "oversubscribed": oversubscribed, "np": point.np, **fields, "metrics": metrics, "ranks": list(ranks)}
+
+
 def point_path(sweep_dir: Path, point_id: str) -> Path:
     return Path(sweep_dir) / "points" / f"{point_id}.json"
 

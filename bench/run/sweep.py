@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.errors import MachineFault, UsageError
-from bench.host import OVERSUBSCRIBED_MARK, is_oversubscribed
+from bench.host import OVERSUBSCRIBED_MARK, is_oversubscribed, point_oversubscribed
 from bench.launch import transport
 from bench.launch.environment import capture_environment, launch_environment
 from bench.launch.handback import collect, failures, looks_like_oom, machine_fault_in, measured_ranks
@@ -33,12 +33,12 @@ from bench.plan.sizes import format_bytes
 from bench.ranks.point_program import point_argv
 from bench.results.records import (
     REPORT_BYTES,
-    SCHEMA_VERSION,
     atomic_write_json,
     atomic_write_text,
     ensure_writable,
     free_bytes,
     point_path,
+    point_record,
     read_record,
     room_for_point,
     utc_now,
@@ -89,10 +89,8 @@ def _first_line_matching(text: str, predicate) -> str:
 def failure_record(point: PointConfig, status: str, reason: str, wall_seconds: float, started_at: str,
                    launcher: Launcher = LOCAL) -> dict:
     # Without the ranks' host list, only a single-host launch can say whether the point was oversubscribed.
-    return {"schema_version": SCHEMA_VERSION, "point_id": point.point_id, "point": point.as_dict(),
-            "status": status, "reason": reason, "started_at": started_at, "wall_seconds": wall_seconds,
-            "oversubscribed": launcher.single_host and is_oversubscribed(point.np), "np": point.np,
-            "metrics": None, "ranks": []}
+    return point_record(point, status, reason=reason, started_at=started_at, wall_seconds=wall_seconds,
+                        oversubscribed=point_oversubscribed(point.np, one_machine=launcher.single_host))
 
 
 def worker_module(point: PointConfig) -> str:
