@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
+import sys
 import tempfile
-from dataclasses import dataclass, field, replace
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 
-from bench.launch.environment import ENV_PREFIXES, capture_environment
+from bench.host import is_oversubscribed, physical_cores
+from bench.launch.environment import ENV_PREFIXES, capture_environment, launch_settings
 from bench.launch.gloo_rendezvous import free_port
 from bench.launch.handback import collect, failures
 from bench.launch.hosts import hosts_launcher
-from bench.launch.mpirun import LOCAL, Launcher, run_ranks
+from bench.launch.mpirun import HOROVOD_SETTINGS, LOCAL, Launcher, mpi_environment, run_ranks
 from bench.launch.rank_program import python_module_argv
 from bench.plan.comm_config import CommConfig
-from bench.ranks.comm_rank import geometry, memcpy_call, timed
-from bench.results.comm_rows import comm_row
+from bench.ranks.comm_rank import geometry, memcpy_call, split_sizes, timed
+from bench.results.comm_rows import EXTRA_FIELDS, ROW_FIELDS, comm_row
+from bench.results.records import atomic_write_json, write_csv_atomic
 from bench.results.scaling import slowest_rank_per_step
 
 
@@ -100,11 +106,30 @@ def launch_order(backends: tuple[str, ...], rounds: int) -> list[str]:
     return order
 
 
+@dataclass(slots=True)
+class CommMeasurement:
+    """One (op, size) of a backend, measured in one launch or pooled over the rounds' launches."""
+
+    bytes_moved: int
+    """Bytes one call moves (bench.ranks.comm_rank.geometry)."""
+    times_s: list[float]
+    """Per timed iteration, the slowest rank's seconds."""
+    minor_faults_per_call: list[float]
+    """Page faults per call of the rank that faulted most, one entry per launch."""
+    caller_busy_fraction: list[float]
+    """CPU time of the calling thread over the wall time of the calls (largest rank), one entry per launch."""
+
+    def pool(self, other: CommMeasurement) -> None:
+        """Add another launch's measurement of the same op and size."""
+        self.times_s.extend(other.times_s)
+        self.minor_faults_per_call.extend(other.minor_faults_per_call)
+        self.caller_busy_fraction.extend(other.caller_busy_fraction)
+
+
 def measure_backend(cfg: CommConfig, backend: str, iters: int, extra_env: dict[str, str] | None = None, *,
-                    shared_memory: str) -> tuple[dict, dict, LaunchResult]:
-    """One launch of `backend` with `iters` timed iterations per point; returns {(op, size): (bytes_moved,
-    per-iteration rank-max seconds, faults per call, caller busy fraction)}, the settings rank 0 saw, and the
-    launch."""
+                    shared_memory: str) -> tuple[dict[tuple[str, int], CommMeasurement], dict, LaunchResult]:
+    """One launch of `backend` with `iters` timed iterations per point; returns {(op, size): CommMeasurement}, the
+    settings rank 0 saw, and the launch."""
     spec = {"program": "comm", "backend": backend, "ops": list(cfg.ops), "sizes": cfg.sizes, "dim": cfg.dim,
             "tensors": cfg.tensors, "warmup": cfg.warmup, "iters": iters}
     calls = (cfg.warmup + iters) * len(cfg.ops) * len(cfg.sizes) * cfg.tensors
@@ -116,9 +141,10 @@ def measure_backend(cfg: CommConfig, backend: str, iters: int, extra_env: dict[s
     points = {}
     for per_rank in zip(*(r["results"] for r in launch.records)):
         p = per_rank[0]
-        points[(p["op"], p["size_bytes"])] = (p["bytes_moved"], slowest_rank_per_step([q["times_s"] for q in per_rank]).tolist(),
-                                               max(q.get("minor_faults_per_call", 0) for q in per_rank),
-                                               max(q.get("caller_busy_fraction", 0) for q in per_rank))
+        points[(p["op"], p["size_bytes"])] = CommMeasurement(
+            p["bytes_moved"], slowest_rank_per_step([q["times_s"] for q in per_rank]).tolist(),
+            [max(q.get("minor_faults_per_call", 0) for q in per_rank)],
+            [max(q.get("caller_busy_fraction", 0) for q in per_rank)])
     return points, launch.records[0]["settings"], launch
 
 
@@ -140,3 +166,103 @@ def comm_variants(cfg: CommConfig) -> list[tuple[str, dict[str, str]]]:
     if cfg.compare_env is not None:
         variants.append(("B", dict(cfg.compare_env)))
     return variants
+
+
+@dataclass(slots=True)
+class CommRun:
+    """What `measure_comm` measured: the rows and what every launch ran with."""
+
+    cfg: CommConfig
+    """What was measured."""
+    environment: dict
+    """environment.json (`environment_record`)."""
+    rows: list[dict] = field(default_factory=list)
+    """One comm row per backend, op, size and setting (bench.results.comm_rows.comm_row), memcpy's first."""
+    settings: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Per setting (A, B), Horovod's knobs as rank 0 saw them, or as it would have been launched with."""
+    launch_fields: dict[tuple[str, str], dict] = field(default_factory=dict)
+    """Per (setting, backend), rank 0's launch fields (bench.launch.environment.launch_settings)."""
+    failures: list[dict] = field(default_factory=list)
+    """The failed launches: backend, setting, round, error."""
+    launches: list[dict] = field(default_factory=list)
+    """Every launch in order: backend, setting, round, seconds."""
+    started: datetime = field(default_factory=lambda: datetime.now().astimezone())
+    """When the measurement began."""
+    start_s: float = field(default_factory=time.perf_counter)
+    """perf_counter at the start, for the run's duration."""
+
+    def failed(self, unit: tuple[str, str]) -> bool:
+        """Whether (setting, backend) had a failed launch: it then has no complete rows."""
+        return any((f["setting"], f["backend"]) == unit for f in self.failures)
+
+
+def measure_comm(cfg: CommConfig) -> CommRun:
+    """Every backend under every setting in `cfg.rounds` interleaved launches (progress on stderr), iterations
+    pooled per op and size into rows."""
+    variants = dict(comm_variants(cfg))
+    run = CommRun(cfg, environment_record(cfg.np, cfg.baseline_env, cfg.compare_env, comm_launcher(cfg)))
+    shared_memory = shared_memory_of(run.environment)
+    run.rows = [r | {"setting": ""} for r in measure_memcpy(cfg, launch_settings(dict(os.environ)))]
+    pooled: dict[tuple, CommMeasurement] = {}  # (setting, backend, op, size) -> pooled over its launches
+    # Same backend under A and B side by side, so a B/A ratio compares launches minutes apart at most.
+    units = [(setting, backend) for backend in cfg.backends for setting in variants]
+    share = split_sizes(cfg.iters, cfg.rounds)
+    for k, (setting, backend) in enumerate(launch_order(tuple(units), cfg.rounds)):
+        if run.failed((setting, backend)):
+            continue
+        round_ = k // len(units)
+        label = f" under setting {setting}" if len(variants) > 1 else ""
+        print(f"measuring {backend}{label} on {cfg.np} ranks (round {round_ + 1}/{cfg.rounds}) ...",
+              file=sys.stderr, flush=True)
+        points, seen, launch = measure_backend(cfg, backend, share[round_], variants[setting],
+                                               shared_memory=shared_memory)
+        run.launches.append({"backend": backend, "setting": setting, "round": round_ + 1,
+                             "seconds": round(launch.seconds, 2)})
+        if launch.error:
+            run.failures.append({"backend": backend, "setting": setting, "round": round_ + 1, "error": launch.error})
+            print(f"alure-bench comm: {backend}{label} failed: {launch.error}", file=sys.stderr)
+            continue
+        for (op, size), measured in points.items():
+            if (setting, backend, op, size) in pooled:
+                pooled[(setting, backend, op, size)].pool(measured)
+            else:
+                pooled[(setting, backend, op, size)] = measured
+        run.launch_fields[(setting, backend)] = launch.records[0].get("launch", {})
+        if backend == "horovod":
+            run.settings.setdefault(setting, seen)
+    over = is_oversubscribed(cfg.np)
+    for setting, backend in units:
+        if run.failed((setting, backend)):
+            continue  # a backend with a failed round has no complete rows
+        for op in cfg.ops:
+            for size in cfg.sizes:
+                m = pooled[(setting, backend, op, size)]
+                run.rows.append(comm_row(backend, op, cfg.np, size, m.bytes_moved, m.times_s,
+                                         tensors=cfg.tensors if op == "allreduce" else 1, warmup=cfg.warmup,
+                                         rounds=cfg.rounds, oversubscribed=over,
+                                         launch=run.launch_fields[(setting, backend)], setting=setting,
+                                         minor_faults_per_call=statistics.fmean(m.minor_faults_per_call),
+                                         caller_busy_fraction=statistics.fmean(m.caller_busy_fraction)))
+    for setting, extra in variants.items():
+        if setting not in run.settings:  # Horovod not run: what it would have been launched with
+            run.settings[setting] = {k: v for k, v in mpi_environment(cfg.np, {**os.environ, **extra},
+                                                                          shared_memory=shared_memory).items()
+                                     if k.startswith("HOROVOD_")}
+    return run
+
+
+def write_comm(out: Path, run: CommRun, ratios: list[dict], compared: list[dict], network: dict) -> float:
+    """environment.json, comm.json and comm.csv of a measured run into `out`; returns the run's seconds."""
+    cfg = run.cfg
+    seconds = round(time.perf_counter() - run.start_s, 2)
+    result = {"kind": "comm", "started": run.started.isoformat(timespec="seconds"), "seconds": seconds,
+              "config": asdict(cfg) | {"sizes": cfg.sizes}, "cores": physical_cores(),
+              "horovod_settings": run.settings["A"], "harness_horovod_settings": dict(HOROVOD_SETTINGS),
+              "launches": run.launches, "horovod_vs_mpi4py": ratios, "failures": run.failures, "network": network,
+              "rows": run.rows}
+    if cfg.compare_env is not None:
+        result |= {"compare_horovod_settings": run.settings["B"], "b_over_a": compared}
+    atomic_write_json(out / "environment.json", run.environment)
+    atomic_write_json(out / "comm.json", result)
+    write_csv_atomic(out / "comm.csv", run.rows, ROW_FIELDS + EXTRA_FIELDS)
+    return seconds
