@@ -130,3 +130,27 @@ def test_finds_an_import_up_the_layers():
 def test_packages_import_down_the_layers_only():
     bad = upward_imports(import_graph())
     assert not bad, "imports up the layers (tests/test_imports.py LAYERS):\n" + "\n".join(bad)
+
+
+def local_imports_without_a_reason() -> list[str]:
+    """Imports of a project module inside a function with no comment on their line or the line above: an import
+    belongs at the top unless something says why not (a rank-only or optional dependency such as torch)."""
+    found = []
+    for path in project_modules().values():
+        lines = path.read_text().splitlines()
+        for fn in ast.walk(ast.parse("\n".join(lines), str(path))):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                        else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                if any(m.split(".")[0] in PACKAGES for m in mods):
+                    said = "#" in "".join(lines[node.lineno - 1:node.end_lineno])
+                    if not said and not lines[node.lineno - 2].strip().startswith("#"):
+                        found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    return found
+
+
+def test_an_import_inside_a_function_says_why():
+    found = local_imports_without_a_reason()
+    assert not found, "imports inside functions with no reason given (move them up, or say why):\n" + "\n".join(found)

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from dataclasses import replace
 
-from alure.config import PRESETS
+from alure.config import PRESETS, preset
 from alure.stages import DEFAULT_GRAPH_STRATEGY, GRAPH_STRATEGIES
 from bench.errors import UsageError
 from bench.host import threads_per_rank
@@ -26,7 +26,6 @@ from bench.plan.config import MODES, SHARDED_MODES
 
 
 def workload(preset_name: str, seed: int | None):
-    from alure.config import preset
     try:
         config = preset(preset_name)
     except ValueError as err:  # alure names the presets it has
@@ -37,8 +36,8 @@ def workload(preset_name: str, seed: int | None):
 def run_local(preset_name: str, seed: int | None, graph_strategy: str) -> dict:
     import torch
 
-    from alure.exchange import LocalExchange
-    from alure.pipeline import run_pipeline
+    from alure.exchange import LocalExchange  # imports torch: only where it runs
+    from alure.pipeline import run_pipeline  # imports torch: only where it runs
     torch.set_num_threads(threads_per_rank(1))
     return run_pipeline(workload(preset_name, seed), LocalExchange(), graph_strategy)
 
@@ -68,8 +67,8 @@ def rank_entry(args: argparse.Namespace) -> int:
     try:
         import torch
 
-        from alure.pipeline import run_pipeline
-        from bench.ranks.exchange import HorovodExchange
+        from alure.pipeline import run_pipeline  # imports torch: only where it runs
+        from bench.ranks.exchange import HorovodExchange  # imports torch and Horovod: rank side only
         exchange = HorovodExchange(args.mode)
         rank = exchange.rank
         torch.set_num_threads(threads_per_rank(exchange.size))

@@ -23,6 +23,7 @@ from bench.launch.mpirun import LOCAL, Launcher
 from bench.plan.capacity import add_oversubscribe_flag, check_sweep
 from bench.plan.comm_config import format_env_setting, parse_env_setting
 from bench.plan.config import SweepConfig
+from bench.plan.workload import workload_config
 from bench.results.folder_lock import exclusive_writer
 from bench.results.records import default_out, ensure_writable
 from bench.results.report import efficiency_table, write_report
@@ -129,7 +130,6 @@ def sweep_config_from_args(args: argparse.Namespace, **fixed) -> SweepConfig:
 def _check_workload(config: SweepConfig) -> None:
     """Build every point's workload config here, so a bad preset, override or batch split fails before anything
     launches (not as a failed point minutes into the sweep)."""
-    from bench.plan.workload import workload_config
     for point in config.plan():
         try:
             workload_config(point)

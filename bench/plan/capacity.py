@@ -25,9 +25,11 @@ from pathlib import Path
 
 import psutil
 
+from alure.config import SourceConfig, WorkloadConfig
 from bench.errors import UsageError
 from bench.host import physical_cores
 from bench.plan.sizes import format_bytes
+from bench.plan.workload import workload_config
 
 MIB = 2**20
 DEFAULT_RANKS_PER_CORE = 8
@@ -87,8 +89,7 @@ def parameter_bytes(workload) -> int:
 def _parameter_bytes(workload_json: str) -> int:
     import torch
 
-    from alure.config import SourceConfig, WorkloadConfig
-    from alure.model import UserEncoder
+    from alure.model import UserEncoder  # imports torch: only where a model is built
     data = json.loads(workload_json)
     data["sources"] = tuple(SourceConfig(**s) for s in data["sources"])
     with torch.device("meta"):  # shapes without memory, even for tables of millions of rows
@@ -227,7 +228,6 @@ def check_sweep(config, *, flag: str, ranks_per_core: int = DEFAULT_RANKS_PER_CO
                 layout=None) -> None:
     """Every np of a SweepConfig against `hosts` (default this host). `layout(np)` -> (nodes, ranks per node) for
     Slurm arrays."""
-    from bench.plan.workload import workload_config
     hosts = hosts or this_host()
     point = config.plan()[0]  # the parameters are the same at every point: only the batch differs
     rank_mib = rank_floor_mib(workload_config(point), config.mem_limit_mib)

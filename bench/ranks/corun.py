@@ -50,7 +50,7 @@ def line_up(folder: Path, rank: int, size: int, timeout_s: float) -> None:
 
 def corun_rank(point: PointConfig, folder: Path, rank: int) -> dict:
     """This process's measurements, with what it is: its launched rank and whether Horovod or mpi4py were loaded."""
-    from bench.ranks.worker import measure
+    from bench.ranks.worker import measure  # imports torch: rank side only
     measured = measure(point, BareExchange(), lambda: line_up(folder, rank, point.np, point.timeout_s))
     return measured | {"rank": rank, "modules_loaded": {m: m in sys.modules for m in ("horovod", "mpi4py")}}
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank != 0:
             hand_back(folder, rank, mine)
             return 0
-        from bench.ranks.worker import build_record
+        from bench.ranks.worker import build_record  # imports torch: rank side only
         ranks = [mine, *gather_files(folder, point.np, point.timeout_s)]
         hand_back(folder, 0, build_record(point, ranks, time.perf_counter() - start, started_at))
     except BaseException as err:  # noqa: BLE001 - every failure must reach the sweep classified

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from alure.config import preset
 from bench.host import threads_per_rank
 from bench.launch.handback import hand_back
 from bench.ranks.worker import instrumented_step
@@ -41,9 +42,8 @@ def block_means(trainer, exchange, blocks: int, steps: int) -> tuple[list[float]
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from alure.config import preset
-    from alure.train import Trainer
-    from bench.ranks.exchange import HorovodExchange
+    from alure.train import Trainer  # imports torch: rank side only
+    from bench.ranks.exchange import HorovodExchange  # imports torch and Horovod: rank side only
 
     parser = argparse.ArgumentParser(prog="python -m bench.ranks.overhead")
     parser.add_argument("--results", required=True, help="the folder to hand the result back into")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from bench.launch.handback import hand_back, hand_back_failure, launched_rank, mark_measuring
 from bench.plan.config import PointConfig
+from bench.plan.workload import workload_config
 from bench.ranks.memory import apply_mem_limit
 from bench.results.records import utc_now
 
@@ -31,9 +32,10 @@ def exchange_for(point: PointConfig):
     """The point's exchange, over its backend (bench.plan.config.EXCHANGE_BACKENDS). Imported only when chosen: a
     raw-MPI point must never load Horovod."""
     if point.exchange_backend == "mpi":
+        # Imports torch and mpi4py: rank side only (the launcher imports this module).
         from bench.ranks.mpi_exchange import MpiExchange
         return MpiExchange(point.mode)
-    from bench.plan.workload import workload_config
+    # Imports torch and Horovod: rank side only (the launcher imports this module).
     from bench.ranks.sharded import exchange_for as horovod_exchange_for
     return horovod_exchange_for(point.mode, workload_config(point))  # Horovod, or the sharded modes over it
 

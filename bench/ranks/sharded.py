@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from alure.data import negatives_per_step
 from bench.plan.config import SHARDED_MODES
 from bench.ranks.exchange import HorovodExchange, tensor_bytes
 
@@ -70,7 +71,6 @@ def place_tables(weights: dict[str, float], size: int) -> dict[str, int]:
 def table_weights(config) -> dict[str, float]:
     """rows x lookups per rank and step of each sparse table of the workload, from its config (before any batch):
     sequence tokens (mean length, capped), targets and negatives; each RQ level looks up the codes table once."""
-    from alure.data import negatives_per_step
     weights = {}
     for s in config.sources:
         lookups = config.batch_size * (min(s.mean_length, s.max_length) + 1) + negatives_per_step(config, s)

@@ -98,9 +98,14 @@ def prepare_stage(point: PointConfig, exchange):
     """Build the stage's inputs, untimed; return a function that runs the stage once and keeps nothing."""
     import torch
 
-    from alure.data import build_world
-    from alure.model import UserEncoder
-    from alure.pipeline import DEFAULT_GRAPH_STRATEGY, graph_stage, refresh_stage, retrieval_stage
+    from alure.data import build_world  # imports torch: only where a workload is built
+    from alure.model import UserEncoder  # imports torch: only where a model is built
+    from alure.pipeline import (  # imports torch: only where it runs
+        DEFAULT_GRAPH_STRATEGY,
+        graph_stage,
+        refresh_stage,
+        retrieval_stage,
+    )
 
     config = workload_config(point)
     world = build_world(config)

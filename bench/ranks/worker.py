@@ -14,6 +14,7 @@ import numpy as np
 
 from bench.host import physical_cores, point_oversubscribed
 from bench.launch.hosts import link_as_configured, network_of_ranks, shares_one_machine
+from bench.model.exchange_price import exchange_price, host_collective_model
 from bench.plan.config import PointConfig
 from bench.plan.workload import batch_sizes, preset_batch, workload_config
 from bench.ranks import grouped_gather, point_program
@@ -90,7 +91,7 @@ def measure(point: PointConfig, exchange, before_timed_steps: Callable[[], None]
     warm-up, outside every clock (the co-run baseline lines its processes up there)."""
     import torch
 
-    from alure.train import Trainer
+    from alure.train import Trainer  # imports torch: rank side only
 
     torch.set_num_threads(point.threads_per_rank)  # the same at every np: see RunSettings.threads_per_rank
     trainer = Trainer(workload_config(point), exchange)
@@ -133,7 +134,7 @@ def measure(point: PointConfig, exchange, before_timed_steps: Callable[[], None]
         # The cap of --train-mem-limit applies from before the warm-up: so does this growth (None without VmData).
         "data_growth_mib": (max(data_ends) - data_base) / MIB if data_ends and data_base is not None else None,
         # The whole data segment (what --mem-limit caps) at its largest step end: the run's peak when the heap is
-        # never handed back (bench.cli.shard_demo launches so).
+        # never handed back (bench.run.demo launches so).
         "peak_data_mib": max(data_ends) / MIB if data_ends else None,
         "memory_probe": probe.method, "memory_probe_ms": [s.probe_ms for s in steps],
         "exchange": moved,  # medians over timed steps of bench.ranks.exchange.ExchangeCounters, per rank per step
@@ -227,7 +228,6 @@ def receive_imbalance(served: list[float]) -> float | None:
 def price_exchange(point: PointConfig, counters: dict, exchange_ms: float, transport: str) -> dict:
     """exchange_ideal_ms and exchange_efficiency of the point (bench.model.exchange_price); where nothing is
     exchanged (np=1, the co-run baseline) the ideal is 0 and no model is consulted."""
-    from bench.model.exchange_price import exchange_price, host_collective_model
     if point.np == 1 or point.corun:
         return {"exchange_ideal_ms": 0.0, "exchange_ms": exchange_ms, "exchange_efficiency": None,
                 "exchange_priced": None, "exchange_model": None}

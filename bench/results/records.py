@@ -195,5 +195,5 @@ def read_records(sweep_dir: str | Path) -> list[dict]:
 
 def load(sweep_dir: str | Path) -> pd.DataFrame:
     """The sweep as one pandas table, one row per point (the summary.csv columns and more)."""
-    from bench.results.summary import summarize
+    from bench.results.summary import summarize  # imports pandas: only where a folder is loaded
     return summarize(read_records(sweep_dir))
