@@ -140,6 +140,7 @@ def test_link_rates_above_2_gbit_are_read_whole(rate, bits):
     assert subprocess.run(["bash", "-c", script], capture_output=True, text=True).stdout == str(bits)
 
 
+@pytest.mark.slow  # seconds of subprocesses and analysis: not for the quick loop
 def test_start_and_stop_leave_no_namespace_veth_process_or_file(can_emulate):
     before = root_links()
     start = cluster_cmd("start", "--hosts", "3", "--link-rate", "100mbit")
@@ -250,6 +251,7 @@ def test_a_rank_killed_on_the_second_host_fails_its_point_and_the_sweep_goes_on(
                                                   for p in processes_in("alure-node2"))
 
 
+@pytest.mark.slurm  # its module fixture starts the emulated cluster with Slurm on it
 def test_hosts_that_do_not_fit_the_ranks_are_one_line(cluster):
     run = cli("run", *TINY, *HOSTS, "--np", "3", "--out", "/nonexistent/never")
     assert run.returncode == 2 and "does not fit on 2 host(s)" in run.stderr

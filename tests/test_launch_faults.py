@@ -98,6 +98,7 @@ def refused(capsys, *args: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # seconds of subprocesses and analysis: not for the quick loop
 def test_np_far_beyond_memory_is_refused_before_any_process_starts(tmp_path, capsys, monkeypatch):
     session = own_session("huge")
     out = tmp_path / "huge"

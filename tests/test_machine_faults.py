@@ -292,6 +292,7 @@ def test_the_room_a_point_needs_covers_what_the_committed_records_and_logs_take(
         assert room_for_point(record["np"], record["point"]["steps"]) >= taken, path.name
 
 
+@pytest.mark.mpi  # launches real ranks
 def test_a_sweep_whose_disk_fills_mid_run_stops_in_one_line_and_its_resume_retries_a_failed_launch(tmpfs,
                                                                                                    monkeypatch):
     fs = tmpfs("4m")
@@ -333,6 +334,7 @@ def test_a_sweep_whose_disk_fills_mid_run_stops_in_one_line_and_its_resume_retri
     nothing_launched_left()
 
 
+@pytest.mark.mpi  # launches real ranks
 def test_a_results_folder_removed_under_a_running_sweep(tmp_path, monkeypatch):
     out = tmp_path / "s"
     real = sweep_module.run_ranks
@@ -360,6 +362,7 @@ def test_a_rank_that_cannot_hand_back_for_a_full_disk_stops_the_sweep_without_a_
     ("crash-measuring", 3, "failed", 1),       # measured something: a result, never retried
     ("hang-before-measuring", 2, "timeout", 1),  # a timeout is a result too
 ])  # a launch failing every time, retried until the retries run out: the Slurm task's test below
+@pytest.mark.mpi  # launches real ranks
 def test_only_a_launch_that_failed_before_any_rank_measured_is_retried(tmp_path, monkeypatch, outcome, retries,
                                                                          status, attempts):
     folder = sweep_folder(tmp_path)
@@ -375,6 +378,7 @@ def test_only_a_launch_that_failed_before_any_rank_measured_is_retried(tmp_path,
     nothing_launched_left()
 
 
+@pytest.mark.mpi  # launches real ranks
 def test_a_slurm_task_retries_as_a_local_sweep_does_and_stops_on_a_machine_fault(tmp_path, monkeypatch):
     from bench.slurm.jobs import run_task, task_note
     folder = sweep_folder(tmp_path, retries=1)

@@ -156,6 +156,7 @@ def test_a_template_without_the_task_command_is_refused(tmp_path):
                           "unknown mark(s) {{modules}}")
 
 
+@pytest.mark.slow  # seconds of subprocesses and analysis: not for the quick loop
 def test_a_task_outside_slurm_needs_an_index(tmp_path):
     out = tmp_path / "rendered"
     assert cli("slurm", "render", *TINY, "--out", str(out)).returncode == 0

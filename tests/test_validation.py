@@ -159,6 +159,7 @@ def test_points_over_two_link_rates_are_each_predicted_over_their_own_link():
     assert (v.points["rel_error"] > 0).all(), format_validation(v)
 
 
+@pytest.mark.slow  # seconds of subprocesses and analysis: not for the quick loop
 def test_predict_validate_prints_and_writes_the_out_of_sample_errors(tmp_path):
     sweep = tmp_path / "sweep"
     config = SweepConfig(name="synthetic", preset="tiny", nps=[1, 2, 3, 4], steps=5, global_batch=96, repeats=2,
@@ -194,6 +195,7 @@ def reference_validation():
     return v
 
 
+@pytest.mark.slow  # seconds of subprocesses and analysis: not for the quick loop
 def test_out_of_sample_runs_on_the_committed_reference():
     v = reference_validation()
     np_split = v.summary[v.summary["split"] == "np<=2 -> np>=3"]
