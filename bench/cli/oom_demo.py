@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench.errors import UsageError
 from bench.plan.config import SweepConfig
-from bench.results.records import atomic_write_json, default_out
+from bench.results.records import default_out
 from bench.results.report import write_report
 from bench.run.demo import MODES, derive_cap, run_demo
 
@@ -33,17 +33,15 @@ def cmd_oom_demo(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(config.name)
     ran = run_demo(config, out, derive=lambda folder: derive_cap(write_report(folder)),
                    cap=lambda d: {"train_mem_limit_mib": int(round(d.allowance_mib))},
-                   derivation_file="cap.json",
+                   derivation_file="cap.json", outcome_file="cliff.json",
                    derived=lambda d: (f"dense-reduce grows at most {d.dense_max_mib:.0f} MiB; sparse-gather "
                                       f"{d.sparse_cliff_mib:.0f} MiB at np={d.cliff_np}: training cap "
                                       f"{int(round(d.allowance_mib))} MiB (midway; margin {d.margin_mib:.0f} MiB)"),
                    capped_as=lambda d: f"capped at {int(round(d.allowance_mib))} MiB of training growth")
     if ran is None:
         return 130
-    derivation, table = ran
-    atomic_write_json(out / "cliff.json", table.to_dict(orient="records"))
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.0f}"))
-    if table["agrees"].all():
+    derivation, agrees = ran
+    if agrees:
         print(f"the cliff reproduced: dense-reduce ok at every np, sparse-gather oom from np={derivation.cliff_np} "
               f"(results: {out})")
         return 0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.errors import UsageError
 from bench.plan.config import REPLICATED_MODES, SweepConfig
-from bench.results.records import atomic_write_json, default_out, read_records
+from bench.results.records import default_out, read_records
 from bench.results.report import write_report
 from bench.run.demo import PEAK, derive_budget, peak_table, run_demo
 
@@ -34,18 +34,15 @@ def cmd_shard_demo(args: argparse.Namespace) -> int:
         write_report(folder)
         return derive_budget(peak_table(read_records(folder)))
     ran = run_demo(config, out, derive=derive, cap=lambda d: {"mem_limit_mib": int(round(d.budget_mib))},
-                   derivation_file="budget.json",
+                   derivation_file="budget.json", outcome_file="outcome.json", measured_as=PEAK,
                    derived=lambda d: (f"row-wise peaks at {d.sharded_max_mib:.0f} MiB per rank, the replicated modes "
                                       f"at {d.replicated_min_mib:.0f} MiB or more: budget {int(round(d.budget_mib))} "
                                       f"MiB (midway; margin {d.margin_mib:.0f} MiB)"),
                    capped_as=lambda d: f"capped at {int(round(d.budget_mib))} MiB per rank")
     if ran is None:
         return 130
-    derivation, table = ran
-    table = table.rename(columns={"growth_mib": PEAK})
-    atomic_write_json(out / "outcome.json", table.to_dict(orient="records"))
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.0f}"))
-    if table["agrees"].all():
+    derivation, agrees = ran
+    if agrees:
         print(f"sharding won: the replicated modes oom under {int(round(derivation.budget_mib))} MiB per rank, "
               f"row-wise ok from np=2 (results: {out})")
         return 0

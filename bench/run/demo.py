@@ -158,13 +158,14 @@ def derive_budget(peaks: dict[tuple[str, int], float]) -> BudgetDerivation:
 
 
 def run_demo(config: SweepConfig, out: Path, *, derive: Callable[[Path], object], cap: Callable[[object], dict],
-             derivation_file: str, derived: Callable[[object], str],
-             capped_as: Callable[[object], str]) -> tuple[object, pd.DataFrame] | None:
+             derivation_file: str, outcome_file: str, derived: Callable[[object], str],
+             capped_as: Callable[[object], str], measured_as: str = "growth_mib") -> tuple[object, bool] | None:
     """Measure `config`'s weak points uncapped into out/uncapped, `derive` a cap from that folder (written to
     `derivation_file` with the allocator environment), run them again with the config fields `cap` returns into
-    out/capped, and `check` the prediction against the capped run's summary. `derived` and `capped_as` say the
-    derivation and the capped run in a line each. Returns (derivation, check table), or None when interrupted (what finished
-    is kept)."""
+    out/capped, and `check` the prediction against the capped run's summary: the table is printed and written to
+    `outcome_file` (its measured column named `measured_as`). `derived` and `capped_as` say the derivation and the
+    capped run in a line each. Returns (derivation, whether every point fell as predicted), or None when interrupted
+    (what finished is kept)."""
     # The demonstrations are about memory: the co-run baseline's timings say nothing there (and its mode would read
     # as the sweep's own); no cap of the sweep's own carries over.
     config = replace(config, scalings=["weak"], mem_limit_mib=0, train_mem_limit_mib=0, corun=False)
@@ -183,5 +184,7 @@ def run_demo(config: SweepConfig, out: Path, *, derive: Callable[[Path], object]
     except SweepInterrupted:
         print(f"interrupted: what finished is kept in {out}", file=sys.stderr)
         return None
-    table = check(derivation, write_report(out / "capped"))
-    return derivation, table
+    table = check(derivation, write_report(out / "capped")).rename(columns={"growth_mib": measured_as})
+    atomic_write_json(out / outcome_file, table.to_dict(orient="records"))
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.0f}"))
+    return derivation, bool(table["agrees"].all())
