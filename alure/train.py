@@ -121,10 +121,8 @@ def fuse_dense_tables(optimizer: torch.optim.Optimizer) -> None:
     """Each table's group runs Adagrad's fused implementation exactly when the table's gradient is dense this step;
     a sparse gradient needs torch's sparse path (fused does not take sparse gradients).
 
-    Fused, because a densified table's update is only as cheap as its optimizer: densifying one 200,000 x 64 table
-    (2% of rows touched) into a kept buffer and updating it took ~20 ms per step with `fused=True` at one thread on
-    a 2-core machine, against ~200 ms with the default (for-loop) and `foreach=True` implementations (medians of 10,
-    machine shared). Dense and sparse Adagrad agree on rows with no gradient: a zero gradient adds nothing to the
+    Fused, because a densified table's update is only as cheap as its optimizer, and the fused implementation is
+    by far the fastest torch has for a large dense table (docs/modes.md, dense-reduce). Dense and sparse Adagrad agree on rows with no gradient: a zero gradient adds nothing to the
     sum and moves nothing (no weight decay), so every exchange mode trains the same model."""
     for group in optimizer.param_groups:
         if group.get("sparse_table"):

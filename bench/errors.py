@@ -72,7 +72,7 @@ class MachineFault(Exception):
         return self
 
     def as_dict(self) -> dict:
-        """What a rank prints for its launcher (bench.ranks.handback): enough to raise the same fault there."""
+        """What a rank prints for its launcher (bench.launch.handback): enough to raise the same fault there."""
         return {"path": str(self.path), "errno": self.errno}
 
     @classmethod

@@ -15,8 +15,9 @@
 # interfaces, routes and firewall are never touched.
 #
 # --link-rate RATE (tc units: 100mbit, 1gbit, 10gbit) puts `tbf rate RATE burst B latency L` on each host's eth0;
-# the default burst is RATE x 8 ms (1 MiB at 1gbit) and latency 50 ms: with less (128 KiB, 10 ms) one TCP stream
-# reached half of 1 Gbit/s here, with these 966 Mbit/s. The kernel here has no netem: delay cannot be emulated.
+# the default burst is RATE x 8 ms (1 MiB at 1gbit) and latency 50 ms: a much smaller burst or queue holds a single
+# TCP stream far below the rate (docs/cluster.md "A cluster on one machine"). Without netem in the kernel, delay
+# cannot be emulated.
 #
 # --slurm also starts munged (if not running), slurmctld in the head namespace and one slurmd per host, each slurmd
 # in its own UTS and mount namespace with a private /tmp (two slurmd's PMIx plugins otherwise collide on

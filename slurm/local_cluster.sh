@@ -45,7 +45,7 @@ elapsed() { local t=$(( $(now_ms) - $1 )); printf '%d.%01d s' $((t / 1000)) $(((
 pkg_installed() { [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" == "install ok installed" ]]; }
 
 # True if slurmctld answers. `scontrol ping` says so at once, whereas sinfo retries a controller
-# that is down for ~9 s - that made every start from a stopped cluster 5-9 s slower.
+# that is down for several seconds, which would slow every start from a stopped cluster.
 # (Outputs are matched from a variable, not piped into grep -q: with pipefail, grep quitting early
 # can make the writer die of SIGPIPE and the test fail at random.)
 ctld_up() {
@@ -84,7 +84,7 @@ install_packages() {
     if ((need_update)); then
         apt-get update >>"$APT_LOG" 2>&1 || die "apt-get update failed; check network/apt sources, see $APT_LOG"
     fi
-    # --no-install-recommends: 6-8 packages (7-9 s measured) instead of pulling in mail servers and docs.
+    # --no-install-recommends: the few packages Slurm needs, instead of pulling in mail servers and docs.
     if ! apt-get install -y --no-install-recommends "${missing[@]}" >>"$APT_LOG" 2>&1; then
         # Lists may be stale (404 on an old version): refresh once and retry.
         apt-get update >>"$APT_LOG" 2>&1 &&

@@ -16,16 +16,15 @@
 # Output: OUT/<rate>/calibration/, OUT/<rate>/sweep/ (summary.csv, report.md, plots, records), OUT/<rate>/comm-np2/
 # and comm-np4/.
 # 4 hosts time-share this machine's 2 cores: np 4 is oversubscribed and flagged as everywhere else.
-# Why 3gbit and not 10gbit: a rate only says something if TCP between the namespaces can fill it. On the 2-core
-# reference machine it fills 3 Gbit/s (Open MPI allreduce/allgather at 0.92-0.96 of it from 4 MiB, np=2) but not
-# 10 Gbit/s, where the copies through two kernels' stacks on the ranks' own cores cap it at 0.45-0.84
-# (results/collectives/tcp-10gbit; docs/collectives.md). Give --rates for another machine.
+# Why 3gbit and not 10gbit: a rate only says something if TCP between the namespaces can fill it. On the reference
+# machine Open MPI's collectives come close to 3gbit but not to 10gbit, where the copies through two kernels' stacks
+# on the ranks' own cores cap them (results/collectives/tcp-10gbit; docs/collectives.md "TCP between emulated
+# hosts"). Give --rates for another machine.
 # The cluster is stopped at the end, also when a step fails or the script is interrupted.
 #
-# Estimated run time on the 2-core reference machine: 90 points per rate at 10-80 s each (a dense-reduce or
-# sparse-as-dense step moves 79 MiB per rank, ~0.7-1 s at 1 Gbit/s, ~2 s on 4 hosts) plus ~5 min of comm per rate:
-# the committed recording took 71 minutes (1gbit 41, 3gbit 29), before the two calibrations per rate (about a minute
-# each) were added.
+# Run time: 90 points per rate, each dominated by the dense modes' full-table exchange over the shaped link, plus
+# the comm runs and the two calibrations per rate (what the committed recording took: the wall_seconds of its
+# records).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import psutil
 
-from bench.launch import lifetime
+from bench.launch import lifetime, transport
+from bench.launch.handback import collect
 from bench.launch.mpirun import run_ranks
-from bench.ranks.handback import collect
 
 CLI = [sys.executable, "-m", "bench.cli"]
 """`alure-bench` as this interpreter runs it."""
@@ -29,7 +29,7 @@ TINY = ["--preset", "tiny", "--warmup", "1", "--no-corun"]
 tests/test_efficiency.py runs."""
 RANK_SCRIPTS = Path(__file__).parent / "ranks"
 HANDBACK_VAR = "RANK_HANDBACK_DIR"
-"""Names the folder a rank script hands its record back into (bench.ranks.handback; see tests/ranks/)."""
+"""Names the folder a rank script hands its record back into (bench.launch.handback; see tests/ranks/)."""
 
 SESSION = f"pytest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 """This test session's tag: tests/conftest.py puts it in the environment, so every process the session starts
@@ -88,8 +88,8 @@ def records(out: Path) -> dict[str, dict]:
 def launch(np: int, script: str, *args: str, timeout_s: float = 120, env: dict | None = None) -> list[dict]:
     """Run tests/ranks/<script>.py on `np` ranks; return what each rank handed back, in rank order."""
     with tempfile.TemporaryDirectory(prefix="handback-") as folder:
-        run = run_ranks(np, [sys.executable, str(RANK_SCRIPTS / f"{script}.py"), *args], timeout_s=timeout_s,
-                        env={**os.environ, **(env or {}), HANDBACK_VAR: folder})
+        run = run_ranks(np, [sys.executable, str(RANK_SCRIPTS / f"{script}.py"), *args],
+                        shared_memory=transport.mechanism(), timeout_s=timeout_s, env={**os.environ, **(env or {}), HANDBACK_VAR: folder})
         handed = collect(folder)
     assert not run.timed_out, f"{script} on {np} ranks ran past {timeout_s} s\n{run.stderr[-3000:]}"
     assert run.returncode == 0, f"{script} on {np} ranks exited {run.returncode}\n{run.stderr[-3000:]}"

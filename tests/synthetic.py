@@ -68,7 +68,7 @@ def make_sweep(folder: Path, nps=(1, 2, 4), slowdown: dict | None = None, failed
     for point in config.plan():
         key = (point.scaling, point.mode, point.np)
         if failed and key in failed:
-            from bench.plan.sweep import failure_record
+            from bench.run.sweep import failure_record
             write_record(folder, failure_record(point, "oom", "rank 1: MemoryError", 1.0, "2025-01-01"))
             continue
         base = 40.0 if point.scaling == "weak" else 40.0 / point.np

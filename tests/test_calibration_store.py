@@ -123,6 +123,7 @@ def test_bad_calibration_files_are_one_line_errors(folder):
         load_costs()
 
 
+@pytest.mark.mpi  # launches real ranks
 def test_calibrate_measures_this_host_and_auto_finds_it(tmp_path, monkeypatch):
     # Real ranks, tiny sizes: comm at np 2 and 3 (3 is oversubscribed on 2 cores, flagged, and left out of the fit),
     # fitted and filed.

@@ -120,7 +120,7 @@ def test_the_launcher_goes_through_the_agent_and_confines_tcp_to_the_subnet():
     inner = shlex.split(cmd[2])
     assert inner[inner.index("-H") + 1] == "node1:2,node2:2"  # 3 ranks: two hosts are enough
     assert inner[inner.index("plm_rsh_agent") + 1] == "/a.sh" and inner[-3:] == ["python", "-c", "print('x y')"]
-    env = launcher.environment(3, {"OMPI_MCA_btl_tcp_if_include": "lo"})
+    env = launcher.environment(3, {"OMPI_MCA_btl_tcp_if_include": "lo"}, shared_memory="none")
     assert env["OMPI_MCA_btl_tcp_if_include"] == env["OMPI_MCA_oob_tcp_if_include"] == "198.18.0.0/24"
     assert env["HOROVOD_GLOO_IFACE"] == env["GLOO_SOCKET_IFNAME"] == "eth0"
     # Horovod over Gloo: every rank is wrapped, told where mpirun put the ranks and where rank 0 serves the
@@ -140,6 +140,7 @@ def test_link_rates_above_2_gbit_are_read_whole(rate, bits):
     assert subprocess.run(["bash", "-c", script], capture_output=True, text=True).stdout == str(bits)
 
 
+@pytest.mark.slow  # seconds of subprocesses and analysis: not for the quick loop
 def test_start_and_stop_leave_no_namespace_veth_process_or_file(can_emulate):
     before = root_links()
     start = cluster_cmd("start", "--hosts", "3", "--link-rate", "100mbit")
@@ -250,6 +251,7 @@ def test_a_rank_killed_on_the_second_host_fails_its_point_and_the_sweep_goes_on(
                                                   for p in processes_in("alure-node2"))
 
 
+@pytest.mark.slurm  # its module fixture starts the emulated cluster with Slurm on it
 def test_hosts_that_do_not_fit_the_ranks_are_one_line(cluster):
     run = cli("run", *TINY, *HOSTS, "--np", "3", "--out", "/nonexistent/never")
     assert run.returncode == 2 and "does not fit on 2 host(s)" in run.stderr

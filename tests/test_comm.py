@@ -10,12 +10,11 @@ import pytest
 
 from bench import cli
 from bench.errors import UsageError
-from bench.launch.comm_launch import launch_order
 from bench.launch.environment import transparent_hugepages
 from bench.launch.mpirun import ALLOCATORS, DEFAULT_ALLOCATOR, HOROVOD_SETTINGS, mpi_environment
 from bench.launch.transport import VARIABLE
-from bench.plan.comm_config import parse_env_setting, parse_size
-from bench.ranks.comm_rank import OPS, alltoall_splits, geometry, split_sizes
+from bench.plan.comm_config import OPS, parse_env_setting, parse_size
+from bench.ranks.comm_rank import alltoall_splits, geometry, split_sizes
 from bench.results.comm_rows import (
     LAUNCH_FIELDS,
     ROW_FIELDS,
@@ -28,6 +27,7 @@ from bench.results.comm_rows import (
     setting_ratios,
 )
 from bench.results.scaling import busbw_factor
+from bench.run.comm import launch_order
 from tests.helpers import CLI
 
 # --- figures ------------------------------------------------------------------------------------------------------
@@ -146,13 +146,13 @@ def test_rows_carry_what_they_ran_with():
 
 
 def test_allocator_setting_reaches_the_ranks_and_a_bad_one_is_refused():
-    env = mpi_environment(2, base={})
+    env = mpi_environment(2, base={}, shared_memory="none")
     assert env["ALURE_BENCH_ALLOCATOR"] == DEFAULT_ALLOCATOR
     assert all(env[k] == v for k, v in ALLOCATORS[DEFAULT_ALLOCATOR].items())
-    plain = mpi_environment(2, base={"ALURE_BENCH_ALLOCATOR": "glibc"})
+    plain = mpi_environment(2, base={"ALURE_BENCH_ALLOCATOR": "glibc"}, shared_memory="none")
     assert not any(k.startswith("MALLOC_") for k in plain)
     with pytest.raises(UsageError, match="not an allocator setting"):
-        mpi_environment(2, base={"ALURE_BENCH_ALLOCATOR": "hoard"})
+        mpi_environment(2, base={"ALURE_BENCH_ALLOCATOR": "hoard"}, shared_memory="none")
 
 
 HEAP_HUGE_KIB = """
@@ -164,7 +164,7 @@ print(re.search(r"AnonHugePages:\\s+(\\d+)", open("/proc/self/smaps_rollup").rea
 
 def heap_huge_kib(allocator: str) -> int:
     """KiB of a process's memory in transparent huge pages after it allocates 64 MiB under a launch's allocator."""
-    env = mpi_environment(2, base={"PATH": os.environ["PATH"], "ALURE_BENCH_ALLOCATOR": allocator})
+    env = mpi_environment(2, base={"PATH": os.environ["PATH"], "ALURE_BENCH_ALLOCATOR": allocator}, shared_memory="none")
     return int(subprocess.run([sys.executable, "-c", HEAP_HUGE_KIB], env=env, capture_output=True, text=True,
                               check=True).stdout)
 
@@ -186,9 +186,9 @@ def test_transparent_hugepage_modes_are_read_from_the_kernels_files(tmp_path):
 
 
 def test_horovod_settings_reach_every_launch_unless_already_set():
-    env = mpi_environment(2, base={})
+    env = mpi_environment(2, base={}, shared_memory="none")
     assert all(env[k] == v for k, v in HOROVOD_SETTINGS.items()) and "HOROVOD_CYCLE_TIME" in HOROVOD_SETTINGS
-    assert mpi_environment(2, base={"HOROVOD_CYCLE_TIME": "1"})["HOROVOD_CYCLE_TIME"] == "1"  # how to A/B them
+    assert mpi_environment(2, base={"HOROVOD_CYCLE_TIME": "1"}, shared_memory="none")["HOROVOD_CYCLE_TIME"] == "1"  # how to A/B them
 
 
 # --- a real run ---------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ def test_the_same_results_pass_the_gate(baseline, tmp_path):
     assert "no regression: 12 points in both" in run.stdout
 
 
+@pytest.mark.slow  # seconds of subprocesses and analysis: not for the quick loop
 def test_a_point_slower_beyond_threshold_and_noise_fails_the_gate(baseline, tmp_path):
     slower = make_sweep(tmp_path / "b", slowdown={("weak", "dense-reduce", 2): 1.5})
     csv = tmp_path / "cmp.csv"
@@ -45,6 +46,7 @@ def test_a_slow_down_inside_the_noise_band_is_not_a_regression(baseline, tmp_pat
     assert row["verdict"] == "within noise"
 
 
+@pytest.mark.slow  # seconds of subprocesses and analysis: not for the quick loop
 def test_a_point_that_now_fails_is_a_regression_and_missing_points_are_listed(baseline, tmp_path):
     broken = make_sweep(tmp_path / "b", nps=(1, 2), failed={("strong", "sparse-gather", 2)})
     run = cli("compare", str(baseline), str(broken))

@@ -184,9 +184,9 @@ def test_sweeps_plan_a_co_run_baseline_per_scaling_at_every_np_above_one():
 
 @pytest.mark.mpi
 def test_a_real_tiny_sweep_co_runs_without_collectives_and_its_factors_multiply_back(tmp_path, uncalibrated):
-    from bench.plan.sweep import run_sweep, start_sweep
     from bench.results.records import read_records
     from bench.results.report import write_report
+    from bench.run.sweep import run_sweep, start_sweep
 
     config = SweepConfig(name="pop", preset="tiny", nps=[1, 2], modes=["sparse-gather"], scalings=["weak"],
                          steps=4, warmup_steps=1)

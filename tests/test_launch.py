@@ -17,7 +17,7 @@ def test_threads_share_out_the_cores():
 
 
 def test_mpirun_gets_the_flags_this_machine_needs():
-    env = mpi_environment(64, base={})
+    env = mpi_environment(64, base={}, shared_memory="none")
     assert env["OMPI_ALLOW_RUN_AS_ROOT"] == "1" and env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] == "1"
     assert env["OMPI_MCA_mpi_yield_when_idle"] == "1"
     assert env["OMPI_MCA_rmaps_base_oversubscribe"] == "1"
@@ -33,7 +33,7 @@ def test_ranks_are_pinned_to_cores_only_when_asked_and_where_they_fit(monkeypatc
     assert _bind_flags(mpirun_command(1, ["true"])) == ["--bind-to", "none"], "unbound unless asked"
     monkeypatch.setenv(BIND_VARIABLE, "core")
     assert _bind_flags(mpirun_command(1, ["true"])) == ["--map-by", "core", "--bind-to", "core"]
-    assert mpi_environment(1, base={})["OMPI_MCA_hwloc_base_binding_policy"] == "core"
+    assert mpi_environment(1, base={}, shared_memory="none")["OMPI_MCA_hwloc_base_binding_policy"] == "core"
     assert "--bind-to" in (flags := _bind_flags(mpirun_command(64, ["true"]))) and "core" not in flags, \
         "more ranks than cores stay unbound"
     assert _bind_flags(mpirun_command(1, ["true"], single_host=False)) == ["--bind-to", "none"]

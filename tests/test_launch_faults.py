@@ -98,6 +98,7 @@ def refused(capsys, *args: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # seconds of subprocesses and analysis: not for the quick loop
 def test_np_far_beyond_memory_is_refused_before_any_process_starts(tmp_path, capsys, monkeypatch):
     session = own_session("huge")
     out = tmp_path / "huge"
@@ -156,7 +157,7 @@ def test_the_check_names_what_is_needed_and_what_fits():
                                          r"the limit is 8 .*at most 16 ranks fit: lower --np"):
         check_launch(17, 200, host, flag="--np")
     with pytest.raises(UsageError, match=r"at least 4.7 GiB of memory per host \(12 ranks x 400 MiB\) where it "
-                                         r"has 4.0 GiB; at most 10 ranks fit"):
+                                         r"has 4 GiB; at most 10 ranks fit"):
         check_launch(12, 400, host, flag="--np")
     check_launch(64, 10, host, flag="--np", ranks_per_core=32)
     with pytest.raises(UsageError, match="not one rank fits"):

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from bench.errors import MachineFault
-from bench.launch import lifetime
-from bench.plan import sweep as sweep_module
+from bench.launch import lifetime, transport
 from bench.plan.config import PointConfig, SweepConfig
 from bench.results.folder_lock import LOCK_FILE, exclusive_writer
 from bench.results.records import atomic_write_json, read_record, read_records, room_for_point
+from bench.run import sweep as sweep_module
 from tests.helpers import (
     CLI,
     RANK_SCRIPTS,
@@ -292,6 +292,7 @@ def test_the_room_a_point_needs_covers_what_the_committed_records_and_logs_take(
         assert room_for_point(record["np"], record["point"]["steps"]) >= taken, path.name
 
 
+@pytest.mark.mpi  # launches real ranks
 def test_a_sweep_whose_disk_fills_mid_run_stops_in_one_line_and_its_resume_retries_a_failed_launch(tmpfs,
                                                                                                    monkeypatch):
     fs = tmpfs("4m")
@@ -333,6 +334,7 @@ def test_a_sweep_whose_disk_fills_mid_run_stops_in_one_line_and_its_resume_retri
     nothing_launched_left()
 
 
+@pytest.mark.mpi  # launches real ranks
 def test_a_results_folder_removed_under_a_running_sweep(tmp_path, monkeypatch):
     out = tmp_path / "s"
     real = sweep_module.run_ranks
@@ -348,7 +350,7 @@ def test_a_results_folder_removed_under_a_running_sweep(tmp_path, monkeypatch):
 
 
 def test_a_rank_that_cannot_hand_back_for_a_full_disk_stops_the_sweep_without_a_record(tmp_path, monkeypatch):
-    from bench.ranks.handback import MACHINE_FAULT_MARK, machine_fault_in
+    from bench.launch.handback import MACHINE_FAULT_MARK, machine_fault_in
     assert machine_fault_in(f"noise\n{MACHINE_FAULT_MARK}{{\"path\": \"/x/h/rank1.json\"\nrank 1: {MACHINE_FAULT_MARK}"
                             f'{{"path": "/x/h/rank1.json", "errno": {errno.ENOSPC}}}\n').errno == errno.ENOSPC
     assert machine_fault_in("exit code 1: Errno 28\n") is None
@@ -360,13 +362,15 @@ def test_a_rank_that_cannot_hand_back_for_a_full_disk_stops_the_sweep_without_a_
     ("crash-measuring", 3, "failed", 1),       # measured something: a result, never retried
     ("hang-before-measuring", 2, "timeout", 1),  # a timeout is a result too
 ])  # a launch failing every time, retried until the retries run out: the Slurm task's test below
+@pytest.mark.mpi  # launches real ranks
 def test_only_a_launch_that_failed_before_any_rank_measured_is_retried(tmp_path, monkeypatch, outcome, retries,
                                                                          status, attempts):
     folder = sweep_folder(tmp_path)
     argvs = launch_instead(monkeypatch, *[outcome] * (retries + 1))
     # The hang ends by its timeout; the others must never meet theirs, on a loaded machine too.
     point = PointConfig(preset="tiny", np=1, steps=1, warmup_steps=0, timeout_s=1 if "hang" in outcome else 120)
-    record, _ = sweep_module.run_point(point, folder, retries=retries, out=io.StringIO())
+    record, _ = sweep_module.run_point(point, folder, shared_memory=transport.mechanism(), retries=retries,
+                                       out=io.StringIO())
     assert (record["status"], len(record["attempts"]), len(argvs)) == (status, attempts, attempts), record
     assert read_record(folder / "points" / f"{point.point_id}.json") == record
     if outcome == "crash-measuring":
@@ -374,6 +378,7 @@ def test_only_a_launch_that_failed_before_any_rank_measured_is_retried(tmp_path,
     nothing_launched_left()
 
 
+@pytest.mark.mpi  # launches real ranks
 def test_a_slurm_task_retries_as_a_local_sweep_does_and_stops_on_a_machine_fault(tmp_path, monkeypatch):
     from bench.slurm.jobs import run_task, task_note
     folder = sweep_folder(tmp_path, retries=1)
@@ -385,7 +390,7 @@ def test_a_slurm_task_retries_as_a_local_sweep_does_and_stops_on_a_machine_fault
     assert all("RuntimeError: the transport did not come up" in a["reason"] for a in record["attempts"])
     assert task_note(folder, "weak-sparse-gather-np1-r0")["outcome"] == "failed"
 
-    def disk_full(point, sweep_dir, launcher):
+    def disk_full(point, sweep_dir, launcher, **kwargs):
         raise MachineFault(sweep_dir / "handback" / point.point_id / "rank0.json", errno.ENOSPC)
     monkeypatch.setattr(sweep_module, "launch_point", disk_full)
     one_fault_line(cli_here("slurm", "task", "--sweep", str(folder), "--np", "1", "--index", "0"), "no space",

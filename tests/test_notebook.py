@@ -40,6 +40,7 @@ def test_notebook_is_committed_cleared_or_run_top_to_bottom():
     assert not [o for c in code for o in c.outputs if o.get("output_type") == "error"], "a committed cell failed"
 
 
+@pytest.mark.slow  # seconds of subprocesses and analysis: not for the quick loop
 def test_notebook_runs_over_a_results_folder(tmp_path, monkeypatch):
     sweep, comm = make_sweep(tmp_path / "sweep"), make_comm(tmp_path / "comm")
     nb = execute({"ALURE_RESULTS": sweep, "ALURE_COMM": comm}, monkeypatch)
@@ -49,6 +50,7 @@ def test_notebook_runs_over_a_results_folder(tmp_path, monkeypatch):
     assert images >= 5  # efficiency, memory, breakdown, measured vs predicted, crossover + extrapolation
 
 
+@pytest.mark.slow  # seconds of subprocesses and analysis: not for the quick loop
 @pytest.mark.skipif(not (REFERENCE / "points").is_dir(), reason="no committed reference results in results/reference/")
 def test_notebook_runs_over_the_committed_reference_by_default(monkeypatch):
     monkeypatch.delenv("ALURE_RESULTS", raising=False)

@@ -6,8 +6,8 @@ import sys
 import pandas as pd
 import pytest
 
-from bench.cli.oom_demo import check, derive_cap
 from bench.errors import UsageError
+from bench.run.demo import check, derive_cap
 
 CLI = [sys.executable, "-m", "bench.cli"]
 

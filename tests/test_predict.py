@@ -19,6 +19,7 @@ def folders(tmp_path_factory):
     return make_sweep(root / "sweep"), make_comm(root / "comm")
 
 
+@pytest.mark.slow  # seconds of subprocesses and analysis: not for the quick loop
 def test_predict_writes_the_table_summary_and_plots(folders, tmp_path):
     sweep, comm = folders
     out = tmp_path / "out"
@@ -63,6 +64,7 @@ def test_predict_writes_the_table_summary_and_plots(folders, tmp_path):
         assert (out / name).stat().st_size > 0, name
 
 
+@pytest.mark.slow  # seconds of subprocesses and analysis: not for the quick loop
 def test_predict_for_a_cluster_from_its_data_sheet(folders, tmp_path):
     sweep, comm = folders
     out = tmp_path / "cluster"

@@ -5,8 +5,8 @@ import subprocess
 
 import pytest
 
-from bench.cli.shard_demo import derive_budget
 from bench.errors import UsageError
+from bench.run.demo import derive_budget
 from tests.helpers import CLI
 
 

@@ -156,6 +156,7 @@ def test_a_template_without_the_task_command_is_refused(tmp_path):
                           "unknown mark(s) {{modules}}")
 
 
+@pytest.mark.slow  # seconds of subprocesses and analysis: not for the quick loop
 def test_a_task_outside_slurm_needs_an_index(tmp_path):
     out = tmp_path / "rendered"
     assert cli("slurm", "render", *TINY, "--out", str(out)).returncode == 0
@@ -212,7 +213,7 @@ def sweep_ranks(out: Path) -> dict[str, list[psutil.Process]]:
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
         # mpirun's and srun's command lines name bench.ranks.worker too: ranks are the python processes. A rank
-        # names the folder it hands back into, inside the sweep's (bench.plan.sweep: <out>/handback/<point>).
+        # names the folder it hands back into, inside the sweep's (bench.run.sweep: <out>/handback/<point>).
         inside = any(arg == str(out) or arg.startswith(f"{out}/") for arg in cmd)
         if "bench.ranks.worker" in cmd and Path(cmd[0]).name.startswith("python") and inside:
             point = PointConfig.from_dict(json.loads(cmd[cmd.index("--point") + 1]))

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from bench.launch import transport
-from bench.launch.mpirun import mpi_environment, run_ranks
+from bench.launch.mpirun import mpi_environment
 from tests.helpers import CLI
 
 pytestmark = pytest.mark.mpi
@@ -59,20 +59,23 @@ def test_probe_runs_once_per_host_then_reads_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ALURE_BENCH_CACHE", str(tmp_path))
     monkeypatch.delenv(transport.DENY_HOOK, raising=False)
     monkeypatch.delenv(transport.VARIABLE, raising=False)
-    first = transport.choice(run_ranks)
+    first = transport.choice()
     assert first["source"] == "probe" and first["single_copy_mechanism"] in ("cma", "none")
     # What the probe found agrees with its own evidence: CMA chosen exactly when it worked.
     assert (first["single_copy_mechanism"] == "cma") == (first["cma_works"] is True), first
     files = list((tmp_path / "transport").glob("*.json"))
     assert [f.name for f in files] == [f"{first['host']}-ompi{first['open_mpi']}.json"]
-    second = transport.choice(run_ranks)
+    second = transport.choice()
     assert second["source"] == "cache" and second["probed_at"] == first["probed_at"]
-    assert mpi_environment(2, base={})[transport.VARIABLE] == first["single_copy_mechanism"]
+    assert transport.mechanism({}) == first["single_copy_mechanism"]
+    # The launcher only builds: it uses the mechanism handed to it, unless the environment sets one.
+    assert mpi_environment(2, base={}, shared_memory="cma")[transport.VARIABLE] == "cma"
 
 
 def test_a_mechanism_already_set_wins_without_a_probe(tmp_path, monkeypatch):
     monkeypatch.setenv("ALURE_BENCH_CACHE", str(tmp_path))
-    env = mpi_environment(2, base={transport.VARIABLE: "none"})
+    assert transport.mechanism({transport.VARIABLE: "none"}) == "none"
+    env = mpi_environment(2, base={transport.VARIABLE: "none"}, shared_memory="cma")
     assert env[transport.VARIABLE] == "none"
     assert not (tmp_path / "transport").exists()  # nothing probed, nothing cached
 

@@ -103,7 +103,7 @@ def test_each_sweep_is_predicted_from_its_own_np1_points():
     own = validate(tag_sweep(slow, "slow") + tag_sweep(fast, "fast"), comm_rows(), splits=split,
                    environment=ENVIRONMENT)
     assert (own.points.groupby("mode").size() == 8).all()  # each sweep's 4 strong points, apart
-    # (from one profile of both sweeps' np=1 steps pooled, the strong points of both came out 17-20% off)
+    # (from one profile of both sweeps' np=1 steps pooled, the strong points of both came out far off)
     assert (own.summary["max_abs_rel_error"] < 0.05).all(), format_validation(own)
 
 
@@ -159,6 +159,7 @@ def test_points_over_two_link_rates_are_each_predicted_over_their_own_link():
     assert (v.points["rel_error"] > 0).all(), format_validation(v)
 
 
+@pytest.mark.slow  # seconds of subprocesses and analysis: not for the quick loop
 def test_predict_validate_prints_and_writes_the_out_of_sample_errors(tmp_path):
     sweep = tmp_path / "sweep"
     config = SweepConfig(name="synthetic", preset="tiny", nps=[1, 2, 3, 4], steps=5, global_batch=96, repeats=2,
@@ -194,6 +195,7 @@ def reference_validation():
     return v
 
 
+@pytest.mark.slow  # seconds of subprocesses and analysis: not for the quick loop
 def test_out_of_sample_runs_on_the_committed_reference():
     v = reference_validation()
     np_split = v.summary[v.summary["split"] == "np<=2 -> np>=3"]
@@ -205,13 +207,14 @@ def test_out_of_sample_runs_on_the_committed_reference():
 # nothing fitted says how much more than an even share of a core lock-step ranks lose beyond the cores: the model
 # shares a core out evenly (bench.model.step.cpu_factor: 1.5x the np=1 compute at np 3 on 2 cores, 2x at np 4). On
 # this 2-core recording every np >= 3 point is oversubscribed, and their measured compute phases (data, forward,
-# backward of the slowest rank) take 1.28-1.44x what the model gives them in the np<=2 -> np>=3 split: with the
+# backward of the slowest rank) take longer than the model gives them in the np<=2 -> np>=3 split: with the
 # measured compute in place of the model's, every mode's median error falls within 25%
 # (test_the_misses_are_the_compute_not_the_exchange). docs/costmodel.md "Fit quality".
 TIME_SHARING = pytest.mark.xfail(strict=True, reason="oversubscribed points: their compute takes longer than the "
                                  "model's even share of a core (measured: the compute ratio of the misses)")
-# The one non-oversubscribed miss: strong sparse-gather at np=2 over 3 Gbit/s, whose compute took 2.0x its sweep's
-# np=1 compute (a neighbour's job on the shared machine while it ran); with its measured compute the error is 12%.
+# The one non-oversubscribed miss: strong sparse-gather at np=2 over 3 Gbit/s, whose compute took far longer than
+# its sweep's np=1 compute (a neighbour's job on the shared machine while it ran); with its measured compute the
+# error is within the target (docs/costmodel.md "Fit quality").
 SLOW_COMPUTE = pytest.mark.xfail(strict=True, reason="a point over 3 Gb/s whose compute ran 2x its sweep's np=1 "
                                  "compute (measured), not the exchange model")
 REFERENCE_GROUPS = [("np<=2 -> np>=3", True, TIME_SHARING), ("weak -> strong", False, ()),

@@ -295,6 +295,7 @@ def test_refresh_graph_and_retrieval_sharded_over_two_ranks_match_one(world):
         assert recall == pytest.approx(one[2], abs=1e-3)
 
 
+@pytest.mark.slow  # seconds of subprocesses and analysis: not for the quick loop
 def test_tiny_pipeline_runs_end_to_end_with_sane_metrics():
     result = run_pipeline(tiny(), LocalExchange())
     assert result["loss_end"] < result["loss_start"]

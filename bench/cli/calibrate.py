@@ -16,7 +16,17 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
+from bench.cli.comm import host_layout, results_dir, run_comm
 from bench.errors import UsageError
+from bench.host import physical_cores
+from bench.launch.hosts import add_host_flags
+from bench.model.calibration import fit_links_by_transport, read_comm_rows
+from bench.model.calibration_store import default_folder, save_calibration, this_host
+from bench.model.step import build_model
+from bench.model.table_costs import DEFAULT_COSTS
+from bench.plan.capacity import positive_int
+from bench.plan.comm_config import BACKENDS, CommConfig, parse_numbers, parse_size
+from bench.results.records import ensure_writable
 
 OPS = ("allreduce", "allgather", "sparse-pair", "alltoall")
 """What the fit needs: allreduce and allgather are fitted, sparse-pair is held out and predicted; alltoall gives the
@@ -53,8 +63,6 @@ def link_check(cal, rows: list[dict]) -> str | None:
 
 def comm_configs(args: argparse.Namespace) -> list:
     """One CommConfig per rank count, all checked before anything is measured."""
-    from bench.cli.comm import host_layout
-    from bench.plan.comm_config import CommConfig, parse_numbers, parse_size
     nps = parse_numbers(args.nps, int, "--nps")
     if any(p < 2 for p in nps):
         raise UsageError(f"--nps {args.nps}: a link needs at least 2 ranks; give counts of 2 or more, e.g. 2,3,4")
@@ -66,8 +74,6 @@ def comm_configs(args: argparse.Namespace) -> list:
 
 def cpu_costs(results: Path | None, comm_dir: Path, backend: str):
     """The per-byte CPU costs `auto` decides with besides the link: from the sweep in `results`, else built in."""
-    from bench.model.step import build_model
-    from bench.model.table_costs import DEFAULT_COSTS
     if results is None:
         return replace(DEFAULT_COSTS, source=f"CPU work per byte built in ({DEFAULT_COSTS.source})")
     costs = build_model(results, comm_dir, backend).costs()
@@ -75,10 +81,6 @@ def cpu_costs(results: Path | None, comm_dir: Path, backend: str):
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from bench.cli.comm import results_dir, run_comm
-    from bench.model.calibration import fit_links_by_transport, read_comm_rows
-    from bench.model.calibration_store import default_folder, save_calibration, this_host
-    from bench.results.records import ensure_writable
 
     configs = comm_configs(args)
     results = Path(args.results) if args.results else None
@@ -120,14 +122,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cores() -> int:
-    from bench.launch.mpirun import physical_cores
     return physical_cores()
 
 
 def register(sub) -> None:
-    from bench.launch.hosts import add_host_flags
-    from bench.plan.capacity import positive_int
-    from bench.ranks.comm_rank import BACKENDS
     p = sub.add_parser("calibrate", help="measure this host's collectives (comm at --nps ranks), fit a, b, g per "
                                          "transport and file them for the auto mode",
                        description=__doc__.split("\n\n")[1])

@@ -6,21 +6,19 @@ Horovod (as the harness configures it), raw MPI (mpi4py) and torch.distributed/g
 to --max-bytes, each backend in a launch of its own; plus this machine's memcpy bandwidth as the ceiling. Latency
 of an iteration is the slowest rank's (a barrier starts each iteration); figures follow nccl-tests (docs/design.md):
 algbw = S/t, busbw = algbw x `busbw_factor`, GB/s = 1e9 bytes/s. Each backend runs in --rounds launches in
-alternating order (A B C C B A), iterations pooled, and Horovod's allreduce busbw is printed as a fraction of raw MPI's
-per size (the target is 0.9 from 4 MiB up; sizes below it are named).
+alternating order (A B C C B A), iterations pooled, and Horovod's busbw is printed as a fraction of raw MPI's per
+size, judged against bench.results.comm_rows.RATIO_TARGETS where an op has one.
 
 crossover: with Horovod, time and bytes of sparse-gather (allgather of the uncoalesced gradient's indices and
 values, horovod's sparse_allreduce_async) against dense-reduce (to_dense + allreduce) of a V x d embedding gradient,
 over density (rows touched per rank / V) and process count; the crossover density per P is where the two times meet.
 
 The rank side lives in bench/ranks/comm_rank.py, the configs in bench/plan/comm_config.py, the launches in
-bench/launch/comm_launch.py, the rows and tables in bench/results/comm_rows.py; this module runs the two commands.
+bench/run/comm.py, the rows and tables in bench/results/comm_rows.py; this module runs the two commands.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -28,16 +26,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bench.errors import UsageError
-from bench.launch.comm_launch import (
-    comm_launcher,
-    comm_variants,
-    environment_record,
-    hang_timeout_s,
-    launch_order,
-    launch_program,
-    measure_backend,
-    measure_memcpy,
-)
+from bench.host import is_oversubscribed, physical_cores
 from bench.launch.hosts import (
     add_host_flags,
     check_fits,
@@ -47,9 +36,11 @@ from bench.launch.hosts import (
     network_summary,
     shares_one_machine,
 )
-from bench.launch.mpirun import HOROVOD_SETTINGS, is_oversubscribed, mpi_environment, physical_cores
+from bench.launch.mpirun import HOROVOD_SETTINGS
 from bench.plan.capacity import add_oversubscribe_flag, check_local_ranks
 from bench.plan.comm_config import (
+    BACKENDS,
+    OPS,
     CommConfig,
     CrossoverConfig,
     format_env_setting,
@@ -58,13 +49,9 @@ from bench.plan.comm_config import (
     parse_numbers,
     parse_size,
 )
-from bench.ranks.comm_rank import BACKENDS, OPS, split_sizes
 from bench.results.comm_rows import (
     CROSSOVER_FIELDS,
-    EXTRA_FIELDS,
-    ROW_FIELDS,
     busbw_ratios,
-    comm_row,
     crossover_density,
     crossover_rows,
     describe_crossover,
@@ -75,6 +62,16 @@ from bench.results.comm_rows import (
     setting_ratios,
 )
 from bench.results.records import atomic_write_json, default_out, ensure_writable, write_csv_atomic
+from bench.run.comm import (
+    comm_launcher,
+    comm_variants,
+    environment_record,
+    hang_timeout_s,
+    launch_program,
+    measure_comm,
+    shared_memory_of,
+    write_comm,
+)
 
 
 def results_dir(out: str | None, prefix: str) -> Path:
@@ -90,64 +87,13 @@ def results_dir(out: str | None, prefix: str) -> Path:
 
 
 def run_comm(cfg: CommConfig, out: Path) -> int:
-    started = datetime.now().astimezone()
-    t0 = time.perf_counter()
-    variants = dict(comm_variants(cfg))
-    env_record = environment_record(cfg.np, cfg.baseline_env, cfg.compare_env, comm_launcher(cfg))
     if is_oversubscribed(cfg.np):
         print(f"note: {cfg.np} ranks on {physical_cores()} cores: oversubscribed, flagged in every row", flush=True)
     if cfg.compare_env is not None:
         print(f"setting A: {format_env_setting(cfg.baseline_env)}\nsetting B: {format_env_setting(cfg.compare_env)}"
               f"\n(launches of A and B interleaved, each on top of the suite's launch environment)", flush=True)
-    from bench.launch.environment import launch_settings
-    rows = [r | {"setting": ""} for r in measure_memcpy(cfg, launch_settings(dict(os.environ)))]
-    settings, launch_fields, failures, launches = {}, {}, [], []
-    pooled: dict[tuple, tuple] = {}  # (setting, backend, op, size) -> (bytes_moved, times, faults, busy per launch)
-    # Same backend under A and B side by side, so a B/A ratio compares launches minutes apart at most.
-    units = [(setting, backend) for backend in cfg.backends for setting in variants]
-    order = launch_order(tuple(units), cfg.rounds)
-    share = split_sizes(cfg.iters, cfg.rounds)
-    failed = lambda unit: any((f["setting"], f["backend"]) == unit for f in failures)  # noqa: E731
-    for k, (setting, backend) in enumerate(order):
-        if failed((setting, backend)):
-            continue
-        round_ = k // len(units)
-        label = f" under setting {setting}" if len(variants) > 1 else ""
-        print(f"measuring {backend}{label} on {cfg.np} ranks (round {round_ + 1}/{cfg.rounds}) ...",
-              file=sys.stderr, flush=True)
-        points, seen, launch = measure_backend(cfg, backend, share[round_], variants[setting])
-        launches.append({"backend": backend, "setting": setting, "round": round_ + 1,
-                         "seconds": round(launch.seconds, 2)})
-        if launch.error:
-            failures.append({"backend": backend, "setting": setting, "round": round_ + 1, "error": launch.error})
-            print(f"alure-bench comm: {backend}{label} failed: {launch.error}", file=sys.stderr)
-            continue
-        for (op, size), (moved, times, faults, busy) in points.items():
-            entry = pooled.setdefault((setting, backend, op, size), (moved, [], [], []))
-            entry[1].extend(times)
-            entry[2].append(faults)
-            entry[3].append(busy)
-        launch_fields[(setting, backend)] = launch.records[0].get("launch", {})
-        if backend == "horovod":
-            settings.setdefault(setting, seen)
-    over = is_oversubscribed(cfg.np)
-    for setting, backend in units:
-        if failed((setting, backend)):
-            continue  # a backend with a failed round has no complete rows
-        for op in cfg.ops:
-            for size in cfg.sizes:
-                moved, times, faults, busy = pooled[(setting, backend, op, size)]
-                rows.append(comm_row(backend, op, cfg.np, size, moved, times,
-                                     tensors=cfg.tensors if op == "allreduce" else 1, warmup=cfg.warmup,
-                                     rounds=cfg.rounds, oversubscribed=over,
-                                     launch=launch_fields[(setting, backend)], setting=setting,
-                                     minor_faults_per_call=statistics.fmean(faults),
-                                     caller_busy_fraction=statistics.fmean(busy)))
-    for setting, extra in variants.items():
-        if setting not in settings:  # Horovod not run: what it would have been launched with
-            settings[setting] = {k: v for k, v in mpi_environment(cfg.np, {**os.environ, **extra}).items()
-                                 if k.startswith("HOROVOD_")}
-
+    run = measure_comm(cfg)
+    rows, variants = run.rows, dict(comm_variants(cfg))
     ratios = [q for op in cfg.ops for q in busbw_ratios(rows, op=op)]
     for setting in variants:
         for backend in ("memcpy", *cfg.backends):
@@ -160,10 +106,10 @@ def run_comm(cfg: CommConfig, out: Path) -> int:
                     print(format_comm_table(table, show) + "\n")
     for setting in variants:
         prefix = f"Setting {setting}: " if len(variants) > 1 else ""
-        fields = launch_fields.get((setting, cfg.backends[0]), {})
+        fields = run.launch_fields.get((setting, cfg.backends[0]), {})
         print(f"{prefix}shared memory {fields.get('single_copy_mechanism', '?')}, allocator "
               f"{fields.get('allocator', '?')}; Horovod settings: "
-              f"{', '.join(f'{k}={v}' for k, v in settings[setting].items()) or 'none'}")
+              f"{', '.join(f'{k}={v}' for k, v in run.settings[setting].items()) or 'none'}")
     if "horovod" in cfg.backends and "mpi4py" in cfg.backends:
         for op in cfg.ops:
             these = [q for q in ratios if q["op"] == op]
@@ -173,26 +119,15 @@ def run_comm(cfg: CommConfig, out: Path) -> int:
     if cfg.compare_env is not None:
         for backend in cfg.backends:
             for op in cfg.ops:
-                if not failed(("A", backend)) and not failed(("B", backend)):
+                if not run.failed(("A", backend)) and not run.failed(("B", backend)):
                     compared += setting_ratios(rows, backend, op)
                     print("\n" + format_compare_table(rows, backend, op))
     network = network_summary(comm_launcher(cfg), cfg.np, link_of_host(comm_launcher(cfg)))
     if network["link"]:
         print(link_fractions(rows, network["link"]))
-
-    seconds = round(time.perf_counter() - t0, 2)
-    result = {"kind": "comm", "started": started.isoformat(timespec="seconds"), "seconds": seconds,
-              "config": asdict(cfg) | {"sizes": cfg.sizes}, "cores": physical_cores(),
-              "horovod_settings": settings["A"], "harness_horovod_settings": dict(HOROVOD_SETTINGS),
-              "launches": launches, "horovod_vs_mpi4py": ratios, "failures": failures, "network": network,
-              "rows": rows}
-    if cfg.compare_env is not None:
-        result |= {"compare_horovod_settings": settings["B"], "b_over_a": compared}
-    atomic_write_json(out / "environment.json", env_record)
-    atomic_write_json(out / "comm.json", result)
-    write_csv_atomic(out / "comm.csv", rows, ROW_FIELDS + EXTRA_FIELDS)
+    seconds = write_comm(out, run, ratios, compared, network)
     print(f"wrote {out}/comm.json, comm.csv, environment.json ({seconds:.0f} s)")
-    return 1 if failures else 0
+    return 1 if run.failures else 0
 
 
 # --- crossover --------------------------------------------------------------------------------------------------
@@ -202,6 +137,7 @@ def run_crossover(cfg: CrossoverConfig, out: Path) -> int:
     started = datetime.now().astimezone()
     t0 = time.perf_counter()
     env_record = environment_record(max(cfg.nps))
+    shared_memory = shared_memory_of(env_record)
     rows, crossovers, failures, settings = [], [], [], {}
     for np in cfg.nps:
         print(f"measuring sparse-gather vs dense-reduce on {np} ranks ...", file=sys.stderr, flush=True)
@@ -209,7 +145,8 @@ def run_crossover(cfg: CrossoverConfig, out: Path) -> int:
                 "lookups_per_row": cfg.lookups_per_row, "warmup": cfg.warmup, "iters": cfg.iters}
         table_bytes = 4 * cfg.rows * cfg.dim
         launch = launch_program(spec, np, hang_timeout_s(2 * table_bytes * np * len(cfg.densities)
-                                                     * (cfg.warmup + cfg.iters), 0))
+                                                     * (cfg.warmup + cfg.iters), 0),
+                                shared_memory=shared_memory)
         if launch.error:
             failures.append({"np": np, "error": launch.error})
             print(f"alure-bench crossover: np={np} failed: {launch.error}", file=sys.stderr)

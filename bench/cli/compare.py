@@ -16,10 +16,10 @@ import pandas as pd
 
 from bench.errors import UsageError
 from bench.results.compare import compare, format_table, point_label, regressions
+from bench.results.records import load
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from bench.results.records import load
     frames = []
     for flag, folder in (("A", args.a), ("B", args.b)):
         if not Path(folder).is_dir():

@@ -12,19 +12,20 @@ import sys
 import tempfile
 from dataclasses import replace
 
+from alure.config import PRESETS, preset
 from alure.stages import DEFAULT_GRAPH_STRATEGY, GRAPH_STRATEGIES
 from bench.errors import UsageError
 from bench.host import threads_per_rank
+from bench.launch import transport
+from bench.launch.handback import collect, failures, hand_back, hand_back_failure, launched_rank
 from bench.launch.hosts import add_host_flags, check_fits, launcher_from_args, shares_one_machine
 from bench.launch.mpirun import LOCAL, Launcher, run_ranks
 from bench.launch.rank_program import python_module_argv
 from bench.plan.capacity import add_oversubscribe_flag, check_launch, rank_floor_mib, this_host
 from bench.plan.config import MODES, SHARDED_MODES
-from bench.ranks.handback import collect, failures, hand_back, hand_back_failure, launched_rank
 
 
 def workload(preset_name: str, seed: int | None):
-    from alure.config import preset
     try:
         config = preset(preset_name)
     except ValueError as err:  # alure names the presets it has
@@ -35,8 +36,8 @@ def workload(preset_name: str, seed: int | None):
 def run_local(preset_name: str, seed: int | None, graph_strategy: str) -> dict:
     import torch
 
-    from alure.exchange import LocalExchange
-    from alure.pipeline import run_pipeline
+    from alure.exchange import LocalExchange  # imports torch: only where it runs
+    from alure.pipeline import run_pipeline  # imports torch: only where it runs
     torch.set_num_threads(threads_per_rank(1))
     return run_pipeline(workload(preset_name, seed), LocalExchange(), graph_strategy)
 
@@ -47,7 +48,7 @@ def run_distributed(np_: int, preset_name: str, seed: int | None, mode: str, tim
         argv = python_module_argv("bench.cli.pipeline", "--rank-entry", "--results", results, "--preset", preset_name,
                                   "--mode", mode, "--graph-strategy", graph_strategy,
                                   *(["--seed", str(seed)] if seed is not None else []))
-        run = run_ranks(np_, argv, timeout_s=timeout_s, launcher=launcher)
+        run = run_ranks(np_, argv, shared_memory=transport.mechanism(), timeout_s=timeout_s, launcher=launcher)
         handed = collect(results)
     if run.timed_out:
         raise UsageError(f"the pipeline on {np_} ranks ran past {timeout_s:g} s: raise --timeout")
@@ -61,13 +62,13 @@ def run_distributed(np_: int, preset_name: str, seed: int | None, mode: str, tim
 
 
 def rank_entry(args: argparse.Namespace) -> int:
-    """What each rank runs under mpirun; rank 0 hands the pipeline's result back (bench.ranks.handback)."""
+    """What each rank runs under mpirun; rank 0 hands the pipeline's result back (bench.launch.handback)."""
     rank = launched_rank()
     try:
         import torch
 
-        from alure.pipeline import run_pipeline
-        from bench.ranks.exchange import HorovodExchange
+        from alure.pipeline import run_pipeline  # imports torch: only where it runs
+        from bench.ranks.exchange import HorovodExchange  # imports torch and Horovod: rank side only
         exchange = HorovodExchange(args.mode)
         rank = exchange.rank
         torch.set_num_threads(threads_per_rank(exchange.size))
@@ -116,7 +117,7 @@ def register(sub) -> None:
     p = sub.add_parser("pipeline", help="run the ALURE pipeline (train, refresh, similarity graph, ads retrieval) "
                                         "and print its quality and stage times")
     p.add_argument("--np", type=int, default=1, help="MPI processes (1: one plain process, no MPI)")
-    p.add_argument("--preset", default="default", help="workload preset: tiny, default or large")
+    p.add_argument("--preset", default="default", help=f"workload preset: {', '.join(PRESETS)}")
     # The later stages read the tables whole (refresh embeds every user): the data-parallel modes only.
     p.add_argument("--mode", default="dense-reduce", choices=[m for m in MODES if m not in SHARDED_MODES],
                    help="gradient exchange when np > 1")

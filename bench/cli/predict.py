@@ -21,6 +21,7 @@ import pandas as pd
 from bench.cli.calibrate import format_calibration, link_check
 from bench.cli.sweep import int_list
 from bench.errors import UsageError
+from bench.host import np_label
 from bench.model.calibration import COMM_FILES, fit_links_by_transport, network_link, read_comm_rows
 from bench.model.calibration_store import now_iso
 from bench.model.predictions import (
@@ -42,8 +43,16 @@ from bench.model.uncertainty import (
     link_variants,
     spread,
 )
-from bench.model.validation import TARGET_MEDIAN_ERROR, format_validation, not_validated, validated_range
-from bench.results.records import atomic_write_json, atomic_write_text, default_out, ensure_writable
+from bench.model.validation import (
+    TARGET_MEDIAN_ERROR,
+    format_validation,
+    not_validated,
+    tag_sweep,
+    validate,
+    validated_range,
+)
+from bench.results.prediction_plots import write_prediction_plots
+from bench.results.records import atomic_write_json, atomic_write_text, default_out, ensure_writable, read_records
 
 DEFAULT_RESULTS = Path("results/reference")
 DEFAULT_CALIBRATION = Path("results/reference-comm")
@@ -128,7 +137,7 @@ def uncertainty_lines(args: argparse.Namespace, ranges: dict, missed: pd.DataFra
 
 
 def format_check(check: pd.DataFrame) -> str:
-    t = check.assign(np=[f"{n}{'*' if o else ''}" for n, o in zip(check["np"], check["oversubscribed"])])
+    t = check.assign(np=[np_label(n, o) for n, o in zip(check["np"], check["oversubscribed"])])
     cols = ["scaling", "mode", "np", "batch_per_rank", "measured_ms", "predicted_ms", "ratio", "measured_peak_rss_mib",
             "predicted_rss_mib"]
     return t[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}")
@@ -181,96 +190,6 @@ def summary_lines(model: Model, machine: Machine, table: pd.DataFrame, crossover
                      f"measured median {check['ratio'].median():.2f}, "
                      f"worst {worst['ratio']:.2f} ({worst['scaling']} {worst['mode']} np={worst['np']})")
     return lines
-
-
-# ---- plots ---------------------------------------------------------------------------------------------------------
-
-def write_plots(table: pd.DataFrame, crossover: pd.DataFrame, machine: Machine, out: Path,
-                check: pd.DataFrame | None = None, density: float | None = None) -> list[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from bench.results.plots import MODE_COLORS
-
-    written = []
-
-    def np_axes(ax, title: str, ylabel: str | None = None, ylog: bool = True) -> None:
-        """The look every predicted-against-np panel shares: log2 np, optionally log y, grid and legend. A panel
-        with nothing to draw (every step out of memory) says so instead."""
-        if not any(len(line.get_xdata()) for line in ax.get_lines() if line.get_label() != "ideal"):
-            ax.text(0.5, 0.5, "no step fits in memory", ha="center", transform=ax.transAxes)
-        else:
-            ax.set_xscale("log", base=2)
-            if ylog:
-                ax.set_yscale("log")
-        ax.set_xlabel("MPI processes (np)")
-        if ylabel:
-            ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, kind in zip(axes, ("weak", "strong")):
-        for mode, g in table.dropna(subset=[f"{kind}_efficiency"]).groupby("mode"):
-            ax.plot(g["np"], g[f"{kind}_efficiency"], "o-", color=MODE_COLORS.get(mode), label=mode, markersize=3)
-        ax.axhline(1.0, color="k", ls="--", lw=1, label="ideal")
-        np_axes(ax, f"predicted {kind} scaling efficiency", ylog=False)
-    axes[0].set_ylabel("efficiency")
-    save(fig, "predicted-efficiency.png")
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for mode, g in table.groupby("mode"):
-        ax.plot(g["np"], g["memory_gib"], "o-", color=MODE_COLORS.get(mode), label=mode, markersize=3)
-    if machine.memory_per_rank_bytes:
-        ax.axhline(machine.memory_per_rank_bytes / 2**30, color="k", ls=":", label="memory per rank")
-    np_axes(ax, "predicted memory per rank", "GiB per rank (weak)")
-    save(fig, "predicted-memory.png")
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for mode, g in table.dropna(subset=["weak_step_ms"]).groupby("mode"):
-        ax.plot(g["np"], g["weak_compute_ms"], ":", color="gray")
-        ax.plot(g["np"], g["weak_exchange_ms"] - g["weak_hidden_ms"], "o-", color=MODE_COLORS.get(mode),
-                label=f"{mode} exchange", markersize=3)
-    ax.plot([], [], ":", color="gray", label="compute")
-    np_axes(ax, "predicted breakdown: compute vs exchange", "ms per step (weak)")
-    save(fig, "predicted-breakdown.png")
-
-    if not crossover.empty:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        c = crossover.dropna()
-        ax.plot(c["np"], c["crossover_density"], "o-", color="black", label="crossover (model)")
-        if density:
-            ax.axhline(density, color="tab:green", ls="--", label="this workload's density")
-        np_axes(ax, "sparse-gather below, dense-reduce above", "rows touched per rank / V")
-        save(fig, "predicted-crossover.png")
-
-    if check is not None and not check.empty:
-        fig, ax = plt.subplots(figsize=(5, 5))
-        for mode, g in check.groupby("mode"):
-            ax.errorbar(g["measured_ms"], g["predicted_ms"],
-                        xerr=[g["measured_ms"] - g["measured_p10_ms"], g["measured_p90_ms"] - g["measured_ms"]],
-                        fmt="o", color=MODE_COLORS.get(mode), label=mode)
-        both = check[["measured_ms", "predicted_ms"]]
-        lo, hi = both.min().min() * 0.7, both.max().max() * 1.3
-        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="predicted = measured")
-        ax.fill_between([lo, hi], [lo * 0.75, hi * 0.75], [lo * 1.25, hi * 1.25], color="gray", alpha=0.15,
-                        label="within 25%")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("measured ms per step")
-        ax.set_ylabel("predicted ms per step")
-        ax.set_title("the sweep's points")
-        ax.legend(fontsize=8)
-        save(fig, "predicted-vs-measured.png")
-    return written
 
 
 # ---- command -------------------------------------------------------------------------------------------------------
@@ -367,7 +286,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         "validation": {"summary": validation.summary.to_dict(orient="records"), "fits": validation.fits,
                        "not_run": validation.not_run, "points": validation.points.to_dict(orient="records")}})
     atomic_write_text(out / "prediction.txt", text + "\n")
-    plots = write_plots(table, crossover, machine, out, check, workload_density(model))
+    plots = write_prediction_plots(table, crossover, machine.memory_per_rank_bytes, out, check,
+                                   workload_density(model))
     print(f"wrote {out}/: prediction.csv, prediction.json, prediction.txt, costs.json, crossover.csv, "
           f"measured-vs-predicted.csv, validation.csv, validation-summary.csv, {', '.join(plots)}")
     return 0
@@ -376,7 +296,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def run_validation(args: argparse.Namespace, results: Path, records: list[dict], comm_rows: list[dict],
                    environment: dict):
     """The out-of-sample validation of the sweep (and --validate-with's): what the validated range is read off."""
-    from bench.model.validation import tag_sweep, validate
     records, rows = tag_sweep(records, results), list(comm_rows)
     for folder in args.validate_with or []:
         more_records, more_rows = sweeps_and_comm_under(Path(folder))
@@ -387,8 +306,6 @@ def run_validation(args: argparse.Namespace, results: Path, records: list[dict],
 def sweeps_and_comm_under(folder: Path) -> tuple[list[dict], list[dict]]:
     """Every sweep's records under `folder` (each folder holding a sweep.json) and every comm row under it: e.g. the
     emulated cluster's results (slurm/reference_cluster.sh), a sweep and comm runs per link rate."""
-    from bench.model.validation import tag_sweep
-    from bench.results.records import read_records
     sweeps = sorted(p.parent for p in folder.rglob("sweep.json")) if folder.is_dir() else []
     if not sweeps:
         raise UsageError(f"--validate-with {folder}: no sweep folder (one with sweep.json) under it; give a folder "

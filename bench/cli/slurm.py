@@ -12,9 +12,9 @@ from pathlib import Path
 from bench.cli.sweep import SHARED_FLAGS, add_plan_flags, sweep_config_from_args
 from bench.errors import UsageError
 from bench.plan.capacity import check_sweep, positive_int, slurm_partition
-from bench.plan.sweep import check_room, start_sweep
 from bench.results.records import default_out, point_path, read_record
 from bench.results.report import efficiency_table, write_report
+from bench.run.sweep import check_room, start_sweep
 from bench.slurm.arrays import LAUNCHERS, SlurmOptions, array_spec, plan_arrays, render_arrays
 from bench.slurm.jobs import (
     active_points,

@@ -1,4 +1,4 @@
-"""`alure-bench sweep | run | report`: flags and TOML files into a SweepConfig, then bench.plan.sweep and
+"""`alure-bench sweep | run | report`: flags and TOML files into a SweepConfig, then bench.run.sweep and
 bench.results.report."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import shlex
 from dataclasses import replace
 from pathlib import Path
 
+from alure.config import PRESETS
 from bench.errors import MachineFault, UsageError
 from bench.launch.hosts import (
     add_host_flags,
@@ -24,10 +25,11 @@ from bench.model.row_price import COMM_ROWS_ENV, rows_named
 from bench.plan.capacity import add_oversubscribe_flag, check_sweep
 from bench.plan.comm_config import format_env_setting, parse_env_setting
 from bench.plan.config import SweepConfig
-from bench.plan.sweep import load_sweep_config, run_sweep, start_sweep
+from bench.plan.workload import workload_config
 from bench.results.folder_lock import exclusive_writer
 from bench.results.records import default_out, ensure_writable
 from bench.results.report import efficiency_table, write_report
+from bench.run.sweep import load_sweep_config, run_sweep, start_sweep
 
 
 def int_list(text: str) -> list[int]:
@@ -59,7 +61,7 @@ SHARED_FLAGS = {"preset": "preset", "steps": "steps", "warmup": "warmup_steps", 
 
 
 def add_shared_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help="workload preset: tiny, default or large")
+    p.add_argument("--preset", help=f"workload preset: {', '.join(PRESETS)}")
     p.add_argument("--steps", type=int, help="timed steps per point (default 20)")
     p.add_argument("--warmup", type=int, help="untimed warm-up steps per point (default 3)")
     p.add_argument("--timeout", type=float, help="seconds before a point is killed and recorded as timeout")
@@ -130,7 +132,6 @@ def sweep_config_from_args(args: argparse.Namespace, **fixed) -> SweepConfig:
 def _check_workload(config: SweepConfig) -> None:
     """Build every point's workload config here, so a bad preset, override or batch split fails before anything
     launches (not as a failed point minutes into the sweep)."""
-    from bench.plan.workload import workload_config
     for point in config.plan():
         try:
             workload_config(point)

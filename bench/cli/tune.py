@@ -11,12 +11,12 @@ from bench.launch.hosts import add_host_flags, launcher_from_args, save_layout
 from bench.launch.interrupts import INTERRUPTED_EXIT_CODE, signals_ignored
 from bench.plan.comm_config import parse_env_setting
 from bench.plan.config import DEFAULT_SWEEP_MODES
-from bench.plan.sweep import run_sweep, start_sweep
 from bench.plan.tuning import AUTOTUNE_LOG, AUTOTUNE_STAGES, KNOBS, autotune_steps, knob_settings, tuning_sweeps
 from bench.results.folder_lock import exclusive_writer
 from bench.results.records import default_out, ensure_writable
 from bench.results.report import write_report
 from bench.results.tuning import autotune_choice, setting_rows, tuning_table, write_tuning
+from bench.run.sweep import run_sweep, start_sweep
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

@@ -10,6 +10,10 @@ from pathlib import Path
 
 import psutil
 
+from bench.launch import transport
+from bench.launch.hosts import emulated_cluster
+from bench.launch.mpirun import LOCAL, SHARED_MEMORY_VARIABLE, Launcher, mpi_environment
+
 ENV_PREFIXES = ("HOROVOD_", "OMPI_", "SLURM_", "OMP_", "MKL_", "MALLOC_", "LD_PRELOAD", "GLIBC_TUNABLES",
                 "ALURE_BENCH_ALLOCATOR")
 REPO = Path(__file__).resolve().parents[2]
@@ -92,8 +96,7 @@ def allocator(env: dict[str, str]) -> str:
 def launch_settings(env: dict[str, str]) -> dict:
     """What a launch ran with, as flat fields for result rows: the shared-memory mechanism, the allocator and
     Horovod's knobs, read from the environment the ranks got."""
-    from bench.launch.transport import VARIABLE
-    fields = {"single_copy_mechanism": env.get(VARIABLE, "") or "open-mpi-default", "allocator": allocator(env)}
+    fields = {"single_copy_mechanism": env.get(SHARED_MEMORY_VARIABLE, "") or "open-mpi-default", "allocator": allocator(env)}
     for name, field in HOROVOD_KNOBS.items():
         fields[field] = env.get(name, "")
     return fields
@@ -102,12 +105,10 @@ def launch_settings(env: dict[str, str]) -> dict:
 def shared_memory_record() -> dict:
     """The shared-memory mechanism launches use here and where it came from (the environment, or the probe of
     bench.launch.transport with its reason)."""
-    from bench.launch import transport
-    from bench.launch.mpirun import run_ranks
-    if os.environ.get(transport.VARIABLE):
-        return {"single_copy_mechanism": os.environ[transport.VARIABLE], "source": "environment",
-                "reason": f"{transport.VARIABLE} was set before launch"}
-    return transport.choice(run_ranks)
+    if os.environ.get(SHARED_MEMORY_VARIABLE):
+        return {"single_copy_mechanism": os.environ[SHARED_MEMORY_VARIABLE], "source": "environment",
+                "reason": f"{SHARED_MEMORY_VARIABLE} was set before launch"}
+    return transport.choice()
 
 
 THP_SETTINGS = Path("/sys/kernel/mm/transparent_hugepage")
@@ -128,7 +129,8 @@ def transparent_hugepages(settings: Path = THP_SETTINGS) -> dict:
 
 def capture_environment() -> dict:
     """The environment record of docs/design.md "Results" (environment.json)."""
-    import torch
+    import torch  # only the command's process records torch; the launch modules never need it
+    shared_memory = shared_memory_record()
     return {
         "python": sys.version.split()[0],
         "torch": torch.__version__,
@@ -143,9 +145,9 @@ def capture_environment() -> dict:
         "platform": platform.platform(),
         "git": git_state(),
         "variables": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
-        "shared_memory": shared_memory_record(),
+        "shared_memory": shared_memory,
         "transparent_hugepages": transparent_hugepages(),
-        "launch_settings": launch_settings(_local_launch()),
+        "launch_settings": launch_settings(mpi_environment(2, shared_memory=shared_memory["single_copy_mechanism"])),
         "emulated_cluster": emulated_cluster_record(),
     }
 
@@ -153,25 +155,17 @@ def capture_environment() -> dict:
 LAUNCH_PREFIXES = ("HOROVOD_", "OMPI_", "GLOO_")
 
 
-def launch_environment(nps: list[int], launcher=None) -> dict[str, dict[str, str]]:
+def launch_environment(nps: list[int], launcher: Launcher = LOCAL, *, shared_memory: str) -> dict[str, dict[str, str]]:
     """Per rank count, the HOROVOD_/OMPI_/GLOO_ variables exactly as the launcher hands them to mpirun (its own
     settings on top of this process's environment): what the ranks of a point ran with."""
-    from bench.launch.mpirun import LOCAL
-    launcher = launcher or LOCAL
-    return {str(n): {k: v for k, v in sorted(launcher.environment(n).items()) if k.startswith(LAUNCH_PREFIXES)}
+    return {str(n): {k: v for k, v in sorted(launcher.environment(n, shared_memory=shared_memory).items())
+                     if k.startswith(LAUNCH_PREFIXES)}
             for n in nps}
-
-
-def _local_launch() -> dict[str, str]:
-    """The environment bench.launch.mpirun gives local ranks (two of them) from this process's."""
-    from bench.launch.mpirun import mpi_environment
-    return mpi_environment(2)
 
 
 def emulated_cluster_record() -> dict | None:
     """The emulated cluster of slurm/cluster.sh running on this machine (hosts, subnet, the shaping it was started
     with), or None: a result measured across its hosts says so in its environment too."""
-    from bench.launch.hosts import emulated_cluster
     cluster = emulated_cluster()
     return None if cluster is None else {"hosts": list(cluster.hosts), "subnet": cluster.subnet,
                                          "interface": cluster.interface, "link_rate": cluster.link_rate}

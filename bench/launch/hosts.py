@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bench.errors import UsageError
 from bench.launch.mpirun import LOCAL, Launcher
+from bench.results.records import atomic_write_json
 
 CLUSTER_DIR_VARIABLE = "ALURE_CLUSTER_DIR"
 DEFAULT_CLUSTER_DIR = Path("/run/alure-cluster")
@@ -138,7 +139,6 @@ def launcher_from_args(args: argparse.Namespace) -> Launcher:
 
 def save_layout(sweep_dir: Path, launcher: Launcher) -> None:
     """Keep a sweep's host layout in its folder (only for launches over hosts)."""
-    from bench.results.records import atomic_write_json
     if launcher.hosts or launcher.controller != "mpi":
         atomic_write_json(Path(sweep_dir) / HOSTS_FILE, {"hosts": list(launcher.hosts),
                                                          "ranks_per_host": launcher.ranks_per_host,

@@ -1,7 +1,8 @@
 """The one place that knows how local MPI ranks are started on this kind of machine.
 
 Everything that launches ranks (sweeps, the pipeline, comm benchmarks, tests) goes through `mpirun_command` and
-`mpi_environment`, so nobody sets Open MPI's flags by hand.
+`mpi_environment`, so nobody sets Open MPI's flags by hand. Both only build: the one value that needs a probe, the
+shared-memory copy mechanism, is resolved once per command (bench.launch.transport.mechanism) and handed in.
 """
 from __future__ import annotations
 
@@ -14,23 +15,26 @@ import time
 from dataclasses import dataclass
 
 from bench.errors import UsageError
+from bench.host import is_oversubscribed
+from bench.launch import lifetime
+from bench.launch.gloo_rendezvous import wrap
 
-# The host facts are imported from here by the modules that predate bench.host; they move to it one by one.
-from bench.host import is_oversubscribed, physical_cores, threads_per_rank  # noqa: F401
-from bench.launch import lifetime, transport
+SHARED_MEMORY_VARIABLE = "OMPI_MCA_btl_vader_single_copy_mechanism"
+"""The Open MPI variable the shared-memory copy mechanism is given to the ranks through (bench.launch.transport
+chooses it; a value already set in the launch's environment wins)."""
 
 HOROVOD_SETTINGS: dict[str, str] = {
-    # ms. Horovod's 1 ms default put ~1.1 ms on every small op and held 4/8 MiB allreduces to 0.47/0.72 of raw MPI
-    # (np=2); 0.02 ms: ~0.16 ms and 0.98/0.99. 0 was no better from 4 MiB up and spins a core per rank when idle.
+    # ms. Horovod's default cycle adds its own wait to every small op and holds mid-sized allreduces well below raw
+    # MPI; a short cycle removes most of it, and 0 spins a core per rank when idle (docs/collectives.md "Every knob,
+    # measured on a quiet machine").
     "HOROVOD_CYCLE_TIME": "0.02",
     # bytes. The 128 MiB default fuses a large gradient with small ones: two extra copies and one huge message;
-    # 4 MiB keeps small tensors fused and sends large ones as they are (16 tensors: same up to 8 MiB, 1.2-3.2x
-    # faster from 16 to 64 MiB).
+    # 4 MiB keeps small tensors fused and sends large ones as they are (same section).
     "HOROVOD_FUSION_THRESHOLD": str(4 << 20),
 }
 """Horovod's knobs for every launch (setdefault: a variable already set wins, which is how to A/B them; set empty, it
-is unset). Chosen from interleaved `alure-bench comm` runs on the 2-core reference machine; every comm result records
-what was used. `alure-bench tune` measures other values on the training step against these (docs/tuning.md)."""
+is unset). Chosen from interleaved `alure-bench comm` runs (docs/collectives.md); every comm result records what was
+used. `alure-bench tune` measures other values on the training step against these (docs/tuning.md)."""
 
 ALLOCATOR_VARIABLE = "ALURE_BENCH_ALLOCATOR"
 """Names the ranks' allocator setting (one of ALLOCATORS); default DEFAULT_ALLOCATOR."""
@@ -47,8 +51,8 @@ ALLOCATORS: dict[str, dict[str, str]] = {
     "glibc-reuse": GLIBC_REUSE,
     # The same, with the heap asking the kernel for transparent huge pages (madvise; a kernel whose THP mode is
     # `never` ignores it, and environment.json records the mode). Shared-memory copies and the step's large
-    # tensors then touch one page table entry per 2 MiB instead of per 4 KiB: 1.1-1.7x faster Horovod collectives
-    # from 2 MiB, up to 4x for MPI's allgather, on the 2-core reference machine (docs/collectives.md).
+    # tensors then touch one page table entry per 2 MiB instead of per 4 KiB, which speeds up the large collectives
+    # (docs/collectives.md "Huge pages in the launch").
     "glibc-reuse-thp": {**GLIBC_REUSE, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
 }
 DEFAULT_ALLOCATOR = "glibc-reuse-thp"
@@ -66,8 +70,10 @@ DEFAULT_BINDING = "none"
 """What launches use unless ALURE_BENCH_BIND says otherwise (the references so far ran unbound)."""
 
 
-def mpi_environment(np: int, base: dict[str, str] | None = None, *, single_host: bool = True) -> dict[str, str]:
-    """The environment mpirun needs here, on top of `base` (default: this process's).
+def mpi_environment(np: int, base: dict[str, str] | None = None, *, shared_memory: str,
+                    single_host: bool = True) -> dict[str, str]:
+    """The environment mpirun needs here, on top of `base` (default: this process's); `shared_memory` is the copy
+    mechanism of this command (bench.launch.transport.mechanism), used unless `base` sets one.
 
     `single_host` keeps every socket on the loopback interface: ranks on one host need no other network, and
     nothing of a benchmark should leave the machine. Multi-node launches (inside an allocation) pass False.
@@ -81,7 +87,7 @@ def mpi_environment(np: int, base: dict[str, str] | None = None, *, single_host:
     env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     # Shared memory's large-message copy: cross-memory attach (one copy) where this host allows it, else
     # copy-in/copy-out; probed once per host and cached (bench/launch/transport.py). A value already set wins.
-    env[transport.VARIABLE] = transport.mechanism(env, run_ranks)
+    env[SHARED_MEMORY_VARIABLE] = env.get(SHARED_MEMORY_VARIABLE) or shared_memory
     for name, value in HOROVOD_SETTINGS.items():
         # Set empty (a point's launch_env), a knob is left unset: Horovod's own default, which HOROVOD_AUTOTUNE may
         # tune (it leaves alone what the environment fixes).
@@ -161,7 +167,6 @@ class Launcher:
             if self.kind != "mpirun":
                 raise UsageError("Horovod's Gloo controller is launched with mpirun only (it reads mpirun's ranks): "
                                  "drop --controller gloo or launch with mpirun")
-            from bench.launch.gloo_rendezvous import wrap
             used = self.hosts_for(np)
             placed = {h: min(self.ranks_per_host, np - i * self.ranks_per_host) for i, h in enumerate(used)}
             argv = wrap(argv, placed or {socket.gethostname(): np}, used[0] if used else "127.0.0.1")
@@ -188,15 +193,15 @@ class Launcher:
         """The hosts a launch of np ranks uses: the first ceil(np / ranks_per_host) of `hosts`."""
         return self.hosts[:-(-np // self.ranks_per_host)]
 
-    def environment(self, np: int, base: dict[str, str] | None = None) -> dict[str, str]:
-        env = mpi_environment(np, base, single_host=self.single_host)
+    def environment(self, np: int, base: dict[str, str] | None = None, *, shared_memory: str) -> dict[str, str]:
+        env = mpi_environment(np, base, shared_memory=shared_memory, single_host=self.single_host)
         if self.tcp_subnet:
             # By subnet, not interface name: Open MPI compares names across hosts ("unreachable proc" otherwise).
             env["OMPI_MCA_btl_tcp_if_include"] = env["OMPI_MCA_oob_tcp_if_include"] = self.tcp_subnet
         if self.hosts or self.tcp_subnet:
             # One TCP connection per peer carries both directions: the rendezvous replies of one rank queue behind
-            # its own bulk data, and at P=2 over a 1 Gbit/s link allreduce/allgather reached 0.5-0.65 of the link;
-            # four connections per peer: 0.75-0.95 (interleaved comm runs on a loaded 2-core machine).
+            # its own bulk data and the collectives stay well below the link rate; four connections per peer come
+            # much closer (docs/cluster.md "A cluster on one machine").
             env.setdefault("OMPI_MCA_btl_tcp_links", "4")
         if self.interface:
             env["HOROVOD_GLOO_IFACE"] = env["GLOO_SOCKET_IFNAME"] = self.interface
@@ -222,12 +227,12 @@ class RankRun:
     """Everything the ranks printed to standard error."""
 
 
-def run_ranks(np: int, argv: list[str], *, timeout_s: float | None = None, env: dict[str, str] | None = None,
-              cwd: str | None = None, launcher: Launcher = LOCAL) -> RankRun:
-    """Run `argv` on `np` ranks. However the launch ends (done, timeout, Ctrl-C or SIGTERM here, this process
+def run_ranks(np: int, argv: list[str], *, shared_memory: str, timeout_s: float | None = None,
+              env: dict[str, str] | None = None, cwd: str | None = None, launcher: Launcher = LOCAL) -> RankRun:
+    """Run `argv` on `np` ranks (`shared_memory`: see mpi_environment). However the launch ends (done, timeout, Ctrl-C or SIGTERM here, this process
     killed, mpirun dying mid-spawn), none of its processes outlives it: see bench.launch.lifetime."""
     cmd = launcher.command(np, argv)
-    launch_env, launch_id = lifetime.tag_environment(launcher.environment(np, env))
+    launch_env, launch_id = lifetime.tag_environment(launcher.environment(np, env, shared_memory=shared_memory))
     start = time.perf_counter()
     # A session of its own, so the terminal's Ctrl-C reaches only this process, which ends the launch in order;
     # the parent-death signal takes mpirun down if this process is killed outright.

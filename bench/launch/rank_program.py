@@ -1,4 +1,4 @@
-"""How a launcher names the program its ranks run (what they hand back goes through bench.ranks.handback): used by
+"""How a launcher names the program its ranks run (what they hand back goes through bench.launch.handback): used by
 every launch, and by the shared-memory probe that every launch depends on (so this module imports nothing of the
 launcher)."""
 from __future__ import annotations

@@ -6,10 +6,10 @@ between the ranks) or through a shared bounce buffer (copy-in/copy-out, `none`: 
 is about twice as fast from 1 MiB up, but sandboxes refuse it: Docker's default seccomp profile blocks
 process_vm_readv, and Yama's ptrace_scope 2 or 3 forbids attaching to a sibling.
 
-`mechanism(base, run_ranks)` answers with the fastest one that works here. It asks a tiny two-rank check once per
+`mechanism(base)` answers with the fastest one that works here. It asks a tiny two-rank check once per
 host and Open MPI version (`probe`: two ranks read each other's memory with process_vm_readv directly, then
 allgather 1 MiB with CMA forced and check the data and Open MPI's complaints; each rank hands its findings back
-through bench.ranks.handback), caches the answer in the suite's cache folder, and falls back to `none` only where
+through bench.launch.handback), caches the answer in the suite's cache folder, and falls back to `none` only where
 CMA is refused, saying so in one line.
 
 The probe's ranks can be made to refuse CMA on purpose: ALURE_BENCH_PROBE_DENY_CMA=1 installs a seccomp filter in
@@ -32,8 +32,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-VARIABLE = "OMPI_MCA_btl_vader_single_copy_mechanism"
-"""The Open MPI variable the choice is given to the ranks through (a value already set wins over the probe)."""
+from bench.launch.handback import collect, hand_back
+from bench.launch.mpirun import SHARED_MEMORY_VARIABLE as VARIABLE
+from bench.launch.mpirun import run_ranks
+from bench.launch.rank_program import python_module_argv
+from bench.results.records import atomic_write_json, utc_now
+
 DENY_HOOK = "ALURE_BENCH_PROBE_DENY_CMA"
 """Set to 1: the probe's ranks refuse CMA (a seccomp filter), to exercise the fallback."""
 PROBE_BYTES = 1 << 20
@@ -65,19 +69,16 @@ def cache_path(host: str, version: str, denied: bool) -> Path:
     return cache_dir() / f"{host}-ompi{version}{'-denycma' if denied else ''}.json"
 
 
-def mechanism(base: dict[str, str] | None, run_ranks) -> str:
+def mechanism(base: dict[str, str] | None = None) -> str:
     """The value for VARIABLE: what `base` (default: this process's environment) already says, else the probed
-    choice of this host (`run_ranks`: see `choice`)."""
+    choice of this host. A command asks once and hands the answer to every launch it makes (bench.launch.mpirun)."""
     env = os.environ if base is None else base
-    return env.get(VARIABLE) or choice(run_ranks)["single_copy_mechanism"]
+    return env.get(VARIABLE) or choice()["single_copy_mechanism"]
 
 
-def choice(run_ranks) -> dict:
+def choice() -> dict:
     """This host's probed choice, from the cache when it holds one for this host and Open MPI version:
-    {single_copy_mechanism: cma|none, cma_works, reason, host, open_mpi, probed_at, source: probe|cache}.
-
-    `run_ranks` is bench.launch.mpirun.run_ranks, handed in by the caller: every launch asks this module for the
-    mechanism first, so this module cannot import the launcher without an import circle."""
+    {single_copy_mechanism: cma|none, cma_works, reason, host, open_mpi, probed_at, source: probe|cache}."""
     host, version = socket.gethostname(), open_mpi_version()
     denied = os.environ.get(DENY_HOOK) == "1"
     if version is None:
@@ -90,22 +91,19 @@ def choice(run_ranks) -> dict:
             return _say(cached | {"source": "cache"})
     except (OSError, ValueError):
         pass
-    record = probe(host, version, run_ranks, denied)
+    record = probe(host, version, denied)
     if record["cma_works"] is not None:  # a probe that could not run is not an answer to keep
         _write_cache(path, record)
     return _say(record | {"source": "probe"})
 
 
-def probe(host: str, version: str, run_ranks, denied: bool = False, timeout_s: float = 60) -> dict:
-    """Run the two-rank check with CMA forced (through `run_ranks`, see `choice`); `none` unless every rank read its
-    peer and the data came through with no complaint from Open MPI."""
-    from bench.launch.rank_program import python_module_argv
-    from bench.ranks.handback import collect
-    from bench.results.records import utc_now
+def probe(host: str, version: str, denied: bool = False, timeout_s: float = 60) -> dict:
+    """Run the two-rank check with CMA forced; `none` unless every rank read its peer and the data came through with
+    no complaint from Open MPI."""
     env = dict(os.environ, **{VARIABLE: "cma"})
     with tempfile.TemporaryDirectory(prefix="alure-transport-") as results:
         argv = python_module_argv("bench.launch.transport", "--rank", results, *(["--deny-cma"] if denied else []))
-        run = run_ranks(2, argv, timeout_s=timeout_s, env=env)
+        run = run_ranks(2, argv, shared_memory="cma", timeout_s=timeout_s, env=env)
         records = [h["result"] for h in collect(results) if h["status"] == "ok"]
     complaint = next((line.strip() for line in run.stderr.splitlines()
                       if "errno" in line.lower() or "cross-memory" in line.lower() or "CMA" in line), None)
@@ -128,7 +126,6 @@ def probe(host: str, version: str, run_ranks, denied: bool = False, timeout_s: f
 
 
 def _write_cache(path: Path, record: dict) -> None:
-    from bench.results.records import atomic_write_json
     try:
         atomic_write_json(path, record)
     except OSError:
@@ -204,7 +201,6 @@ def rank_main(results: str, deny: bool) -> None:
     comm.Allgather(mine, gathered)
     data_ok = bool(all((gathered[i * n:(i + 1) * n] == i + 1).all() for i in range(comm.size)))
     comm.Barrier()  # nobody leaves (and unmaps its buffer) while a peer may still read it
-    from bench.ranks.handback import hand_back
     hand_back(results, comm.rank, {"rank": comm.rank, "read_error": read_error, "data_ok": data_ok})
 
 
@@ -215,8 +211,7 @@ if __name__ == "__main__":
         version = open_mpi_version()
         if version is None:
             sys.exit("alure-bench: mpirun not found: run `make setup` first")
-        from bench.launch.mpirun import run_ranks  # run as a script, this module is __main__: no circle
-        record = probe(socket.gethostname(), version, run_ranks, os.environ.get(DENY_HOOK) == "1")
+        record = probe(socket.gethostname(), version, os.environ.get(DENY_HOOK) == "1")
         if record["cma_works"] is not None:
             _write_cache(cache_path(record["host"], version, record["deny_hook"]), record)
         print(json.dumps(record, indent=2))

@@ -18,7 +18,9 @@ from datetime import datetime
 from pathlib import Path
 
 from bench.errors import UsageError
+from bench.launch.environment import cpu_model, mpi_library
 from bench.model.table_costs import DEFAULT_COSTS, ExchangeCosts
+from bench.results.records import atomic_write_json, ensure_writable
 
 CALIBRATIONS_ENV = "ALURE_BENCH_CALIBRATIONS"
 """Names the calibration folder (default: `default_folder()`)."""
@@ -65,7 +67,6 @@ class HostIdentity:
 
 def this_host(transport: str) -> HostIdentity:
     """The identity of the host this process runs on, for ranks exchanging through `transport`."""
-    from bench.launch.environment import cpu_model, mpi_library
     mpi = mpi_library()
     return HostIdentity(cpu_model=cpu_model(), cores=len(os.sched_getaffinity(0)),
                         mpi_library=mpi.get("library") or f"unknown ({mpi.get('error', 'no mpi4py')})",
@@ -84,7 +85,6 @@ def calibration_path(folder: Path, identity: HostIdentity) -> Path:
 def save_calibration(folder: Path, identity: HostIdentity, calibration, costs, comm_dir: Path | str,
                      arguments: dict) -> Path:
     """Write the calibration of `identity` (replacing an older one of the same host and transport)."""
-    from bench.results.records import atomic_write_json, ensure_writable
     path = calibration_path(ensure_writable(Path(folder)), identity)
     atomic_write_json(path, {"kind": FILE_KIND, "version": FILE_VERSION,
                              "created": now_iso(),
@@ -194,7 +194,6 @@ SWEEP_COSTS_FILE = "costs.json"
 def keep_costs(sweep_dir: Path) -> dict:
     """Write into `sweep_dir` the costs `auto` will decide with on this host (ranks on it: shared memory), with
     their origin, in the form ALURE_BENCH_COSTS reads back; return the origin. Each auto record names its own."""
-    from bench.results.records import atomic_write_json
     costs, origin = load_costs_and_origin(transport="shared-memory")
     atomic_write_json(Path(sweep_dir) / SWEEP_COSTS_FILE, costs.as_dict() | {"origin": origin})
     return origin

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from bench.model import calibration_store as store
 from bench.model.collectives import Link, collective_terms
+from bench.model.table_costs import DEFAULT_COSTS
 
 PRICED_KINDS = {"allreduce": ("allreduce_calls", "allreduce_bytes_sent"),
                 "allgather": ("allgather_calls", "allgather_bytes_held"),
@@ -75,8 +77,6 @@ def host_collective_model(transport: str) -> CollectiveModel:
     (said so: calibrated False)."""
     import os
 
-    from bench.model import calibration_store as store
-    from bench.model.table_costs import DEFAULT_COSTS
     named = os.environ.get(store.COSTS_ENV)
     if named:
         costs = store.load_costs(named)

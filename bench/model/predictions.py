@@ -12,6 +12,7 @@ import pandas as pd
 from bench.errors import UsageError
 from bench.model.step import Machine, Model, auto_sharded_tables, this_machine
 from bench.plan.config import REPLICATED_MODES, SHARDED_MODES
+from bench.results.records import load, read_records
 from bench.results.scaling import efficiency
 
 PREDICT_MODES = (*REPLICATED_MODES, "auto", *SHARDED_MODES)
@@ -68,7 +69,6 @@ def prediction_table(model: Model, machine: Machine, nps: list[int], batch_per_r
 def measured_vs_predicted(model: Model, sweep_dir: str | Path, machine: Machine | None = None) -> pd.DataFrame:
     """The sweep's own ok points (median over repeats) beside the model's step time for them on the machine that
     measured them: columns scaling, mode, np, batch_per_rank, oversubscribed, measured_ms, predicted_ms, ratio."""
-    from bench.results.records import load, read_records
     df = load(sweep_dir)
     # auto points as they ran: with the tables each sharded (the first repeat's; every repeat decides alike)
     sharded = {(r["point"]["scaling"], r["np"]): auto_sharded_tables(r) for r in read_records(sweep_dir)

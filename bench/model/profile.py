@@ -8,8 +8,12 @@ from functools import lru_cache
 
 import numpy as np
 
+from alure.config import SourceConfig, WorkloadConfig
 from bench.errors import UsageError
+from bench.host import physical_cores
 from bench.model.table_costs import INDEX_BYTES, VALUE_BYTES
+from bench.plan.config import PointConfig
+from bench.plan.workload import workload_config
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +104,8 @@ def workload_geometry(config, reference_batch: int, steps: int = 3) -> tuple[lis
     import torch
     from torch import nn
 
-    from alure.data import build_world, make_batch, negatives_per_step
-    from alure.model import UserEncoder
+    from alure.data import build_world, make_batch, negatives_per_step  # imports torch: only where a workload is built
+    from alure.model import UserEncoder  # imports torch: only where a model is built
 
     with torch.device("meta"):  # shapes only: no memory for a table of millions of rows
         model = UserEncoder(config)
@@ -161,7 +165,6 @@ def _distinct(ids) -> int:
 
 @lru_cache(maxsize=8)
 def _geometry_cached(config_json: str, reference_batch: int) -> tuple[tuple[Table, ...], int]:
-    from alure.config import SourceConfig, WorkloadConfig
     data = json.loads(config_json)
     data["sources"] = tuple(SourceConfig(**s) for s in data["sources"])
     tables, dense = workload_geometry(WorkloadConfig(**data), reference_batch)
@@ -170,8 +173,6 @@ def _geometry_cached(config_json: str, reference_batch: int) -> tuple[tuple[Tabl
 
 def profile_from_records(records: list[dict], environment: dict | None = None) -> Profile:
     """The Profile of a sweep: its workload from the np=1 points' config, its np=1 step from their phases."""
-    from bench.plan.config import PointConfig
-    from bench.plan.workload import workload_config
 
     base = [r for r in records if r["status"] == "ok" and r["np"] == 1]
     if not base:
@@ -209,5 +210,4 @@ def profile_from_records(records: list[dict], environment: dict | None = None) -
 
 
 def _cores() -> int:
-    from bench.launch.mpirun import physical_cores
     return physical_cores()

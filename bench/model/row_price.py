@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bench.model.calibration import read_comm_rows
 from bench.model.exchange_price import PRICED_KINDS, CollectiveModel
 
 COMM_ROWS_ENV = "ALURE_BENCH_COMM_ROWS"
@@ -95,7 +96,6 @@ class MeasuredRows:
 def measured_rows(folder: str, backend: str, p: int, fallback: CollectiveModel | None = None) -> MeasuredRows:
     """The rows of `folder` (bench.model.calibration.read_comm_rows) of the comm backend that measures the exchange
     backend `backend`, at np=p, setting A."""
-    from bench.model.calibration import read_comm_rows
     wanted = ROW_BACKEND.get(backend, backend)
     by_op: dict[str, dict[int, list[float]]] = {}
     for row in read_comm_rows(folder):

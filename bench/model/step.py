@@ -38,6 +38,7 @@ from bench.model.table_costs import (
     table_network_s,
 )
 from bench.plan.config import SHARDED_MODES
+from bench.results.records import read_records
 
 THREAD_EXPONENT = 0.0
 """Speed-up of a rank's compute from its intra-op threads, as threads ** THREAD_EXPONENT. Measured here: the default
@@ -406,7 +407,6 @@ def fit_model(records: list[dict], comm_rows: list[dict], environment: dict | No
 
 def read_sweep(sweep_dir: str | Path) -> tuple[list[dict], dict]:
     """A sweep folder's records and environment.json ({} without one)."""
-    from bench.results.records import read_records
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise UsageError(f"results folder {sweep_dir} not found: give a folder written by `alure-bench sweep`")

@@ -21,10 +21,10 @@ DEFAULT_LOCAL_S_PER_BYTE = {"sparse-gather": 0.6e-9, "dense-reduce": 0.4e-9, "sp
 """Each mode's CPU work around its collectives, seconds per byte, when a sweep has no multi-rank point to fit it
 from. sparse-gather and sparse-as-dense (then called dense-reduce): fitted on a default-preset sweep on this 2-core
 machine. dense-reduce: a probe of its densify (zero + index_add_ into the kept buffer) and Adagrad(fused=True) update of
-one 200,000 x 64 table at 1 thread, about 20 ms for 51 MB on this machine while shared; Horovod's fusion-buffer copies
-not included. coalesced-gather uses sparse-gather's cost per gathered byte. row-wise and table-wise (per byte of the
-rank's ids, rows and gradients: bucketing, the owner's lookups, putting rows back in order): no sharded point was
-fitted yet, so sparse-gather's, the nearest work (rows built from indices)."""
+one 200,000 x 64 table at 1 thread (docs/costmodel.md "The model"); Horovod's fusion-buffer copies not included.
+coalesced-gather uses sparse-gather's cost per gathered byte. row-wise and table-wise (per byte of the rank's ids,
+rows and gradients: bucketing, the owner's lookups, putting rows back in order): until a sharded point is fitted,
+sparse-gather's, the nearest work (rows built from indices)."""
 AUTO_CHOICES = ("sparse-gather", "coalesced-gather", "dense-reduce")
 """What `auto` chooses among, per table and step, for the tables it keeps whole (it may shard others row-wise, once:
 bench.model.shard_costs.choose_sharding)."""

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from bench.errors import UsageError
+from bench.host import np_label
 from bench.model.calibration import fit_link, row_transport
 from bench.model.profile import profile_from_records
 from bench.model.step import Machine, Model, auto_sharded_tables, fit_local_work, this_machine
@@ -295,7 +296,7 @@ def format_validation(v: Validation) -> str:
     for split, why in v.not_run.items():
         lines.append(f"  {split}: not run ({why})")
     if not v.points.empty:
-        t = v.points.assign(np=[f"{n}{'*' if o else ''}" for n, o in zip(v.points["np"], v.points["oversubscribed"])])
+        t = v.points.assign(np=[np_label(n, o) for n, o in zip(v.points["np"], v.points["oversubscribed"])])
         lines += ["", t[["split", "scaling", "mode", "np", "transport", "link_gbps", "measured_ms", "predicted_ms",
                          "rel_error", "measured_peak_mib", "predicted_peak_mib", "peak_rel_error"]]
                   .to_string(index=False, float_format=lambda x: f"{x:.3g}")]

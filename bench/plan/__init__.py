@@ -1,2 +1,2 @@
-"""What to run: the sweep and point configs, the workload a point builds, whether a plan fits the machine, and the
-sweep loop that walks the plan one launch per point (data flow: cli -> plan -> launch -> ranks -> results)."""
+"""What to run: the sweep and point configs, the workload a point builds, whether a plan fits the machine. The
+lowest package of the harness but errors and host facts (docs/design.md "Layers"); the sweep loop is bench.run."""

@@ -25,16 +25,19 @@ from pathlib import Path
 
 import psutil
 
+from alure.config import SourceConfig, WorkloadConfig
 from bench.errors import UsageError
 from bench.host import physical_cores
+from bench.plan.sizes import format_bytes
+from bench.plan.workload import workload_config
 
 MIB = 2**20
 DEFAULT_RANKS_PER_CORE = 8
 """Ranks one core may carry on one host unless --oversubscribe-limit says otherwise."""
 RUNTIME_MIB = 200.0
 """Resident memory of a rank before it builds anything: Python with torch, Horovod and mpi4py loaded and Horovod
-initialised. A rank of tests/ranks/runtime_rss.py held 245 MiB on the 2-core reference machine (launch it with
-`tests.conftest.launch(1, "runtime_rss")`); the margin keeps this a floor across builds, and a test checks it is."""
+initialised, kept below what a rank of tests/ranks/runtime_rss.py holds (launch it with
+`tests.conftest.launch(1, "runtime_rss")`) so that it stays a floor across builds; a test checks it is."""
 PARAMETER_COPIES = 2
 """Copies of every parameter a training rank holds at least: the weights and Adagrad's accumulated squares."""
 SINFO_TIMEOUT_S = 5.0
@@ -86,8 +89,7 @@ def parameter_bytes(workload) -> int:
 def _parameter_bytes(workload_json: str) -> int:
     import torch
 
-    from alure.config import SourceConfig, WorkloadConfig
-    from alure.model import UserEncoder
+    from alure.model import UserEncoder  # imports torch: only where a model is built
     data = json.loads(workload_json)
     data["sources"] = tuple(SourceConfig(**s) for s in data["sources"])
     with torch.device("meta"):  # shapes without memory, even for tables of millions of rows
@@ -213,27 +215,19 @@ def check_launch(np: int, rank_mib: float, hosts: Hosts, *, flag: str, ranks_per
     if memory is not None:
         fit = min(fit, int(memory // rank_mib))
         if busiest * rank_mib > memory:
-            problems.append(f"at least {_size(busiest * rank_mib)} of memory per host ({busiest} ranks x "
+            problems.append(f"at least {format_bytes(busiest * rank_mib * 2**20)} of memory per host ({busiest} ranks x "
                             f"{rank_mib:.0f} MiB{what}) where {'it' if hosts.nodes == 1 else 'a node'} has "
-                            f"{_size(memory)}")
+                            f"{format_bytes(memory * 2**20)}")
     if problems:
         fits = f"at most {fit * usable} ranks fit" if fit * usable else "not one rank fits"
         raise UsageError(f"{flag} {np} cannot run on {hosts.where}: it needs {' and '.join(problems)}; {fits}: "
                          f"lower {flag}")
 
 
-def _size(mib: float) -> str:
-    for unit, scale in (("TiB", 2**20), ("GiB", 2**10)):
-        if mib >= scale:
-            return f"{mib / scale:.1f} {unit}"
-    return f"{mib:.0f} MiB"
-
-
 def check_sweep(config, *, flag: str, ranks_per_core: int = DEFAULT_RANKS_PER_CORE, hosts: Hosts | None = None,
                 layout=None) -> None:
     """Every np of a SweepConfig against `hosts` (default this host). `layout(np)` -> (nodes, ranks per node) for
     Slurm arrays."""
-    from bench.plan.workload import workload_config
     hosts = hosts or this_host()
     point = config.plan()[0]  # the parameters are the same at every point: only the batch differs
     rank_mib = rank_floor_mib(workload_config(point), config.mem_limit_mib)

@@ -6,7 +6,14 @@ import re
 from dataclasses import dataclass, field
 
 from bench.errors import UsageError
-from bench.ranks.comm_rank import BACKENDS, OPS, SPARSE_DIM
+from bench.plan.sizes import format_bytes
+
+OPS = ("allreduce", "allgather", "sparse-pair", "alltoall", "alltoall-zipf")
+"""The collectives the micro-benchmark times (bench.ranks.comm_rank runs them)."""
+BACKENDS = ("horovod", "mpi4py", "gloo")
+"""The libraries it times them through."""
+SPARSE_DIM = 64
+"""Columns of the embedding table whose gradient sparse-pair stands for."""
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
           "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
@@ -21,13 +28,6 @@ def parse_size(text: str, what: str = "size") -> int:
     if n < 4:
         raise UsageError(f"{what} {text!r} is below 4 bytes (one float32): use at least 4")
     return n
-
-
-def format_size(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale and n % scale == 0:
-            return f"{n // scale} {unit}"
-    return f"{n} B"
 
 
 def doubling_sizes(lo: int, hi: int) -> list[int]:
@@ -138,8 +138,8 @@ class CommConfig:
             if o not in OPS:
                 raise UsageError(f"unknown op {o}: choose from {','.join(OPS)}")
         if self.min_bytes > self.max_bytes:
-            raise UsageError(f"--min-bytes {format_size(self.min_bytes)} is above --max-bytes "
-                             f"{format_size(self.max_bytes)}: swap them")
+            raise UsageError(f"--min-bytes {format_bytes(self.min_bytes)} is above --max-bytes "
+                             f"{format_bytes(self.max_bytes)}: swap them")
         if not 1 <= self.rounds <= self.iters:
             raise UsageError(f"--rounds {self.rounds} must be between 1 and --iters ({self.iters})")
         if self.tensors < 1:
@@ -148,7 +148,7 @@ class CommConfig:
         need = 3 * self.max_bytes * self.np
         available = _available_memory()
         if need > available:
-            raise UsageError(f"--max-bytes {format_size(self.max_bytes)} on {self.np} ranks needs about "
+            raise UsageError(f"--max-bytes {format_bytes(self.max_bytes)} on {self.np} ranks needs about "
                              f"{need / 2**30:.1f} GiB but {available / 2**30:.1f} GiB is available: "
                              f"lower --max-bytes or --np")
 

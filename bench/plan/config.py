@@ -43,7 +43,7 @@ class RunSettings:
     """What every point of a sweep shares: the workload, how long to measure, and the limits."""
 
     preset: str = "default"
-    """Workload preset (alure.config): tiny, default or large."""
+    """Workload preset: a name of alure.config.PRESETS."""
     batch_per_rank: int = 0
     """Per-rank batch for weak scaling; 0 takes the preset's batch size."""
     global_batch: int = 0
@@ -214,7 +214,7 @@ class SweepConfig(RunSettings):
     """k-NN strategies the graph stage is measured with, side by side."""
     retries: int = 0
     """Launches again, after a short pause, of a point whose launch failed before any rank began to measure
-    (mpirun, its daemons or the transport failed to start; bench.ranks.handback.mark_measuring); a point that
+    (mpirun, its daemons or the transport failed to start; bench.launch.handback.mark_measuring); a point that
     failed once measuring (a crash, oom, a timeout) is a result and never retried. Every attempt is in the
     record."""
     corun: bool = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from alure.config import preset
 from bench.errors import UsageError
 from bench.plan.config import PointConfig
 
@@ -23,13 +24,11 @@ def batch_sizes(point: PointConfig, preset_batch: int) -> tuple[int, int]:
 
 def preset_batch(point: PointConfig) -> int:
     """The batch size of the point's preset (what batch_per_rank/global_batch = 0 stand for)."""
-    from alure.config import preset
     return preset(point.preset).batch_size
 
 
 def workload_config(point: PointConfig):
     """The alure config this point trains: its preset, its overrides, its seed and per-rank batch."""
-    from alure.config import preset
     base = preset(point.preset)
     # A stage other than train covers every user whatever the ranks: it keeps the preset's batch.
     per_rank = batch_sizes(point, base.batch_size)[0] if point.stage == "train" else base.batch_size

@@ -1,11 +1,11 @@
 """Rank side of `alure-bench comm` and `alure-bench crossover`: one communication backend per process, timed calls.
 
 `bench.cli.comm` launches `python -m bench.ranks.comm_rank SPEC.json` on every rank through `bench.launch.mpirun`; each
-rank hands its own per-iteration times back in `spec["work_dir"]` (bench.ranks.handback) and the launcher takes the
+rank hands its own per-iteration times back in `spec["work_dir"]` (bench.launch.handback) and the launcher takes the
 maximum over ranks.
 torch, Horovod and mpi4py are imported inside the backend that needs them, so the launcher imports the geometry
-and the timing loop from here at no cost, and a Horovod process never loads mpi4py (its background thread makes
-mpi4py collectives 2-8x slower on the 2-core reference machine).
+and the timing loop from here at no cost, and a Horovod process never loads mpi4py (its background thread competes
+with mpi4py's collectives for the cores and slows them down several-fold; docs/collectives.md).
 
 How a nominal size S becomes buffers (`geometry`):
 - allreduce: one float32 tensor of S bytes, summed in place (as Horovod's optimizer reduces gradients).
@@ -30,10 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-OPS = ("allreduce", "allgather", "sparse-pair", "alltoall", "alltoall-zipf")
-BACKENDS = ("horovod", "mpi4py", "gloo")
-SPARSE_DIM = 64
-"""Columns of the embedding table whose gradient sparse-pair stands for."""
+from bench.host import threads_per_rank
+from bench.launch.environment import launch_settings
+from bench.launch.handback import hand_back, hand_back_failure, launched_rank
+from bench.model.collectives import zipf_split_shares  # the cost model prices these very splits
+from bench.plan.comm_config import SPARSE_DIM
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +72,6 @@ def alltoall_splits(op: str, n: int, np: int) -> list[int]:
     0, at least one to every rank."""
     if op == "alltoall":
         return split_sizes(n, np)
-    from bench.model.collectives import zipf_split_shares  # the cost model prices these very splits
     splits = [max(1, int(n * share)) for share in zipf_split_shares(np)]
     splits[0] += n - sum(splits)
     return splits
@@ -110,8 +110,6 @@ class HorovodBackend:
         import horovod.torch as hvd
         import torch
         from horovod.torch.mpi_ops import sparse_allreduce_async
-
-        from bench.launch.mpirun import threads_per_rank
         hvd.init()
         self.hvd, self.torch, self.sparse_allreduce_async = hvd, torch, sparse_allreduce_async
         self.rank, self.size = hvd.rank(), hvd.size()
@@ -154,7 +152,8 @@ class HorovodBackend:
 def page_aligned(make, n: int, dtype):
     """`make(n, dtype)` (np.zeros, np.empty) starting on a page boundary. Where numpy's buffers land depends on
     the allocator (16-byte aligned in glibc's heap), and a copy between a send and a receive buffer whose addresses
-    differ modulo 64 ran 3-5x slower here (docs/collectives.md): the baseline must not hinge on that."""
+    differ modulo 64 is several times slower (docs/collectives.md "A trap in the baseline"): the baseline must not
+    hinge on that."""
     import numpy as np
     itemsize = np.dtype(dtype).itemsize
     raw = make(n + 4096 // itemsize, dtype)
@@ -228,8 +227,6 @@ class GlooBackend:
     def __init__(self):
         import torch
         import torch.distributed as dist
-
-        from bench.launch.mpirun import threads_per_rank
         self.rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
         self.size = int(os.environ["OMPI_COMM_WORLD_SIZE"])
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -323,7 +320,6 @@ def run_comm(spec: dict) -> dict:
                             "minor_faults_per_call": faults / spec["iters"],
                             "caller_busy_fraction": (time.thread_time() - busy) / max(sum(times), 1e-9)})
             del call  # free this point's buffers before the next one allocates
-    from bench.launch.environment import launch_settings
     record = {"rank": backend.rank, "size": backend.size, "backend": backend.name, "settings": backend.settings(),
               "launch": launch_settings(dict(os.environ)), "results": results}
     backend.close()
@@ -333,7 +329,7 @@ def run_comm(spec: dict) -> dict:
 def run_crossover(spec: dict) -> dict:
     """sparse-gather vs dense-reduce of one V x d embedding gradient per density, with Horovod as the optimizer
     calls it (op Average); the two modes alternate iteration by iteration so noise falls on both alike."""
-    from bench.ranks.exchange import tensor_bytes
+    from bench.ranks.exchange import tensor_bytes  # imports torch: the launcher imports this module without it
     backend = HorovodBackend()
     hvd, torch = backend.hvd, backend.torch
     rows_total, dim = spec["rows"], spec["dim"]
@@ -370,7 +366,6 @@ def run_crossover(spec: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from bench.ranks.handback import hand_back, hand_back_failure, launched_rank
     spec = json.loads(Path(argv[0]).read_text())
     try:
         record = run_crossover(spec) if spec["program"] == "crossover" else run_comm(spec)

@@ -5,7 +5,7 @@ the real ranks would), but nothing here starts Horovod or MPI: each process trai
 (alure.exchange.LocalExchange, as a lone np=1 point does) and is timed by the training worker's own `measure`. The
 processes line up after their warm-up through files in the hand-back folder, so their timed steps run at the same
 time; afterwards the others hand their measurements back as files and rank 0 builds the record from them. Run as
-`python -m bench.ranks.corun` (bench.plan.sweep.worker_module)."""
+`python -m bench.ranks.corun` (bench.run.sweep.worker_module)."""
 from __future__ import annotations
 
 import argparse
@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from alure.exchange import LocalExchange
+from bench.launch.handback import hand_back, hand_back_failure, launched_rank, rank_file
 from bench.plan.config import PointConfig
 from bench.ranks.exchange import ExchangeCounters
-from bench.ranks.handback import hand_back, hand_back_failure, launched_rank, rank_file
 from bench.ranks.memory import apply_mem_limit
 from bench.results.records import utc_now
 
@@ -50,7 +50,7 @@ def line_up(folder: Path, rank: int, size: int, timeout_s: float) -> None:
 
 def corun_rank(point: PointConfig, folder: Path, rank: int) -> dict:
     """This process's measurements, with what it is: its launched rank and whether Horovod or mpi4py were loaded."""
-    from bench.ranks.worker import measure
+    from bench.ranks.worker import measure  # imports torch: rank side only
     measured = measure(point, BareExchange(), lambda: line_up(folder, rank, point.np, point.timeout_s))
     return measured | {"rank": rank, "modules_loaded": {m: m in sys.modules for m in ("horovod", "mpi4py")}}
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank != 0:
             hand_back(folder, rank, mine)
             return 0
-        from bench.ranks.worker import build_record
+        from bench.ranks.worker import build_record  # imports torch: rank side only
         ranks = [mine, *gather_files(folder, point.np, point.timeout_s)]
         hand_back(folder, 0, build_record(point, ranks, time.perf_counter() - start, started_at))
     except BaseException as err:  # noqa: BLE001 - every failure must reach the sweep classified

@@ -27,7 +27,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from alure.exchange import Arrived
+from bench.host import physical_cores
+from bench.model.calibration_store import load_costs_and_origin
+from bench.model.profile import table_lookups
+from bench.model.table_costs import choose_mode
 from bench.plan.config import MODES, SHARDED_MODES
+from bench.ranks.grouped_gather import GroupedGather, grouped_gathers_asked
+from bench.ranks.memory import memory_budget_bytes
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -163,7 +170,6 @@ class ModeExchange:
         self.costs = self.costs_origin = None
         """auto: what it decides with, and where that came from (bench.model.calibration_store.costs_origin)."""
         if mode == "auto":
-            from bench.model.calibration_store import load_costs_and_origin
             transport = "shared-memory" if local_size == size else "tcp"  # this host's calibration of it
             self.costs, self.costs_origin = load_costs_and_origin(transport=transport, warn=rank == 0 and size > 1)
 
@@ -236,10 +242,6 @@ class ModeExchange:
         self.counters.work_ms += (time.perf_counter() - started) * 1000
 
     def _choose_modes(self, batch):
-        from bench.launch.mpirun import physical_cores
-        from bench.model.profile import table_lookups
-        from bench.model.table_costs import choose_mode
-        from bench.ranks.memory import memory_budget_bytes
         counts = table_lookups(batch)
         names = list(self.tables.values())
         mine = [c for name in names for c in counts[name.removeprefix("sources.").removesuffix(".weight")]]
@@ -271,7 +273,6 @@ class HorovodExchange(ModeExchange):
         opt = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                        sparse_as_dense=self.mode == "sparse-as-dense")
         self.find_tables(model)
-        from bench.ranks.grouped_gather import GroupedGather, grouped_gathers_asked
         self.grouped = GroupedGather(hvd, opt.process_set) if grouped_gathers_asked() else None
         """The option of bench.ranks.grouped_gather (ALURE_BENCH_GROUPED_ALLGATHER=1), or None."""
         # Horovod's hooks call `self._allreduce_grad_async(p)`; an instance attribute shadows the class method,
@@ -383,7 +384,6 @@ def start_mpi_ring_shift(comm, array) -> MpiTransfer:
     array = np.ascontiguousarray(array)
     rank, size = comm.Get_rank(), comm.Get_size()
     if size == 1:
-        from alure.exchange import Arrived
         return Arrived(array)
     following, previous = (rank + 1) % size, (rank - 1) % size
     shape, dtype = comm.sendrecv((array.shape, array.dtype.str), dest=following, source=previous)

@@ -7,9 +7,6 @@ import resource
 import psutil
 
 MIB = 2**20
-OOM_MARKERS = ("not enough memory", "can't allocate memory", "cannot allocate memory", "out of memory",
-               "std::bad_alloc", "memoryerror")
-"""Lower-case fragments by which torch, Horovod's C++ core, MPI and Python say an allocation failed."""
 
 
 def rss_mib() -> float:
@@ -119,11 +116,6 @@ def apply_mem_limit(limit_mib: int) -> None:
     if limit_mib > 0:
         limit = int(limit_mib) * MIB
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
-
-
-def looks_like_oom(text: str) -> bool:
-    text = text.lower()
-    return any(marker in text for marker in OOM_MARKERS)
 
 
 def apply_training_mem_limit(allowance_mib: int, data_base_bytes: int | None) -> None:

@@ -4,7 +4,7 @@ same ranks in the same run, so drift and noise fall on both alike. Run on every 
 
     mpirun -np 2 python -m bench.ranks.overhead --results DIR --preset default --blocks 10 --steps-per-block 5
 
-Rank 0 hands the block means and their ratio back into DIR (bench.ranks.handback).
+Rank 0 hands the block means and their ratio back into DIR (bench.launch.handback).
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import time
 
 import numpy as np
 
+from alure.config import preset
 from bench.host import threads_per_rank
-from bench.ranks.handback import hand_back
+from bench.launch.handback import hand_back
 from bench.ranks.worker import instrumented_step
 
 
@@ -41,9 +42,8 @@ def block_means(trainer, exchange, blocks: int, steps: int) -> tuple[list[float]
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from alure.config import preset
-    from alure.train import Trainer
-    from bench.ranks.exchange import HorovodExchange
+    from alure.train import Trainer  # imports torch: rank side only
+    from bench.ranks.exchange import HorovodExchange  # imports torch and Horovod: rank side only
 
     parser = argparse.ArgumentParser(prog="python -m bench.ranks.overhead")
     parser.add_argument("--results", required=True, help="the folder to hand the result back into")

@@ -1,7 +1,7 @@
 """What the two rank programs of a sweep point share (bench.ranks.worker: timed training steps;
 bench.ranks.stage_worker: a whole pipeline stage): the command line, the exchange (`exchange_for`: Horovod,
 raw MPI or the sharded modes), every rank's measurements gathered to rank 0, which builds the point's record, and
-the hand-back of the outcome (bench.ranks.handback)."""
+the hand-back of the outcome (bench.launch.handback)."""
 from __future__ import annotations
 
 import argparse
@@ -11,8 +11,9 @@ import sys
 import time
 from collections.abc import Callable
 
+from bench.launch.handback import hand_back, hand_back_failure, launched_rank, mark_measuring
 from bench.plan.config import PointConfig
-from bench.ranks.handback import hand_back, hand_back_failure, launched_rank, mark_measuring
+from bench.plan.workload import workload_config
 from bench.ranks.memory import apply_mem_limit
 from bench.results.records import utc_now
 
@@ -31,9 +32,10 @@ def exchange_for(point: PointConfig):
     """The point's exchange, over its backend (bench.plan.config.EXCHANGE_BACKENDS). Imported only when chosen: a
     raw-MPI point must never load Horovod."""
     if point.exchange_backend == "mpi":
+        # Imports torch and mpi4py: rank side only (the launcher imports this module).
         from bench.ranks.mpi_exchange import MpiExchange
         return MpiExchange(point.mode)
-    from bench.plan.workload import workload_config
+    # Imports torch and Horovod: rank side only (the launcher imports this module).
     from bench.ranks.sharded import exchange_for as horovod_exchange_for
     return horovod_exchange_for(point.mode, workload_config(point))  # Horovod, or the sharded modes over it
 

@@ -24,10 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from alure.data import negatives_per_step
 from bench.host import physical_cores
-from bench.model.shard_costs import place_tables
+from bench.model.profile import table_lookups
+from bench.model.shard_costs import choose_sharding, place_tables
 from bench.plan.config import SHARDED_MODES
 from bench.ranks.exchange import HorovodExchange, tensor_bytes
+from bench.ranks.memory import memory_budget_bytes
 
 ID_BYTES = 8
 """Bytes of one id on the wire (int64)."""
@@ -63,7 +66,6 @@ class RowOwners:
 def table_weights(config) -> dict[str, float]:
     """rows x lookups per rank and step of each sparse table of the workload, from its config (before any batch):
     sequence tokens (mean length, capped), targets and negatives; each RQ level looks up the codes table once."""
-    from alure.data import negatives_per_step
     weights = {}
     for s in config.sources:
         lookups = config.batch_size * (min(s.mean_length, s.max_length) + 1) + negatives_per_step(config, s)
@@ -280,7 +282,6 @@ class AutoExchange(ShardedExchange):
     def embedding_lookup(self, spec):
         if self.size == 1:
             return None
-        from bench.model.shard_costs import choose_sharding
         if self._first_counts is None:
             raise RuntimeError("auto was offered a table before plan_tables saw the first batch")
         budget = self._budget
@@ -309,8 +310,6 @@ class AutoExchange(ShardedExchange):
         batch, summed) and on the tightest rank's memory budget, which the tables decided then draw on in turn."""
         if self.size == 1:
             return
-        from bench.model.profile import table_lookups
-        from bench.ranks.memory import memory_budget_bytes
         counts = table_lookups(first_batch())
         names = sorted(counts)
         mine = [c for name in names for c in counts[name]] + [memory_budget_bytes(self.local_size)]

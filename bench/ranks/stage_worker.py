@@ -19,12 +19,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from bench.host import hosts_oversubscribed, physical_cores, threads_per_rank
+from bench.host import physical_cores, point_oversubscribed, threads_per_rank
 from bench.plan.config import PointConfig
 from bench.plan.workload import workload_config
 from bench.ranks import point_program
 from bench.ranks.memory import PeakProbe, rss_mib
-from bench.results.records import SCHEMA_VERSION
+from bench.results.records import point_record
 from bench.results.scaling import rank_skew, slowest_rank_per_step, spread
 
 # ---- what the stage's collectives moved ----------------------------------------------------------------------------
@@ -98,9 +98,14 @@ def prepare_stage(point: PointConfig, exchange):
     """Build the stage's inputs, untimed; return a function that runs the stage once and keeps nothing."""
     import torch
 
-    from alure.data import build_world
-    from alure.model import UserEncoder
-    from alure.pipeline import DEFAULT_GRAPH_STRATEGY, graph_stage, refresh_stage, retrieval_stage
+    from alure.data import build_world  # imports torch: only where a workload is built
+    from alure.model import UserEncoder  # imports torch: only where a model is built
+    from alure.pipeline import (  # imports torch: only where it runs
+        DEFAULT_GRAPH_STRATEGY,
+        graph_stage,
+        refresh_stage,
+        retrieval_stage,
+    )
 
     config = workload_config(point)
     world = build_world(config)
@@ -177,15 +182,12 @@ def build_stage_record(point: PointConfig, ranks: list[dict], wall_seconds: floa
         "allgather_calls": exchange["allgather_calls"], "allreduce_calls": exchange["allreduce_calls"],
         "sendrecv_calls": exchange["sendrecv_calls"], "memory_probe": ranks[0]["memory_probe"],
     }
-    return {
-        "schema_version": SCHEMA_VERSION, "point_id": point.point_id, "point": point.as_dict(), "status": "ok",
-        "reason": None, "started_at": started_at, "wall_seconds": wall_seconds,
-        "oversubscribed": hosts_oversubscribed(ranks), "np": point.np,
-        "threads_per_rank": point.threads_per_rank or threads_per_rank(point.np),
-        "batch_per_rank": None, "global_batch": None, "users": users,
-        "hosts": sorted({r["host"] for r in ranks}),
-        "step_time_ms_slowest_rank": slowest.tolist(), "metrics": metrics, "ranks": ranks,
-    }
+    return point_record(
+        point, "ok", reason=None, started_at=started_at, wall_seconds=wall_seconds,
+        oversubscribed=point_oversubscribed(point.np, ranks, one_machine=False), metrics=metrics, ranks=ranks,
+        threads_per_rank=point.threads_per_rank or threads_per_rank(point.np),
+        batch_per_rank=None, global_batch=None, users=users, hosts=sorted({r["host"] for r in ranks}),
+        step_time_ms_slowest_rank=slowest.tolist())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,13 +12,15 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bench.host import hosts_oversubscribed, is_oversubscribed, physical_cores
+from bench.host import physical_cores, point_oversubscribed
 from bench.launch.hosts import link_as_configured, network_of_ranks, shares_one_machine
+from bench.model.exchange_price import exchange_price, host_collective_model
+from bench.model.row_price import measured_rows, rows_named
 from bench.plan.config import PointConfig
 from bench.plan.workload import batch_sizes, preset_batch, workload_config
 from bench.ranks import grouped_gather, point_program
 from bench.ranks.memory import MIB, PeakProbe, apply_training_mem_limit, peak_rss_mib, rss_mib, vm_data_bytes
-from bench.results.records import SCHEMA_VERSION
+from bench.results.records import point_record
 from bench.results.scaling import (
     PHASES,
     rank_skew,
@@ -90,7 +92,7 @@ def measure(point: PointConfig, exchange, before_timed_steps: Callable[[], None]
     warm-up, outside every clock (the co-run baseline lines its processes up there)."""
     import torch
 
-    from alure.train import Trainer
+    from alure.train import Trainer  # imports torch: rank side only
 
     torch.set_num_threads(point.threads_per_rank)  # the same at every np: see RunSettings.threads_per_rank
     trainer = Trainer(workload_config(point), exchange)
@@ -133,7 +135,7 @@ def measure(point: PointConfig, exchange, before_timed_steps: Callable[[], None]
         # The cap of --train-mem-limit applies from before the warm-up: so does this growth (None without VmData).
         "data_growth_mib": (max(data_ends) - data_base) / MIB if data_ends and data_base is not None else None,
         # The whole data segment (what --mem-limit caps) at its largest step end: the run's peak when the heap is
-        # never handed back (bench.cli.shard_demo launches so).
+        # never handed back (bench.run.demo launches so).
         "peak_data_mib": max(data_ends) / MIB if data_ends else None,
         "memory_probe": probe.method, "memory_probe_ms": [s.probe_ms for s in steps],
         "exchange": moved,  # medians over timed steps of bench.ranks.exchange.ExchangeCounters, per rank per step
@@ -192,30 +194,29 @@ def build_record(point: PointConfig, ranks: list[dict], wall_seconds: float, sta
     metrics |= price_exchange(point, metrics, exchange_ms, network["transport"])
     # Emulated hosts (slurm/cluster.sh) are namespaces of this one machine: their ranks time-share its cores.
     shared = network["transport"] == "tcp" and shares_one_machine(network["hosts"])
-    return {
-        "schema_version": SCHEMA_VERSION, "point_id": point.point_id, "point": point.as_dict(), "status": "ok",
-        "reason": None, "started_at": started_at, "wall_seconds": wall_seconds,
-        "oversubscribed": hosts_oversubscribed(ranks) or (shared and is_oversubscribed(point.np)), "np": point.np,
-        "threads_per_rank": point.threads_per_rank,
-        "batch_per_rank": per_rank, "global_batch": global_batch,
+    return point_record(
+        point, "ok", reason=None, started_at=started_at, wall_seconds=wall_seconds,
+        oversubscribed=point_oversubscribed(point.np, ranks, one_machine=shared), metrics=metrics, ranks=ranks,
+        threads_per_rank=point.threads_per_rank,
+        batch_per_rank=per_rank, global_batch=global_batch,
         **network,  # hosts, ranks_per_host, transport
-        "exchange_backend": point.exchange_backend,
+        exchange_backend=point.exchange_backend,
         # what the ranks ran with (the launcher's knobs, or the point's own launch_env over them): a before/after of
         # a launch setting is read from the records themselves. Gloo's interface is where the ranks talk, not a
         # knob, and differs between a local and an allocated launch (environment.json keeps it).
-        "horovod_settings": {k: v for k, v in sorted(os.environ.items())
-                             if (k.startswith("HOROVOD_") and k != "HOROVOD_GLOO_IFACE")
-                             or k == grouped_gather.VARIABLE},
-        "launch_env": point.launch_env,
-        "horovod_controller": os.environ.get("HOROVOD_CONTROLLER", "mpi") if point.exchange_backend == "horovod"
+        horovod_settings={k: v for k, v in sorted(os.environ.items())
+                          if (k.startswith("HOROVOD_") and k != "HOROVOD_GLOO_IFACE")
+                          or k == grouped_gather.VARIABLE},
+        launch_env=point.launch_env,
+        horovod_controller=os.environ.get("HOROVOD_CONTROLLER", "mpi") if point.exchange_backend == "horovod"
         else None,
         # This host's egress as tc has it (the emulated cluster shapes every host alike); only between hosts.
-        "link": link_as_configured() if network["transport"] == "tcp" else None,
+        link=link_as_configured() if network["transport"] == "tcp" else None,
         # auto: the costs it decided with (calibration file and date, costs.json, or built-in); None in fixed modes
-        "auto_costs": ranks[0].get("auto_costs"),
-        "step_time_ms_slowest_rank": slowest.tolist(), "metrics": metrics, "ranks": ranks,
-        "sharding": ranks[0].get("sharding"),
-    }
+        auto_costs=ranks[0].get("auto_costs"),
+        step_time_ms_slowest_rank=slowest.tolist(),
+        sharding=ranks[0].get("sharding"),
+    )
 
 
 def receive_imbalance(served: list[float]) -> float | None:
@@ -230,8 +231,6 @@ def price_exchange(point: PointConfig, counters: dict, exchange_ms: float, trans
     comm fit, or with the measured comm rows ALURE_BENCH_COMM_ROWS names (bench.model.row_price, the fit pricing
     what they lack); where nothing is exchanged (np=1, the co-run baseline) the ideal is 0 and no model is
     consulted."""
-    from bench.model.exchange_price import exchange_price, host_collective_model
-    from bench.model.row_price import measured_rows, rows_named
     if point.np == 1 or point.corun:
         return {"exchange_ideal_ms": 0.0, "exchange_ms": exchange_ms, "exchange_efficiency": None,
                 "exchange_priced": None, "exchange_model": None}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 
 from bench.host import is_oversubscribed, physical_cores
-from bench.plan.comm_config import format_size
+from bench.plan.sizes import format_bytes
 from bench.results.scaling import busbw_factor, slowest_rank_per_step, spread
 
 ROW_FIELDS = ("backend", "op", "np", "size_bytes", "latency_us_median", "latency_us_min", "latency_us_max",
@@ -126,7 +126,7 @@ def format_comm_table(rows: list[dict], ratios: dict[int, float] | None = None, 
              f"{'size':>9} {'lat med us':>11} {'min us':>10} {'max us':>10} {'algbw GB/s':>11} {'busbw GB/s':>11}"
              f" {'faults/call':>11} {'busy':>5}" + (f" {'vs ' + vs:>9}" if ratios else "")]
     for r in rows:
-        line = (f"{format_size(r['size_bytes']):>9} {r['latency_us_median']:11.1f} {r['latency_us_min']:10.1f} "
+        line = (f"{format_bytes(r['size_bytes']):>9} {r['latency_us_median']:11.1f} {r['latency_us_min']:10.1f} "
                 f"{r['latency_us_max']:10.1f} {r['algbw_gbps']:11.3f} {r['busbw_gbps']:11.3f}"
                 + (f" {r['minor_faults_per_call']:11.1f} {r['caller_busy_fraction']:5.2f}"
                    if r.get("minor_faults_per_call") is not None else f" {'-':>11} {'-':>5}"))
@@ -143,16 +143,16 @@ def ratio_verdict(ratios: list[dict]) -> str:
     target = RATIO_TARGETS.get(op)
     big = [r for r in ratios if r["size_bytes"] >= RATIO_FROM_BYTES]
     if target is None:  # all-to-all: measured, no target set
-        parts = ", ".join(f"{format_size(r['size_bytes'])} {r['busbw_ratio']:.2f}" for r in big or ratios)
+        parts = ", ".join(f"{format_bytes(r['size_bytes'])} {r['busbw_ratio']:.2f}" for r in big or ratios)
         return f"Horovod/MPI (mpi4py) {op} busbw, same run, from median latencies: {parts} (no target set)"
     if not big:
-        return (f"Horovod/MPI {op} busbw: no size >= {format_size(RATIO_FROM_BYTES)} with both backends "
+        return (f"Horovod/MPI {op} busbw: no size >= {format_bytes(RATIO_FROM_BYTES)} with both backends "
                 f"in this run")
-    parts = ", ".join(f"{format_size(r['size_bytes'])} {r['busbw_ratio']:.2f} [{r['busbw_ratio_at_min_latency']:.2f}]"
+    parts = ", ".join(f"{format_bytes(r['size_bytes'])} {r['busbw_ratio']:.2f} [{r['busbw_ratio_at_min_latency']:.2f}]"
                       for r in big)
     below = [r for r in big if r["busbw_ratio"] < target]
-    verdict = (f"BELOW {target} at {', '.join(format_size(r['size_bytes']) for r in below)}" if below
-               else f"at or above {target} at every size >= {format_size(RATIO_FROM_BYTES)}")
+    verdict = (f"BELOW {target} at {', '.join(format_bytes(r['size_bytes']) for r in below)}" if below
+               else f"at or above {target} at every size >= {format_bytes(RATIO_FROM_BYTES)}")
     return (f"Horovod/MPI (mpi4py) {op} busbw, same run, from median latencies [from minimum latencies]: "
             f"{parts}; {verdict}")
 
@@ -166,7 +166,7 @@ def format_compare_table(rows: list[dict], backend: str, op: str) -> str:
     for size in sorted({s for _, s in by}):
         a, b, q = by.get(("A", size)), by.get(("B", size)), ratios.get(size)
         if a and b and q:
-            lines.append(f"{format_size(size):>9} {a['busbw_gbps']:9.3f} {b['busbw_gbps']:9.3f} "
+            lines.append(f"{format_bytes(size):>9} {a['busbw_gbps']:9.3f} {b['busbw_gbps']:9.3f} "
                          f"{q['busbw_ratio']:6.2f} [{q['busbw_ratio_at_min_latency']:5.2f}] "
                          f"{a['minor_faults_per_call'] or 0:13.1f} {b['minor_faults_per_call'] or 0:13.1f}")
     return "\n".join(lines)

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from bench.errors import UsageError
+from bench.host import np_label
 from bench.plan.config import stage_label
 from bench.results.summary import POINT_KEY
 
@@ -80,7 +81,7 @@ def format_table(table: pd.DataFrame) -> str:
     """The table as text: scaling, mode and np always, the other columns of the point key where they differ
     between points (stage and graph strategy, preset, threads per rank, ...)."""
     t = table.copy()
-    t["np"] = [f"{n}{'*' if o else ''}" for n, o in zip(t["np"], t["oversubscribed"])]
+    t["np"] = [np_label(n, o) for n, o in zip(t["np"], t["oversubscribed"])]
     t["band"] = [f"[{lo:.2f}, {hi:.2f}]" if not np.isnan(lo) else "-" for lo, hi in zip(t["band_low"], t["band_high"])]
     varying = [k for k in POINT_KEY if k not in ("scaling", "mode", "np") and t[k].nunique(dropna=False) > 1]
     cols = [*varying, "scaling", "mode", "np", "a_ms", "b_ms", "ratio", "band", "rss_ratio", "verdict"]

@@ -13,6 +13,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from bench.host import np_label
 from bench.plan.config import stage_label  # noqa: E402
 from bench.results.scaling import PHASES  # noqa: E402
 
@@ -151,7 +152,7 @@ def breakdown_figure(df: pd.DataFrame):
             bottom += heights
         ax.plot(x, bars["median_step_ms"], "_", color="black", markersize=14, markeredgewidth=2,
                 label="median step time (the tables')")
-        ax.set_xticks(x, [f"{n}{'*' if o else ''}" for n, o in zip(bars["np"], bars["oversubscribed"])],
+        ax.set_xticks(x, [np_label(n, o) for n, o in zip(bars["np"], bars["oversubscribed"])],
                       fontsize=8)
         for series in bars["series"].unique():
             centre = x[(bars["series"] == series).to_numpy()].mean()
@@ -295,7 +296,7 @@ def _step_to_retrieval(ax, df: pd.DataFrame) -> None:
                     rows = rows[rows["graph_strategy"] == strategy]
                 parts[stage] = rows["step_time_ms"].median()
             over = bool(ok.loc[ok["np"] == n, "oversubscribed"].any())
-            bars.append((f"np={n}{'*' if over else ''}" + (f"\n{strategy}" if strategy else ""), parts, over))
+            bars.append((f"np={np_label(n, over)}" + (f"\n{strategy}" if strategy else ""), parts, over))
     labels = [label for label, _, _ in bars]
     hatches = [OVERSUBSCRIBED_HATCH if over else "" for _, _, over in bars]
     bottom = [0.0] * len(bars)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.host import np_label
 from bench.results.plots import _legend, _save, plt, with_series
 from bench.results.pop import FACTORS
 
@@ -44,7 +45,7 @@ def pop_plot(df: pd.DataFrame, path: Path) -> bool:
                label="efficiency (their product)")
         ax.axhline(1.0, color="k", linestyle="--", linewidth=1)
         ax.set_xticks(x + 0.4 - width / 2)
-        ax.set_xticklabels([f"{m}\nnp={n}{'*' if o else ''}"
+        ax.set_xticklabels([f"{m}\nnp={np_label(n, o)}"
                             for m, n, o in zip(part["series"], part["np"], part["oversubscribed"])], fontsize=8)
         ax.set_title(f"{scaling} scaling (95% intervals)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from bench.host import np_label
 from bench.results.scaling import overlapping
 from bench.results.summary import POINT_KEY
 
@@ -24,7 +25,7 @@ def mode_ranking(df: pd.DataFrame) -> list[str]:
         if group["mode"].nunique() < 2:
             continue
         first = group.iloc[0]
-        where = f"{first['scaling']} np={first['np']}{'*' if group['oversubscribed'].any() else ''}"
+        where = f"{first['scaling']} np={np_label(first['np'], group['oversubscribed'].any())}"
         where += "".join(f" {k}={first[k]}" for k in ("preset", "threads_per_rank")
                          if points[k].nunique(dropna=False) > 1)
         for name, value, low, high, sign, larger_better in MEASURES:

@@ -5,7 +5,7 @@
     environment.json    bench.launch.environment.capture_environment()
     points/<id>.json    one record per point (status ok | failed | oom | timeout, with the reason)
     logs/<id>.log       the launch's command line and everything its ranks printed
-    handback/<id>/      while a point runs: what each rank hands back (bench.ranks.handback); removed after it
+    handback/<id>/      while a point runs: what each rank hands back (bench.launch.handback); removed after it
     summary.csv, report.md, *.png   derived by bench.results.report; rebuilt at will
 """
 from __future__ import annotations
@@ -146,6 +146,16 @@ def room_for_point(np: int, timed_steps: int, attempts: int = 1) -> int:
     return _blocks(record) + 2 * np * BLOCK_BYTES + 2 * _blocks(attempts * np * LOG_RANK_BYTES)
 
 
+def point_record(point, status: str, *, reason: str | None, started_at: str, wall_seconds: float,
+                 oversubscribed: bool, metrics: dict | None = None, ranks: list[dict] = (), **fields) -> dict:
+    """A point's record (docs/design.md "Results"), composed here for every outcome: the rank programs' ok records
+    (their measurements as `metrics`, `ranks` and the `fields` of their kind) and the sweep's failure records.
+    `point` is the PointConfig measured."""
+    return {"schema_version": SCHEMA_VERSION, "point_id": point.point_id, "point": point.as_dict(), "status": status,
+            "reason": reason, "started_at": started_at, "wall_seconds": wall_seconds,
+            "oversubscribed": oversubscribed, "np": point.np, **fields, "metrics": metrics, "ranks": list(ranks)}
+
+
 def point_path(sweep_dir: Path, point_id: str) -> Path:
     return Path(sweep_dir) / "points" / f"{point_id}.json"
 
@@ -185,5 +195,5 @@ def read_records(sweep_dir: str | Path) -> list[dict]:
 
 def load(sweep_dir: str | Path) -> pd.DataFrame:
     """The sweep as one pandas table, one row per point (the summary.csv columns and more)."""
-    from bench.results.summary import summarize
+    from bench.results.summary import summarize  # imports pandas: only where a folder is loaded
     return summarize(read_records(sweep_dir))

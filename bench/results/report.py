@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.host import np_label
 from bench.plan.config import stage_label
 from bench.results.plots import breakdown_plot, efficiency_plot, memory_plot, stages_plot
 from bench.results.pop import FACTORS
@@ -67,7 +68,7 @@ def efficiency_table(df: pd.DataFrame) -> str:
 
 def _train_table(df: pd.DataFrame) -> str:
     t = point_table(df)
-    t["np"] = [f"{n}{'*' if o else ''}" for n, o in zip(t["np"], t["oversubscribed"])]
+    t["np"] = [np_label(n, o) for n, o in zip(t["np"], t["oversubscribed"])]
     t["step_time_ms"] = [_with_interval(v, lo, hi, "{:.1f}") for v, lo, hi in
                          zip(t["step_time_ms"], t["step_ci_low"], t["step_ci_high"])]
     t["efficiency"] = [_with_interval(v, lo, hi, "{:.2f}") for v, lo, hi in
@@ -83,7 +84,7 @@ def _with_interval(value, low, high, fmt: str) -> str:
 
 
 def _with_np_marks(df: pd.DataFrame) -> pd.DataFrame:
-    return df.assign(np=[f"{n}{'*' if o else ''}" for n, o in zip(df["np"], df["oversubscribed"])])
+    return df.assign(np=[np_label(n, o) for n, o in zip(df["np"], df["oversubscribed"])])
 
 
 def _numbers(v: float) -> str:

@@ -19,9 +19,11 @@ import sys
 from pathlib import Path
 
 from bench.errors import MachineFault, UsageError
+from bench.launch import transport
 from bench.launch.hosts import allocation_launcher
 from bench.plan.config import PointConfig, SweepConfig
-from bench.plan.sweep import (
+from bench.results.records import STATUSES, atomic_write_json, atomic_write_text, point_path, read_record, utc_now
+from bench.run.sweep import (
     SWEEP_FILE,
     SweepInterrupted,
     existing_ok,
@@ -30,7 +32,6 @@ from bench.plan.sweep import (
     run_point,
     sigterm_interrupts,
 )
-from bench.results.records import STATUSES, atomic_write_json, atomic_write_text, point_path, read_record, utc_now
 from bench.slurm.arrays import JOBS_FILE, LAUNCHERS, SLURM_DIR, ArrayPlan, SlurmOptions, array_spec, point_for_task
 from bench.slurm.scheduler import ACTIVE_STATES, sbatch
 
@@ -185,8 +186,8 @@ def run_task(sweep_dir: Path, np: int, index: int, launcher: str, out=None) -> i
     try:
         write_task_note(sweep_dir, point, index, "running", started_at)
         with sigterm_interrupts():
-            record, seconds = run_point(point, sweep_dir, allocation_launcher(launcher), retries=config.retries,
-                                        out=out)
+            record, seconds = run_point(point, sweep_dir, allocation_launcher(launcher),
+                                        shared_memory=transport.mechanism(), retries=config.retries, out=out)
     except (SweepInterrupted, KeyboardInterrupt) as err:
         write_task_note(sweep_dir, point, index, f"was stopped ({err or 'interrupt'})", started_at)
         print(f"{point.label()}: stopped ({err or 'interrupt'}); no record written", file=out, flush=True)

@@ -46,9 +46,10 @@ def test_auto_is_within_5_percent_of_the_better_fixed_mode(benchmark):
 
 
 def launch() -> list[dict]:
+    from bench.launch import transport
     from bench.launch.mpirun import run_ranks
     spec = {"preset": PRESET, "negatives": list(NEGATIVES), "steps": STEPS, "warmup": WARMUP}
-    run = run_ranks(NP, [sys.executable, str(Path(__file__).resolve()), json.dumps(spec)], timeout_s=1800,
+    run = run_ranks(NP, shared_memory=transport.mechanism(), argv=[sys.executable, str(Path(__file__).resolve()), json.dumps(spec)], timeout_s=1800,
                     env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert run.returncode == 0 and not run.timed_out, run.stderr[-3000:]
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.launch import transport
 from bench.launch.mpirun import run_ranks
-from bench.plan.comm_config import format_size
+from bench.plan.sizes import format_bytes
 from bench.results.scaling import busbw_factor
 from tests.benchmarks.mode import pick
 
@@ -76,7 +77,7 @@ class Ranks:
         self.launch = hellos[0]["launch"]  # what the ranks ran with, saved beside every figure
 
     def _launch(self, host, port, env, timeout_s):
-        self.run = run_ranks(NP, [sys.executable, str(SERVER), host, str(port), self.backend], timeout_s=timeout_s,
+        self.run = run_ranks(NP, shared_memory=transport.mechanism(), argv=[sys.executable, str(SERVER), host, str(port), self.backend], timeout_s=timeout_s,
                              env=env, cwd=str(SERVER.parents[2]))
 
     @staticmethod
@@ -115,7 +116,7 @@ def test_control_round_trip(benchmark, ranks):
     benchmark.pedantic(ranks.ask, kwargs={"cmd": "noop"}, rounds=pick(20, 100), warmup_rounds=2)
 
 
-@pytest.mark.parametrize("size", SIZES, ids=[format_size(s).replace(" ", "") for s in SIZES])
+@pytest.mark.parametrize("size", SIZES, ids=[format_bytes(s).replace(" ", "") for s in SIZES])
 @pytest.mark.parametrize("op", OPS)
 def test_collective(benchmark, ranks, op, size):
     calls = CALLS_PER_ROUND[size]

@@ -6,9 +6,10 @@ import tempfile
 
 import pytest
 
+from bench.launch import transport
+from bench.launch.handback import collect
 from bench.launch.mpirun import run_ranks
 from bench.launch.rank_program import python_module_argv
-from bench.ranks.handback import collect
 from tests.benchmarks.mode import FULL, pick
 
 TARGET = 1.02
@@ -18,7 +19,7 @@ def measure() -> dict:
     with tempfile.TemporaryDirectory(prefix="overhead-") as folder:
         argv = python_module_argv("bench.ranks.overhead", "--results", folder, "--preset", pick("tiny", "default"),
                                   "--blocks", str(pick(4, 12)), "--steps-per-block", str(pick(5, 8)))
-        run = run_ranks(2, argv, timeout_s=600)
+        run = run_ranks(2, argv, shared_memory=transport.mechanism(), timeout_s=600)
         assert run.returncode == 0, run.stderr[-2000:]
         (rank0,) = collect(folder)
     return rank0["result"]

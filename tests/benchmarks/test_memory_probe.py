@@ -6,6 +6,7 @@ under 1% of a step (asserted in full mode only: a speed target is no pass/fail t
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from alure.config import preset
@@ -25,6 +26,7 @@ def probe_step(probe: PeakProbe) -> None:
         probe.peak_mib()
 
 
+@pytest.mark.slow  # seconds of subprocesses and analysis: not for the quick loop
 def test_memory_probe_costs_under_one_percent_of_a_step(benchmark):
     torch.set_num_threads(1)
     trainer = Trainer(preset(PRESET), LocalExchange())

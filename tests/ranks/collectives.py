@@ -4,7 +4,7 @@ import os
 import horovod.torch as hvd
 import torch
 
-from bench.ranks.handback import hand_back
+from bench.launch.handback import hand_back
 
 hvd.init()
 rank, size = hvd.rank(), hvd.size()

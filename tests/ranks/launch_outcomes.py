@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-from bench.ranks.handback import hand_back, hand_back_failure, launched_rank, mark_measuring
+from bench.launch.handback import hand_back, hand_back_failure, launched_rank, mark_measuring
 
 parser = argparse.ArgumentParser()
 parser.add_argument("outcome")

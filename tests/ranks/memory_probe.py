@@ -5,9 +5,9 @@ import sys
 
 import torch
 
+from bench.launch.handback import hand_back
 from bench.plan.config import PointConfig
 from bench.ranks.exchange import HorovodExchange
-from bench.ranks.handback import hand_back
 from bench.ranks.worker import measure
 
 spike_mib = int(sys.argv[1])

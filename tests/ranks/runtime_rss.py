@@ -7,7 +7,7 @@ import mpi4py.MPI  # noqa: F401  (every rank program of the suite loads it, thro
 import numpy  # noqa: F401
 import torch  # noqa: F401
 
-from bench.ranks.handback import hand_back
+from bench.launch.handback import hand_back
 from bench.ranks.memory import rss_mib
 
 hvd.init()

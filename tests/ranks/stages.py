@@ -13,8 +13,8 @@ from alure.data import build_world
 from alure.model import UserEncoder
 from alure.pipeline import graph_stage, neighbor_precision_sharded, refresh_stage, retrieval_stage
 from alure.stages import GRAPH_STRATEGIES
+from bench.launch.handback import hand_back
 from bench.ranks.exchange import HorovodExchange
-from bench.ranks.handback import hand_back
 from bench.ranks.stage_worker import CountingExchange, StageCounters
 
 weights, out = Path(sys.argv[1]), Path(sys.argv[2])

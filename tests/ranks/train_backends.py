@@ -11,9 +11,9 @@ import torch
 
 from alure.config import tiny
 from alure.train import Trainer
+from bench.launch.handback import hand_back
 from bench.plan.config import PointConfig
 from bench.ranks import grouped_gather
-from bench.ranks.handback import hand_back
 from bench.ranks.point_program import exchange_for
 
 

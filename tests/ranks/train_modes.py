@@ -11,8 +11,8 @@ import torch
 
 from alure.config import tiny
 from alure.train import Trainer
+from bench.launch.handback import hand_back
 from bench.ranks.exchange import HorovodExchange
-from bench.ranks.handback import hand_back
 
 
 def train(mode: str, steps: int, out: Path, config) -> dict:

@@ -14,7 +14,7 @@ import torch
 
 from alure.config import tiny
 from alure.train import Trainer
-from bench.ranks.handback import hand_back
+from bench.launch.handback import hand_back
 from bench.ranks.memory import memory_budget_bytes
 from bench.ranks.sharded import ShardedTable, exchange_for
 

@@ -22,11 +22,20 @@ import traceback
 from pathlib import Path
 
 from bench.errors import MachineFault
-from bench.ranks.memory import looks_like_oom
 from bench.results.records import atomic_write_json
 
 MACHINE_FAULT_MARK = "alure-bench machine fault: "
 """Starts the stderr line of a rank that could not hand back because of the machine; JSON follows."""
+
+OOM_MARKERS = ("not enough memory", "can't allocate memory", "cannot allocate memory", "out of memory",
+               "std::bad_alloc", "memoryerror")
+"""Lower-case fragments by which torch, Horovod's C++ core, MPI and Python say an allocation failed."""
+
+
+def looks_like_oom(text: str) -> bool:
+    """Whether a traceback or a launch's output says an allocation failed (OOM_MARKERS)."""
+    text = text.lower()
+    return any(marker in text for marker in OOM_MARKERS)
 
 
 def rank_file(folder: str | Path, rank: int) -> Path:

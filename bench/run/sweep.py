@@ -20,22 +20,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.errors import MachineFault, UsageError
+from bench.host import OVERSUBSCRIBED_MARK, is_oversubscribed, point_oversubscribed
+from bench.launch import transport
 from bench.launch.environment import capture_environment, launch_environment
+from bench.launch.handback import collect, failures, looks_like_oom, machine_fault_in, measured_ranks
 from bench.launch.interrupts import Interrupted, signals_interrupt
-from bench.launch.mpirun import LOCAL, Launcher, is_oversubscribed, run_ranks
+from bench.launch.mpirun import LOCAL, Launcher, run_ranks
 from bench.launch.rank_program import python_module_argv
+from bench.model.calibration_store import keep_costs
 from bench.plan.config import PointConfig, SweepConfig
-from bench.ranks.handback import collect, failures, machine_fault_in, measured_ranks
-from bench.ranks.memory import looks_like_oom
+from bench.plan.sizes import format_bytes
 from bench.ranks.point_program import point_argv
 from bench.results.records import (
     REPORT_BYTES,
-    SCHEMA_VERSION,
     atomic_write_json,
     atomic_write_text,
     ensure_writable,
     free_bytes,
     point_path,
+    point_record,
     read_record,
     room_for_point,
     utc_now,
@@ -58,7 +61,7 @@ def sigterm_interrupts():
 def classify_failure(timed_out: bool, returncode: int | None, stderr: str, timeout_s: float,
                      failed: list[dict] = ()) -> tuple[str, str]:
     """(status, reason) of a launch that left no ok record; `failed`: what failing ranks handed back
-    (bench.ranks.handback.failures), the reason of first resort."""
+    (bench.launch.handback.failures), the reason of first resort."""
     if timed_out:
         return "timeout", f"ran past its timeout of {timeout_s:g} s and was killed"
     if failed:
@@ -86,10 +89,8 @@ def _first_line_matching(text: str, predicate) -> str:
 def failure_record(point: PointConfig, status: str, reason: str, wall_seconds: float, started_at: str,
                    launcher: Launcher = LOCAL) -> dict:
     # Without the ranks' host list, only a single-host launch can say whether the point was oversubscribed.
-    return {"schema_version": SCHEMA_VERSION, "point_id": point.point_id, "point": point.as_dict(),
-            "status": status, "reason": reason, "started_at": started_at, "wall_seconds": wall_seconds,
-            "oversubscribed": launcher.single_host and is_oversubscribed(point.np), "np": point.np,
-            "metrics": None, "ranks": []}
+    return point_record(point, status, reason=reason, started_at=started_at, wall_seconds=wall_seconds,
+                        oversubscribed=point_oversubscribed(point.np, one_machine=launcher.single_host))
 
 
 def worker_module(point: PointConfig) -> str:
@@ -116,7 +117,7 @@ class Attempt:
     log: str
     """The launch's command line and everything its ranks printed."""
     measuring: bool
-    """Whether any rank began to measure (bench.ranks.handback.mark_measuring): if not, a failure was the launch's,
+    """Whether any rank began to measure (bench.launch.handback.mark_measuring): if not, a failure was the launch's,
     which `retries` may try again."""
 
     @property
@@ -130,8 +131,8 @@ def require_folder(sweep_dir: Path) -> None:
         raise MachineFault.folder_gone(sweep_dir)
 
 
-def launch_point(point: PointConfig, sweep_dir: Path, launcher: Launcher = LOCAL) -> Attempt:
-    """Launch the point once on its ranks. A rank that could not hand back because of the machine raises that
+def launch_point(point: PointConfig, sweep_dir: Path, launcher: Launcher = LOCAL, *, shared_memory: str) -> Attempt:
+    """Launch the point once on its ranks (`shared_memory`: the command's, bench.launch.transport.mechanism). A rank that could not hand back because of the machine raises that
     MachineFault here (the point then has no record: `--resume` measures it again)."""
     started_at = utc_now()
     require_folder(sweep_dir)  # before anything below could make a removed folder again
@@ -143,7 +144,8 @@ def launch_point(point: PointConfig, sweep_dir: Path, launcher: Launcher = LOCAL
     try:
         # A point's own launch setting goes on top of this process's environment, so it wins over the launcher's.
         env = {**os.environ, **point.launch_env} if point.launch_env else None
-        run = run_ranks(point.np, argv, timeout_s=point.timeout_s, env=env, launcher=launcher)
+        run = run_ranks(point.np, argv, shared_memory=shared_memory, timeout_s=point.timeout_s, env=env,
+                        launcher=launcher)
         handed = collect(handback)
         measuring = bool(measured_ranks(handback))
     finally:
@@ -164,8 +166,8 @@ def launch_point(point: PointConfig, sweep_dir: Path, launcher: Launcher = LOCAL
                    measuring)
 
 
-def run_point(point: PointConfig, sweep_dir: Path, launcher: Launcher = LOCAL, *, retries: int = 0,
-              out=None) -> tuple[dict, float]:
+def run_point(point: PointConfig, sweep_dir: Path, launcher: Launcher = LOCAL, *, shared_memory: str,
+              retries: int = 0, out=None) -> tuple[dict, float]:
     """Measure one point; always returns (and has written) its record, with the wall time of all its attempts.
     A launch that failed before any rank began to measure is tried again, after a pause, up to `retries` times
     (each retry said on `out`); the record keeps every attempt (`attempts`) and its log every attempt's output."""
@@ -178,7 +180,7 @@ def run_point(point: PointConfig, sweep_dir: Path, launcher: Launcher = LOCAL, *
     log_path = Path(sweep_dir) / "logs" / f"{point.point_id}.log"
     attempts, logs, seconds = [], [], 0.0
     for n in range(1, retries + 2):
-        attempt = launch_point(point, sweep_dir, launcher)
+        attempt = launch_point(point, sweep_dir, launcher, shared_memory=shared_memory)
         record, seconds = attempt.record, seconds + attempt.seconds
         attempts.append({"attempt": n, "status": record["status"], "reason": record["reason"],
                          "started_at": record["started_at"], "wall_seconds": attempt.seconds})
@@ -238,7 +240,7 @@ def progress_line(done: int, total: int, point: PointConfig, record: dict, secon
                   elapsed_s: float | None = None, eta_s: float | None = None) -> str:
     width = 20
     bar = "#" * (width * done // total) + "-" * (width - width * done // total)
-    what = point.label("*" if is_oversubscribed(point.np) else "")
+    what = point.label(OVERSUBSCRIBED_MARK if is_oversubscribed(point.np) else "")
     if record["status"] == "ok":
         outcome = f"ok {record['metrics']['step_time_ms']:.1f} ms/{'step' if point.stage == 'train' else 'stage'}"
     else:
@@ -258,10 +260,6 @@ def room_needed(point: PointConfig, retries: int = 0) -> int:
     return room_for_point(point.np, timed, attempts=retries + 1)
 
 
-def _size(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
-
-
 def check_room(config: SweepConfig, sweep_dir: Path, points: list[PointConfig], out=None) -> None:
     """Refuse (a MachineFault, before anything is launched) a folder whose file system cannot take even one of
     `points`; with `out`, note where it may fill before the last of them and the report are written."""
@@ -270,12 +268,12 @@ def check_room(config: SweepConfig, sweep_dir: Path, points: list[PointConfig], 
     free = free_bytes(sweep_dir)
     need = max(room_needed(p, config.retries) for p in points)
     if free < need:
-        raise MachineFault(sweep_dir, errno.ENOSPC, detail=f"{_size(free)} free, and a point of this sweep needs "
-                                                             f"about {_size(need)} for its record and log")
+        raise MachineFault(sweep_dir, errno.ENOSPC, detail=f"{format_bytes(free)} free, and a point of this sweep needs "
+                                                             f"about {format_bytes(need)} for its record and log")
     whole = sum(room_needed(p) for p in points) + REPORT_BYTES
     if out is not None and free < whole:
-        print(f"note: {sweep_dir} has {_size(free)} free, and the {len(points)} points and the report need about "
-              f"{_size(whole)}: it may fill before the end (the sweep then stops with the --resume command)",
+        print(f"note: {sweep_dir} has {format_bytes(free)} free, and the {len(points)} points and the report need about "
+              f"{format_bytes(whole)}: it may fill before the end (the sweep then stops with the --resume command)",
               file=out)
 
 
@@ -287,10 +285,11 @@ def start_sweep(config: SweepConfig, sweep_dir: Path) -> None:
     check_room(config, sweep_dir, config.plan())
     (sweep_dir / "points").mkdir(exist_ok=True)
     atomic_write_json(sweep_dir / SWEEP_FILE, config.as_dict())
+    environment = capture_environment()
+    shared_memory = environment["shared_memory"]["single_copy_mechanism"]
     atomic_write_json(sweep_dir / "environment.json",
-                      capture_environment() | {"launch_environment": launch_environment(config.nps)})
+                      environment | {"launch_environment": launch_environment(config.nps, shared_memory=shared_memory)})
     if "auto" in config.modes:  # the costs auto will decide with, kept beside what it measured
-        from bench.model.calibration_store import keep_costs
         keep_costs(sweep_dir)
 
 
@@ -320,9 +319,11 @@ def run_sweep(config: SweepConfig, sweep_dir: Path, *, resume: bool = False, out
         print(f"note: np {oversubscribed} exceed this machine's cores: oversubscribed (marked *), flagged in "
               f"every table and plot", file=out)
     progress = Progress()
+    shared_memory = transport.mechanism()  # once for the whole sweep: every point's launch gets the same
     with sigterm_interrupts():
         for i, point in enumerate(todo, 1):
-            record, seconds = run_point(point, sweep_dir, launcher, retries=config.retries, out=out)
+            record, seconds = run_point(point, sweep_dir, launcher, shared_memory=shared_memory,
+                                        retries=config.retries, out=out)
             progress.measured(point, seconds)
             print(progress_line(i, len(todo), point, record, seconds, progress.elapsed_s(),
                                 progress.eta_s(todo[i:])), file=out, flush=True)
