@@ -14,6 +14,7 @@ bench: setup
 # cannot start (not root, no apt), its tests skip and say why. tests/test_cluster.py starts and stops the emulated
 # multi-host cluster itself; the stop here only clears what a killed test run may have left.
 test: setup
+	$(VENV)/bin/ruff check .
 	@if bash slurm/local_cluster.sh start; then req=1; else req=0; \
 	    echo "make test: the local Slurm cluster did not start; the Slurm tests will skip"; fi; \
 	status=0; ALURE_REQUIRE_SLURM=$$req $(PY) -m pytest || status=$$?; \
