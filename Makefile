@@ -22,7 +22,7 @@ test: setup
 	bash slurm/cluster.sh stop >/dev/null 2>&1 || true; exit $$status
 
 # The quick loop: the linter and the tests that need no MPI ranks, no Slurm and no long runs (no root needed once
-# set up). .ci/run runs it before make test.
+# set up): a subset of make test, which CI runs.
 check: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not mpi and not slurm and not slow" -p no:cacheprovider

@@ -73,6 +73,27 @@ def test_no_interleave_runs_each_points_repeats_back_to_back():
     assert [p.np for p in plan] == sorted(p.np for p in plan)
 
 
+@pytest.mark.parametrize("interleave", [True, False])
+def test_repeats_by_np_gives_the_named_rank_counts_their_own_repeats(interleave, tmp_path):
+    config = SweepConfig(nps=[1, 2, 3, 4], repeats=4, repeats_by_np={3: 2, 4: 1}, interleave=interleave)
+    plan = config.plan()
+    repeats = {n: sorted({p.repeat for p in plan if p.np == n}) for n in (1, 2, 3, 4)}
+    assert repeats == {1: [0, 1, 2, 3], 2: [0, 1, 2, 3], 3: [0, 1], 4: [0]}
+    per_point = {}
+    for p in plan:
+        per_point.setdefault((p.scaling, p.mode, p.np, p.corun), []).append(p.repeat)
+    assert all(sorted(r) == list(range(config.repeats_at(k[2]))) for k, r in per_point.items())
+    toml = tmp_path / "s.toml"
+    toml.write_text("[sweep]\nnps = [1, 3]\nrepeats = 3\nrepeats_by_np = {3 = 1}\n")
+    assert SweepConfig.from_toml(toml).repeats_at(3) == 1 and SweepConfig.from_toml(toml).repeats_at(1) == 3
+
+
+@pytest.mark.parametrize("bad", [{3: 0}, {"three": 2}, [3, 1]])
+def test_repeats_by_np_that_is_not_a_count_per_np_is_one_line(bad):
+    with pytest.raises(UsageError, match="repeats_by_np"):
+        SweepConfig(nps=[1, 3], repeats_by_np=bad)
+
+
 def test_every_point_runs_the_same_threads():
     assert {p.threads_per_rank for p in SweepConfig(nps=[1, 2, 4]).plan()} == {1}
     assert {p.threads_per_rank for p in SweepConfig(nps=[1, 2], threads_per_rank=2).plan()} == {2}

@@ -93,6 +93,8 @@ def add_plan_flags(p: argparse.ArgumentParser, out_help: str) -> None:
                    "auto (default sparse-gather,dense-reduce)")
     p.add_argument("--scalings", type=str_list, help="weak,strong (default both)")
     p.add_argument("--repeats", type=int, help="repetitions of every point (default 1)")
+    p.add_argument("--repeats-by-np", type=repeats_by_np, metavar="NP:R[,NP:R]",
+                   help="repetitions at the rank counts named, in place of --repeats, e.g. 3:3,4:3")
     p.add_argument("--no-interleave", dest="interleave", action="store_false", default=None,
                    help="run each point's repeats back to back, np ascending (default: rounds of every point in a "
                         "seeded shuffled order)")
@@ -113,11 +115,20 @@ def add_plan_flags(p: argparse.ArgumentParser, out_help: str) -> None:
     add_shared_flags(p)
 
 
+def repeats_by_np(text: str) -> dict[int, int]:
+    """--repeats-by-np NP:R[,NP:R]."""
+    try:
+        pairs = [item.split(":") for item in text.split(",")]
+        return {int(n): int(r) for n, r in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': give rank counts and their repeats, e.g. 3:3,4:3") from None
+
+
 def sweep_config_from_args(args: argparse.Namespace, **fixed) -> SweepConfig:
     config = SweepConfig.from_toml(args.config) if getattr(args, "config", None) else SweepConfig()
     changes = {field: getattr(args, flag) for flag, field in SHARED_FLAGS.items() if getattr(args, flag) is not None}
     for flag in ("nps", "modes", "scalings", "repeats", "name", "interleave", "stages", "graph_strategies",
-                 "stage_steps", "corun", "exchange_backends"):
+                 "stage_steps", "corun", "exchange_backends", "repeats_by_np"):
         if getattr(args, flag, None) is not None:
             changes[flag] = getattr(args, flag)
     if getattr(args, "compare_env", None) is not None:

@@ -202,7 +202,11 @@ class SweepConfig(RunSettings):
     nps: list[int] = field(default_factory=lambda: [1, 2])
     """Process counts; efficiency is relative to np=1, so without 1 among them it is left blank."""
     repeats: int = 1
-    """Repetitions of every point."""
+    """Repetitions of every point (but those `repeats_by_np` names)."""
+    repeats_by_np: dict = field(default_factory=dict)
+    """np -> repetitions of that np's points, in place of `repeats` (TOML: `repeats_by_np = {3 = 3, 4 = 3}`). So a
+    recording spends its repeats where the intervals must rank modes and fewer where points cost most and are
+    ranked least (oversubscribed np); interleaved, round r measures only the np with more than r repeats."""
     interleave: bool = True
     """Run the repeats in rounds: round r measures every point once, in an order shuffled by seed and r, so slow
     drift of the machine spreads over all points instead of landing on some. False: each point's repeats back to
@@ -239,6 +243,13 @@ class SweepConfig(RunSettings):
             raise UsageError(f"nps must be positive whole numbers (got {self.nps})")
         if self.repeats < 1:
             raise UsageError(f"repeats must be at least 1 (got {self.repeats})")
+        try:
+            self.repeats_by_np = {int(n): int(r) for n, r in self.repeats_by_np.items()}
+        except (AttributeError, TypeError, ValueError):
+            raise UsageError(f"repeats_by_np must map rank counts to repeats, e.g. {{3 = 3, 4 = 3}} (got "
+                             f"{self.repeats_by_np})") from None
+        if any(r < 1 for r in self.repeats_by_np.values()):
+            raise UsageError(f"repeats_by_np: every count of repeats must be at least 1 (got {self.repeats_by_np})")
         if self.retries < 0:
             raise UsageError(f"retries must not be negative (got {self.retries}): 0 launches every point once")
         PointConfig(launch_env=self.compare_env)  # one check of its variables, before any point is planned
@@ -252,13 +263,17 @@ class SweepConfig(RunSettings):
         if not self.interleave:
             return self._back_to_back()
         plan = []
-        for r in range(self.repeats):
-            points = [p for n in self.nps for p in self._points(n, r)]
+        for r in range(max(map(self.repeats_at, self.nps))):
+            points = [p for n in self.nps if r < self.repeats_at(n) for p in self._points(n, r)]
             order = random.Random(f"{self.seed}-{r}").sample(points, len(points))
             if r == 0:
                 order.sort(key=lambda p: p.np != min(self.nps))  # stable: shuffled within each part
             plan += order
         return plan
+
+    def repeats_at(self, n: int) -> int:
+        """Repetitions of the points at np=n."""
+        return self.repeats_by_np.get(n, self.repeats)
 
     def _points(self, n: int, r: int) -> list[PointConfig]:
         """Repeat r of every point at np=n, per exchange backend and launch setting: training (scaling x mode), then
@@ -283,7 +298,7 @@ class SweepConfig(RunSettings):
         """Each point's repeats in a row, np ascending (the order Slurm array indices of old sweeps rely on)."""
         points = []
         for n in self.nps:
-            by_point = list(zip(*[self._points(n, r) for r in range(self.repeats)]))
+            by_point = list(zip(*[self._points(n, r) for r in range(self.repeats_at(n))]))
             points += [p for repeats in by_point for p in repeats]
         return points
 
