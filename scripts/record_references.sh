@@ -39,7 +39,7 @@ PARTS=(calibrate comm reference cluster paper shard derived)
 # docs/figures.md (8 rounds of points plus the launches between them), cluster from slurm/reference_cluster.sh's
 # header plus two TCP calibrations, paper from results/paper's wall_seconds (3 repeats) plus launches; calibrate,
 # comm and derived from their own runs; shard-demo has no committed recording yet (its 18 short points).
-declare -A MINUTES=([calibrate]=1 [comm]=2 [reference]=85 [cluster]=75 [paper]=9 [shard]=10 [derived]=10)
+declare -A MINUTES=([calibrate]=1 [comm]=2 [reference]=70 [cluster]=75 [paper]=9 [shard]=10 [derived]=10)
 declare -A FOLDER=([calibrate]="" [comm]=results/reference-comm [reference]=results/reference
                    [cluster]=results/reference-cluster [paper]=results/paper [shard]=results/shard-demo [derived]="")
 MAX_LOAD=0.5
