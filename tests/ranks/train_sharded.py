@@ -12,6 +12,7 @@ from pathlib import Path
 import horovod.torch as hvd
 import torch
 
+import bench.ranks.sharded
 from alure.config import tiny
 from alure.train import Trainer
 from bench.launch.handback import hand_back
@@ -49,8 +50,8 @@ def train(run: str, steps: int, out: Path, config) -> dict:
     """One run: `run` is a mode, or auto@BYTES for auto deciding under a memory budget of BYTES in place of what this
     host has free."""
     mode, _, budget = run.partition("@")
-    import bench.ranks.memory
-    bench.ranks.memory.memory_budget_bytes = (lambda ranks_on_host: float(budget)) if budget else host_budget
+    # auto reads the budget through the name bench.ranks.sharded imported
+    bench.ranks.sharded.memory_budget_bytes = (lambda ranks_on_host: float(budget)) if budget else host_budget
     exchange = exchange_for(mode, config)
     trainer = Trainer(config, exchange)
     counters, asked = [], []
