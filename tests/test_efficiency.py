@@ -1,6 +1,7 @@
 """What the exchange should cost (exchange_ideal_ms, priced from the counters) and where efficiency goes (the POP
 factors against the co-run baseline): on made-up records, and on a real tiny sweep whose co-run baseline runs its
 processes at once with no collective."""
+import io
 import json
 import math
 
@@ -192,9 +193,13 @@ def test_a_real_tiny_sweep_co_runs_without_collectives_and_its_factors_multiply_
                          steps=4, warmup_steps=1)
     out = tmp_path / "pop"
     start_sweep(config, out)
-    run_sweep(config, out, out=open("/dev/null", "w"))
+    said = io.StringIO()
+    run_sweep(config, out, out=said)
     df = write_report(out)
     assert (df["status"] == "ok").all(), df[["mode", "np", "status", "reason"]]
+    # the sweep said before its first point that the exchange is priced with costs not of this host
+    first = said.getvalue().split("\n[")[0]
+    assert "note: uncalibrated host" in first and "run `alure-bench calibrate`" in first, said.getvalue()
     records = {r["point_id"]: r for r in read_records(out)}
     # The co-run: P processes at once, none with Horovod or mpi4py loaded, nothing exchanged, timed steps overlapping.
     corun = records["corun-weak-np2-r0"]
