@@ -59,6 +59,47 @@ def point_record(point: PointConfig, step_ms: float, rss_mib: float = 400.0, hel
     return build_record(point, ranks, 10.0, "2025-01-01T00:00:00+00:00")
 
 
+def model_sweep(config: SweepConfig, true_local: dict, environment: dict, *, np1_ms: float = 40.0,
+                noise: float = 0.0, seed: int = 0, extra_per_rank: float = 0.0, alltoall: Link | None = None,
+                imbalance: dict | None = None, with_memory: bool = False) -> list[dict]:
+    """Records of `config`'s sweep whose step times a known Model gives: the ring link LINK, `alltoall` for the
+    sharded modes, `true_local` seconds per byte of each mode's CPU work, the weak np=1 step `np1_ms`. Every other
+    point takes the model's step times (1 + noise x normal) x (1 + extra_per_rank x (np - 2)) at np >= 3, a cost the
+    model does not have. `imbalance`: a sharded mode's all-to-all imbalance, in the truth and in its np > 1 records;
+    `with_memory`: each record's peak RSS is the model's memory, not point_record's fixed one."""
+    from bench.model.calibration import Calibration, FitQuality
+    from bench.model.profile import profile_from_records
+    from bench.model.step import LocalFit, Model, this_machine
+    rng = np.random.default_rng(seed)
+    imbalance = imbalance or {}
+    plan = config.plan()
+    base = [point_record(p, np1_ms) for p in plan if p.np == 1 and p.scaling == "weak"]
+    profile = profile_from_records(base, environment)
+    quality = FitQuality(rows=0, nps=(), r2=1.0, rms_rel_error=0, max_rel_error=0, median_rel_error=0,
+                         holdout_rows=0, holdout_median_rel_error=None)
+    truth = Model(profile, Calibration(link=LINK, copy_s_per_byte=None, backend="horovod", quality=quality,
+                                       source="truth", alltoall=alltoall),
+                  LocalFit(s_per_byte=true_local, points={}, rms_rel_error={}, alltoall_imbalance=imbalance))
+    machine = this_machine(truth.calibration, profile, max(config.nps))
+    records = list(base)
+    for point in plan:
+        if point.np == 1 and point.scaling == "weak":
+            continue
+        batch = point_record(point, 1.0)["batch_per_rank"]
+        predicted = truth.step(machine, point.np, point.mode, batch)
+        step = predicted.step_ms * (1 + noise * rng.standard_normal()) * (1 + extra_per_rank * max(0, point.np - 2))
+        record = point_record(point, step, **({"rss_mib": predicted.memory_bytes / 2**20} if with_memory else {}))
+        # exactly `step`: point_record's per-rank jitter would add a rank skew the truth does not have
+        metrics = record["metrics"]
+        scale = step / metrics["step_time_ms"]
+        for key in ("step_time_ms", "step_time_ms_p10", "step_time_ms_p90"):
+            metrics[key] *= scale
+        if point.mode in imbalance and point.np > 1:
+            metrics["alltoall_imbalance"] = imbalance[point.mode]
+        records.append(record)
+    return records
+
+
 def make_sweep(folder: Path, nps=(1, 2, 4), slowdown: dict | None = None, failed: set | None = None) -> Path:
     """A tiny-preset sweep folder: weak and strong, both modes, made-up step times that grow with np (dense-reduce
     more), optionally some points slower by a factor or failed."""

@@ -142,3 +142,34 @@ def test_a_drifted_doc_or_a_changed_file_fails_the_check(tmp_path, monkeypatch):
     finally:
         doc_text.cache_clear()
         table.cache_clear()
+
+
+def test_requote_puts_the_files_numbers_back_keeping_the_docs_line_breaks(tmp_path, monkeypatch, capsys):
+    """scripts/requote_docs.py replaces only the numbers of a drifted quote, where its words stand once."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("requote_docs", REPO / "scripts" / "requote_docs.py")
+    requote_docs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(requote_docs)
+    summary = tmp_path / "results" / "s" / "summary.csv"
+    summary.parent.mkdir(parents=True)
+    summary.write_text("mode,np,point_efficiency,efficiency_ci_low\ndense-reduce,2,0.741,0.70\nauto,2,0.5,0.4\n")
+    doc = tmp_path / "doc.md"
+    doc.write_text("dense-reduce reaches 0.73 [0.61,\n  low] at np=2; auto 0.9 at np=2, auto 0.9 at np=2\n")
+    quote = {"doc": "doc.md", "text": "dense-reduce reaches {} [{}, low] at np=2", "file": "results/s/summary.csv",
+             "where": "mode == 'dense-reduce' and np == 2", "columns": ["point_efficiency", "efficiency_ci_low"],
+             "fmt": ".2f"}
+    twice = {**quote, "text": "auto {} at np=2", "where": "mode == 'auto'", "columns": ["point_efficiency"]}
+    monkeypatch.setattr(f"{__name__}.REPO", tmp_path)
+    monkeypatch.setattr(requote_docs, "REPO", tmp_path)
+    monkeypatch.setattr(requote_docs, "quotes", lambda: [quote, twice])
+    doc_text.cache_clear()
+    table.cache_clear()
+    try:
+        assert requote_docs.requote(write=False) == 1  # the auto quote stands twice: for a person
+        assert "0.73 [0.61" in doc.read_text()  # without --write nothing changes
+        assert requote_docs.requote(write=True) == 1
+        assert doc.read_text() == "dense-reduce reaches 0.74 [0.70,\n  low] at np=2; auto 0.9 at np=2, auto 0.9 at np=2\n"
+        assert "2 places say 'auto {} at np=2'" in capsys.readouterr().err
+    finally:
+        doc_text.cache_clear()
+        table.cache_clear()

@@ -1,12 +1,14 @@
 """What the exchange should cost (exchange_ideal_ms, priced from the counters) and where efficiency goes (the POP
 factors against the co-run baseline): on made-up records, and on a real tiny sweep whose co-run baseline runs its
 processes at once with no collective."""
+import io
 import json
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from bench.errors import UsageError
 from bench.model.table_costs import DEFAULT_COSTS, ExchangeCosts
@@ -192,9 +194,13 @@ def test_a_real_tiny_sweep_co_runs_without_collectives_and_its_factors_multiply_
                          steps=4, warmup_steps=1)
     out = tmp_path / "pop"
     start_sweep(config, out)
-    run_sweep(config, out, out=open("/dev/null", "w"))
+    said = io.StringIO()
+    run_sweep(config, out, out=said)
     df = write_report(out)
     assert (df["status"] == "ok").all(), df[["mode", "np", "status", "reason"]]
+    # the sweep said before its first point that the exchange is priced with costs not of this host
+    first = said.getvalue().split("\n[")[0]
+    assert "note: uncalibrated host" in first and "run `alure-bench calibrate`" in first, said.getvalue()
     records = {r["point_id"]: r for r in read_records(out)}
     # The co-run: P processes at once, none with Horovod or mpi4py loaded, nothing exchanged, timed steps overlapping.
     corun = records["corun-weak-np2-r0"]
@@ -269,3 +275,29 @@ def test_measured_comm_rows_price_the_calls_at_their_size_and_the_record_names_t
     from tests.helpers import assert_one_line_error, cli_here
     assert_one_line_error(cli_here("sweep", "--preset", "tiny", "--nps", "2", "--out", str(tmp_path / "s")),
                           "ALURE_BENCH_COMM_ROWS", "not found")
+
+
+def test_the_sharded_rows_reverse_all_to_all_is_timed_as_the_exchanges_own_work():
+    """bench.ranks.sharded.RowsAlltoall: Horovod's all-to-all forward and, in the backward, the reverse all-to-all
+    with the splits received, its time added to work_ms (a stand-in for Horovod that takes 20 ms a call)."""
+    import time
+
+    from bench.ranks.sharded import RowsAlltoall
+
+    class SlowHorovod:
+        def __init__(self):
+            self.calls = []
+
+        def alltoall(self, tensor, splits, name):
+            self.calls.append((name, splits.tolist()))
+            time.sleep(0.02)
+            return tensor * 2, torch.tensor([3, 1], dtype=torch.int32)
+
+    hvd, counters = SlowHorovod(), ExchangeCounters()
+    lent = torch.ones(4, 2, requires_grad=True)
+    rows = RowsAlltoall.apply(lent, torch.tensor([1, 3], dtype=torch.int32), hvd, counters)
+    assert torch.equal(rows, torch.full((4, 2), 2.0)) and counters.work_ms == 0  # the forward: the caller times it
+    rows.sum().backward()
+    assert hvd.calls == [("sharded.rows", [1, 3]), ("sharded.rows.grad", [3, 1])]  # back with the splits received
+    assert torch.equal(lent.grad, torch.full((4, 2), 2.0))
+    assert counters.work_ms >= 20

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench.errors import MachineFault
@@ -169,6 +170,25 @@ def test_a_rewrite_on_a_full_disk_keeps_the_old_file_whole_and_leaves_no_tempora
     assert caught.value.errno == errno.ENOSPC
     assert said.startswith(f"cannot write {path}: no space left") and f"df -h {path.parent}" in said, said
     assert json.loads(path.read_text()) == {"version": 1}
+    no_temporary_files(fs)
+
+
+def test_a_figure_saved_on_a_full_disk_keeps_the_old_image_and_leaves_no_temporary_file(tmpfs):
+    from bench.results.plots import plt, save_figure  # the plots module picks the file-only backend first
+    fs = tmpfs("512k")
+    path = fs / "efficiency.png"
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [1, 0.5])
+    save_figure(fig, path)
+    before = path.read_bytes()
+    fill(fs)
+    fig, ax = plt.subplots(figsize=(16, 12))
+    ax.imshow(np.random.default_rng(0).random((800, 800)))  # noise, which PNG cannot compress: it cannot fit
+    with pytest.raises(MachineFault) as caught:
+        save_figure(fig, path)
+    assert caught.value.errno == errno.ENOSPC and str(path) in str(caught.value), caught.value
+    assert path.read_bytes() == before
+    assert not plt.get_fignums(), "the figure was not closed"
     no_temporary_files(fs)
 
 

@@ -1,7 +1,6 @@
 """The cost model of the sharded modes (bench.model.shard_costs, bench.model.step): bytes, placement and memory from
 the formulas, the all-to-all link from comm rows, and out of sample on a sweep made from a known model."""
 
-import numpy as np
 import pytest
 
 from bench.model.calibration import fit_link
@@ -10,7 +9,7 @@ from bench.model.shard_costs import ShardTable, choose_sharding, sharded_memory_
 from bench.model.table_costs import DEFAULT_COSTS
 from bench.model.validation import validate
 from bench.plan.config import SweepConfig
-from tests.synthetic import LINK, alltoall_rows, synthetic_rows
+from tests.synthetic import LINK, alltoall_rows, model_sweep, synthetic_rows
 from tests.test_validation import ENVIRONMENT
 
 A2A = Link(alpha_s=40e-6, beta_s_per_byte=2e-9, gamma_s_per_byte=0.0)
@@ -64,39 +63,10 @@ IMBALANCE = 1.2
 def sharded_sweep(noise: float = 0.0) -> list[dict]:
     """Records of a tiny-preset sweep (np 1-4, weak and strong, row-wise, table-wise and sparse-gather) whose step
     times and peaks a known Model gives (row-wise's splits `IMBALANCE` uneven, as its records say)."""
-    from bench.model.calibration import Calibration, FitQuality
-    from bench.model.profile import profile_from_records
-    from bench.model.step import LocalFit, Model, this_machine
-    from tests.synthetic import point_record
-    rng = np.random.default_rng(0)
     config = SweepConfig(name="sharded", preset="tiny", nps=[1, 2, 3, 4], steps=5, global_batch=96, corun=False,
                          modes=["sparse-gather", "row-wise", "table-wise"])
-    plan = config.plan()
-    base = [point_record(p, 40.0) for p in plan if p.np == 1 and p.scaling == "weak"]
-    profile = profile_from_records(base, ENVIRONMENT)
-    quality = FitQuality(rows=0, nps=(), r2=1.0, rms_rel_error=0, max_rel_error=0, median_rel_error=0,
-                         holdout_rows=0, holdout_median_rel_error=None)
-    truth = Model(profile, Calibration(link=LINK, copy_s_per_byte=None, backend="horovod", quality=quality,
-                                       source="truth", alltoall=A2A),
-                  LocalFit(s_per_byte=TRUE_LOCAL, points={}, rms_rel_error={},
-                           alltoall_imbalance={"row-wise": IMBALANCE}))
-    machine = this_machine(truth.calibration, profile, 4)
-    records = list(base)
-    for point in plan:
-        if point.np == 1 and point.scaling == "weak":
-            continue
-        batch = point_record(point, 1.0)["batch_per_rank"]
-        predicted = truth.step(machine, point.np, point.mode, batch)
-        step = predicted.step_ms * (1 + noise * rng.standard_normal())
-        record = point_record(point, step, rss_mib=predicted.memory_bytes / 2**20)
-        metrics = record["metrics"]
-        scale = step / metrics["step_time_ms"]
-        for key in ("step_time_ms", "step_time_ms_p10", "step_time_ms_p90"):
-            metrics[key] *= scale
-        if point.mode == "row-wise" and point.np > 1:
-            metrics["alltoall_imbalance"] = IMBALANCE
-        records.append(record)
-    return records
+    return model_sweep(config, TRUE_LOCAL, ENVIRONMENT, noise=noise, alltoall=A2A, imbalance={"row-wise": IMBALANCE},
+                       with_memory=True)
 
 
 def test_sharded_points_held_out_come_back_from_a_known_model():

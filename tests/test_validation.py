@@ -12,12 +12,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from bench.model.calibration import Calibration, FitQuality, fit_link, read_comm_rows
-from bench.model.profile import profile_from_records
-from bench.model.step import LocalFit, Model, this_machine
+from bench.model.calibration import fit_link, read_comm_rows
 from bench.model.validation import (
     SPLITS,
     TARGET_MEDIAN_ERROR,
@@ -30,7 +27,7 @@ from bench.model.validation import (
 )
 from bench.plan.config import SweepConfig
 from bench.results.records import atomic_write_json, read_records, write_record
-from tests.synthetic import LINK, point_record, synthetic_rows
+from tests.synthetic import LINK, model_sweep, synthetic_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "results" / "reference"
@@ -45,32 +42,10 @@ def synthetic_sweep(extra_per_rank: float = 0.0, noise: float = 0.02, seed: int 
     """Records of a tiny-preset sweep (np 1-4, weak and strong, both modes, 2 repeats) whose step times a known Model
     gives, times (1 + noise x normal); np >= 3 points also take `extra_per_rank` x (np - 2) more: a cost the model
     does not have. The weak np=1 step is `np1_ms`."""
-    rng = np.random.default_rng(seed)
     config = SweepConfig(name="synthetic", preset="tiny", nps=[1, 2, 3, 4], steps=5, global_batch=96, repeats=2,
                          corun=False)
-    plan = config.plan()
-    base = [point_record(p, np1_ms) for p in plan if p.np == 1 and p.scaling == "weak"]
-    profile = profile_from_records(base, ENVIRONMENT)
-    quality = FitQuality(rows=0, nps=(), r2=1.0, rms_rel_error=0, max_rel_error=0, median_rel_error=0,
-                         holdout_rows=0, holdout_median_rel_error=None)
-    truth = Model(profile, Calibration(link=LINK, copy_s_per_byte=None, backend="horovod", quality=quality,
-                                       source="truth"), LocalFit(s_per_byte=TRUE_LOCAL, points={}, rms_rel_error={}))
-    machine = this_machine(truth.calibration, profile, 4)
-    records = list(base)
-    for point in plan:
-        if point.np == 1 and point.scaling == "weak":
-            continue
-        batch = point_record(point, 1.0)["batch_per_rank"]
-        step = truth.step(machine, point.np, point.mode, batch).step_ms
-        step *= (1 + noise * rng.standard_normal()) * (1 + extra_per_rank * max(0, point.np - 2))
-        record = point_record(point, step)
-        # exactly `step`: point_record's per-rank jitter would add a rank skew the truth does not have
-        metrics = record["metrics"]
-        scale = step / metrics["step_time_ms"]
-        for key in ("step_time_ms", "step_time_ms_p10", "step_time_ms_p90"):
-            metrics[key] *= scale
-        records.append(record)
-    return records
+    return model_sweep(config, TRUE_LOCAL, ENVIRONMENT, np1_ms=np1_ms, noise=noise, seed=seed,
+                       extra_per_rank=extra_per_rank)
 
 
 def comm_rows() -> list[dict]:

@@ -16,7 +16,7 @@ import pandas as pd
 
 from bench.errors import UsageError
 from bench.results.compare import compare, format_table, point_label, regressions
-from bench.results.records import load
+from bench.results.records import atomic_write_text, load
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -37,7 +37,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
           f"above 1\n")
     print(format_table(table))
     if args.csv:
-        table.to_csv(args.csv, index=False)
+        atomic_write_text(args.csv, table.to_csv(index=False))
     bad = regressions(table)
     both = table["ratio"].notna().sum()
     if bad.empty:

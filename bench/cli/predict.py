@@ -264,11 +264,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.validate:
         text += "\n\n" + format_validation(validation)
     print(text)
-    validation.points.to_csv(out / "validation.csv", index=False)
-    validation.summary.to_csv(out / "validation-summary.csv", index=False)
-    table.to_csv(out / "prediction.csv", index=False)
-    check.to_csv(out / "measured-vs-predicted.csv", index=False)
-    crossover.to_csv(out / "crossover.csv", index=False)
+    atomic_write_text(out / "validation.csv", validation.points.to_csv(index=False))
+    atomic_write_text(out / "validation-summary.csv", validation.summary.to_csv(index=False))
+    atomic_write_text(out / "prediction.csv", table.to_csv(index=False))
+    atomic_write_text(out / "measured-vs-predicted.csv", check.to_csv(index=False))
+    atomic_write_text(out / "crossover.csv", crossover.to_csv(index=False))
     atomic_write_json(out / "costs.json", model.costs_for(machine).as_dict() | {"created": now_iso()})
     atomic_write_json(out / "prediction.json", {
         "arguments": {k: v for k, v in vars(args).items() if k != "func"}, "results": str(results),

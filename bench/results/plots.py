@@ -2,6 +2,7 @@
 every figure names the hosts it ran on and the link between them (docs/figures.md)."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import matplotlib
@@ -13,7 +14,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from bench.host import np_label
+from bench.errors import MachineFault  # noqa: E402
+from bench.host import np_label  # noqa: E402
 from bench.plan.config import stage_label  # noqa: E402
 from bench.results.scaling import PHASES  # noqa: E402
 
@@ -227,10 +229,27 @@ def _save(fig, path: Path, context: str = "") -> None:
         fig.tight_layout(rect=(0, 0, 1, 1 - 0.1 / fig.get_figheight()))
     else:
         fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")  # "tight": the figure legend right of the panels included
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, bbox_inches="tight")  # "tight": the figure legend right of the panels included
+
+
+def save_figure(fig, path: Path, **savefig_kwargs) -> None:
+    """Write `fig` to `path` atomically and close it: a reader sees the old image or the new one, and a savefig
+    that fails partway (no space, a read-only folder) leaves no temporary file behind and is a MachineFault
+    naming `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=110, **savefig_kwargs)
+        tmp.replace(path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):  # a read-only or failing file system may refuse even this
+            tmp.unlink(missing_ok=True)
+        fault = MachineFault.from_os_error(err, path)
+        if fault is not None:
+            raise fault from err
+        raise
+    finally:
+        plt.close(fig)
 
 
 # ---- stages other than train ---------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only: no display on cluster nodes or CI
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bench.results.plots import MODE_COLORS  # noqa: E402
+from bench.results.plots import MODE_COLORS, save_figure  # noqa: E402
 
 
 def write_prediction_plots(table: pd.DataFrame, crossover: pd.DataFrame, memory_per_rank_bytes: float | None,
@@ -38,8 +38,7 @@ def write_prediction_plots(table: pd.DataFrame, crossover: pd.DataFrame, memory_
 
     def save(fig, name):
         fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
+        save_figure(fig, out / name)
         written.append(name)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)

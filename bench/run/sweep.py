@@ -28,6 +28,7 @@ from bench.launch.interrupts import Interrupted, signals_interrupt
 from bench.launch.mpirun import LOCAL, Launcher, run_ranks
 from bench.launch.rank_program import python_module_argv
 from bench.model.calibration_store import keep_costs
+from bench.model.exchange_price import host_collective_model
 from bench.plan.config import PointConfig, SweepConfig
 from bench.plan.sizes import format_bytes
 from bench.ranks.point_program import point_argv
@@ -318,6 +319,13 @@ def run_sweep(config: SweepConfig, sweep_dir: Path, *, resume: bool = False, out
     if oversubscribed:
         print(f"note: np {oversubscribed} exceed this machine's cores: oversubscribed (marked *), flagged in "
               f"every table and plot", file=out)
+    if any(p.np > 1 and not p.corun for p in todo):
+        # every multi-rank record's exchange_efficiency is priced with this: say so now when it is not this host's
+        priced = host_collective_model("tcp" if launcher.hosts else "shared-memory")
+        if not priced.calibrated:
+            print(f"note: {priced.source}: exchange_efficiency is priced with those, not with this host's collective "
+                  f"speed; run `alure-bench calibrate` before a sweep whose exchange efficiency you will read",
+                  file=out)
     progress = Progress()
     shared_memory = transport.mechanism()  # once for the whole sweep: every point's launch gets the same
     with sigterm_interrupts():
