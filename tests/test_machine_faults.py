@@ -22,6 +22,7 @@ import pytest
 from bench.errors import MachineFault
 from bench.launch import lifetime, transport
 from bench.plan.config import PointConfig, SweepConfig
+from bench.results import records as records_module
 from bench.results.folder_lock import LOCK_FILE, exclusive_writer
 from bench.results.records import atomic_write_json, read_record, read_records, room_for_point
 from bench.run import sweep as sweep_module
@@ -310,6 +311,10 @@ def test_the_room_a_point_needs_covers_what_the_committed_records_and_logs_take(
         log = REFERENCE / "logs" / f"{path.stem}.log"
         taken = path.stat().st_size + (log.stat().st_size if log.exists() else 0)
         assert room_for_point(record["np"], record["point"]["steps"]) >= taken, path.name
+        # the record's own term, not only the log's allowance, holds the record (docs/faults.md)
+        assert records_module.RECORD_BASE_BYTES + record["np"] * (
+            records_module.RECORD_RANK_BYTES + record["point"]["steps"] * records_module.RECORD_RANK_STEP_BYTES
+        ) >= path.stat().st_size, path.name
 
 
 @pytest.mark.mpi  # launches real ranks

@@ -119,11 +119,11 @@ def free_bytes(folder: str | Path) -> int:
 
 # What a point needs on disk while it runs (`room_for_point`): rounded up from the records and logs of the committed
 # sweeps (docs/faults.md says how), so that a sweep refuses a folder where not even one point would fit.
-RECORD_BASE_BYTES = 4096
+RECORD_BASE_BYTES = 8192
 """A point record's part that does not grow with np: the point's config, its metrics, the launch's description."""
-RECORD_RANK_BYTES = 2048
+RECORD_RANK_BYTES = 4096
 """What each rank adds to the record besides its per-step lists (its memory, exchange counters, host)."""
-RECORD_RANK_STEP_BYTES = 256
+RECORD_RANK_STEP_BYTES = 512
 """What each rank adds per timed step (its step and phase times, the memory probe's cost)."""
 LOG_RANK_BYTES = 8192
 """Allowance per rank and launch attempt for the point's log: a failed launch's holds mpirun's notice and each
