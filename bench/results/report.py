@@ -8,6 +8,7 @@ import pandas as pd
 
 from bench.host import np_label
 from bench.plan.config import stage_label
+from bench.results.backends import BACKENDS_TEXT, backend_table, format_backends
 from bench.results.plots import breakdown_plot, efficiency_plot, memory_plot, stages_plot
 from bench.results.pop import FACTORS
 from bench.results.pop_plot import pop_plot
@@ -237,6 +238,8 @@ def write_report(sweep_dir: str | Path) -> pd.DataFrame:
              *(["## Where efficiency goes", "", POP_TEXT, "",
                 "Collective model: " + ("; ".join(collective_models(df)) or "none (no multi-rank point)") + ".", "",
                 "```", pop, "```", ""] if pop else []),
-             *(["![efficiency breakdown](pop.png)", ""] if has_pop else [])]
+             *(["![efficiency breakdown](pop.png)", ""] if has_pop else []),
+             *(["## Horovod against raw MPI", "", BACKENDS_TEXT, "", "```", format_backends(backends), "```", ""]
+               if len(backends := backend_table(read_records(sweep_dir))) else [])]
     atomic_write_text(sweep_dir / "report.md", "\n".join(lines))
     return df

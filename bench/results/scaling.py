@@ -121,6 +121,18 @@ def paired_medians(a: dict, b: dict, rng: np.random.Generator,
     return np.median(ma[pick], axis=1), np.median(mb[pick], axis=1)
 
 
+def paired_ratio(a: dict, b: dict, rng: np.random.Generator) -> list[float]:
+    """B / A of the medians over repeats (`a`, `b`: repeat -> per-step values), with its 95% interval paired by
+    round (paired_medians); NaNs where either side is empty."""
+    if not a or not b:
+        return [np.nan] * 3
+    value = np.median([np.median(v) for v in b.values()]) / np.median([np.median(v) for v in a.values()])
+    da, db = paired_medians(a, b, rng, BOOTSTRAP_DRAWS)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        draws = db / da
+    return [float(value), *(interval(draws) if np.isfinite(draws).all() else (np.nan, np.nan))]
+
+
 def interval(draws: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
     """The central `confidence` interval of a bootstrap distribution (percentile method)."""
     tail = (1 - confidence) / 2 * 100

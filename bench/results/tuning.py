@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from bench.results.records import atomic_write_text, read_records
-from bench.results.scaling import BOOTSTRAP_DRAWS, bootstrap_step_time, interval, pace_phase_steps, paired_medians
+from bench.results.scaling import bootstrap_step_time, interval, pace_phase_steps, paired_ratio
 from bench.results.summary import exchange_efficiency_steps
 
 TUNE_COLUMNS = ["knob", "setting", "mode", "repeats_ok_a", "repeats_ok_b", "reached_ranks",
@@ -62,17 +62,6 @@ def _median_ci(series: dict[int, list[float]], rng: np.random.Generator) -> list
     return [float(np.median(medians)), *interval(bootstrap_step_time(list(series.values()), rng))]
 
 
-def _ratio_ci(a: dict, b: dict, rng: np.random.Generator) -> list[float]:
-    """B / A of the medians over repeats, with its interval paired by round."""
-    if not a or not b:
-        return [np.nan] * 3
-    value = np.median([np.median(v) for v in b.values()]) / np.median([np.median(v) for v in a.values()])
-    da, db = paired_medians(a, b, rng, BOOTSTRAP_DRAWS)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        draws = db / da
-    return [float(value), *(interval(draws) if np.isfinite(draws).all() else (np.nan, np.nan))]
-
-
 def _efficiency_ci(records: list[dict], rng: np.random.Generator) -> list[float]:
     steps = [s for s in (exchange_efficiency_steps(r) for r in records) if s]
     if not steps:
@@ -105,7 +94,7 @@ def setting_rows(knob: str, label: str, variables: dict[str, str], folder: Path,
                 row |= dict(zip([f"{side}_{column}", f"{side}_{column}_ci_low", f"{side}_{column}_ci_high"],
                                 _median_ci(series, rng)))
             ratio = "step_ratio" if what == "step" else "wait_ratio"
-            row |= dict(zip([ratio, f"{ratio}_ci_low", f"{ratio}_ci_high"], _ratio_ci(sa, sb, rng)))
+            row |= dict(zip([ratio, f"{ratio}_ci_low", f"{ratio}_ci_high"], paired_ratio(sa, sb, rng)))
         for side, sel in (("a", a), ("b", b)):
             row |= dict(zip([f"{side}_exchange_efficiency", f"{side}_exchange_efficiency_ci_low",
                              f"{side}_exchange_efficiency_ci_high"], _efficiency_ci(sel, rng)))
