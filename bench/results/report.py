@@ -213,6 +213,7 @@ def write_report(sweep_dir: str | Path) -> pd.DataFrame:
         stages_plot(df, sweep_dir / "stages.png")
     has_pop = pop_plot(df, sweep_dir / "pop.png")
     pop = pop_table(df)
+    records = read_records(sweep_dir)  # auto's costs and the backend table read them; read once
     env_path = sweep_dir / "environment.json"
     env = json.loads(env_path.read_text()) if env_path.exists() else {}
     lines = [f"# Sweep {sweep_dir.name}", "",
@@ -230,7 +231,7 @@ def write_report(sweep_dir: str | Path) -> pd.DataFrame:
              f"{_order(sweep_dir)}. Exchange held: bytes of the gradient exchange results each rank holds per step. "
              "Every repeat's figures are in summary.csv.", "",
              *([STAGES_TEXT, ""] if has_stages else []),
-             *([note, ""] if (note := auto_costs_note(read_records(sweep_dir))) else []),
+             *([note, ""] if (note := auto_costs_note(records)) else []),
              "```", efficiency_table(df), "```", "",
              *([RANKING_TEXT, "", "```", *ranking, "```", ""] if (ranking := mode_ranking(df)) else []),
              "![efficiency](efficiency.png)", "", "![breakdown](breakdown.png)", "", "![memory](memory.png)", "",
@@ -240,6 +241,6 @@ def write_report(sweep_dir: str | Path) -> pd.DataFrame:
                 "```", pop, "```", ""] if pop else []),
              *(["![efficiency breakdown](pop.png)", ""] if has_pop else []),
              *(["## Horovod against raw MPI", "", BACKENDS_TEXT, "", "```", format_backends(backends), "```", ""]
-               if len(backends := backend_table(read_records(sweep_dir))) else [])]
+               if len(backends := backend_table(records)) else [])]
     atomic_write_text(sweep_dir / "report.md", "\n".join(lines))
     return df
