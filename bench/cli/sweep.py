@@ -24,7 +24,7 @@ from bench.model.calibration import read_comm_rows
 from bench.model.row_price import COMM_ROWS_ENV, rows_named
 from bench.plan.capacity import add_oversubscribe_flag, check_sweep
 from bench.plan.comm_config import format_env_setting, parse_env_setting
-from bench.plan.config import SweepConfig
+from bench.plan.config import MODES, SweepConfig
 from bench.plan.workload import workload_config
 from bench.results.folder_lock import exclusive_writer
 from bench.results.records import default_out, ensure_writable
@@ -258,7 +258,7 @@ def register(sub) -> None:
     run = sub.add_parser("run", help="measure one point (np, mode, scaling) and print its figures")
     run.add_argument("--np", type=int, default=1)
     run.add_argument("--mode", default="sparse-gather",
-                     help="sparse-gather, coalesced-gather, dense-reduce, sparse-as-dense or auto")
+                     help=", ".join(MODES))
     run.add_argument("--scaling", default="weak", help="weak or strong")
     run.add_argument("--with-baseline", action="store_true", help="also measure np=1, for the efficiency")
     run.add_argument("--exchange-backend", default="horovod",
