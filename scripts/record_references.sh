@@ -37,7 +37,7 @@ PY="$REPO/.venv/bin/python"
 PARTS=(calibrate comm reference cluster paper shard derived)
 # Minutes each part takes on the 2-core reference machine, from what its last recording took there: reference
 # 8 rounds of points plus the launches between them; cluster 138 points per rate with 7 modes and co-run points,
-# plus two calibrations and the comm runs per rate; paper 6 modes x np 1-2 x 8 rounds (about 45 s a pair);
+# plus two calibrations and the comm runs per rate; paper 6 modes x np 1-2 x 8 rounds;
 # shard-demo its 18 short points; calibrate, comm and derived their own runs.
 declare -A MINUTES=([calibrate]=1 [comm]=2 [reference]=70 [cluster]=135 [paper]=36 [shard]=10 [derived]=10)
 declare -A FOLDER=([calibrate]="" [comm]=results/reference-comm [reference]=results/reference

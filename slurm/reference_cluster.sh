@@ -22,9 +22,9 @@
 # hosts"). Give --rates for another machine.
 # The cluster is stopped at the end, also when a step fails or the script is interrupted.
 #
-# Run time: about 65 minutes per rate on the 2-core reference machine: 138 points (7 modes, weak and strong, np 1,
-# 2, 4, 3 rounds, and the co-run points), dominated by the dense modes' full-table exchange over the shaped link,
-# plus the comm runs and the two calibrations.
+# Run time: the longest of the references (`bash scripts/record_references.sh --dry-run` prints its estimate): 138
+# points per rate (7 modes, weak and strong, np 1, 2 and 4, 3 rounds, and the co-run points), dominated by the dense
+# modes' full-table exchange over the shaped link, plus the comm runs and the two calibrations.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

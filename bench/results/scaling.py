@@ -121,6 +121,31 @@ def paired_medians(a: dict, b: dict, rng: np.random.Generator,
     return np.median(ma[pick], axis=1), np.median(mb[pick], axis=1)
 
 
+EXACT_SIGN_FLIPS = 16
+"""Up to this many paired rounds, paired_sign_flip_p enumerates every sign assignment (2^16 = 65,536); above, it
+draws BOOTSTRAP_DRAWS of them."""
+
+
+def paired_sign_flip_p(a: dict, b: dict, rng: np.random.Generator) -> float:
+    """One-sided p of "B is not faster than A" from the rounds both have (`a`, `b`: repeat -> per-step values): a
+    paired sign-flip permutation test on the rounds' log(B median / A median). Under the null the order of A and B
+    within a round is exchangeable (an interleaved sweep shuffles it), so each round's log-ratio is as likely with
+    either sign; p is the share of sign assignments whose mean is at or below the observed one. It is exact, so it
+    cannot say more than the rounds do: n rounds that all favour B give p = 2^-n, never less (a bootstrap of so few
+    rounds would give 0). A setting equal to A (every log-ratio 0) has p = 1; NaN without a common round."""
+    rounds = sorted(set(a) & set(b))
+    if not rounds:
+        return float("nan")
+    logs = np.log(repeat_medians([b[r] for r in rounds]) / repeat_medians([a[r] for r in rounds]))
+    n = len(logs)
+    if n <= EXACT_SIGN_FLIPS:
+        signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)
+    else:
+        signs = rng.choice([-1, 1], size=(BOOTSTRAP_DRAWS, n))
+    means = (signs * np.abs(logs)).mean(axis=1)
+    return float(np.mean(means <= logs.mean() + 1e-12))
+
+
 def paired_ratio(a: dict, b: dict, rng: np.random.Generator) -> list[float]:
     """B / A of the medians over repeats (`a`, `b`: repeat -> per-step values), with its 95% interval paired by
     round (paired_medians); NaNs where either side is empty."""

@@ -6,25 +6,28 @@ B, each the median over ok repeats with its 95% block-bootstrap interval (bench.
 B / A of both, paired by round (bench.results.scaling.paired_medians: what slowed the machine in a round slowed
 both); exchange_efficiency of A and B with its interval (bench.results.summary.add_exchange_intervals' bootstrap);
 and whether the setting reached the ranks (every B record's horovod_settings holds its variables, no A record's
-does). A setting is preferred for a mode only when the whole interval of its step-time ratio lies below 1.
+does). Per mode, the settings are one family of tests: a setting is preferred only when Holm's step-down
+procedure over that family rejects "B is not faster" at a family-wise PREFER_ALPHA (preferred), so that trying ten
+settings does not make one look faster by chance alone.
 """
 from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from bench.results.records import atomic_write_text, read_records
-from bench.results.scaling import bootstrap_step_time, interval, pace_phase_steps, paired_ratio
+from bench.results.scaling import bootstrap_step_time, interval, pace_phase_steps, paired_ratio, paired_sign_flip_p
 from bench.results.summary import exchange_efficiency_steps
 
 TUNE_COLUMNS = ["knob", "setting", "mode", "repeats_ok_a", "repeats_ok_b", "reached_ranks",
                 "a_step_time_ms", "a_step_time_ms_ci_low", "a_step_time_ms_ci_high",
                 "b_step_time_ms", "b_step_time_ms_ci_low", "b_step_time_ms_ci_high",
-                "step_ratio", "step_ratio_ci_low", "step_ratio_ci_high",
+                "step_ratio", "step_ratio_ci_low", "step_ratio_ci_high", "step_ratio_p_not_faster",
                 "a_exchange_wait_ms", "a_exchange_wait_ms_ci_low", "a_exchange_wait_ms_ci_high",
                 "b_exchange_wait_ms", "b_exchange_wait_ms_ci_low", "b_exchange_wait_ms_ci_high",
                 "wait_ratio", "wait_ratio_ci_low", "wait_ratio_ci_high",
@@ -32,6 +35,9 @@ TUNE_COLUMNS = ["knob", "setting", "mode", "repeats_ok_a", "repeats_ok_b", "reac
                 "b_exchange_efficiency", "b_exchange_efficiency_ci_low", "b_exchange_efficiency_ci_high", "folder"]
 """tune.csv: one row per knob setting and mode (ratios are B / A: below 1, the setting is faster)."""
 NOT_TOLD_APART = "no setting told apart"
+PREFER_ALPHA = 0.025
+"""Family-wise error rate of the preferred setting, per mode: the chance that a setting no faster than A is named. A
+one-sided 0.025 is what 'the whole 95% interval lies below 1' meant for one setting alone."""
 
 
 def reached(records: list[dict], variables: dict[str, str]) -> bool:
@@ -93,13 +99,43 @@ def setting_rows(knob: str, label: str, variables: dict[str, str], folder: Path,
             for side, series in (("a", sa), ("b", sb)):
                 row |= dict(zip([f"{side}_{column}", f"{side}_{column}_ci_low", f"{side}_{column}_ci_high"],
                                 _median_ci(series, rng)))
-            ratio = "step_ratio" if what == "step" else "wait_ratio"
-            row |= dict(zip([ratio, f"{ratio}_ci_low", f"{ratio}_ci_high"], paired_ratio(sa, sb, rng)))
+            if what == "step":
+                row |= _step_ratio(sa, sb, rng)
+            else:
+                row |= dict(zip(["wait_ratio", "wait_ratio_ci_low", "wait_ratio_ci_high"], paired_ratio(sa, sb, rng)))
         for side, sel in (("a", a), ("b", b)):
             row |= dict(zip([f"{side}_exchange_efficiency", f"{side}_exchange_efficiency_ci_low",
                              f"{side}_exchange_efficiency_ci_high"], _efficiency_ci(sel, rng)))
         rows.append(row)
     return rows
+
+
+def _step_ratio(a: dict, b: dict, rng: np.random.Generator) -> dict:
+    """step_ratio (B / A) with its interval paired by round, and step_ratio_p_not_faster: the one-sided p of "B is
+    not faster than A" of the paired sign-flip test over rounds (bench.results.scaling.paired_sign_flip_p)."""
+    ratio = paired_ratio(a, b, rng)
+    p = paired_sign_flip_p(a, b, rng) if a and b else np.nan
+    return dict(zip(["step_ratio", "step_ratio_ci_low", "step_ratio_ci_high", "step_ratio_p_not_faster"],
+                    [*ratio, p]))
+
+
+def rounds_to_tell_apart(settings: int, alpha: float = PREFER_ALPHA) -> int:
+    """The fewest rounds with which Holm over `settings` settings can prefer one: n rounds all in B's favour give
+    the sign-flip test's smallest p, 2^-n, and the smallest p of the family is held to alpha / settings."""
+    return max(2, math.ceil(math.log2(max(1, settings) / alpha) - 1e-9))
+
+
+def holm_faster(p_values: pd.Series, alpha: float = PREFER_ALPHA) -> pd.Series:
+    """Holm's step-down over one family: the smallest p is held to alpha / m, the next to alpha / (m - 1), and so on
+    until one fails; those before it are rejected ("not faster" is rejected: faster). A NaN p is never rejected but
+    counts in m. Returns a boolean Series on p_values' index."""
+    m = len(p_values)
+    faster = pd.Series(False, index=p_values.index)
+    for k, (index, p) in enumerate(p_values.sort_values(na_position="last").items()):
+        if pd.isna(p) or p > alpha / (m - k):
+            break
+        faster[index] = True
+    return faster
 
 
 def tuning_table(rows: list[dict]) -> pd.DataFrame:
@@ -111,14 +147,16 @@ def _rounds(text: str) -> int:
     return int(str(text).split("/")[0])
 
 
-def preferred(table: pd.DataFrame) -> dict[str, str]:
-    """Per mode, the setting the step prefers: of those whose step-ratio interval lies wholly below 1, that reached
-    the ranks and have at least two ok rounds of A and of B (one round's interval is of its steps' noise only, not
-    of the noise between runs), the one with the lowest ratio; else NOT_TOLD_APART."""
+def preferred(table: pd.DataFrame, alpha: float = PREFER_ALPHA) -> dict[str, str]:
+    """Per mode, the setting the step prefers: the family is the mode's settings that reached the ranks and have at
+    least two ok rounds of A and of B (one round's interval is of its steps' noise only, not of the noise between
+    runs); of those Holm's step-down finds faster at family-wise `alpha` (holm_faster on step_ratio_p_not_faster),
+    the one with the lowest ratio; else NOT_TOLD_APART."""
     out = {}
     for mode, rows in table.groupby("mode", sort=True):
         rounds = np.minimum(rows["repeats_ok_a"].map(_rounds), rows["repeats_ok_b"].map(_rounds))
-        faster = rows[(rows["step_ratio_ci_high"] < 1) & rows["reached_ranks"].astype(bool) & (rounds >= 2)]
+        family = rows[rows["reached_ranks"].astype(bool) & (rounds >= 2)]
+        faster = family[holm_faster(family["step_ratio_p_not_faster"], alpha)] if len(family) else family
         out[mode] = faster.sort_values("step_ratio")["setting"].iloc[0] if not faster.empty else NOT_TOLD_APART
     return out
 
@@ -160,7 +198,8 @@ def _fmt(value, low, high, fmt: str) -> str:
     return fmt.format(value) + (f" [{fmt.format(low)}, {fmt.format(high)}]" if not pd.isna(low) else "")
 
 
-def tuning_text(table: pd.DataFrame, autotune: dict[str, dict | None], context: str) -> str:
+def tuning_text(table: pd.DataFrame, autotune: dict[str, dict | None], context: str,
+                alpha: float = PREFER_ALPHA) -> str:
     """tune.md: what was run, the table a person reads, the preferred setting per mode and what autotune kept."""
     shown = pd.DataFrame({
         "setting": table["setting"], "mode": table["mode"],
@@ -173,21 +212,24 @@ def tuning_text(table: pd.DataFrame, autotune: dict[str, dict | None], context: 
            for side in ("a", "b")},
         "step B/A": [_fmt(v, lo, hi, "{:.3f}") for v, lo, hi in
                      zip(table["step_ratio"], table["step_ratio_ci_low"], table["step_ratio_ci_high"])],
+        "p(B>=A)": ["-" if pd.isna(p) else f"{p:.3f}" for p in table["step_ratio_p_not_faster"]],
         "wait B/A": [_fmt(v, lo, hi, "{:.3f}") for v, lo, hi in
                      zip(table["wait_ratio"], table["wait_ratio_ci_low"], table["wait_ratio_ci_high"])],
     })
-    column_order = ["setting", "mode", "ok A/B", "reached", "step ms A", "step ms B", "step B/A", "wait ms A",
-                    "wait ms B", "wait B/A", "exch eff A", "exch eff B"]
+    column_order = ["setting", "mode", "ok A/B", "reached", "step ms A", "step ms B", "step B/A", "p(B>=A)",
+                    "wait ms A", "wait ms B", "wait B/A", "exch eff A", "exch eff B"]
     lines = ["# Horovod's knobs on the training step", "", context, "",
              "A: the launcher's settings (bench/launch/mpirun.py HOROVOD_SETTINGS); B: the setting, on top of them, "
              "in the same shuffled rounds. step / wait: the median over ok repeats of the slowest rank's step time "
              "and of the pace-setting rank's exchange wait, [95% block-bootstrap interval]; B/A: their ratio, its "
-             "interval paired by round (below 1: B faster); exch eff: exchange_efficiency, the priced collectives "
+             "interval paired by round (below 1: B faster); p(B>=A): the one-sided p of B not being faster, "
+             "a paired sign-flip test over the rounds (n rounds can give no less than 2^-n); exch eff: exchange_efficiency, the priced collectives "
              "over exchange wait + the exchange's own work; reached: every B record's horovod_settings holds the "
              "setting and no A record's does. docs/tuning.md says how to read it.", "",
              "```", shown[column_order].to_string(index=False), "```", "",
-             "The step prefers (the lowest B/A whose whole interval is below 1, over two ok rounds or more):", ""]
-    lines += [f"- {mode}: {choice}" for mode, choice in preferred(table).items()]
+             f"The step prefers (of the settings that reached the ranks with two ok rounds or more, those Holm's "
+             f"step-down over the mode's settings finds faster at a family-wise {alpha:g}, the lowest B/A):", ""]
+    lines += [f"- {mode}: {choice}" for mode, choice in preferred(table, alpha).items()]
     for slug, choice in autotune.items():
         lines += ["", autotune_line(slug, choice)]
     return "\n".join(lines) + "\n"
