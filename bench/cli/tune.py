@@ -15,7 +15,6 @@ from bench.plan.tuning import (
     AUTOTUNE_LOG,
     AUTOTUNE_STAGES,
     KNOBS,
-    KnobSetting,
     SettingSweep,
     autotune_steps,
     knob_settings,
@@ -99,16 +98,15 @@ def _tabulate_again(out: str | None) -> int:
         config = load_sweep_config(sweep_json.parent)
         if not config.compare_env:
             continue
-        setting = by_slug.get(sweep_json.parent.name) or KnobSetting(
-            "custom", {k: v for k, v in config.compare_env.items() if k != "HOROVOD_AUTOTUNE_LOG"},
-            autotune=config.compare_env.get("HOROVOD_AUTOTUNE") == "1")
+        setting = by_slug.get(sweep_json.parent.name) or knob_settings(
+            [], [{k: v for k, v in config.compare_env.items() if k != "HOROVOD_AUTOTUNE_LOG"}])[0]
         sweeps.append(SettingSweep(setting, config, sweep_json.parent))
-    order = list(by_slug)  # the catalogue's order, as a run tabulates them; custom settings after, by name
-    sweeps.sort(key=lambda sw: (order.index(sw.folder.name) if sw.folder.name in order else len(order),
-                                sw.folder.name))
     if not sweeps:
         raise UsageError(f"{out} holds no tuning (no setting folder with a sweep.json naming its setting B): give "
                          f"the --out of an `alure-bench tune` run")
+    order = list(by_slug)  # the catalogue's order, as a run tabulates them; custom settings after, by name
+    sweeps.sort(key=lambda sw: (order.index(sw.folder.name) if sw.folder.name in order else len(order),
+                                sw.folder.name))
     ensure_writable(out)
     plain = next((s.config for s in sweeps if not s.setting.autotune), sweeps[0].config)
     table = _tabulate(out, sweeps, _context(plain) + " Tabulated again from the records (`alure-bench tune "

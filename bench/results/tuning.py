@@ -99,24 +99,15 @@ def setting_rows(knob: str, label: str, variables: dict[str, str], folder: Path,
             for side, series in (("a", sa), ("b", sb)):
                 row |= dict(zip([f"{side}_{column}", f"{side}_{column}_ci_low", f"{side}_{column}_ci_high"],
                                 _median_ci(series, rng)))
-            if what == "step":
-                row |= _step_ratio(sa, sb, rng)
-            else:
-                row |= dict(zip(["wait_ratio", "wait_ratio_ci_low", "wait_ratio_ci_high"], paired_ratio(sa, sb, rng)))
+            ratio = "step_ratio" if what == "step" else "wait_ratio"
+            row |= dict(zip([ratio, f"{ratio}_ci_low", f"{ratio}_ci_high"], paired_ratio(sa, sb, rng)))
+            if what == "step":  # what the preferred setting is decided on (preferred)
+                row["step_ratio_p_not_faster"] = paired_sign_flip_p(sa, sb, rng)
         for side, sel in (("a", a), ("b", b)):
             row |= dict(zip([f"{side}_exchange_efficiency", f"{side}_exchange_efficiency_ci_low",
                              f"{side}_exchange_efficiency_ci_high"], _efficiency_ci(sel, rng)))
         rows.append(row)
     return rows
-
-
-def _step_ratio(a: dict, b: dict, rng: np.random.Generator) -> dict:
-    """step_ratio (B / A) with its interval paired by round, and step_ratio_p_not_faster: the one-sided p of "B is
-    not faster than A" of the paired sign-flip test over rounds (bench.results.scaling.paired_sign_flip_p)."""
-    ratio = paired_ratio(a, b, rng)
-    p = paired_sign_flip_p(a, b, rng) if a and b else np.nan
-    return dict(zip(["step_ratio", "step_ratio_ci_low", "step_ratio_ci_high", "step_ratio_p_not_faster"],
-                    [*ratio, p]))
 
 
 def rounds_to_tell_apart(settings: int, alpha: float = PREFER_ALPHA) -> int:
@@ -156,7 +147,7 @@ def preferred(table: pd.DataFrame, alpha: float = PREFER_ALPHA) -> dict[str, str
     for mode, rows in table.groupby("mode", sort=True):
         rounds = np.minimum(rows["repeats_ok_a"].map(_rounds), rows["repeats_ok_b"].map(_rounds))
         family = rows[rows["reached_ranks"].astype(bool) & (rounds >= 2)]
-        faster = family[holm_faster(family["step_ratio_p_not_faster"], alpha)] if len(family) else family
+        faster = family[holm_faster(family["step_ratio_p_not_faster"], alpha)]
         out[mode] = faster.sort_values("step_ratio")["setting"].iloc[0] if not faster.empty else NOT_TOLD_APART
     return out
 
@@ -198,8 +189,7 @@ def _fmt(value, low, high, fmt: str) -> str:
     return fmt.format(value) + (f" [{fmt.format(low)}, {fmt.format(high)}]" if not pd.isna(low) else "")
 
 
-def tuning_text(table: pd.DataFrame, autotune: dict[str, dict | None], context: str,
-                alpha: float = PREFER_ALPHA) -> str:
+def tuning_text(table: pd.DataFrame, autotune: dict[str, dict | None], context: str) -> str:
     """tune.md: what was run, the table a person reads, the preferred setting per mode and what autotune kept."""
     shown = pd.DataFrame({
         "setting": table["setting"], "mode": table["mode"],
@@ -222,14 +212,15 @@ def tuning_text(table: pd.DataFrame, autotune: dict[str, dict | None], context: 
              "A: the launcher's settings (bench/launch/mpirun.py HOROVOD_SETTINGS); B: the setting, on top of them, "
              "in the same shuffled rounds. step / wait: the median over ok repeats of the slowest rank's step time "
              "and of the pace-setting rank's exchange wait, [95% block-bootstrap interval]; B/A: their ratio, its "
-             "interval paired by round (below 1: B faster); p(B>=A): the one-sided p of B not being faster, "
-             "a paired sign-flip test over the rounds (n rounds can give no less than 2^-n); exch eff: exchange_efficiency, the priced collectives "
-             "over exchange wait + the exchange's own work; reached: every B record's horovod_settings holds the "
-             "setting and no A record's does. docs/tuning.md says how to read it.", "",
+             "interval paired by round (below 1: B faster); p(B>=A): the one-sided p of B not being faster, a "
+             "paired sign-flip test over the rounds (n rounds can give no less than 2^-n); exch eff: "
+             "exchange_efficiency, the priced collectives over exchange wait + the exchange's own work; reached: "
+             "every B record's horovod_settings holds the setting and no A record's does. docs/tuning.md says how "
+             "to read it.", "",
              "```", shown[column_order].to_string(index=False), "```", "",
              f"The step prefers (of the settings that reached the ranks with two ok rounds or more, those Holm's "
-             f"step-down over the mode's settings finds faster at a family-wise {alpha:g}, the lowest B/A):", ""]
-    lines += [f"- {mode}: {choice}" for mode, choice in preferred(table, alpha).items()]
+             f"step-down over the mode's settings finds faster at a family-wise {PREFER_ALPHA:g}, the lowest B/A):", ""]
+    lines += [f"- {mode}: {choice}" for mode, choice in preferred(table).items()]
     for slug, choice in autotune.items():
         lines += ["", autotune_line(slug, choice)]
     return "\n".join(lines) + "\n"
