@@ -8,6 +8,7 @@ import pytest
 
 from bench.errors import UsageError
 from bench.run.demo import check, derive_cap
+from bench.run.sweep import classify_failure
 
 CLI = [sys.executable, "-m", "bench.cli"]
 
@@ -44,6 +45,26 @@ def test_the_check_flags_a_point_that_did_not_fall_as_predicted():
     table = check(d, capped)
     assert table.set_index("mode").loc["sparse-gather", "agrees"] == False  # noqa: E712
     assert table.set_index("mode").loc["dense-reduce", "agrees"] == True  # noqa: E712
+
+
+MPIRUN_SIGNALLED = ("mpirun noticed that process rank 1 with PID 4242 on node vm exited on signal {} ({}).\n"
+                    "--------------------------------------------------------------------------\n")
+
+
+def test_a_crash_under_the_memory_cap_counts_as_out_of_memory_and_says_it_was_inferred():
+    """Horovod's and MPI's native threads die of a refused allocation (SIGSEGV, seen in a capped sparse-gather
+    point) instead of raising: under the cap that is the cap's doing; without it, a crash stays a failure."""
+    segv = MPIRUN_SIGNALLED.format(11, "Segmentation fault")
+    status, reason = classify_failure(False, 139, segv, 300, capped=True)
+    assert status == "oom" and "inferred" in reason and "signal 11 (Segmentation fault)" in reason
+    assert classify_failure(False, 139, segv, 300, capped=False) == (
+        "failed", "a rank exited on signal 11 (Segmentation fault)")
+    # A kill from outside is no allocation of the rank's own, cap or not.
+    assert classify_failure(False, 137, MPIRUN_SIGNALLED.format(9, "Killed"), 300, capped=True)[0] == "failed"
+    # What a rank handed back, and a traceback's own words, come first.
+    handed = [{"rank": 0, "status": "failed", "reason": "ValueError: bad"}]
+    assert classify_failure(False, 1, segv, 300, handed, capped=True) == ("failed", "ValueError: bad")
+    assert classify_failure(False, 1, "RuntimeError: out of memory\n" + segv, 300)[0] == "oom"
 
 
 @pytest.mark.mpi

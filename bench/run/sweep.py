@@ -59,10 +59,17 @@ def sigterm_interrupts():
     return signals_interrupt()
 
 
+CRASH_SIGNALS = {6: "SIGABRT", 7: "SIGBUS", 11: "SIGSEGV"}
+"""Signals native code dies of when it does not check an allocation the kernel refused (a null pointer used, an
+abort on a failed new)."""
+
+
 def classify_failure(timed_out: bool, returncode: int | None, stderr: str, timeout_s: float,
-                     failed: list[dict] = ()) -> tuple[str, str]:
+                     failed: list[dict] = (), capped: bool = False) -> tuple[str, str]:
     """(status, reason) of a launch that left no ok record; `failed`: what failing ranks handed back
-    (bench.launch.handback.failures), the reason of first resort."""
+    (bench.launch.handback.failures), the reason of first resort. `capped`: the ranks measured under a memory cap
+    (RLIMIT_DATA): there a crash signal is taken as out of memory, since Horovod's and MPI's native threads die of a
+    refused allocation instead of raising, and the reason says it was inferred."""
     if timed_out:
         return "timeout", f"ran past its timeout of {timeout_s:g} s and was killed"
     if failed:
@@ -71,7 +78,11 @@ def classify_failure(timed_out: bool, returncode: int | None, stderr: str, timeo
         return "oom", "out of memory: " + _first_line_matching(stderr, looks_like_oom)
     signalled = re.search(r"exited on signal (\d+) \(([^)]*)\)", stderr)
     if signalled:
-        return "failed", f"a rank exited on signal {signalled.group(1)} ({signalled.group(2)})"
+        signal_number, said = int(signalled.group(1)), f"signal {signalled.group(1)} ({signalled.group(2)})"
+        if capped and signal_number in CRASH_SIGNALS:
+            return "oom", (f"out of memory (inferred): a rank exited on {said} while measuring under its memory "
+                           "cap, as native code does when the kernel refuses an allocation")
+        return "failed", f"a rank exited on {said}"
     lines = [line.strip() for line in stderr.splitlines() if line.strip() and not set(line.strip()) <= set("-")]
     # A rank's exception (before mpirun's own notice, which ends every failed launch alike) says most.
     raised = [line for line in lines if PYTHON_EXCEPTION.match(line)]
@@ -162,7 +173,9 @@ def launch_point(point: PointConfig, sweep_dir: Path, launcher: Launcher = LOCAL
     rank0 = next((h for h in handed if h["rank"] == 0), None)
     if run.returncode == 0 and not run.timed_out and rank0 and rank0["status"] == "ok" and rank0["result"]:
         return Attempt(rank0["result"], run.seconds, log, True)
-    status, reason = classify_failure(run.timed_out, run.returncode, run.stderr, point.timeout_s, failures(handed))
+    capped = measuring and (point.mem_limit_mib > 0 or point.train_mem_limit_mib > 0)
+    status, reason = classify_failure(run.timed_out, run.returncode, run.stderr, point.timeout_s, failures(handed),
+                                      capped=capped)
     return Attempt(failure_record(point, status, reason, run.seconds, started_at, launcher), run.seconds, log,
                    measuring)
 
