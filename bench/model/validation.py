@@ -121,9 +121,12 @@ def held_out_points(models: dict, machines: dict, records: list[dict], split: st
         except ValueError:  # a mode the model does not price
             continue
         peak = float(np.median([r["metrics"]["peak_rss_mib"] for r in group]))
-        # The slowest rank's data + forward + backward per step, as measured (the phases of `build_record`): put in
-        # place of the model's compute, it tells a miss of the compute (time-sharing) from one of the exchange.
-        compute = float(np.median([sum(r["metrics"]["phase_ms"][ph] for ph in COMPUTE_PHASES) for r in group]))
+        # The slowest rank's data + forward + backward per step, as measured (the phases of `build_record`), less the
+        # exchange's own work inside them (`work_ms`: the hooks' work, and the sharded tables' all-to-all fetch in the
+        # forward), which the model prices as exchange: put in place of the model's compute, it tells a miss of the
+        # compute (time-sharing) from one of the exchange.
+        compute = float(np.median([sum(r["metrics"]["phase_ms"][ph] for ph in COMPUTE_PHASES)
+                                   - r["metrics"].get("work_ms", 0.0) for r in group]))
         given_compute = predicted.step_ms - predicted.compute_ms + compute
         rows.append({"split": split, "scaling": scaling, "mode": mode, "np": p,
                      "hosts": max(len(set(r.get("hosts") or [])) for r in group) or 1, "transport": transport,
