@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "bench.cli.calibrate",
     "bench.cli.predict",
     "bench.cli.compare",
+    "bench.cli.noise",
     "bench.cli.oom_demo",
     "bench.cli.shard_demo",
     "bench.cli.tune",
