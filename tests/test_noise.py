@@ -47,8 +47,8 @@ def test_window_spread_is_that_of_the_window_medians():
 
 
 @pytest.mark.parametrize("args, fragment", [(["noise", "no/such/folder"], "has no points/ folder"),
-                                            (["noise", "results/reference", "--slot-minutes", "7"],
-                                             "does not divide an hour")])
+                                            *[(["noise", "results/reference", "--slot-minutes", m],
+                                               "does not divide an hour") for m in ("7", "0", "-60", "120")]])
 def test_bad_input_is_one_line(args, fragment):
     assert_one_line_error(cli_here(*args), fragment)
 

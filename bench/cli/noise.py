@@ -10,7 +10,7 @@ from bench.results.records import read_records
 
 
 def cmd_noise(args: argparse.Namespace) -> int:
-    if 60 % args.slot_minutes:
+    if not 1 <= args.slot_minutes <= 60 or 60 % args.slot_minutes:
         raise UsageError(f"--slot-minutes {args.slot_minutes} does not divide an hour: give one that does "
                          f"(5, 10, 15, 20, 30, 60)")
     if not (Path(args.dir) / "points").is_dir():
