@@ -35,6 +35,9 @@ def test_malformed_config_file(tmp_path):
 def test_unknown_preset_and_workload_field():
     assert_one_line_error(cli_here("sweep", "--preset", "huge"), "huge")
     assert_one_line_error(cli_here("sweep", "--preset", "tiny", "--set", "no_such_field=3"), "no_such_field")
+    assert_one_line_error(cli_here("sweep", "--preset", "tiny", "--compare-set", "no_such_field=3"), "no_such_field")
+    assert_one_line_error(cli_here("sweep", "--preset", "tiny", "--modes", "row-wise", "--compare-set",
+                                   "shard_rows=diagonal"), "shard_rows must be one of")
 
 
 def test_unwritable_results_folder(tmp_path):

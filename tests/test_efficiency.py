@@ -123,7 +123,7 @@ def synthetic_sweep(uneven: float = 1.3) -> list[dict]:
 def test_the_loss_factors_multiply_back_to_the_efficiency_on_made_up_records(uncalibrated):
     df = summarize(synthetic_sweep())
     assert set(POP_COLUMNS + ["exchange_ideal_ms", "exchange_efficiency", "work_ms", "corun"]) <= set(df.columns)
-    appended = POP_COLUMNS + EXCHANGE_INTERVAL_COLUMNS
+    appended = POP_COLUMNS + EXCHANGE_INTERVAL_COLUMNS + ["workload_b"]
     assert list(df.columns[-len(appended):]) == appended, "appended after the existing columns"
     corun = df[df["corun"]]
     assert len(corun) == 4 and set(corun["mode"]) == {"corun"}

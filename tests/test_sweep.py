@@ -113,3 +113,26 @@ def test_sigterm_keeps_finished_points_and_resume_reruns_only_the_rest(tmp_path)
     assert (out / "points" / "weak-dense-reduce-np1-r0.json").stat().st_mtime_ns == \
         done["weak-dense-reduce-np1-r0"][1]
     assert records(out)["weak-dense-reduce-np2-r0"]["status"] == "ok"
+
+
+def test_compare_set_measures_a_workload_setting_b_beside_a_and_never_pools_them(tmp_path):
+    # Setting B of the workload (--compare-set): here the row-wise split by residue against the default id range.
+    out = tmp_path / "rows"
+    run = sweep("--nps", "1,2", "--scalings", "weak", "--modes", "row-wise", "--steps", "2", "--warmup", "1",
+                "--no-corun", "--compare-set", "shard_rows=residue", "--out", str(out))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "setting B: shard_rows=residue" in run.stdout
+    got = records(out)
+    assert set(got) == {"weak-row-wise-np1-r0", "weak-row-wise-np2-r0",
+                        "weak-row-wise-np1-r0-setB", "weak-row-wise-np2-r0-setB"}
+    assert got["weak-row-wise-np2-r0"]["sharding"]["rows"] == "range"
+    assert got["weak-row-wise-np2-r0-setB"]["sharding"]["rows"] == "residue"
+    assert got["weak-row-wise-np2-r0-setB"]["point"]["workload_b"] == {"shard_rows": "residue"}
+    df = pd.read_csv(out / "summary.csv", keep_default_na=False)
+    assert sorted(set(df["workload_b"])) == ["", "shard_rows=residue"]
+    # each setting's np=2 divides by its own np=1
+    for setting, rows in df.groupby("workload_b"):
+        t1 = float(rows.loc[rows["np"] == 1, "step_time_ms"].iloc[0])
+        t2 = float(rows.loc[rows["np"] == 2, "step_time_ms"].iloc[0])
+        assert float(rows.loc[rows["np"] == 2, "efficiency"].iloc[0]) == pytest.approx(t1 / t2, rel=1e-6), setting
+    assert "shard_rows=residue" in (out / "report.md").read_text()

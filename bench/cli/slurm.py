@@ -109,7 +109,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def _resume(args: argparse.Namespace) -> int:
     given = [f"--{f.replace('_', '-')}" for f in (*PLAN_FLAGS, *SHARED_FLAGS) if getattr(args, f, None) is not None]
-    if given or args.overrides:
+    if given or args.overrides or getattr(args, "compare_set", None):
         raise UsageError(f"--resume reruns the sweep's own config: leave out {', '.join(given) or '--set'} "
                          f"(Slurm options such as --partition may change)")
     sweep_dir = Path(args.resume).resolve()

@@ -107,6 +107,9 @@ def add_plan_flags(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--compare-env", metavar="'VAR=VALUE ...'",
                    help="setting B: variables on top of the suite's launch environment (setting A); every point is "
                         "measured under both, interleaved, e.g. --compare-env 'HOROVOD_CYCLE_TIME=1'")
+    p.add_argument("--compare-set", dest="compare_set", type=_override, action="append", default=None,
+                   metavar="KEY=VALUE", help="setting B: a workload field overridden on top of --set (repeatable); "
+                   "every point is measured under both, interleaved, e.g. --compare-set shard_rows=residue")
     p.add_argument("--exchange-backend", "--exchange-backends", dest="exchange_backends", type=str_list,
                    help="what carries the exchange: horovod, mpi (raw MPI, no Horovod in the ranks) or horovod,mpi "
                         "for both side by side (default horovod)")
@@ -135,9 +138,17 @@ def sweep_config_from_args(args: argparse.Namespace, **fixed) -> SweepConfig:
         changes["compare_env"] = parse_env_setting(args.compare_env)
     if args.overrides:
         changes["workload"] = {**config.workload, **dict(args.overrides)}
+    if getattr(args, "compare_set", None):
+        changes["compare_set"] = {**config.compare_set, **dict(args.compare_set)}
     config = replace(config, **(changes | fixed))
     _check_workload(config)
     return config
+
+
+def setting_b_text(config: SweepConfig) -> str:
+    """Setting B as a person reads it: its launch variables and its workload overrides."""
+    return " ".join(filter(None, [format_env_setting(config.compare_env) if config.compare_env else "",
+                                  *(f"{k}={v}" for k, v in config.compare_set.items())]))
 
 
 def _check_workload(config: SweepConfig) -> None:
@@ -147,8 +158,8 @@ def _check_workload(config: SweepConfig) -> None:
         try:
             workload_config(point)
         except TypeError as err:
-            raise UsageError(f"unknown workload setting in --set/workload ({err}): see alure/config.py for the "
-                             f"fields") from None
+            raise UsageError(f"unknown workload setting in --set/--compare-set/workload ({err}): see "
+                             f"alure/config.py for the fields") from None
         except ValueError as err:
             raise UsageError(f"{point.point_id}: {err}") from None
 
@@ -169,7 +180,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
           f"modes {', '.join(config.modes)}, {', '.join(config.scalings)} scaling"
           + (f"; exchange over {', '.join(config.exchange_backends)}" if config.exchange_backends != ["horovod"]
              else "")
-          + (f"; each also under setting B: {format_env_setting(config.compare_env)}" if config.compare_env else "")
+          + (f"; each also under setting B: {setting_b_text(config)}" if config.compare_env or config.compare_set
+             else "")
           + (f"; stages {', '.join(config.stages)}" if config.stages != ["train"] else ""))
     df = run_locked(config, sweep_dir, resume=bool(args.resume), launcher=launcher)
     if df is None:

@@ -126,6 +126,9 @@ class PointConfig(RunSettings):
     launch_env: dict = field(default_factory=dict)
     """Variables set on top of the suite's launch environment for this point's ranks (a variable named here wins
     over the launcher's own setting, e.g. HOROVOD_CYCLE_TIME); empty: the suite's launch environment as it is."""
+    workload_b: dict = field(default_factory=dict)
+    """Setting B's workload overrides, applied on top of `workload` (SweepConfig.compare_set), e.g. shard_rows =
+    "residue"; empty: the sweep's workload as it is (setting A)."""
 
     def __post_init__(self):
         RunSettings.__post_init__(self)  # zero-argument super() does not work in a slots dataclass
@@ -167,7 +170,7 @@ class PointConfig(RunSettings):
         """Stable file name of the point's record (a train point's is what it was before stages existed; a backend
         other than Horovod adds itself at the end, so Horovod's ids stay what they were before backends existed)."""
         backend = ("" if self.exchange_backend == "horovod" else f"-{self.exchange_backend}") + \
-            ("-envB" if self.launch_env else "")
+            ("-envB" if self.launch_env else "") + ("-setB" if self.workload_b else "")
         if self.corun:
             return f"corun-{self.scaling}-np{self.np}-r{self.repeat}{backend}"
         if self.stage != "train":
@@ -181,7 +184,7 @@ class PointConfig(RunSettings):
         what = f"{self.scaling} {self.mode}" if self.stage == "train" else stage_label(self.stage, self.graph_strategy)
         what = f"{self.scaling} co-run" if self.corun else what
         backend = "" if self.exchange_backend == "horovod" else f" ({self.exchange_backend})"
-        setting = " [B]" if self.launch_env else ""
+        setting = " [B]" if self.launch_env or self.workload_b else ""
         return f"{what}{backend}{setting} np={self.np}{np_mark} r{self.repeat}"
 
     @classmethod
@@ -231,6 +234,10 @@ class SweepConfig(RunSettings):
     """Setting B: variables set on top of the suite's launch environment (setting A). When given, every point is
     measured under both, interleaved like the repeats, so a launch setting's effect on the training step is read
     from one run (B's points divide by B's np=1); empty: setting A only."""
+    compare_set: dict = field(default_factory=dict)
+    """Setting B's workload overrides on top of `workload` (as --set takes them): with them, every point is also
+    measured training the workload they change, interleaved like compare_env (with which it makes one setting B),
+    e.g. shard_rows = "residue" against the default split; empty: setting A only."""
 
     def __post_init__(self):
         for name, allowed in (("scalings", SCALINGS), ("modes", MODES), ("stages", STAGES),
@@ -279,9 +286,12 @@ class SweepConfig(RunSettings):
         """Repeat r of every point at np=n, per exchange backend and launch setting: training (scaling x mode), then
         the other stages (strong scaling)."""
         points = []
-        settings = [{}, self.compare_env] if self.compare_env else [{}]  # A (the launch environment as it is), B
-        for backend, env in itertools.product(self.exchange_backends, settings):
-            how = {"exchange_backend": backend, "launch_env": dict(env), **self.shared()}
+        settings = [({}, {})]  # A: the launch environment and the workload as they are
+        if self.compare_env or self.compare_set:
+            settings.append((self.compare_env, self.compare_set))  # B
+        for backend, (env, workload_b) in itertools.product(self.exchange_backends, settings):
+            how = {"exchange_backend": backend, "launch_env": dict(env), "workload_b": dict(workload_b),
+                   **self.shared()}
             if "train" in self.stages:
                 points += [PointConfig(scaling=s, mode=m, np=n, repeat=r, **how)
                            for s, m in itertools.product(self.scalings, self.modes)]

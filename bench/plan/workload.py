@@ -28,8 +28,9 @@ def preset_batch(point: PointConfig) -> int:
 
 
 def workload_config(point: PointConfig):
-    """The alure config this point trains: its preset, its overrides, its seed and per-rank batch."""
+    """The alure config this point trains: its preset, its overrides (setting B's on top), its seed and per-rank
+    batch."""
     base = preset(point.preset)
     # A stage other than train covers every user whatever the ranks: it keeps the preset's batch.
     per_rank = batch_sizes(point, base.batch_size)[0] if point.stage == "train" else base.batch_size
-    return replace(base, **{**point.workload, "seed": point.seed, "batch_size": per_rank})
+    return replace(base, **{**point.workload, **point.workload_b, "seed": point.seed, "batch_size": per_rank})

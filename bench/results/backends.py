@@ -29,7 +29,8 @@ def backend_table(records: list[dict], seed: int = 0) -> pd.DataFrame:
     """One row per (scaling, mode, np > 1) measured ok over both backends; empty where none was."""
     rng = np.random.default_rng(seed)
     ok = [r for r in records if r["status"] == "ok" and r["np"] > 1 and not r["point"].get("corun")
-          and r["point"].get("stage", "train") == "train" and not r["point"].get("launch_env")]
+          and r["point"].get("stage", "train") == "train" and not r["point"].get("launch_env")
+          and not r["point"].get("workload_b")]
     rows = []
     for key in sorted({(r["point"]["scaling"], r["point"]["mode"], r["np"]) for r in ok}):
         of = {b: [r for r in ok if (r["point"]["scaling"], r["point"]["mode"], r["np"]) == key

@@ -62,7 +62,10 @@ def series_label(mode: str, backend, launch_env) -> str:
 def with_series(df: pd.DataFrame) -> pd.DataFrame:
     """`df` with a `series` column (series_label of each row) and the line style it is drawn with."""
     backends = df.get("exchange_backend", pd.Series("horovod", index=df.index))
-    settings = df.get("launch_env", pd.Series("", index=df.index))
+    # setting B is its launch variables and its workload overrides together (--compare-env, --compare-set)
+    settings = [" ".join(v for v in (e, w) if isinstance(v, str) and v)
+                for e, w in zip(df.get("launch_env", pd.Series("", index=df.index)),
+                                df.get("workload_b", pd.Series("", index=df.index)))]
     labels = [series_label(m, b, e) for m, b, e in zip(df["mode"], backends, settings)]
     styles = ["-." if isinstance(e, str) and e else BACKEND_STYLES.get(b, ":") for b, e in zip(backends, settings)]
     return df.assign(series=labels, series_style=styles)

@@ -23,7 +23,7 @@ FACTORS = ("corun_share", "load_balance", "communication_efficiency", "computati
 POP_COLUMNS = [*FACTORS, *[c for f in FACTORS for c in (f"point_{f}", f"{f}_ci_low", f"{f}_ci_high")]]
 """summary.csv columns: each factor per row (repeat), then per point (median over ok repeats) with its 95% interval."""
 COUNTERPART_KEY = ["stage", "graph_strategy", "scaling", "preset", "threads_per_rank", "exchange_backend",
-                   "launch_env", "np"]
+                   "launch_env", "workload_b", "np"]
 """What a point and the co-run baseline it is measured against share (the co-run exchanges nothing: no mode; a sweep
 runs one per exchange backend and launch setting, so the rounds of each pair up)."""
 

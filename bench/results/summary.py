@@ -25,7 +25,7 @@ INTERVAL_COLUMNS = ["repeats_ok", "point_step_time_ms", "step_time_ms_ci_low", "
 """Per point (all ok repeats of one POINT_KEY), on each of its rows: the median over repeats of the step time and
 its 95% bootstrap interval, and the efficiency of that median with its interval (docs/figures.md)."""
 BASELINE_KEY = ["stage", "graph_strategy", "scaling", "mode", "preset", "threads_per_rank", "exchange_backend",
-                "launch_env"]
+                "launch_env", "workload_b"]
 """What a point and the np=1 point it is divided by must share."""
 POINT_KEY = [*BASELINE_KEY, "np"]
 """What makes one point: its repeats are the rows that share it (summary intervals, compare, report tables)."""
@@ -41,7 +41,7 @@ EXTRA_COLUMNS = ["preset", "reason", "rss_growth_mib", "exchange_bytes_sent", "e
                  *INTERVAL_COLUMNS, "data_growth_mib", *[f"{p}_mean_ms" for p in PHASES], "link_rate_gbps",
                  "exchange_backend", "launch_env",
                  "corun", "work_ms", "useful_ms_mean", "useful_ms_max", "exchange_ms", "exchange_ideal_ms",
-                 "exchange_efficiency", "exchange_model", *POP_COLUMNS, *EXCHANGE_INTERVAL_COLUMNS]
+                 "exchange_efficiency", "exchange_model", *POP_COLUMNS, *EXCHANGE_INTERVAL_COLUMNS, "workload_b"]
 """stage: train (step_time_ms is a training step) or refresh, graph, retrieval (step_time_ms is the whole stage,
 strong scaling of the preset's users, throughput in users/s); graph_strategy: replicate or ring for the graph
 stage. efficiency_p10/p90: the efficiency at the point's p90/p10 time, the np=1 median kept: its noise band.
@@ -57,7 +57,8 @@ they add up to the mean step time, where the <phase>_ms medians do not add up to
 rate each host's egress was shaped to (tc), for points measured across hosts; empty otherwise.
 exchange_backend: horovod or mpi (bench.plan.config.EXCHANGE_BACKENDS; records from before backends existed ran
 Horovod). launch_env: the point's variables on top of the suite's launch environment ('VAR=VALUE ...', empty for the
-launch environment as it is: a sweep's setting B against A)."""
+launch environment as it is: a sweep's setting B against A). workload_b: setting B's workload overrides ('KEY=VALUE
+...', as --compare-set takes them; empty for the sweep's workload as it is)."""
 
 
 def record_row(record: dict) -> dict:
@@ -76,7 +77,9 @@ def record_row(record: dict) -> dict:
            "memory_probe": metrics.get("memory_probe"),
            "exchange_backend": point.get("exchange_backend", "horovod"),
            # as --compare-env takes it
-           "launch_env": " ".join(f"{k}={v}" for k, v in (point.get("launch_env") or {}).items())}
+           "launch_env": " ".join(f"{k}={v}" for k, v in (point.get("launch_env") or {}).items()),
+           # as --compare-set takes it
+           "workload_b": " ".join(f"{k}={v}" for k, v in (point.get("workload_b") or {}).items())}
     for key in ("step_time_ms", "step_time_ms_p10", "step_time_ms_p90", "throughput_samples_per_s",
                 "peak_rss_mib", "rss_growth_mib", "exchange_bytes_held", "exchange_bytes_sent",
                 "exchange_bytes_received", "rank_skew", "gradient_density", "allgather_calls", "allreduce_calls",
