@@ -209,3 +209,20 @@ def test_the_report_says_which_modes_it_does_not_tell_apart():
     assert step.startswith("weak np=2 step time: sparse-gather < auto < dense-reduce")
     assert step.endswith("not distinguished: sparse-gather ~ auto")
     assert any(line.startswith("weak np=2 efficiency: sparse-gather > auto > dense-reduce") for line in lines)
+
+
+def test_the_report_says_whether_a_points_settings_a_and_b_are_told_apart():
+    # row-wise under setting A and B (a workload override): B 30% slower at np=2, told apart; np=1 the same.
+    noise = (0.98, 1.0, 1.02, 0.99, 1.01)
+    records = []
+    for r, k in enumerate(noise):
+        for setting, slower in (({}, 1.0), ({"shard_rows": "residue"}, 1.3)):
+            for n in (1, 2):
+                record = _stepped("weak", "row-wise", n, [100.0 * k * (slower if n == 2 else 1.0)] * 5, r)
+                record["point"]["workload_b"] = setting
+                records.append(record)
+    lines = mode_ranking(summarize(records))
+    assert "weak row-wise np=2 step time: A < B (shard_rows=residue); told apart" in lines
+    assert "weak row-wise np=2 efficiency: A > B (shard_rows=residue); told apart" in lines
+    # one mode per setting: no line ranks row-wise against itself
+    assert not any("[B:" in line for line in lines)
