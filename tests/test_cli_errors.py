@@ -94,3 +94,11 @@ def test_a_usage_error_raised_inside_a_command_stays_one_line(monkeypatch, capsy
     monkeypatch.setattr(environment, "capture_environment", refused)
     assert cli.main(["env"]) == 2
     assert capsys.readouterr().err == "alure-bench env: error: what is wrong: how to mend it\n"
+
+
+def test_slurm_resume_names_every_plan_flag_it_was_given(tmp_path):
+    # checked before the folder is read: the words name what to leave out, --compare-set included
+    assert_one_line_error(cli_here("slurm", "submit", "--resume", str(tmp_path), "--compare-set", "shard_rows=residue"),
+                          "leave out --compare-set")
+    assert_one_line_error(cli_here("slurm", "submit", "--resume", str(tmp_path), "--nps", "2", "--set", "a=1"),
+                          "leave out --nps, --set")

@@ -109,8 +109,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def _resume(args: argparse.Namespace) -> int:
     given = [f"--{f.replace('_', '-')}" for f in (*PLAN_FLAGS, *SHARED_FLAGS) if getattr(args, f, None) is not None]
-    if given or args.overrides or getattr(args, "compare_set", None):
-        raise UsageError(f"--resume reruns the sweep's own config: leave out {', '.join(given) or '--set'} "
+    given += [flag for flag, dest in (("--set", "overrides"), ("--compare-set", "compare_set"))
+              if getattr(args, dest, None)]
+    if given:
+        raise UsageError(f"--resume reruns the sweep's own config: leave out {', '.join(given)} "
                          f"(Slurm options such as --partition may change)")
     sweep_dir = Path(args.resume).resolve()
     config = require_sweep(sweep_dir)

@@ -8,7 +8,7 @@ import pandas as pd
 from bench.errors import UsageError
 from bench.host import np_label
 from bench.plan.config import stage_label
-from bench.results.summary import POINT_KEY
+from bench.results.summary import POINT_KEY, SETTING_KEY
 
 VALUES = ["a_ms", "b_ms", "ratio", "band_low", "band_high", "rss_ratio", "verdict"]
 
@@ -39,7 +39,7 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, threshold: float) -> pd.DataFrame:
     if threshold < 0:
         raise UsageError(f"--threshold {threshold} is negative: give the tolerated slow-down, e.g. 0.1 for 10%")
     for name, df in (("A", a), ("B", b)):
-        runs = df[["exchange_backend", "launch_env", "workload_b"]].drop_duplicates()
+        runs = df[["exchange_backend", *SETTING_KEY]].drop_duplicates()
         if len(runs) > 1:  # a point would be matched with another backend's or setting's point of the same name
             raise UsageError(f"folder {name} mixes exchange backends or launch settings ({len(runs)} of them): "
                              f"compare folders of one each, or read the folder's own report.md, which splits them")

@@ -18,6 +18,7 @@ from bench.errors import MachineFault  # noqa: E402
 from bench.host import np_label  # noqa: E402
 from bench.plan.config import stage_label  # noqa: E402
 from bench.results.scaling import PHASES  # noqa: E402
+from bench.results.summary import setting_text  # noqa: E402
 
 MODE_COLORS = {"sparse-gather": "tab:red", "dense-reduce": "tab:blue", "auto": "tab:green",
                "coalesced-gather": "tab:orange", "sparse-as-dense": "tab:purple", "row-wise": "tab:brown",
@@ -62,10 +63,7 @@ def series_label(mode: str, backend, launch_env) -> str:
 def with_series(df: pd.DataFrame) -> pd.DataFrame:
     """`df` with a `series` column (series_label of each row) and the line style it is drawn with."""
     backends = df.get("exchange_backend", pd.Series("horovod", index=df.index))
-    # setting B is its launch variables and its workload overrides together (--compare-env, --compare-set)
-    settings = [" ".join(v for v in (e, w) if isinstance(v, str) and v)
-                for e, w in zip(df.get("launch_env", pd.Series("", index=df.index)),
-                                df.get("workload_b", pd.Series("", index=df.index)))]
+    settings = [setting_text(row) for row in df.to_dict("records")]
     labels = [series_label(m, b, e) for m, b, e in zip(df["mode"], backends, settings)]
     styles = ["-." if isinstance(e, str) and e else BACKEND_STYLES.get(b, ":") for b, e in zip(backends, settings)]
     return df.assign(series=labels, series_style=styles)

@@ -7,7 +7,7 @@ import pandas as pd
 
 from bench.host import np_label
 from bench.results.scaling import overlapping
-from bench.results.summary import POINT_KEY
+from bench.results.summary import POINT_KEY, SETTING_KEY, setting_text
 
 MEASURES = (("step time", "point_step_time_ms", "step_time_ms_ci_low", "step_time_ms_ci_high", "<", False),
             ("efficiency", "point_efficiency", "efficiency_ci_low", "efficiency_ci_high", ">", True))
@@ -39,16 +39,8 @@ def mode_ranking(df: pd.DataFrame) -> list[str]:
     return sorted(lines, key=lambda line: (not line.startswith("weak"), line)) + setting_ranking(points)
 
 
-SETTING_KEY = ("launch_env", "workload_b")
-"""What setting B changes (bench.results.summary.record_row): its launch variables and its workload overrides."""
-
-
-def _setting(row) -> str:
-    return " ".join(v for v in (row.get(k, "") for k in SETTING_KEY) if isinstance(v, str) and v)
-
-
 def _setting_mark(row) -> str:
-    return f" [B: {setting}]" if (setting := _setting(row)) else ""
+    return f" [B: {setting}]" if (setting := setting_text(row)) else ""
 
 
 def setting_ranking(points: pd.DataFrame) -> list[str]:
@@ -65,7 +57,7 @@ def setting_ranking(points: pd.DataFrame) -> list[str]:
             rows = group.dropna(subset=[value]).sort_values(value, ascending=not larger_better)
             if len(rows) < 2:
                 continue
-            label = {i: f"B ({_setting(r)})" if _setting(r) else "A" for i, r in rows.iterrows()}
+            label = {i: f"B ({setting_text(r)})" if setting_text(r) else "A" for i, r in rows.iterrows()}
             pairs = overlapping({label[i]: (r[low], r[high]) for i, r in rows.iterrows()})
             told = "not distinguished (intervals overlap)" if pairs else "told apart"
             lines.append(f"{where} {name}: {f' {sign} '.join(label[i] for i in rows.index)}; {told}")

@@ -14,7 +14,7 @@ from bench.results.pop import FACTORS
 from bench.results.pop_plot import pop_plot
 from bench.results.ranking import RANKING_TEXT, mode_ranking
 from bench.results.records import atomic_write_text, load, read_records
-from bench.results.summary import EXCHANGE_INTERVAL_COLUMNS, POINT_KEY
+from bench.results.summary import EXCHANGE_INTERVAL_COLUMNS, POINT_KEY, SETTING_KEY
 
 
 def point_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -106,7 +106,7 @@ def stage_table(df: pd.DataFrame) -> str:
     t["sent_mib"] = t["exchange_bytes_sent"].map(_mib)
     t["received_mib"] = t["exchange_bytes_received"].map(_mib)
     # A folder's exchange backends and launch settings are told apart, as in the training table (point_table).
-    mixed = [c for c in ("exchange_backend", "launch_env", "workload_b") if t[c].nunique(dropna=False) > 1]
+    mixed = [c for c in ("exchange_backend", *SETTING_KEY) if t[c].nunique(dropna=False) > 1]
     t = t.sort_values(["stage", *mixed, "np", "repeat"], kind="stable")
     columns = [*STAGE_COLUMNS[:1], *mixed, *STAGE_COLUMNS[1:]]
     return t[columns].to_string(index=False, float_format=_numbers, na_rep="-")

@@ -24,8 +24,11 @@ INTERVAL_COLUMNS = ["repeats_ok", "point_step_time_ms", "step_time_ms_ci_low", "
                     "point_efficiency", "efficiency_ci_low", "efficiency_ci_high"]
 """Per point (all ok repeats of one POINT_KEY), on each of its rows: the median over repeats of the step time and
 its 95% bootstrap interval, and the efficiency of that median with its interval (docs/figures.md)."""
+SETTING_KEY = ["launch_env", "workload_b"]
+"""What a sweep's setting B changes (--compare-env, --compare-set): its launch variables and its workload overrides,
+each as 'KEY=VALUE ...', empty for setting A."""
 BASELINE_KEY = ["stage", "graph_strategy", "scaling", "mode", "preset", "threads_per_rank", "exchange_backend",
-                "launch_env", "workload_b"]
+                *SETTING_KEY]
 """What a point and the np=1 point it is divided by must share."""
 POINT_KEY = [*BASELINE_KEY, "np"]
 """What makes one point: its repeats are the rows that share it (summary intervals, compare, report tables)."""
@@ -61,6 +64,12 @@ launch environment as it is: a sweep's setting B against A). workload_b: setting
 ...', as --compare-set takes them; empty for the sweep's workload as it is)."""
 
 
+def setting_text(row) -> str:
+    """A summary row's setting B as a person reads it, its launch variables then its workload overrides; '' for
+    setting A. `row`: anything with .get (a dict, a pandas row)."""
+    return " ".join(v for v in (row.get(k, "") for k in SETTING_KEY) if isinstance(v, str) and v)
+
+
 def record_row(record: dict) -> dict:
     point = record["point"]
     metrics = record.get("metrics") or {}
@@ -76,10 +85,8 @@ def record_row(record: dict) -> dict:
            "stage": point.get("stage", "train"), "graph_strategy": point.get("graph_strategy", ""),
            "memory_probe": metrics.get("memory_probe"),
            "exchange_backend": point.get("exchange_backend", "horovod"),
-           # as --compare-env takes it
-           "launch_env": " ".join(f"{k}={v}" for k, v in (point.get("launch_env") or {}).items()),
-           # as --compare-set takes it
-           "workload_b": " ".join(f"{k}={v}" for k, v in (point.get("workload_b") or {}).items())}
+           # as --compare-env and --compare-set take them
+           **{key: " ".join(f"{k}={v}" for k, v in (point.get(key) or {}).items()) for key in SETTING_KEY}}
     for key in ("step_time_ms", "step_time_ms_p10", "step_time_ms_p90", "throughput_samples_per_s",
                 "peak_rss_mib", "rss_growth_mib", "exchange_bytes_held", "exchange_bytes_sent",
                 "exchange_bytes_received", "rank_skew", "gradient_density", "allgather_calls", "allreduce_calls",
